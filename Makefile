@@ -1,0 +1,40 @@
+# Flywheel: `make help` lists the targets.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+ENV ?= local
+export MLFLOW_DISABLE_TELEMETRY := true
+export GX_ANALYTICS_ENABLED := false
+export DO_NOT_TRACK := 1
+export KFP_DISABLE_EXECUTION_CACHING_BY_DEFAULT := true
+
+.DEFAULT_GOAL := help
+
+help: ## List the targets
+	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml constraints.txt
+	test -d $(VENV) || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP) ## Create .venv and install the project with pinned dependencies
+
+run: $(STAMP) ## Run the whole lifecycle on the embedded `local` environment
+	$(BIN)/flywheel run --env $(ENV)
+
+test: $(STAMP) ## Run the test suite
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+check: $(STAMP) ## Validate every environment's config against the pipelines
+	$(BIN)/flywheel check
+
+compile: $(STAMP) ## Compile every pipeline for ENV (default local) into dist/ENV/
+	$(BIN)/flywheel compile --env $(ENV)
+
+clean: ## Remove generated files (keeps .venv)
+	rm -rf dist runs mlruns .pytest_cache
+
+.PHONY: help venv run test check compile clean

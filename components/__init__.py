@@ -1,0 +1,1 @@
+"""KFP components: one module per lifecycle stage, each a thin wrapper over plain Python."""

@@ -1,0 +1,1 @@
+"""Pipeline definitions, per-environment config, compile, submit, schedule and the CLI."""

@@ -1,0 +1,1 @@
+"""KServe predictor and transformer, local launcher and deployers."""

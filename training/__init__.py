@@ -1,0 +1,1 @@
+"""Model, DDP training entry point (torchrun / PyTorchJob pods) and the launchers."""
