@@ -106,14 +106,22 @@ class ReferenceTask:
         return frame
 
 
+def table_format(path: str | Path) -> str:
+    """'parquet' or 'csv', by extension, else by content (KFP artifact paths have no extension)."""
+    name = str(path)
+    if name.endswith((".parquet", ".pq")):
+        return "parquet"
+    if name.endswith((".csv", ".csv.gz")):
+        return "csv"
+    with open(name, "rb") as handle:
+        return "parquet" if handle.read(4) == b"PAR1" else "csv"
+
+
 def read_table(path: str | Path, columns: list[str] | None = None) -> pd.DataFrame:
-    """Read CSV or Parquet by extension (local path or fsspec URI)."""
-    path = str(path)
-    if path.endswith((".parquet", ".pq")):
+    """Read CSV or Parquet (by extension, else by content)."""
+    if table_format(path) == "parquet":
         return pd.read_parquet(path, columns=columns)
-    if path.endswith((".csv", ".csv.gz")):
-        return pd.read_csv(path, usecols=columns)
-    raise ValueError(f"{path}: unsupported file type, expected .csv, .csv.gz or .parquet")
+    return pd.read_csv(path, usecols=columns)
 
 
 def write_table(frame: pd.DataFrame, path: str | Path) -> Path:
@@ -127,6 +135,15 @@ def write_table(frame: pd.DataFrame, path: str | Path) -> Path:
     else:
         raise ValueError(f"{path}: unsupported file type, expected .csv, .csv.gz or .parquet")
     return path
+
+
+def file_hash(path: str | Path) -> str:
+    """SHA-256 of a file's bytes: the dataset's identity for lineage, even when it won't parse."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return "sha256:" + digest.hexdigest()
 
 
 def content_hash(frame: pd.DataFrame) -> str:

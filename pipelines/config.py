@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "config"
+CONFIG_DIR = Path(os.environ.get("FLYWHEEL_CONFIG_DIR") or Path(__file__).resolve().parent.parent / "config")
 ENVIRONMENTS = ("local", "dev", "staging", "prod")
 
 
@@ -45,6 +45,8 @@ class Kfp(Strict):
     experiment: str
     namespace: str | None = None
     pipeline_root: str | None = Field(None, description="object store for artifacts, e.g. s3://bucket/pipelines")
+    task_cpu: str = Field("1", description="CPU limit of each pipeline task's pod")
+    task_memory: str = Field("2G", description="memory limit of each pipeline task's pod")
 
 
 class Tracking(Strict):
@@ -144,6 +146,14 @@ class Training(Strict):
     checkpoint_every_epochs: Annotated[int, Field(ge=1)] = 1
     keep_job: Literal["always", "on_failure", "never"] = "on_failure"
     hyperparameters: Hyperparameters = Hyperparameters()
+
+
+class TrainSpec(Training):
+    """What the train task receives: the env's training section plus where the job runs."""
+
+    image: str
+    namespace: str
+    staging_uri: str = Field(description="object-store prefix for PyTorchJob outputs before they become KFP artifacts")
 
 
 class Thresholds(Strict):
@@ -293,9 +303,9 @@ def _describe(err: dict, sources: list[tuple[Path, dict]]) -> str:
     return f"{origin}: {key}: {message}"
 
 
-def load_settings(env: str, config_dir: Path | str = CONFIG_DIR, overrides: dict | None = None) -> Settings:
+def load_settings(env: str, config_dir: Path | str | None = None, overrides: dict | None = None) -> Settings:
     """Merge base.yaml and <env>.yaml (and optional overrides), then validate."""
-    config_dir = Path(config_dir)
+    config_dir = Path(config_dir or CONFIG_DIR)
     if env not in ENVIRONMENTS:
         raise ConfigError(f"unknown environment {env!r}; allowed: {', '.join(ENVIRONMENTS)}")
     sources = [(config_dir / "base.yaml", _read_yaml(config_dir / "base.yaml"))]
@@ -325,5 +335,5 @@ def _resolve_local_paths(settings: Settings, root: Path) -> Settings:
     return settings.model_copy(update=updates) if updates else settings
 
 
-def load_all(config_dir: Path | str = CONFIG_DIR) -> dict[str, Settings]:
+def load_all(config_dir: Path | str | None = None) -> dict[str, Settings]:
     return {env: load_settings(env, config_dir) for env in ENVIRONMENTS}

@@ -1,0 +1,127 @@
+"""The embedded default: the training pipeline on this machine through `kfp.local`.
+
+Same pipeline, same components, same training entry point as on a cluster: kfp.local runs the
+tasks as subprocesses in this venv (no per-task pip install), torchrun runs the DDP training,
+MLflow keeps runs in a local SQLite store.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipelines.config import Settings
+
+PIPELINE_ROOT = Path(__file__).resolve().parent.parent / "runs" / "local"
+
+
+@dataclass
+class TaskRecord:
+    name: str
+    parameters: dict = field(default_factory=dict)
+    artifacts: dict = field(default_factory=dict)  # output name -> {"uri": ..., "metadata": {...}}
+
+
+@dataclass
+class LocalRun:
+    """What a local pipeline run left behind, read back from its executor outputs."""
+
+    directory: Path
+    seconds: float
+    tasks: dict[str, TaskRecord]
+
+    def artifact(self, task: str, name: str) -> dict:
+        return self.tasks[task].artifacts[name]
+
+
+def read_run(directory: Path, seconds: float = 0.0) -> LocalRun:
+    tasks = {}
+    for output in sorted(directory.glob("*/executor_output.json")):
+        data = json.loads(output.read_text())
+        record = TaskRecord(output.parent.name, data.get("parameterValues", {}))
+        for name, listing in data.get("artifacts", {}).items():
+            artifact = listing["artifacts"][0]
+            record.artifacts[name] = {"uri": artifact.get("uri", str(output.parent / name)),
+                                      "metadata": artifact.get("metadata", {})}
+        tasks[record.name] = record
+    return LocalRun(directory, seconds, tasks)
+
+
+def execute(settings: Settings, pipeline: str = "training", pipeline_root: Path = PIPELINE_ROOT,
+            arguments: dict | None = None) -> LocalRun:
+    """Run `pipeline` through kfp.local and return what its tasks produced."""
+    from kfp import local
+
+    from pipelines.registry import get, pipeline_arguments
+
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    pipeline_root.mkdir(parents=True, exist_ok=True)
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root), raise_on_error=True)
+    function = get(pipeline).build(settings)
+    before = set(pipeline_root.iterdir())
+    started = time.perf_counter()
+    function(**(arguments or pipeline_arguments(settings, pipeline)))
+    seconds = time.perf_counter() - started
+    (directory,) = [p for p in pipeline_root.iterdir() if p not in before and p.is_dir()]
+    return read_run(directory, seconds)
+
+
+def summary_rows(run: LocalRun) -> list[tuple[str, str]]:
+    """The lines a person wants after a run: data, validation, training, evaluation, where things are."""
+    rows: list[tuple[str, str]] = []
+    tasks = run.tasks
+
+    def add(label, value):
+        rows.append((label, str(value)))
+
+    if "ingest-op" in tasks:
+        meta = run.artifact("ingest-op", "dataset")["metadata"]
+        add("data", f"{meta.get('source')}  {meta.get('content_hash', '')[:19]}")
+    if "split-op" in tasks:
+        train, test = run.artifact("split-op", "train_data")["metadata"], run.artifact("split-op", "test_data")["metadata"]
+        add("rows", f"train {int(train['rows']):,} / test {int(test['rows']):,} (positives {train['positive_rate']:.1%})")
+    for name, record in tasks.items():
+        if name.startswith("validate"):
+            metrics = record.artifacts.get("metrics", {}).get("metadata", {})
+            add("validation", ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()) or "passed")
+    if "train-op" in tasks:
+        meta = run.artifact("train-op", "model")["metadata"]
+        m = meta.get("metrics", {})
+        add("training", f"{meta.get('backend')} x{int(meta.get('world_size', 1))}, best epoch {int(m.get('best_epoch', 0))}"
+            f"/{int(m.get('epochs_run', 0))}, val ROC AUC {m.get('val_roc_auc', float('nan')):.4f}, "
+            f"{m.get('samples_per_s', 0):,.0f} samples/s")
+        add("model", run.artifact("train-op", "model")["uri"])
+    for name, record in tasks.items():
+        if name.startswith("evaluate"):
+            metrics = record.artifacts.get("metrics", {}).get("metadata", {})
+            shown = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+            add("evaluation", ", ".join(f"{k} {v:.4f}" for k, v in list(shown.items())[:8]))
+            if "report" in record.artifacts:
+                add("report", record.artifacts["report"]["uri"])
+            for key in ("run_id",):
+                if key in record.parameters:
+                    add("mlflow run", record.parameters[key])
+    add("pipeline run", f"{run.directory}  ({run.seconds:.1f} s)")
+    return rows
+
+
+def run_local(settings: Settings) -> LocalRun:
+    """`flywheel run`: the lifecycle on this machine, ending with a summary table."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    console.rule(f"[bold]flywheel: {settings.env} lifecycle[/bold]")
+    console.print(f"MLflow: {settings.mlflow.tracking_uri}   artifacts: {PIPELINE_ROOT}")
+    try:
+        run = execute(settings)
+    except RuntimeError as err:
+        raise RuntimeError(f"local pipeline failed: {err}") from None
+    table = Table(title="flywheel run summary", show_header=False)
+    for label, value in summary_rows(run):
+        table.add_row(f"[bold]{label}[/bold]", value)
+    console.print(table)
+    console.print(f"Browse runs: mlflow ui --backend-store-uri {settings.mlflow.tracking_uri}")
+    return run

@@ -1,0 +1,89 @@
+"""Every pipeline Flywheel ships, and what `compile`, `check` and `submit` do with them."""
+from __future__ import annotations
+
+from pathlib import Path
+from types import ModuleType
+
+from pipelines import training_pipeline
+from pipelines.config import ConfigError, Settings, load_settings, ENVIRONMENTS
+
+PIPELINES: dict[str, ModuleType] = {training_pipeline.NAME: training_pipeline}
+
+
+def get(name: str) -> ModuleType:
+    try:
+        return PIPELINES[name]
+    except KeyError:
+        raise KeyError(f"unknown pipeline {name!r}; known: {', '.join(sorted(PIPELINES))}") from None
+
+
+def pipeline_arguments(settings: Settings, name: str) -> dict:
+    return get(name).arguments(settings)
+
+
+def compile_pipeline(settings: Settings, name: str, out_dir: Path) -> Path:
+    from kfp import compiler
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{name}.yaml"
+    compiler.Compiler().compile(get(name).build(settings), str(path))
+    return path
+
+
+def compile_all(settings: Settings, out_dir: Path) -> dict[str, Path]:
+    return {name: compile_pipeline(settings, name, out_dir) for name in PIPELINES}
+
+
+# KFP IR parameter types and the Python values config may give them.
+_IR_TYPES = {
+    "STRING": (str,),
+    "NUMBER_INTEGER": (int,),
+    "NUMBER_DOUBLE": (int, float),
+    "BOOLEAN": (bool,),
+    "STRUCT": (dict,),
+    "LIST": (list,),
+}
+
+
+def signature_errors(pipeline_spec: dict, arguments: dict) -> list[str]:
+    """Compare arguments with a compiled pipeline's root input definitions."""
+    declared = pipeline_spec["root"].get("inputDefinitions", {}).get("parameters", {})
+    errors = [f"argument {k!r} is not a parameter of the pipeline" for k in sorted(set(arguments) - set(declared))]
+    for key, definition in declared.items():
+        if key not in arguments:
+            if not definition.get("isOptional"):
+                errors.append(f"parameter {key!r} has no value")
+            continue
+        kind = definition["parameterType"]
+        value = arguments[key]
+        if not isinstance(value, _IR_TYPES[kind]) or (kind != "BOOLEAN" and isinstance(value, bool)):
+            errors.append(f"parameter {key!r} expects {kind}, config gives {type(value).__name__}")
+    return errors
+
+
+def check_all(config_dir: Path | None = None) -> dict[str, list[str]]:
+    """Validate each env's config, then its arguments against every pipeline's compiled signature."""
+    import tempfile
+
+    import yaml
+
+    problems: dict[str, list[str]] = {}
+    for env in ENVIRONMENTS:
+        try:
+            settings = load_settings(env, config_dir)
+        except ConfigError as err:
+            problems[env] = str(err).splitlines()
+            continue
+        problems[env] = []
+        with tempfile.TemporaryDirectory() as tmp:
+            for name in PIPELINES:
+                try:
+                    path = compile_pipeline(settings, name, Path(tmp))
+                    arguments = pipeline_arguments(settings, name)
+                except Exception as err:  # a pipeline that cannot build for an env is a config problem
+                    problems[env].append(f"{name}: does not compile: {err}")
+                    continue
+                spec = yaml.safe_load(path.read_text())
+                problems[env] += [f"{name}: {e}" for e in signature_errors(spec, arguments)]
+    return problems

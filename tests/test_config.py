@@ -1,0 +1,108 @@
+"""Environments are data: every env loads, differences live in config, and bad config says where."""
+import pytest
+import yaml
+
+from pipelines.config import ENVIRONMENTS, ConfigError, load_all, load_settings
+
+
+def write(config_dir, name, data):
+    (config_dir / f"{name}.yaml").write_text(yaml.safe_dump(data))
+
+
+def patch(config_dir, name, update):
+    data = yaml.safe_load((config_dir / f"{name}.yaml").read_text()) or {}
+    from pipelines.config import deep_merge
+
+    write(config_dir, name, deep_merge(data, update))
+
+
+def test_every_environment_loads_and_differs_where_it_should():
+    settings = load_all()
+    assert set(settings) == set(ENVIRONMENTS)
+    assert settings["local"].training.backend == "torchrun"
+    assert all(settings[e].training.backend == "pytorchjob" for e in ("dev", "staging", "prod"))
+    assert settings["dev"].training.resources.gpu.resource == "nvidia.com/mig-1g.5gb"
+    assert settings["prod"].training.resources.gpu.resource == "nvidia.com/gpu"
+    assert settings["prod"].training.resources.gpu.product == "NVIDIA-A100-SXM4-80GB"
+    assert settings["prod"].image.ref.startswith("ghcr.io/flywheel-ml/flywheel@sha256:")
+    assert settings["dev"].image.ref.endswith(":0.1.0-dev")
+    assert settings["local"].kfp.host is None and settings["prod"].kfp.host.startswith("https://")
+    # base.yaml values survive the deep merge where the env does not override them
+    assert settings["prod"].dataset.features == settings["local"].dataset.features
+
+
+def test_local_sqlite_uri_is_absolute_whatever_the_cwd(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    uri = load_settings("local").mlflow.tracking_uri
+    assert uri.startswith("sqlite:////") and uri.endswith("/runs/mlflow.db")
+
+
+def test_unknown_key_names_the_env_file_and_key_path(config_dir):
+    patch(config_dir, "dev", {"training": {"resources": {"gpus": 2}}})
+    with pytest.raises(ConfigError) as err:
+        load_settings("dev", config_dir)
+    assert f"{config_dir / 'dev.yaml'}: training.resources.gpus: unknown key" in str(err.value)
+
+
+def test_wrong_literal_lists_the_allowed_values(config_dir):
+    patch(config_dir, "base", {"training": {"backend": "slurm"}})
+    patch(config_dir, "local", {"training": {"backend": "slurm"}})
+    with pytest.raises(ConfigError) as err:
+        load_settings("local", config_dir)
+    message = str(err.value)
+    assert "local.yaml: training.backend: got 'slurm'; allowed: 'torchrun' or 'pytorchjob'" in message
+
+
+def test_error_points_at_base_when_base_set_the_bad_value(config_dir):
+    patch(config_dir, "base", {"evaluation": {"thresholds": {"roc_auc": 1.5}}})
+    # staging.yaml overrides roc_auc itself, so only envs that inherit it fail
+    assert load_settings("staging", config_dir).evaluation.thresholds.roc_auc == 0.72
+    with pytest.raises(ConfigError) as err:
+        load_settings("dev", config_dir)
+    assert f"{config_dir / 'base.yaml'}: evaluation.thresholds.roc_auc:" in str(err.value)
+
+
+def test_wrong_type_and_bad_cron_and_bad_mig_profile(config_dir):
+    patch(config_dir, "prod", {"training": {"workers": "four"}, "retraining": {"schedule": "weekly"},
+                               "serving": {"canary_percent": 150}})
+    patch(config_dir, "dev", {"training": {"resources": {"gpu": {"resource": "nvidia.com/mig-big"}}}})
+    with pytest.raises(ConfigError) as err:
+        load_settings("prod", config_dir)
+    lines = str(err.value).splitlines()
+    assert any("prod.yaml: training.workers:" in line for line in lines)
+    assert any("prod.yaml: retraining.schedule:" in line for line in lines)
+    assert any("prod.yaml: serving.canary_percent:" in line and "100" in line for line in lines)
+    with pytest.raises(ConfigError, match=r"dev.yaml: training.resources.gpu.resource: String should match"):
+        load_settings("dev", config_dir)
+
+
+def test_cluster_env_cannot_use_local_torchrun(config_dir):
+    patch(config_dir, "staging", {"training": {"backend": "torchrun"}})
+    with pytest.raises(ConfigError, match="only for the local environment"):
+        load_settings("staging", config_dir)
+
+
+def test_file_source_needs_a_table_uri(config_dir):
+    patch(config_dir, "local", {"dataset": {"source": "file"}})
+    with pytest.raises(ConfigError, match="needs dataset.uri"):
+        load_settings("local", config_dir)
+    patch(config_dir, "local", {"dataset": {"source": "file", "uri": "data/customers.xlsx"}})
+    with pytest.raises(ConfigError, match="must end in .csv"):
+        load_settings("local", config_dir)
+
+
+def test_unknown_env_missing_file_and_broken_yaml(config_dir):
+    with pytest.raises(ConfigError, match="unknown environment 'qa'; allowed: local, dev, staging, prod"):
+        load_settings("qa", config_dir)
+    (config_dir / "dev.yaml").unlink()
+    with pytest.raises(ConfigError, match=r"dev.yaml: file not found"):
+        load_settings("dev", config_dir)
+    (config_dir / "prod.yaml").write_text("training: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"prod.yaml: not valid YAML"):
+        load_settings("prod", config_dir)
+
+
+def test_search_space_only_names_real_hyperparameters(config_dir):
+    patch(config_dir, "base", {"tuning": {"search_space": {"learning_rte": [0.1]}}})
+    with pytest.raises(ConfigError, match=r"tuning.search_space: .*unknown hyperparameters \['learning_rte'\]"):
+        load_settings("local", config_dir)

@@ -1,0 +1,79 @@
+"""The fitted preprocessing state, saved with the model and applied by training and serving alike.
+
+One implementation: feature order, category vocabularies with an unknown bucket (index 0, also
+used for missing), numeric medians for missing values plus a missing-indicator, and scaling.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import pandas as pd
+
+UNKNOWN = 0
+
+
+@dataclass
+class Preprocessor:
+    numeric: list[str]
+    categorical: list[str]
+    medians: dict[str, float]
+    means: dict[str, float]
+    stds: dict[str, float]
+    vocabularies: dict[str, list[str]]
+
+    @classmethod
+    def fit(cls, frame: pd.DataFrame, numeric: list[str], categorical: list[str]) -> "Preprocessor":
+        missing = [c for c in numeric + categorical if c not in frame.columns]
+        if missing:
+            raise ValueError(f"columns missing from the training data: {missing}")
+        medians, means, stds = {}, {}, {}
+        for column in numeric:
+            values = pd.to_numeric(frame[column], errors="raise").astype("float64")
+            median = float(values.median()) if values.notna().any() else 0.0
+            filled = values.fillna(median)
+            medians[column], means[column] = median, float(filled.mean())
+            stds[column] = float(filled.std(ddof=0)) or 1.0
+        vocabularies = {
+            column: sorted(str(v) for v in frame[column].dropna().unique()) for column in categorical
+        }
+        return cls(numeric, categorical, medians, means, stds, vocabularies)
+
+    @property
+    def numeric_width(self) -> int:
+        return 2 * len(self.numeric)  # scaled value + missing indicator
+
+    @property
+    def cardinalities(self) -> list[int]:
+        return [len(self.vocabularies[c]) + 1 for c in self.categorical]  # + unknown bucket
+
+    def transform(self, frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+        """Return (numeric float32 [n, 2*len(numeric)], categorical int64 [n, len(categorical)])."""
+        missing = [c for c in self.numeric + self.categorical if c not in frame.columns]
+        if missing:
+            raise ValueError(f"input is missing feature columns: {missing}")
+        n = len(frame)
+        numeric = np.empty((n, self.numeric_width), dtype=np.float32)
+        for i, column in enumerate(self.numeric):
+            try:
+                values = pd.to_numeric(frame[column], errors="raise").to_numpy(dtype="float64", na_value=np.nan)
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"column {column!r} must be numeric: {err}") from None
+            is_missing = ~np.isfinite(values)
+            values = np.where(is_missing, self.medians[column], values)
+            numeric[:, 2 * i] = (values - self.means[column]) / self.stds[column]
+            numeric[:, 2 * i + 1] = is_missing
+        categorical = np.empty((n, len(self.categorical)), dtype=np.int64)
+        for j, column in enumerate(self.categorical):
+            index = {value: k + 1 for k, value in enumerate(self.vocabularies[column])}
+            codes = frame[column].map(lambda v: index.get(str(v), UNKNOWN) if pd.notna(v) else UNKNOWN)
+            categorical[:, j] = codes.to_numpy(dtype=np.int64)
+        return numeric, categorical
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Preprocessor":
+        return cls(**json.loads(text))
