@@ -42,3 +42,18 @@ def kfp_local(tmp_path):
     root = tmp_path / "pipeline_root"
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
     return root
+
+
+@pytest.fixture
+def run_pipeline(kfp_local):
+    """Run a pipeline function through kfp.local and read back what each task produced
+    (single components with input artifacts can only run inside a pipeline locally)."""
+    from pipelines.local import read_run
+
+    def run(pipeline, **arguments):
+        before = set(kfp_local.iterdir()) if kfp_local.exists() else set()
+        pipeline(**arguments)
+        (directory,) = [p for p in kfp_local.iterdir() if p not in before]
+        return read_run(directory)
+
+    return run

@@ -1,0 +1,108 @@
+"""Tuning: propose trials from the env's search space, train each with a small budget in
+parallel (dsl.ParallelFor), pick the best on the validation split, and log every trial to MLflow
+as a child run. The held-out test split never reaches this stage."""
+import itertools
+import random
+from typing import NamedTuple
+
+from kfp.dsl import Dataset, Input
+
+
+def propose(search_space: dict, strategy: str, trials: int, seed: int) -> list[dict]:
+    """Grid enumerates the space (capped at `trials`, evenly spread); random samples it
+    without repeats. Both are deterministic for a seed."""
+    keys = sorted(search_space)
+    grid = [dict(zip(keys, values)) for values in itertools.product(*(search_space[k] for k in keys))]
+    if not grid or not keys:
+        return [{}]
+    if strategy == "grid":
+        step = max(1, len(grid) // trials)
+        return grid[::step][:trials]
+    return random.Random(seed).sample(grid, min(trials, len(grid)))
+
+
+def best_trial(results: list[dict], metric: str = "val_roc_auc") -> dict:
+    """Highest validation score wins; ties go to the lower validation loss, then to trial order."""
+    usable = [r for r in results if r.get(metric) == r.get(metric)]  # drop NaN scores
+    if not usable:
+        raise RuntimeError(f"no tuning trial produced a {metric}: {results}")
+    return max(usable, key=lambda r: (round(r[metric], 6), -r.get("val_loss", 0.0), -r["trial"]))
+
+
+def typed(params: dict) -> dict:
+    """Hyperparameters as their declared types (KFP hands every number back as a float)."""
+    from pipelines.config import Hyperparameters
+
+    return {k: getattr(Hyperparameters.model_validate({k: v}), k) for k, v in params.items()}
+
+
+def propose_op(tuning_spec: dict, train_spec: dict) -> list:
+    """The trials to run: each a dict {trial, params}."""
+    from components.tune import propose
+    from pipelines.config import Tuning
+
+    tuning = Tuning.model_validate(tuning_spec)
+    space = {k: list(v) for k, v in tuning.search_space.items()}
+    seed = int(train_spec["hyperparameters"]["seed"])
+    return [{"trial": i, "params": p} for i, p in enumerate(propose(space, tuning.strategy, tuning.trials, seed))]
+
+
+def trial_op(train_data: Input[Dataset], train_spec: dict, dataset_spec: dict, tuning_spec: dict, trial: dict,
+             run_id: str) -> dict:
+    """One real training run with the trial's hyperparameters and the tuning budget."""
+    import tempfile
+
+    from pipelines.config import Dataset as DatasetConfig
+    from pipelines.config import TrainSpec, Tuning
+    from training.launchers import train_model
+
+    spec = TrainSpec.model_validate(train_spec).model_dump()
+    budget = Tuning.model_validate(tuning_spec).epochs_per_trial
+    spec["hyperparameters"] = {**spec["hyperparameters"], **trial["params"], "epochs": budget}
+    spec = TrainSpec.model_validate(spec).model_dump()  # a search space value must be a valid hyperparameter
+    number = int(trial["trial"])
+    with tempfile.TemporaryDirectory() as scratch:
+        data = train_data.uri if spec["backend"] == "pytorchjob" else train_data.path
+        model_dir = f"{spec['staging_uri']}/trials/{run_id}-{number}" if spec["backend"] == "pytorchjob" else scratch
+        metadata = train_model(spec, DatasetConfig.model_validate(dataset_spec).model_dump(), data, model_dir,
+                               f"flywheel-trial-{run_id}-{number}"[:52].lower(),
+                               lineage={"data_hash": train_data.metadata.get("content_hash", "")})
+    from components.tune import typed
+
+    return {"trial": number, "params": typed(trial["params"]), **{k: metadata["metrics"][k] for k in ("val_roc_auc", "val_loss")}}
+
+
+def select_op(trials: list, train_spec: dict, tracking: dict, env: str, run_id: str
+              ) -> NamedTuple("SelectOutputs", [("train_spec", dict), ("best", dict)]):
+    """Pick the best trial, log all trials to MLflow (a parent run with one child per trial) and
+    return the train spec with the winning hyperparameters for the full-budget training."""
+    import os
+    from collections import namedtuple
+
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    import mlflow
+
+    from components.tune import best_trial, typed
+
+    results = sorted(({**t, "trial": int(t["trial"]), "params": typed(t["params"])} for t in trials),
+                     key=lambda t: t["trial"])
+    best = best_trial(results)
+    mlflow.set_tracking_uri(tracking["tracking_uri"])
+    mlflow.set_experiment(tracking["experiment"])
+    with mlflow.start_run(run_name=f"tuning-{run_id}", tags={"flywheel.stage": "tuning", "flywheel.env": env,
+                                                            "flywheel.pipeline_run": run_id}):
+        mlflow.log_params({f"best.{k}": v for k, v in best["params"].items()})
+        mlflow.log_metric("best_val_roc_auc", best["val_roc_auc"])
+        for result in results:
+            with mlflow.start_run(run_name=f"trial-{result['trial']}", nested=True,
+                                  tags={"flywheel.stage": "tuning-trial"}):
+                mlflow.log_params(result["params"])
+                mlflow.log_metrics({"val_roc_auc": result["val_roc_auc"], "val_loss": result["val_loss"]})
+    width = max(len(str(r["params"])) for r in results)
+    for r in results:
+        marker = "  <- best" if r is best else ""
+        print(f"trial {r['trial']:>2}  {str(r['params']):<{width}}  val_roc_auc {r['val_roc_auc']:.4f}  "
+              f"val_loss {r['val_loss']:.4f}{marker}")
+    spec = dict(train_spec)
+    spec["hyperparameters"] = {**train_spec["hyperparameters"], **best["params"]}
+    return namedtuple("SelectOutputs", ["train_spec", "best"])(spec, best)

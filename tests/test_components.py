@@ -1,0 +1,100 @@
+"""Each component through the real kfp.local runner (subprocesses, no per-task pip install)."""
+import json
+
+import pytest
+from kfp import dsl
+
+from components.base import component
+from components.dataset import ReferenceTask, read_table, write_table
+from components.ingest import ingest_op, split_op
+from components.tune import best_trial, propose, propose_op, select_op, trial_op
+from pipelines.training_pipeline import arguments
+
+ingest, split = component(ingest_op, ""), component(split_op, "")
+
+
+def test_ingest_snapshots_the_reference_task_with_its_hash(kfp_local, small_settings):
+    task = ingest(dataset_spec=arguments(small_settings)["dataset_spec"])
+    dataset = task.outputs["dataset"]
+    frame = read_table(dataset.path)
+    assert len(frame) == 3000 and "default" in frame.columns
+    assert dataset.metadata["content_hash"].startswith("sha256:")
+    assert dataset.metadata["format"] == "parquet"
+
+
+def test_ingest_copies_a_user_csv_byte_for_byte(kfp_local, small_settings, tmp_path):
+    source = write_table(ReferenceTask(rows=500).generate(), tmp_path / "customers.csv")
+    spec = arguments(small_settings)["dataset_spec"] | {"source": "file", "uri": str(source)}
+    dataset = ingest(dataset_spec=spec).outputs["dataset"]
+    assert open(dataset.path, "rb").read() == source.read_bytes()
+    assert dataset.metadata["source"] == str(source) and dataset.metadata["format"] == "csv"
+
+
+def test_split_keeps_a_disjoint_stratified_test_set(run_pipeline, small_settings):
+    @dsl.pipeline(name="split-under-test")
+    def ingest_and_split(dataset_spec: dict):
+        split(dataset=ingest(dataset_spec=dataset_spec).outputs["dataset"], dataset_spec=dataset_spec)
+
+    run = run_pipeline(ingest_and_split, dataset_spec=arguments(small_settings)["dataset_spec"])
+    train_data, test_data = run.artifact("split-op", "train_data"), run.artifact("split-op", "test_data")
+    train, test = read_table(train_data["uri"]), read_table(test_data["uri"])
+    assert len(train) + len(test) == 3000 and len(test) == 600
+    assert not set(train["customer_id"]) & set(test["customer_id"])
+    assert test_data["metadata"]["role"] == "test"
+    assert train_data["metadata"]["source_hash"] == run.artifact("ingest-op", "dataset")["metadata"]["content_hash"]
+
+
+def test_propose_is_deterministic_and_stays_in_the_space():
+    space = {"learning_rate": [0.001, 0.01], "hidden": [16, 32, 64], "depth": [1, 2]}
+    random_trials = propose(space, "random", 4, seed=7)
+    assert random_trials == propose(space, "random", 4, seed=7)
+    assert len({json.dumps(t, sort_keys=True) for t in random_trials}) == 4, "no repeated trial"
+    assert all(t["hidden"] in space["hidden"] and t["depth"] in space["depth"] for t in random_trials)
+    assert len(propose(space, "grid", 100, seed=7)) == 12
+    assert propose({}, "random", 3, seed=1) == [{}]
+
+
+def test_best_trial_prefers_score_then_loss_and_skips_nan():
+    results = [
+        {"trial": 0, "params": {}, "val_roc_auc": float("nan"), "val_loss": 0.1},
+        {"trial": 1, "params": {}, "val_roc_auc": 0.80, "val_loss": 0.40},
+        {"trial": 2, "params": {}, "val_roc_auc": 0.80, "val_loss": 0.38},
+        {"trial": 3, "params": {}, "val_roc_auc": 0.79, "val_loss": 0.30},
+    ]
+    assert best_trial(results)["trial"] == 2
+    with pytest.raises(RuntimeError, match="no tuning trial produced"):
+        best_trial(results[:1])
+
+
+@pytest.mark.slow
+def test_tuning_runs_parallel_trials_and_logs_them_to_mlflow(kfp_local, small_settings, tmp_path):
+    import mlflow
+
+    args = arguments(small_settings)
+    tuning_spec = small_settings.tuning.model_dump(mode="json") | {
+        "trials": 2, "parallelism": 2, "epochs_per_trial": 1, "search_space": {"hidden": [8, 32]}}
+    train_spec = args["train_spec"] | {"workers": 1}
+    propose_c, trial_c, select_c = (component(f, "") for f in (propose_op, trial_op, select_op))
+
+    @dsl.pipeline(name="tuning-under-test")
+    def tuning(dataset_spec: dict, train_spec: dict, tuning_spec: dict, tracking: dict) -> dict:
+        parts = split(dataset=ingest(dataset_spec=dataset_spec).outputs["dataset"], dataset_spec=dataset_spec)
+        proposals = propose_c(tuning_spec=tuning_spec, train_spec=train_spec)
+        with dsl.ParallelFor(proposals.output, parallelism=2) as trial:
+            run = trial_c(train_data=parts.outputs["train_data"], train_spec=train_spec, dataset_spec=dataset_spec,
+                          tuning_spec=tuning_spec, trial=trial, run_id="t1")
+        chosen = select_c(trials=dsl.Collected(run.output), train_spec=train_spec, tracking=tracking, env="local",
+                          run_id="t1")
+        return chosen.outputs["train_spec"]
+
+    result = tuning(dataset_spec=args["dataset_spec"], train_spec=train_spec, tuning_spec=tuning_spec,
+                    tracking=args["tracking"]).output
+    assert result["hyperparameters"]["hidden"] in (8, 32)
+    assert result["hyperparameters"]["epochs"] == 3, "the full budget is restored after tuning"
+    mlflow.set_tracking_uri(args["tracking"]["tracking_uri"])
+    runs = mlflow.search_runs(experiment_names=[args["tracking"]["experiment"]])
+    trials = runs[runs["tags.flywheel.stage"] == "tuning-trial"]
+    parent = runs[runs["tags.flywheel.stage"] == "tuning"]
+    assert len(trials) == 2 and len(parent) == 1
+    assert set(trials["tags.mlflow.parentRunId"]) == set(parent["run_id"])
+    assert sorted(trials["params.hidden"].astype(int)) == [8, 32]
