@@ -221,7 +221,7 @@ CRON = r"^(\S+\s+){4}\S+$"
 class Retraining(Strict):
     enabled: bool = False
     schedule: Annotated[str, Field(pattern=CRON, description="5-field cron, e.g. '0 3 * * 1'")] = "0 3 * * 1"
-    max_concurrency: Annotated[int, Field(ge=1)] = 1
+    max_concurrency: Annotated[int, Field(ge=1, le=10)] = Field(1, description="KFP allows 1-10 concurrent runs")
 
 
 class Settings(Strict):

@@ -1,0 +1,1 @@
+"""Test doubles for what cannot run here, each checked against the real contract."""
