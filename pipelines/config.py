@@ -153,6 +153,7 @@ class TrainSpec(Training):
 
     image: str
     namespace: str
+    env: str = "local"
     staging_uri: str = Field(description="object-store prefix for PyTorchJob outputs before they become KFP artifacts")
 
 

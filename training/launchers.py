@@ -84,8 +84,9 @@ def train_model(train_spec: dict, dataset_spec: dict, data_uri: str, model_dir: 
     elif backend == "pytorchjob":
         from training.pytorchjob import PyTorchJobLauncher
 
+        # Pods run `torchrun --module training.train` themselves (PET_* env from the operator).
         PyTorchJobLauncher(train_spec, namespace=train_spec["namespace"], image=train_spec["image"]).run(
-            job_name, ["python", "-m", ENTRY_MODULE, *args], env={}
+            job_name, args, env={}
         )
     else:
         raise ValueError(f"unknown training backend {backend!r}; allowed: torchrun, pytorchjob")
