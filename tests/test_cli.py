@@ -1,0 +1,66 @@
+"""The CLI as a user meets it: Given a config, When a command runs, Then its output and exit code."""
+import subprocess
+import sys
+
+import pandas as pd
+import yaml
+from typer.testing import CliRunner
+
+from pipelines.cli import app
+
+runner = CliRunner()
+
+
+def test_help_lists_every_command_and_starts_without_heavy_imports():
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for command in ("check", "config", "data", "compile", "run", "submit"):
+        assert command in result.output
+    probe = ("import sys; import pipelines.cli; "
+             "print(sorted(m for m in ('torch', 'mlflow', 'great_expectations', 'kfp') if m in sys.modules))")
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert loaded.strip() == "[]"
+
+
+def test_config_prints_the_merged_env_as_yaml():
+    result = runner.invoke(app, ["config", "--env", "dev"])
+    assert result.exit_code == 0
+    data = yaml.safe_load(result.output)
+    assert data["env"] == "dev" and data["training"]["resources"]["gpu"]["resource"] == "nvidia.com/mig-1g.5gb"
+
+
+def test_bad_env_exits_nonzero_with_one_line_reason():
+    result = runner.invoke(app, ["config", "--env", "qa"])
+    assert result.exit_code == 1
+    assert "unknown environment 'qa'" in result.output
+
+
+def test_data_writes_csv_and_parquet(tmp_path):
+    for name in ("sample.csv", "sample.parquet"):
+        result = runner.invoke(app, ["data", "--env", "local", "--rows", "250", "--out", str(tmp_path / name)])
+        assert result.exit_code == 0, result.output
+        frame = pd.read_csv(tmp_path / name) if name.endswith(".csv") else pd.read_parquet(tmp_path / name)
+        assert len(frame) == 250 and "default" in frame.columns
+
+
+def test_compile_writes_every_pipeline_for_the_env(tmp_path):
+    result = runner.invoke(app, ["compile", "--env", "staging", "--out-dir", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    spec = yaml.safe_load((tmp_path / "staging" / "training.yaml").read_text())
+    assert {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()} == {
+        "ghcr.io/flywheel-ml/flywheel:0.1.0"}
+
+
+def test_check_fails_clearly_on_a_broken_config(config_dir, monkeypatch):
+    (config_dir / "prod.yaml").write_text((config_dir / "prod.yaml").read_text().replace("workers: 4", "workerz: 4"))
+    monkeypatch.setattr("pipelines.config.CONFIG_DIR", config_dir)
+    result = runner.invoke(app, ["check"])
+    assert result.exit_code == 1
+    assert "prod     FAILED" in result.output
+    assert f"{config_dir / 'prod.yaml'}: training.workerz: unknown key" in result.output
+    assert "dev      ok" in result.output
+
+
+def test_run_refuses_cluster_envs():
+    result = runner.invoke(app, ["run", "--env", "prod"])
+    assert result.exit_code == 1 and "flywheel submit --env prod" in result.output

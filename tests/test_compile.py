@@ -1,0 +1,78 @@
+"""Every pipeline compiles for every environment, carrying that environment's config."""
+import pytest
+import yaml
+
+from pipelines.config import ENVIRONMENTS, load_settings
+from pipelines.registry import PIPELINES, check_all, compile_pipeline, pipeline_arguments, signature_errors
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dist")
+    return {(env, name): yaml.safe_load(compile_pipeline(load_settings(env), name, out / env).read_text())
+            for env in ENVIRONMENTS for name in PIPELINES}
+
+
+def images(spec: dict) -> set[str]:
+    return {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()}
+
+
+@pytest.mark.parametrize("env", ENVIRONMENTS)
+@pytest.mark.parametrize("name", sorted(PIPELINES))
+def test_compiles_to_kfp_ir_with_the_env_image(compiled, env, name):
+    spec = compiled[(env, name)]
+    assert spec["pipelineInfo"]["name"] == f"flywheel-{name}"
+    assert spec["schemaVersion"] == "2.1.0"
+    expected = {"python:3.11-slim"} if env == "local" else {load_settings(env).image.ref}
+    assert images(spec) == expected
+    assert signature_errors(spec, pipeline_arguments(load_settings(env), name)) == []
+    # components run the project's own image: no pip install at task start
+    commands = "\n".join(str(e["container"]) for e in spec["deploymentSpec"]["executors"].values())
+    assert "pip install" not in commands
+
+
+def test_prod_carries_whole_gpus_a100_selector_and_limits(compiled):
+    spec = compiled[("prod", "training")]
+    train_spec = spec["root"]["inputDefinitions"]["parameters"]["train_spec"]["defaultValue"]
+    assert train_spec["resources"]["gpu"] == {"count": 1, "resource": "nvidia.com/gpu", "product": "NVIDIA-A100-SXM4-80GB"}
+    assert train_spec["workers"] == 4 and train_spec["backend"] == "pytorchjob"
+    assert train_spec["image"].startswith("ghcr.io/flywheel-ml/flywheel@sha256:")
+    for executor in spec["deploymentSpec"]["executors"].values():
+        assert executor["container"]["resources"]["cpuLimit"] == 1.0
+        assert executor["container"]["resources"]["memoryLimit"] == 2.0
+
+
+def test_dev_carries_a_mig_slice(compiled):
+    train_spec = compiled[("dev", "training")]["root"]["inputDefinitions"]["parameters"]["train_spec"]["defaultValue"]
+    assert train_spec["resources"]["gpu"]["resource"] == "nvidia.com/mig-1g.5gb"
+
+
+def test_training_dag_has_every_stage_and_the_promotion_branch(compiled):
+    tasks = compiled[("local", "training")]["root"]["dag"]["tasks"]
+    assert {"ingest-op", "validate-op", "split-op", "propose-op", "select-op", "train-op", "evaluate-op",
+            "gate-op"} <= set(tasks)
+    assert tasks["split-op"]["dependentTasks"] == ["ingest-op", "validate-op"], "split waits for validation"
+    condition = next(t for t in tasks.values() if "triggerPolicy" in t)
+    assert "promote" in condition["triggerPolicy"]["condition"]
+    loop = next(t for t in tasks.values() if "parameterIterator" in t)
+    assert loop["iteratorPolicy"]["parallelismLimit"] == load_settings("local").tuning.parallelism
+
+
+def test_no_secret_values_in_compiled_pipelines(compiled):
+    text = yaml.safe_dump(list(compiled.values())).lower()
+    for needle in ("aws_secret_access_key", "password", "bearer "):
+        assert needle not in text
+
+
+def test_signature_errors_catch_unknown_missing_and_mistyped_arguments(compiled):
+    spec = compiled[("local", "training")]
+    args = pipeline_arguments(load_settings("local"), "training")
+    assert signature_errors(spec, args | {"epochs": 3}) == ["argument 'epochs' is not a parameter of the pipeline"]
+    assert signature_errors(spec, args | {"train_spec": "big"}) == [
+        "parameter 'train_spec' expects STRUCT, config gives str"]
+    args.pop("env")
+    assert signature_errors(spec, args) == []  # env has a default, so it may be omitted
+
+
+def test_check_passes_on_the_shipped_config():
+    assert check_all() == {env: [] for env in ENVIRONMENTS}
