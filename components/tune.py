@@ -82,13 +82,15 @@ def select_op(trials: list, train_spec: dict, tracking: dict, env: str, run_id: 
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     import mlflow
 
+    from components.evaluation import experiment_id
     from components.tune import best_trial, typed
 
     results = sorted(({**t, "trial": int(t["trial"]), "params": typed(t["params"])} for t in trials),
                      key=lambda t: t["trial"])
     best = best_trial(results)
     mlflow.set_tracking_uri(tracking["tracking_uri"])
-    mlflow.set_experiment(tracking["experiment"])
+    # created with its artifacts beside the SQLite store, not in ./mlruns of whatever cwd
+    mlflow.set_experiment(experiment_id=experiment_id(tracking["tracking_uri"], tracking["experiment"]))
     with mlflow.start_run(run_name=f"tuning-{run_id}", tags={"flywheel.stage": "tuning", "flywheel.env": env,
                                                             "flywheel.pipeline_run": run_id}):
         mlflow.log_params({f"best.{k}": v for k, v in best["params"].items()})

@@ -8,13 +8,19 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import sys
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipelines.config import Settings
 
 PIPELINE_ROOT = Path(__file__).resolve().parent.parent / "runs" / "local"
+ERROR_LINE = re.compile(r"\b\w*(Error|Failed|Exception)\b: ")
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 @dataclass
@@ -38,9 +44,10 @@ class LocalRun:
 
 def read_run(directory: Path, seconds: float = 0.0) -> LocalRun:
     tasks = {}
-    for output in sorted(directory.glob("*/executor_output.json")):
+    for output in sorted(directory.rglob("executor_output.json")):
         data = json.loads(output.read_text())
-        record = TaskRecord(output.parent.name, data.get("parameterValues", {}))
+        # tasks inside a ParallelFor live one level down: "for-loop-1-iteration-0/trial-op"
+        record = TaskRecord(str(output.parent.relative_to(directory)), data.get("parameterValues", {}))
         for name, listing in data.get("artifacts", {}).items():
             artifact = listing["artifacts"][0]
             record.artifacts[name] = {"uri": artifact.get("uri", str(output.parent / name)),
@@ -107,18 +114,83 @@ def summary_rows(run: LocalRun) -> list[tuple[str, str]]:
     return rows
 
 
-def run_local(settings: Settings) -> LocalRun:
-    """`flywheel run`: the lifecycle on this machine, ending with a summary table."""
+@contextmanager
+def output_to(log_path: Path):
+    """Send everything the tasks print (kfp.local echoes executor inputs, GX, torchrun) to a log
+    file at the file-descriptor level, and yield a stream to the real terminal."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    terminal = os.fdopen(os.dup(saved[0]), "w", buffering=1)
+    with open(log_path, "ab") as log:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+        try:
+            yield terminal
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
+            terminal.close()
+
+
+class TaskWatcher(threading.Thread):
+    """Prints each task as it finishes, from the executor outputs kfp.local writes."""
+
+    def __init__(self, root: Path, console, before: set[Path]):
+        super().__init__(daemon=True)
+        self.root, self.console, self.before = root, console, before
+        self.seen: set[Path] = set()
+        self.started = time.perf_counter()
+        self.done = threading.Event()
+
+    def poll(self) -> None:
+        for output in sorted(self.root.glob("*/**/executor_output.json"), key=lambda p: p.stat().st_mtime):
+            run_dir = self.root / output.relative_to(self.root).parts[0]
+            if run_dir in self.before or output in self.seen:
+                continue
+            self.seen.add(output)
+            elapsed = time.perf_counter() - self.started
+            task = str(output.parent.relative_to(run_dir))
+            self.console.print(f"  [green]done[/green] {task:<40} {elapsed:6.1f} s")
+
+    def run(self) -> None:
+        while not self.done.wait(0.5):
+            self.poll()
+        self.poll()
+
+
+def run_local(settings: Settings, verbose: bool = False) -> LocalRun:
+    """`flywheel run`: the lifecycle on this machine, with progress, ending with a summary table."""
     from rich.console import Console
     from rich.table import Table
 
+    PIPELINE_ROOT.mkdir(parents=True, exist_ok=True)
+    log_path = PIPELINE_ROOT / f"run-{time.strftime('%Y%m%d-%H%M%S')}.log"
     console = Console()
     console.rule(f"[bold]flywheel: {settings.env} lifecycle[/bold]")
-    console.print(f"MLflow: {settings.mlflow.tracking_uri}   artifacts: {PIPELINE_ROOT}")
+    console.print(f"MLflow: {settings.mlflow.tracking_uri}\nartifacts: {PIPELINE_ROOT}\ntask log: {log_path}")
+    before = set(PIPELINE_ROOT.iterdir())
     try:
-        run = execute(settings)
+        if verbose:
+            run = execute(settings)
+        else:
+            with output_to(log_path) as terminal:
+                watcher = TaskWatcher(PIPELINE_ROOT, Console(file=terminal, force_terminal=console.is_terminal), before)
+                watcher.start()
+                try:
+                    run = execute(settings)
+                finally:
+                    watcher.done.set()
+                    watcher.join()
     except RuntimeError as err:
-        raise RuntimeError(f"local pipeline failed: {err}") from None
+        problems = [line.strip() for line in log_path.read_text(errors="replace").splitlines()
+                    if ERROR_LINE.search(line)][-5:] if log_path.exists() else []
+        detail = ("\n  " + "\n  ".join(problems)) if problems else ""
+        raise RuntimeError(f"local pipeline failed: {ANSI.sub('', str(err))}{detail}\n(full log: {log_path})") from None
     table = Table(title="flywheel run summary", show_header=False)
     for label, value in summary_rows(run):
         table.add_row(f"[bold]{label}[/bold]", value)

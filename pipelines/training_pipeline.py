@@ -1,12 +1,12 @@
 """The training pipeline, defined once and compiled per environment:
 
-    ingest -> validate -> split -> train -> evaluate
+    ingest -> validate -> split -> tune (parallel trials) -> train best -> evaluate -> gate
+                                                                           `-> register (if promoted)
 
 Each environment's config becomes the pipeline's parameter defaults at build time, so the
-compiled YAML is self-contained (image, resources, node selectors, thresholds) and a submission
-can still override any parameter.
+compiled YAML is self-contained (image, resources, node selectors, thresholds, suite) and a
+submission can still override any parameter.
 """
-from __future__ import annotations
 
 from kfp import dsl
 
@@ -16,6 +16,15 @@ from pipelines.config import Settings
 NAME = "training"
 
 
+def without_none(value):
+    """KFP parameters are protobuf Values, which have no null: drop unset keys at any depth."""
+    if isinstance(value, dict):
+        return {k: without_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [without_none(v) for v in value if v is not None]
+    return value
+
+
 def as_parameter(model) -> dict:
     """A config section as a STRUCT parameter (KFP structs cannot hold null: unset keys are omitted)."""
     return model.model_dump(mode="json", exclude_none=True)
@@ -23,15 +32,20 @@ def as_parameter(model) -> dict:
 
 def arguments(settings: Settings) -> dict:
     """The pipeline's parameter values for an environment (see `check`)."""
+    from components.validation import load_suite
+
     train_spec = as_parameter(settings.training) | {
         "image": settings.image.ref,
         "namespace": settings.namespace,
+        "env": settings.env,
         "staging_uri": f"{settings.kfp.pipeline_root or 'runs'}/flywheel-jobs",
     }
     return {
         "env": settings.env,
         "dataset_spec": as_parameter(settings.dataset),
+        "suite": without_none(load_suite(settings.dataset)),
         "train_spec": train_spec,
+        "tuning_spec": as_parameter(settings.tuning),
         "evaluation_spec": as_parameter(settings.evaluation),
         "tracking": as_parameter(settings.mlflow),
     }
@@ -39,30 +53,66 @@ def arguments(settings: Settings) -> dict:
 
 def build(settings: Settings):
     """Return the pipeline function for `settings`' image and defaults."""
-    from components.evaluate import evaluate_op
+    from components.evaluate import evaluate_op, gate_op, register_op
     from components.ingest import ingest_op, split_op
     from components.train import train_op
+    from components.tune import propose_op, select_op, trial_op
+    from components.validate import validate_op
 
     image = "" if settings.env == "local" else settings.image.ref
-    ingest, split, train, evaluate = (component(fn, image) for fn in (ingest_op, split_op, train_op, evaluate_op))
+    ingest, validate, split, propose, trial, select, train, evaluate, gate, register = (
+        component(fn, image) for fn in (ingest_op, validate_op, split_op, propose_op, trial_op, select_op,
+                                        train_op, evaluate_op, gate_op, register_op))
     defaults = arguments(settings)
+    run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
 
-    @dsl.pipeline(name=f"flywheel-{NAME}", description="Ingest, validate, split, train (DDP) and evaluate a tabular classifier.")
+    @dsl.pipeline(name=f"flywheel-{NAME}",
+                  description="Validate data, tune and train a DDP classifier, gate it against the champion, register.")
     def training(
         env: str = defaults["env"],
         dataset_spec: dict = defaults["dataset_spec"],
+        suite: dict = defaults["suite"],
         train_spec: dict = defaults["train_spec"],
+        tuning_spec: dict = defaults["tuning_spec"],
         evaluation_spec: dict = defaults["evaluation_spec"],
         tracking: dict = defaults["tracking"],
     ):
         ingested = ingest(dataset_spec=dataset_spec).set_display_name("ingest")
-        parts = split(dataset=ingested.outputs["dataset"], dataset_spec=dataset_spec).set_display_name("split")
-        trained = train(train_data=parts.outputs["train_data"], train_spec=train_spec, dataset_spec=dataset_spec,
-                        run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER).set_display_name("train")
-        evaluate(model=trained.outputs["model"], test_data=parts.outputs["test_data"], dataset_spec=dataset_spec,
-                 evaluation_spec=evaluation_spec, tracking=tracking).set_display_name("evaluate")
-        for task in (ingested, parts, trained):
-            task.set_cpu_limit(settings.kfp.task_cpu).set_memory_limit(settings.kfp.task_memory)
+        validated = validate(dataset=ingested.outputs["dataset"], suite=suite).set_display_name("validate")
+        parts = split(dataset=ingested.outputs["dataset"], dataset_spec=dataset_spec).after(validated)
+        parts.set_display_name("split")
+        tasks = [ingested, validated, parts]
+
+        best_spec = train_spec
+        if settings.tuning.enabled:
+            proposals = propose(tuning_spec=tuning_spec, train_spec=train_spec).set_display_name("propose trials")
+            with dsl.ParallelFor(proposals.output, parallelism=settings.tuning.parallelism) as proposal:
+                trial_run = trial(train_data=parts.outputs["train_data"], train_spec=train_spec,
+                                  dataset_spec=dataset_spec, tuning_spec=tuning_spec, trial=proposal,
+                                  run_id=run_id).set_display_name("trial")
+            chosen = select(trials=dsl.Collected(trial_run.output), train_spec=train_spec, tracking=tracking,
+                            env=env, run_id=run_id).set_display_name("select best")
+            best_spec = chosen.outputs["train_spec"]
+            tasks += [proposals, trial_run, chosen]
+
+        trained = train(train_data=parts.outputs["train_data"], train_spec=best_spec, dataset_spec=dataset_spec,
+                        run_id=run_id).set_display_name("train")
         trained.set_retry(num_retries=1)
+        evaluated = evaluate(model=trained.outputs["model"], test_data=parts.outputs["test_data"],
+                             dataset_spec=dataset_spec, evaluation_spec=evaluation_spec,
+                             tracking=tracking).set_display_name("evaluate")
+        gated = gate(model=trained.outputs["model"], test_data=parts.outputs["test_data"],
+                     dataset_spec=dataset_spec, evaluation_spec=evaluation_spec,
+                     tracking=tracking).set_display_name("champion/challenger gate")
+        tasks += [trained, evaluated, gated]
+        with dsl.If(gated.outputs["Output"] == "promote", name="promoted"):
+            registered = register(model=trained.outputs["model"], test_data=parts.outputs["test_data"],
+                                  tracking=tracking, env=env, evaluation_run_id=evaluated.outputs["run_id"],
+                                  pipeline_job_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER, pipeline_job_id=run_id,
+                                  pipeline_task_name=dsl.PIPELINE_TASK_NAME_PLACEHOLDER,
+                                  pipeline_task_id=dsl.PIPELINE_TASK_ID_PLACEHOLDER).set_display_name("register")
+            tasks.append(registered)
+        for task in tasks:
+            task.set_cpu_limit(settings.kfp.task_cpu).set_memory_limit(settings.kfp.task_memory)
 
     return training
