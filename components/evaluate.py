@@ -141,6 +141,8 @@ def gate_op(
         "candidate_roc_auc": candidate.metrics["roc_auc"],
         "champion_version": champion.version["version"] if champion else "",
         "champion_roc_auc": champion_result.metrics["roc_auc"] if champion_result else "",
+        "candidate_metrics": candidate.metrics,
+        "champion_metrics": champion_result.metrics if champion_result else {},
         "test_data_hash": content_hash(frame),
     })
     return decision.label

@@ -75,8 +75,14 @@ def execute(settings: Settings, pipeline: str = "training", pipeline_root: Path 
     return read_run(directory, seconds)
 
 
+def _short(uri: str, run: LocalRun) -> str:
+    path, base = Path(uri).resolve(), run.directory.resolve()
+    return str(path.relative_to(base)) if path.is_relative_to(base) else uri
+
+
 def summary_rows(run: LocalRun) -> list[tuple[str, str]]:
-    """The lines a person wants after a run: data, validation, training, evaluation, where things are."""
+    """The lines a person wants after a run: data, validation, tuning, training, evaluation,
+    the gate's decision and where things are (artifact paths relative to the run directory)."""
     rows: list[tuple[str, str]] = []
     tasks = run.tasks
 
@@ -89,27 +95,41 @@ def summary_rows(run: LocalRun) -> list[tuple[str, str]]:
     if "split-op" in tasks:
         train, test = run.artifact("split-op", "train_data")["metadata"], run.artifact("split-op", "test_data")["metadata"]
         add("rows", f"train {int(train['rows']):,} / test {int(test['rows']):,} (positives {train['positive_rate']:.1%})")
-    for name, record in tasks.items():
-        if name.startswith("validate"):
-            metrics = record.artifacts.get("metrics", {}).get("metadata", {})
-            add("validation", ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()) or "passed")
+    if "validate-op" in tasks:
+        m = tasks["validate-op"].artifacts.get("metrics", {}).get("metadata", {})
+        add("validation", f"passed {int(m.get('expectations_passed', 0))}/{int(m.get('expectations_evaluated', 0))} "
+            f"expectations, {int(m.get('expectations_warned', 0))} warnings  (report: "
+            f"{_short(run.artifact('validate-op', 'report')['uri'], run)})")
+    if "select-op" in tasks:
+        best = tasks["select-op"].parameters.get("best", {})
+        trials = sum(name.endswith("/trial-op") for name in tasks)
+        params = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in best.get("params", {}).items())
+        add("tuning", f"{trials} trials, best #{int(best.get('trial', 0))} ({params}) "
+            f"val ROC AUC {best.get('val_roc_auc', float('nan')):.4f}")
     if "train-op" in tasks:
         meta = run.artifact("train-op", "model")["metadata"]
         m = meta.get("metrics", {})
         add("training", f"{meta.get('backend')} x{int(meta.get('world_size', 1))}, best epoch {int(m.get('best_epoch', 0))}"
             f"/{int(m.get('epochs_run', 0))}, val ROC AUC {m.get('val_roc_auc', float('nan')):.4f}, "
             f"{m.get('samples_per_s', 0):,.0f} samples/s")
-        add("model", run.artifact("train-op", "model")["uri"])
-    for name, record in tasks.items():
-        if name.startswith("evaluate"):
-            metrics = record.artifacts.get("metrics", {}).get("metadata", {})
-            shown = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-            add("evaluation", ", ".join(f"{k} {v:.4f}" for k, v in list(shown.items())[:8]))
-            if "report" in record.artifacts:
-                add("report", record.artifacts["report"]["uri"])
-            for key in ("run_id",):
-                if key in record.parameters:
-                    add("mlflow run", record.parameters[key])
+        add("model", _short(run.artifact("train-op", "model")["uri"], run))
+    if "evaluate-op" in tasks:
+        metrics = run.artifact("evaluate-op", "metrics")["metadata"]
+        shown = [k for k in ("roc_auc", "pr_auc", "f1", "brier") if k in metrics]
+        add("evaluation", ", ".join(f"{k} {metrics[k]:.4f}" for k in shown)
+            + f"  (report: {_short(run.artifact('evaluate-op', 'report')['uri'], run)})")
+        if "run_id" in tasks["evaluate-op"].parameters:
+            add("mlflow run", tasks["evaluate-op"].parameters["run_id"])
+    if "gate-op" in tasks:
+        gate = run.artifact("gate-op", "report")["metadata"]
+        add("gate", f"{str(gate.get('decision', '?')).upper()}: {gate.get('reason', '')}")
+        candidate, champion = gate.get("candidate_metrics", {}), gate.get("champion_metrics", {})
+        for key in ("roc_auc", "pr_auc", "brier"):
+            if key in candidate:
+                versus = f"  vs champion v{gate.get('champion_version')} {champion[key]:.4f}" if key in champion else ""
+                add(f"  {key}", f"candidate {candidate[key]:.4f}{versus}")
+    if "register-op" in tasks:
+        add("registered", f"version {tasks['register-op'].parameters.get('version')} is now the champion")
     add("pipeline run", f"{run.directory}  ({run.seconds:.1f} s)")
     return rows
 
