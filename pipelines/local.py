@@ -102,7 +102,7 @@ def summary_rows(run: LocalRun) -> list[tuple[str, str]]:
             f"{_short(run.artifact('validate-op', 'report')['uri'], run)})")
     if "select-op" in tasks:
         best = tasks["select-op"].parameters.get("best", {})
-        trials = sum(name.endswith("/trial-op") for name in tasks)
+        trials = sum("/trial-op" in name for name in tasks)  # every rung's trial runs
         params = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in best.get("params", {}).items())
         add("tuning", f"{trials} trials, best #{int(best.get('trial', 0))} ({params}) "
             f"val ROC AUC {best.get('val_roc_auc', float('nan')):.4f}")

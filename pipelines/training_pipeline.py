@@ -56,13 +56,13 @@ def build(settings: Settings):
     from components.evaluate import evaluate_op, gate_op, register_op
     from components.ingest import ingest_op, split_op
     from components.train import train_op
-    from components.tune import propose_op, select_op, trial_op
+    from components.tune import HALVING_ETA, promote_op, propose_op, select_op, trial_op
     from components.validate import validate_op
 
     image = "" if settings.env == "local" else settings.image.ref
-    ingest, validate, split, propose, trial, select, train, evaluate, gate, register = (
-        component(fn, image) for fn in (ingest_op, validate_op, split_op, propose_op, trial_op, select_op,
-                                        train_op, evaluate_op, gate_op, register_op))
+    ingest, validate, split, propose, trial, promote, select, train, evaluate, gate, register = (
+        component(fn, image) for fn in (ingest_op, validate_op, split_op, propose_op, trial_op, promote_op,
+                                        select_op, train_op, evaluate_op, gate_op, register_op))
     defaults = arguments(settings)
     run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
 
@@ -90,10 +90,21 @@ def build(settings: Settings):
                 trial_run = trial(train_data=parts.outputs["train_data"], train_spec=train_spec,
                                   dataset_spec=dataset_spec, tuning_spec=tuning_spec, trial=proposal,
                                   run_id=run_id).set_display_name("trial")
+            tasks += [proposals, trial_run]
+            screened = []
+            if settings.tuning.strategy == "successive_halving":
+                first_rung = trial_run
+                promoted = promote(trials=dsl.Collected(first_rung.output)).set_display_name("promote best third")
+                screened = dsl.Collected(first_rung.output)
+                with dsl.ParallelFor(promoted.output, parallelism=settings.tuning.parallelism) as survivor:
+                    trial_run = trial(train_data=parts.outputs["train_data"], train_spec=train_spec,
+                                      dataset_spec=dataset_spec, tuning_spec=tuning_spec, trial=survivor,
+                                      run_id=run_id, budget_factor=HALVING_ETA).set_display_name("trial, rung 2")
+                tasks += [promoted, trial_run]
             chosen = select(trials=dsl.Collected(trial_run.output), train_spec=train_spec, tracking=tracking,
-                            env=env, run_id=run_id).set_display_name("select best")
+                            env=env, run_id=run_id, screened=screened).set_display_name("select best")
             best_spec = chosen.outputs["train_spec"]
-            tasks += [proposals, trial_run, chosen]
+            tasks.append(chosen)
 
         trained = train(train_data=parts.outputs["train_data"], train_spec=best_spec, dataset_spec=dataset_spec,
                         run_id=run_id).set_display_name("train")

@@ -76,3 +76,10 @@ def test_signature_errors_catch_unknown_missing_and_mistyped_arguments(compiled)
 
 def test_check_passes_on_the_shipped_config():
     assert check_all() == {env: [] for env in ENVIRONMENTS}
+
+
+def test_tuning_off_in_config_means_no_tuning_tasks(tmp_path):
+    settings = load_settings("local", overrides={"tuning": {"enabled": False}})
+    tasks = yaml.safe_load(compile_pipeline(settings, "training", tmp_path).read_text())["root"]["dag"]["tasks"]
+    assert not {"propose-op", "select-op"} & set(tasks)
+    assert tasks["train-op"]["inputs"]["parameters"]["train_spec"]["componentInputParameter"] == "train_spec"
