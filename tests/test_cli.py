@@ -64,3 +64,33 @@ def test_check_fails_clearly_on_a_broken_config(config_dir, monkeypatch):
 def test_run_refuses_cluster_envs():
     result = runner.invoke(app, ["run", "--env", "prod"])
     assert result.exit_code == 1 and "flywheel submit --env prod" in result.output
+
+
+def test_validate_passes_clean_data_and_fails_bad_data_with_a_reason(tmp_path):
+    from components.dataset import ReferenceTask, write_table
+
+    frame = ReferenceTask(rows=2000, seed=3).generate()
+    clean = write_table(frame, tmp_path / "clean.parquet")
+    result = runner.invoke(app, ["validate", "--env", "local", "--data", str(clean), "--out-dir", str(tmp_path / "r")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "r" / "clean.parquet.validation.html").exists()
+
+    frame.loc[[3, 7], "age"] = 250
+    bad = write_table(frame, tmp_path / "bad.csv")
+    result = runner.invoke(app, ["validate", "--env", "local", "--data", str(bad), "--out-dir", str(tmp_path / "r")])
+    assert result.exit_code == 1
+    assert "blocking expectation(s) failed" in result.output and "age" in result.output
+
+
+def test_expectations_suggest_drafts_a_suite_that_accepts_its_own_data(tmp_path):
+    from components.dataset import ReferenceTask, write_table
+    from components.validation import normalize_suite, validate_file
+
+    data = write_table(ReferenceTask(rows=2000, seed=4).generate(), tmp_path / "trusted.csv")
+    out = tmp_path / "draft.yaml"
+    result = runner.invoke(app, ["expectations", "suggest", "--data", str(data), "--out", str(out),
+                                 "--target", "default"])
+    assert result.exit_code == 0, result.output
+    suite = normalize_suite(yaml.safe_load(out.read_text()), str(out))
+    assert len(suite["expectations"]) > 20
+    assert validate_file(data, suite).passed

@@ -1,4 +1,5 @@
 """The whole lifecycle on the embedded local environment, end to end, as `make run` runs it."""
+import json
 from pathlib import Path
 
 import pytest
@@ -100,3 +101,20 @@ def test_a_user_csv_named_in_config_trains_and_evaluates_with_no_code_change(con
     model_meta = run.artifact("train-op", "model")["metadata"]
     assert model_meta["hyperparameters"]["epochs"] == 5
     assert_outputs_exist(run)
+
+
+@pytest.mark.slow
+def test_bad_data_stops_the_pipeline_before_training_with_the_reason_on_record(tmp_path):
+    frame = ReferenceTask(rows=2000, seed=8).generate()
+    frame.loc[frame.index[:400], "employment"] = "astronaut"  # unknown category, far above any tolerance
+    source = write_table(frame, tmp_path / "customers.csv")
+    settings = load_settings("local", overrides=FAST | {"dataset": {"source": "file", "uri": str(source)}})
+    root = tmp_path / "root"
+    with pytest.raises(RuntimeError, match="validate-op"):
+        execute(settings, pipeline_root=root)
+    (run_dir,) = root.iterdir()
+    assert not {"split-op", "train-op", "evaluate-op"} & {p.name for p in run_dir.iterdir()}, "nothing after validate ran"
+    result = json.loads((run_dir / "validate-op" / "result").read_text())
+    failed = json.dumps(result)
+    assert "employment" in failed and "astronaut" in failed
+    assert "expect_column_values_to_be_in_set" in failed
