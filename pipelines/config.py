@@ -45,6 +45,8 @@ class Kfp(Strict):
     experiment: str
     namespace: str | None = None
     pipeline_root: str | None = Field(None, description="object store for artifacts, e.g. s3://bucket/pipelines")
+    service_account: str | None = Field(
+        None, description="ServiceAccount the run's task pods use (manifests/ grants it PyTorchJob rights)")
     task_cpu: str = Field("1", description="CPU limit of each pipeline task's pod")
     task_memory: str = Field("2G", description="memory limit of each pipeline task's pod")
 

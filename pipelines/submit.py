@@ -361,7 +361,7 @@ def submit_pipeline(
             run = client.run_pipeline(
                 experiment_id=experiment.experiment_id, job_name=f"{display_name} {version_name}",
                 params=arguments, pipeline_id=pipeline_id, version_id=uploaded.pipeline_version_id,
-                pipeline_root=settings.kfp.pipeline_root)
+                pipeline_root=settings.kfp.pipeline_root, service_account=settings.kfp.service_account)
     url = _ui_url(settings, f"runs/details/{run.run_id}")
     state = run.state or "PENDING"
     if wait:
@@ -382,7 +382,8 @@ def _existing_recurring_runs(client, experiment_id: str, name: str) -> list:
     return [r for r in (found.recurring_runs or []) if r.display_name == name]
 
 
-def _drift(current, cron: str, concurrency: int, parameters: dict, version_id: str | None) -> list[str]:
+def _drift(current, cron: str, concurrency: int, parameters: dict, version_id: str | None,
+           service_account: str | None = None) -> list[str]:
     """What differs between a recurring run on the server and the one config asks for."""
     reasons = []
     current_cron = current.trigger.cron_schedule.cron if current.trigger and current.trigger.cron_schedule else None
@@ -396,6 +397,8 @@ def _drift(current, cron: str, concurrency: int, parameters: dict, version_id: s
         reasons.append("pipeline version -> " + ("a new upload" if version_id is None else version_id))
     if ((current.runtime_config and current.runtime_config.parameters) or {}) != parameters:
         reasons.append("parameters changed")
+    if (current.service_account or None) != service_account:
+        reasons.append(f"service account {current.service_account!r} -> {service_account!r}")
     if not current.no_catchup:
         reasons.append("catchup -> off")
     if current.mode != "ENABLE":
@@ -449,7 +452,8 @@ def reconcile_schedules(
         describe = (f"cron {cron!r} (config {retraining.schedule!r}), max_concurrency {retraining.max_concurrency}, "
                     f"no catchup, version {version.display_name if version else 'new upload (' + package_hash + ')'}")
         if len(existing) == 1:
-            reasons = _drift(existing[0], cron, retraining.max_concurrency, arguments, version_id)
+            reasons = _drift(existing[0], cron, retraining.max_concurrency, arguments, version_id,
+                             settings.kfp.service_account)
             if not reasons:
                 return [Change("unchanged", name, describe, applied=False)]
             action, detail = "update", "; ".join(reasons) + " (delete + create)"
@@ -478,5 +482,6 @@ def reconcile_schedules(
                     description=f"Flywheel scheduled retraining ({settings.env}); managed by `flywheel schedule`",
                     cron_expression=cron, max_concurrency=retraining.max_concurrency, no_catchup=True,
                     params=arguments, pipeline_id=pipeline_id, version_id=version.pipeline_version_id,
-                    enabled=True, pipeline_root=settings.kfp.pipeline_root)
+                    enabled=True, pipeline_root=settings.kfp.pipeline_root,
+                    service_account=settings.kfp.service_account)
     return [Change(action, name, detail, applied=True)]

@@ -180,3 +180,14 @@ def test_cli_schedule_dry_run_prints_the_plan(server, monkeypatch):
 def test_cli_schedule_on_local_is_an_error():
     result = CliRunner().invoke(cli.app, ["schedule", "--env", "local"])
     assert result.exit_code == 1 and "no KFP host" in result.stderr
+
+
+def test_service_account_change_is_an_update_and_is_sent(server):
+    reconcile(staging(server))
+    (job,) = server.recurring_runs.values()
+    assert job.service_account == "flywheel-pipeline-runner"
+    settings = load_settings("staging", overrides={
+        "kfp": {"host": server.url, "service_account": "retrainer"},
+        "retraining": {"enabled": True, "schedule": "0 4 * * *"}})
+    (change,) = reconcile(settings)
+    assert change.action == "update" and "service account 'flywheel-pipeline-runner' -> 'retrainer'" in change.detail

@@ -52,6 +52,7 @@ def test_first_submit_creates_pipeline_version_experiment_and_run(server):
     assert run.experiment_id == experiment.experiment_id
     assert run.pipeline_version_reference.pipeline_version_id == version.pipeline_version_id
     assert run.runtime_config.pipeline_root == "s3://flywheel-dev-artifacts/pipelines"
+    assert run.service_account == "flywheel-pipeline-runner", "task pods run as the SA manifests/ grants"
     # and the result says so, with a link into the KFP UI
     assert (result.run_id, result.experiment_id, result.version_id) == (
         run.run_id, experiment.experiment_id, version.pipeline_version_id)
