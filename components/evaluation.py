@@ -431,11 +431,7 @@ def read_dataset(path: str) -> pd.DataFrame:
         if len(tables) != 1:
             raise ValueError(f"{path}: expected one table file in the directory, found {[t.name for t in tables]}")
         return read_table(tables[0])
-    if p.name.endswith((".parquet", ".pq", ".csv", ".csv.gz")):
-        return read_table(p)
-    with open(p, "rb") as handle:
-        magic = handle.read(4)
-    return pd.read_parquet(p) if magic == b"PAR1" else pd.read_csv(p)
+    return read_table(p)  # by extension, else by content
 
 
 def feature_columns(metadata: Mapping) -> list[str]:

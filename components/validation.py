@@ -300,17 +300,6 @@ def _json_default(value):
 # ----------------------------------------------------------------------------- reading
 
 
-def _sniff_format(path: Path) -> str:
-    name = path.name.lower()
-    if name.endswith((".parquet", ".pq")):
-        return "parquet"
-    if name.endswith((".csv", ".csv.gz")):
-        return "csv"
-    with open(path, "rb") as fh:  # KFP artifact paths carry no extension: look at the bytes
-        head = fh.read(4)
-    return "parquet" if head == b"PAR1" else "csv"
-
-
 def read_for_validation(path: str | Path):
     """Read CSV or Parquet once with pyarrow (multi-threaded, types inferred, strict row widths),
     strings as pyarrow-backed pandas strings (no Python str objects). The frame is consolidated
@@ -319,8 +308,10 @@ def read_for_validation(path: str | Path):
     import pandas as pd
     import pyarrow as pa
 
+    from components.dataset import table_format
+
     path = Path(path)
-    if _sniff_format(path) == "parquet":
+    if table_format(path) == "parquet":
         import pyarrow.parquet as pq
 
         table = pq.read_table(path)
@@ -343,7 +334,9 @@ def file_problem(path: str | Path, err: Exception) -> str:
         return f"file not found: {path}"
     if path.stat().st_size == 0:
         return "empty file (0 bytes): no header, no rows"
-    kind = _sniff_format(path)
+    from components.dataset import table_format
+
+    kind = table_format(path)
     text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     if kind == "parquet":
         return f"unreadable Parquet (truncated or corrupt): {text}"
