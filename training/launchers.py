@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import re
 import os
-import socket
 import subprocess
 import sys
 
@@ -17,6 +16,11 @@ from training import storage
 from training.artifact import read_metadata
 
 ENTRY_MODULE = "training.train"
+# Every torchrun launch gets this (locally, and in PyTorchJob pods). By default torchrun's workers
+# share the agent's rendezvous TCPStore, and a restarted worker group then reads the previous
+# group's gloo/nccl addresses from it: restarts die with `connectFullMesh ... Connection refused`
+# (pytorch/pytorch#135712). Opting out gives each restarted group a fresh store on rank 0.
+TORCHRUN_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 ERROR_LINE = re.compile(r"^[A-Za-z_.]*(Error|Exception|Failed)[A-Za-z]*: \S")
 
 
@@ -38,18 +42,15 @@ def training_spec(train_spec: dict, dataset_spec: dict, lineage: dict | None = N
     }
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def torchrun_command(workers: int, max_restarts: int, args: list[str]) -> list[str]:
+    # --standalone: torchrun binds its own rendezvous port and draws a unique rendezvous id, so two
+    # jobs started side by side (parallel tuning trials) can never meet in one rendezvous. A port
+    # picked beforehand and a shared default id did exactly that: the second job joined the first
+    # job's closed rendezvous and torchrun died with "'NoneType' object has no attribute 'is_failed'".
     return [
-        sys.executable, "-m", "torch.distributed.run",
+        sys.executable, "-m", "torch.distributed.run", "--standalone",
         "--nnodes", "1", "--nproc-per-node", str(workers),
         "--max-restarts", str(max_restarts),
-        "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}",
         "--module", ENTRY_MODULE, *args,
     ]
 
@@ -57,7 +58,8 @@ def torchrun_command(workers: int, max_restarts: int, args: list[str]) -> list[s
 def run_torchrun(train_spec: dict, args: list[str], log=print) -> None:
     """Run the entry point under torchrun and stream its output; raise TrainingFailed on failure."""
     command = torchrun_command(train_spec["workers"], train_spec["elastic"]["max_restarts"], args)
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "PYTHONUNBUFFERED": "1",
+           **TORCHRUN_ENV}
     errors: list[str] = []
     with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as proc:
         for line in proc.stdout:
@@ -86,7 +88,7 @@ def train_model(train_spec: dict, dataset_spec: dict, data_uri: str, model_dir: 
 
         # Pods run `torchrun --module training.train` themselves (PET_* env from the operator).
         PyTorchJobLauncher(train_spec, namespace=train_spec["namespace"], image=train_spec["image"]).run(
-            job_name, args, env={}
+            job_name, args, env=dict(TORCHRUN_ENV)
         )
     else:
         raise ValueError(f"unknown training backend {backend!r}; allowed: torchrun, pytorchjob")
