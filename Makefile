@@ -34,7 +34,10 @@ check: $(STAMP) ## Validate every environment's config against the pipelines
 compile: $(STAMP) ## Compile every pipeline for ENV (default local) into dist/ENV/
 	$(BIN)/flywheel compile --env $(ENV)
 
+render: $(STAMP) ## Print ENV's Kubernetes manifests (ENV=dev|staging|prod; kubectl kustomize)
+	$(BIN)/flywheel render --env $(ENV)
+
 clean: ## Remove generated files (keeps .venv)
 	rm -rf dist runs mlruns .pytest_cache
 
-.PHONY: help venv run test check compile clean
+.PHONY: help venv run test check compile render clean

