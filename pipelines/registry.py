@@ -31,6 +31,15 @@ def compile_pipeline(settings: Settings, name: str, out_dir: Path) -> Path:
     return path
 
 
+def load_compiled(path: Path) -> dict:
+    """A compiled pipeline as one dict: the PipelineSpec, plus `platforms` when kfp-kubernetes
+    settings (secrets, node selectors) add a second YAML document."""
+    import yaml
+
+    spec, *platform = yaml.safe_load_all(Path(path).read_text())
+    return spec | (platform[0] if platform else {})
+
+
 def compile_all(settings: Settings, out_dir: Path) -> dict[str, Path]:
     return {name: compile_pipeline(settings, name, out_dir) for name in PIPELINES}
 
@@ -66,8 +75,6 @@ def check_all(config_dir: Path | None = None) -> dict[str, list[str]]:
     """Validate each env's config, then its arguments against every pipeline's compiled signature."""
     import tempfile
 
-    import yaml
-
     problems: dict[str, list[str]] = {}
     for env in ENVIRONMENTS:
         try:
@@ -84,6 +91,6 @@ def check_all(config_dir: Path | None = None) -> dict[str, list[str]]:
                 except Exception as err:  # a pipeline that cannot build for an env is a config problem
                     problems[env].append(f"{name}: does not compile: {err}")
                     continue
-                spec = yaml.safe_load(path.read_text())
+                spec = load_compiled(path)
                 problems[env] += [f"{name}: {e}" for e in signature_errors(spec, arguments)]
     return problems

@@ -8,7 +8,7 @@ compiled YAML is self-contained (image, resources, node selectors, thresholds, s
 submission can still override any parameter.
 """
 
-from kfp import dsl
+from kfp import dsl, kubernetes
 
 from components.base import component
 from pipelines.config import Settings
@@ -58,6 +58,7 @@ def build(settings: Settings):
     from components.train import train_op
     from components.tune import HALVING_ETA, promote_op, propose_op, select_op, trial_op
     from components.validate import validate_op
+    from training import storage
 
     image = "" if settings.env == "local" else settings.image.ref
     ingest, validate, split, propose, trial, promote, select, train, evaluate, gate, register = (
@@ -125,5 +126,10 @@ def build(settings: Settings):
             tasks.append(registered)
         for task in tasks:
             task.set_cpu_limit(settings.kfp.task_cpu).set_memory_limit(settings.kfp.task_memory)
+            if settings.training.backend == "pytorchjob":
+                # Tasks read and write the object store themselves (staged PyTorchJob models, the
+                # registry's artifacts): credentials come from the namespace's secret, by reference.
+                kubernetes.use_secret_as_env(task, secret_name=storage.CREDENTIALS_SECRET,
+                                             secret_key_to_env={k: k for k in storage.CREDENTIAL_KEYS})
 
     return training

@@ -7,6 +7,7 @@ import yaml
 from typer.testing import CliRunner
 
 from pipelines.cli import app
+from pipelines.registry import load_compiled
 
 runner = CliRunner()
 
@@ -46,7 +47,7 @@ def test_data_writes_csv_and_parquet(tmp_path):
 def test_compile_writes_every_pipeline_for_the_env(tmp_path):
     result = runner.invoke(app, ["compile", "--env", "staging", "--out-dir", str(tmp_path)])
     assert result.exit_code == 0, result.output
-    spec = yaml.safe_load((tmp_path / "staging" / "training.yaml").read_text())
+    spec = load_compiled(tmp_path / "staging" / "training.yaml")
     assert {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()} == {
         "ghcr.io/flywheel-ml/flywheel:0.1.0"}
 

@@ -3,13 +3,14 @@ import pytest
 import yaml
 
 from pipelines.config import ENVIRONMENTS, load_settings
-from pipelines.registry import PIPELINES, check_all, compile_pipeline, pipeline_arguments, signature_errors
+from pipelines.registry import (PIPELINES, check_all, compile_pipeline, load_compiled, pipeline_arguments,
+                                signature_errors)
 
 
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory):
     out = tmp_path_factory.mktemp("dist")
-    return {(env, name): yaml.safe_load(compile_pipeline(load_settings(env), name, out / env).read_text())
+    return {(env, name): load_compiled(compile_pipeline(load_settings(env), name, out / env))
             for env in ENVIRONMENTS for name in PIPELINES}
 
 
@@ -59,9 +60,18 @@ def test_training_dag_has_every_stage_and_the_promotion_branch(compiled):
 
 
 def test_no_secret_values_in_compiled_pipelines(compiled):
-    text = yaml.safe_dump(list(compiled.values())).lower()
-    for needle in ("aws_secret_access_key", "password", "bearer "):
-        assert needle not in text
+    import re
+
+    for spec in compiled.values():
+        # credentials may only be named, as references to a Kubernetes secret
+        stripped = {k: v for k, v in spec.items() if k != "platforms"}
+        text = yaml.safe_dump(stripped).lower()
+        for needle in ("aws_secret_access_key", "aws_access_key_id", "password", "bearer "):
+            assert needle not in text
+        assert not re.search(r"akia[0-9a-z]{16}", text), "no AWS access key ids"
+        for executor in spec.get("platforms", {}).get("kubernetes", {}).get("deploymentSpec", {}).get("executors", {}).values():
+            for secret in executor.get("secretAsEnv", []):
+                assert set(secret) <= {"secretName", "secretNameParameter", "keyToEnv", "optional"}
 
 
 def test_signature_errors_catch_unknown_missing_and_mistyped_arguments(compiled):
@@ -80,6 +90,16 @@ def test_check_passes_on_the_shipped_config():
 
 def test_tuning_off_in_config_means_no_tuning_tasks(tmp_path):
     settings = load_settings("local", overrides={"tuning": {"enabled": False}})
-    tasks = yaml.safe_load(compile_pipeline(settings, "training", tmp_path).read_text())["root"]["dag"]["tasks"]
+    tasks = load_compiled(compile_pipeline(settings, "training", tmp_path))["root"]["dag"]["tasks"]
     assert not {"propose-op", "select-op"} & set(tasks)
     assert tasks["train-op"]["inputs"]["parameters"]["train_spec"]["componentInputParameter"] == "train_spec"
+
+
+def test_cluster_tasks_get_object_store_credentials_by_reference_only(compiled):
+    for env in ("dev", "prod"):
+        executors = compiled[(env, "training")]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+        train = next(v for k, v in executors.items() if "train-op" in k)
+        (secret,) = train["secretAsEnv"]
+        assert secret["secretName"] == "flywheel-object-store"
+        assert {m["secretKey"] for m in secret["keyToEnv"]} == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+    assert "platforms" not in compiled[("local", "training")]
