@@ -17,7 +17,9 @@ help: ## List the targets
 
 $(STAMP): pyproject.toml constraints.txt
 	test -d $(VENV) || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	@# pip's config here points at local mirrors that warn per missing package: keep the log readable
+	$(BIN)/pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev]' 2>&1 \
+		| grep -v 'is ignored: it is neither a file nor a directory' ; test $${PIPESTATUS[0]} -eq 0
 	touch $(STAMP)
 
 venv: $(STAMP) ## Create .venv and install the project with pinned dependencies
@@ -37,7 +39,11 @@ compile: $(STAMP) ## Compile every pipeline for ENV (default local) into dist/EN
 render: $(STAMP) ## Print ENV's Kubernetes manifests (ENV=dev|staging|prod; kubectl kustomize)
 	$(BIN)/flywheel render --env $(ENV)
 
+bench: $(STAMP) ## Run the benchmarks (validation speed, training loop overhead and DDP scaling)
+	$(BIN)/python benchmarks/validation.py --sizes 10k,100k,1M
+	$(BIN)/python benchmarks/training.py
+
 clean: ## Remove generated files (keeps .venv)
 	rm -rf dist runs mlruns .pytest_cache
 
-.PHONY: help venv run test check compile render clean
+.PHONY: help venv run test check compile bench render clean
