@@ -18,8 +18,8 @@ from pathlib import Path
 
 from pipelines.config import Settings
 
-PIPELINE_ROOT = Path(__file__).resolve().parent.parent / "runs" / "local"
-ERROR_LINE = re.compile(r"\b\w*(Error|Failed|Exception)\b: ")
+PIPELINE_ROOT = Path(os.environ.get("FLYWHEEL_RUNS_DIR") or Path(__file__).resolve().parent.parent / "runs") / "local"
+ERROR_LINE = re.compile(r"^[\w.]*(Error|Failed|Exception)\b: ")  # "components.validation.ValidationFailed: ..."
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
@@ -134,6 +134,23 @@ def summary_rows(run: LocalRun) -> list[tuple[str, str]]:
     return rows
 
 
+def failure_reason(log: str, max_lines: int = 12) -> str:
+    """The failing task's exception from the run log: its first line and the indented lines
+    that continue it (a validation failure lists the broken expectations there)."""
+    lines = log.splitlines()
+    starts = [i for i, line in enumerate(lines) if ERROR_LINE.match(line.strip())]
+    if not starts:
+        return ""
+    first = lines[starts[-1]]
+    indent = len(first) - len(first.lstrip())
+    reason = [first.strip()]
+    for line in lines[starts[-1] + 1 : starts[-1] + max_lines]:
+        if not line.strip() or len(line) - len(line.lstrip()) <= indent and not line.lstrip().startswith("-"):
+            break
+        reason.append("  " + line.strip())
+    return "\n".join(reason)
+
+
 @contextmanager
 def output_to(log_path: Path):
     """Send everything the tasks print (kfp.local echoes executor inputs, GX, torchrun) to a log
@@ -207,10 +224,11 @@ def run_local(settings: Settings, verbose: bool = False) -> LocalRun:
                     watcher.done.set()
                     watcher.join()
     except RuntimeError as err:
-        problems = [line.strip() for line in log_path.read_text(errors="replace").splitlines()
-                    if ERROR_LINE.search(line)][-5:] if log_path.exists() else []
-        detail = ("\n  " + "\n  ".join(problems)) if problems else ""
-        raise RuntimeError(f"local pipeline failed: {ANSI.sub('', str(err))}{detail}\n(full log: {log_path})") from None
+        detail = failure_reason(log_path.read_text(errors="replace")) if log_path.exists() else ""
+        reports = [str(p) for d in set(PIPELINE_ROOT.iterdir()) - before if d.is_dir() for p in d.glob("*/report")]
+        where = f"\nreports: {' '.join(sorted(reports))}" if reports else ""
+        raise RuntimeError(f"local pipeline failed: {ANSI.sub('', str(err))}"
+                           f"{chr(10) + detail if detail else ''}{where}\n(full log: {log_path})") from None
     table = Table(title="flywheel run summary", show_header=False)
     for label, value in summary_rows(run):
         table.add_row(f"[bold]{label}[/bold]", value)

@@ -95,3 +95,31 @@ def test_expectations_suggest_drafts_a_suite_that_accepts_its_own_data(tmp_path)
     suite = normalize_suite(yaml.safe_load(out.read_text()), str(out))
     assert len(suite["expectations"]) > 20
     assert validate_file(data, suite).passed
+
+
+def test_run_stops_on_bad_data_with_the_reason_and_the_log_path(config_dir, tmp_path):
+    """As a user runs it: a real `flywheel run` process, task output going to its log file."""
+    import os
+
+    from components.dataset import ReferenceTask, write_table
+
+    frame = ReferenceTask(rows=1500, seed=2).generate()
+    frame["income"] = frame["income"].astype(str) + " EUR"  # numbers as strings
+    source = write_table(frame, tmp_path / "customers.csv")
+    local = yaml.safe_load((config_dir / "local.yaml").read_text())
+    local["dataset"] = {"source": "file", "uri": str(source)}
+    local["mlflow"] = {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    (config_dir / "local.yaml").write_text(yaml.safe_dump(local))
+    env = {**os.environ, "FLYWHEEL_CONFIG_DIR": str(config_dir), "FLYWHEEL_RUNS_DIR": str(tmp_path / "runs")}
+
+    done = subprocess.run([sys.executable, "-m", "pipelines.cli", "run"], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 1
+    assert "done ingest-op" in done.stdout and "train-op" not in done.stdout, "progress, and nothing past validate"
+    error = done.stderr
+    assert "local pipeline failed" in error and "validate-op" in error
+    assert "ValidationFailed" in error and "income" in error, "the reason, not just the task name"
+    assert "validate-op/report" in error, "points at the HTML report"
+    log = next((tmp_path / "runs" / "local").glob("run-*.log"))
+    assert str(log) in error.replace("\n", "")
+    assert "Traceback" not in error
