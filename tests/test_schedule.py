@@ -7,21 +7,12 @@ import pipelines.submit as flywheel_submit
 from pipelines.config import load_settings
 from pipelines.submit import SubmitError, kfp_cron, reconcile_schedules
 from tests.fakes import tiny_pipeline
-from tests.fakes.kfp_api_server import FakeKfpServer, isolate_kfp_client, robfig_cron_errors
+from tests.fakes.kfp_api_server import isolated, robfig_cron_errors, server  # noqa: F401
 
 NAME = "flywheel-staging-training-retrain"
 
 
-@pytest.fixture
-def server():
-    fake = FakeKfpServer().start()
-    yield fake
-    fake.stop()
-
-
-@pytest.fixture(autouse=True)
-def isolated(monkeypatch, tmp_path):
-    isolate_kfp_client(monkeypatch, tmp_path)
+pytestmark = pytest.mark.usefixtures("isolated")
 
 
 def staging(server, schedule="0 4 * * *", enabled=True, **overrides):

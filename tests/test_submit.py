@@ -9,23 +9,14 @@ from typer.testing import CliRunner
 import pipelines.cli as cli
 import pipelines.submit as flywheel_submit
 from tests.fakes import tiny_pipeline
-from tests.fakes.kfp_api_server import FakeKfpServer, isolate_kfp_client
+from tests.fakes.kfp_api_server import FakeKfpServer, isolated, server  # noqa: F401
 from pipelines.config import load_settings
 from pipelines.submit import SubmitError, submit_pipeline
 
 TOKEN = "test-token-3f9a1c"  # a made-up token; the tests check it is sent and never shown
 
 
-@pytest.fixture
-def server():
-    fake = FakeKfpServer().start()
-    yield fake
-    fake.stop()
-
-
-@pytest.fixture(autouse=True)
-def isolated(monkeypatch, tmp_path):
-    isolate_kfp_client(monkeypatch, tmp_path)
+pytestmark = pytest.mark.usefixtures("isolated")
 
 
 def dev_settings(server, **overrides):

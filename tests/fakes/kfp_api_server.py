@@ -17,6 +17,7 @@ runs end (`run_outcome`). Every request is recorded in `requests`.
 """
 from __future__ import annotations
 
+import pytest
 import datetime as dt
 import email.parser
 import email.policy
@@ -601,3 +602,17 @@ def isolate_kfp_client(monkeypatch, tmp_path) -> None:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("KF_PIPELINES_SA_TOKEN_PATH", str(tmp_path / "no-sa-token"))
     monkeypatch.setattr(kfp_client.Client, "_LOCAL_KFP_CONTEXT", str(tmp_path / "kfp-context.json"))
+
+
+@pytest.fixture
+def server():
+    """A fake KFP API server on a free loopback port, for one test."""
+    fake = FakeKfpServer().start()
+    yield fake
+    fake.stop()
+
+
+@pytest.fixture
+def isolated(monkeypatch, tmp_path):
+    """kfp.Client with no host config, credentials or home directory of the machine it runs on."""
+    isolate_kfp_client(monkeypatch, tmp_path)
