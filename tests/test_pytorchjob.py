@@ -121,7 +121,7 @@ def test_a_single_replica_job_is_not_elastic_but_keeps_its_restarts():
      "spec.pytorchReplicaSpecs.Master.template.spec.nodeselector: unknown field"),
     (lambda j: j["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["env"].append(
         {"name": "HOME", "value": "/root"}),
-     "spec.pytorchReplicaSpecs.Master.template.spec.containers[0].env[6]: duplicate entry"),
+     "spec.pytorchReplicaSpecs.Master.template.spec.containers[0].env[7]: duplicate entry"),
     (lambda j: j["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["resources"].pop("limits"),
      "spec.pytorchReplicaSpecs.Master.template.spec.containers[0].resources.limits: ['cpu', 'memory'] required"),
     (lambda j: j["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["securityContext"].update(runAsNonRoot=False),

@@ -88,7 +88,7 @@ def train_model(train_spec: dict, dataset_spec: dict, data_uri: str, model_dir: 
 
         # Pods run `torchrun --module training.train` themselves (PET_* env from the operator).
         PyTorchJobLauncher(train_spec, namespace=train_spec["namespace"], image=train_spec["image"]).run(
-            job_name, args, env=dict(TORCHRUN_ENV)
+            job_name, args, env={}
         )
     else:
         raise ValueError(f"unknown training backend {backend!r}; allowed: torchrun, pytorchjob")

@@ -39,7 +39,7 @@ import yaml
 from kubernetes import client as k8s
 
 from training import storage
-from training.launchers import TrainingFailed
+from training.launchers import TORCHRUN_ENV, TrainingFailed
 
 CONTAINER_NAME = "pytorch"  # the operator finds the training container by this name
 PORT_NAME = "pytorchjob-port"  # ... and the rendezvous/master port by this one
@@ -94,8 +94,10 @@ def _env_vars(train_spec: dict, env: dict[str, str] | None, elastic: bool) -> li
         if not isinstance(value, str):
             raise ValueError(f"env {name} must be a string, got {type(value).__name__}")
     # HOME and caches must point at the writable emptyDir: the root filesystem is read-only.
+    # TORCHRUN_ENV: pods run torchrun too, and its restarts need a fresh store (training.launchers).
     ours = {"HOME": "/tmp", "XDG_CACHE_HOME": "/tmp/.cache", "MPLCONFIGDIR": "/tmp/.matplotlib",
-            "PYTHONDONTWRITEBYTECODE": "1", "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1"}
+            "PYTHONDONTWRITEBYTECODE": "1", "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1",
+            **TORCHRUN_ENV}
     if not elastic:
         ours["PET_MAX_RESTARTS"] = str(train_spec["elastic"]["max_restarts"])
     return [k8s.V1EnvVar(name=k, value=v) for k, v in {**ours, **user}.items()]
