@@ -8,7 +8,6 @@ ENV ?= local
 export MLFLOW_DISABLE_TELEMETRY := true
 export GX_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
-export KFP_DISABLE_EXECUTION_CACHING_BY_DEFAULT := true
 
 .DEFAULT_GOAL := help
 

@@ -137,8 +137,8 @@ def train(
             with open(local_data, "rb") as src, storage.open_uri(data_uri, "wb") as dst:
                 dst.write(src.read())
         metadata = train_model(train_spec, dataset_spec, data_uri, model_dir, job_name)
-    except (OSError, ValueError, RuntimeError) as err:
-        fail(str(err))
+    except Exception as err:  # noqa: BLE001 - the CLI boundary: cluster/S3 client errors too, one line each
+        fail(f"{type(err).__name__}: {err}".splitlines()[0])
     typer.echo(f"model: {model_dir}")
     typer.echo(f"metrics: {metadata.get('metrics')}")
 

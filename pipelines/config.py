@@ -5,7 +5,7 @@ Errors name the file that set the bad key, the key path and what is allowed.
 from __future__ import annotations
 
 import os
-from functools import cached_property
+from urllib.parse import urlsplit
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -45,6 +45,9 @@ class Kfp(Strict):
     experiment: str
     namespace: str | None = None
     pipeline_root: str | None = Field(None, description="object store for artifacts, e.g. s3://bucket/pipelines")
+    object_store_endpoint: str | None = Field(
+        None, description="S3 API endpoint for pipeline_root when it is not AWS (MinIO, Ceph): AWS_ENDPOINT_URL "
+                          "for tasks and training pods")
     service_account: str | None = Field(
         None, description="ServiceAccount the run's task pods use (manifests/ grants it PyTorchJob rights)")
     task_cpu: str = Field("1", description="CPU limit of each pipeline task's pod")
@@ -156,6 +159,7 @@ class TrainSpec(Training):
     image: str
     namespace: str
     env: str = "local"
+    object_store_endpoint: str | None = None
     staging_uri: str = Field(description="object-store prefix for PyTorchJob outputs before they become KFP artifacts")
 
 
@@ -245,6 +249,15 @@ class Settings(Strict):
 
     @model_validator(mode="after")
     def _consistent(self):
+        for key, uri in (("kfp.host", self.kfp.host), ("kfp.pipeline_root", self.kfp.pipeline_root),
+                         ("kfp.object_store_endpoint", self.kfp.object_store_endpoint),
+                         ("mlflow.tracking_uri", self.mlflow.tracking_uri), ("dataset.uri", self.dataset.uri)):
+            if uri and "://" in uri and (urlsplit(uri).username or urlsplit(uri).password):
+                raise ValueError(f"{key} embeds credentials; config and compiled pipelines must not hold secrets "
+                                 "(use the namespace secret or MLFLOW_TRACKING_TOKEN)")
+        if self.training.backend == "pytorchjob" and "://" not in (self.kfp.pipeline_root or ""):
+            raise ValueError("training.backend 'pytorchjob' needs kfp.pipeline_root on an object store "
+                             "(s3://, minio://, gs://): training pods cannot see the pipeline task's disk")
         if self.env != "local" and self.training.backend == "torchrun":
             raise ValueError("training.backend 'torchrun' is only for the local environment; use 'pytorchjob'")
         if self.env != "local" and not self.kfp.host:
@@ -252,10 +265,6 @@ class Settings(Strict):
         if self.training.elastic.max_replicas < self.training.elastic.min_replicas:
             raise ValueError("training.elastic.max_replicas must be >= training.elastic.min_replicas")
         return self
-
-    @cached_property
-    def pipeline_image(self) -> str:
-        return self.image.ref
 
 
 def deep_merge(base: dict, override: dict) -> dict:

@@ -34,12 +34,13 @@ def arguments(settings: Settings) -> dict:
     """The pipeline's parameter values for an environment (see `check`)."""
     from components.validation import load_suite
 
-    train_spec = as_parameter(settings.training) | {
+    train_spec = as_parameter(settings.training) | without_none({
         "image": settings.image.ref,
         "namespace": settings.namespace,
         "env": settings.env,
+        "object_store_endpoint": settings.kfp.object_store_endpoint,
         "staging_uri": f"{settings.kfp.pipeline_root or 'runs'}/flywheel-jobs",
-    }
+    })
     return {
         "env": settings.env,
         "dataset_spec": as_parameter(settings.dataset),
@@ -109,7 +110,7 @@ def build(settings: Settings):
 
         trained = train(train_data=parts.outputs["train_data"], train_spec=best_spec, dataset_spec=dataset_spec,
                         run_id=run_id).set_display_name("train")
-        trained.set_retry(num_retries=1)
+        # No KFP retry: the PyTorchJob restarts its own workers (elastic policy, backoff limit).
         evaluated = evaluate(model=trained.outputs["model"], test_data=parts.outputs["test_data"],
                              dataset_spec=dataset_spec, evaluation_spec=evaluation_spec,
                              tracking=tracking).set_display_name("evaluate")
@@ -126,6 +127,12 @@ def build(settings: Settings):
             tasks.append(registered)
         for task in tasks:
             task.set_cpu_limit(settings.kfp.task_cpu).set_memory_limit(settings.kfp.task_memory)
+            # Never cached: ingest reads data that changes behind the same URI, the gate reads the
+            # registry's current champion, register and select write to MLflow. A scheduled
+            # retraining run that hit the cache would silently retrain nothing.
+            task.set_caching_options(False)
+            if settings.kfp.object_store_endpoint:
+                task.set_env_variable("AWS_ENDPOINT_URL", settings.kfp.object_store_endpoint)
             if settings.training.backend == "pytorchjob":
                 # Tasks read and write the object store themselves (staged PyTorchJob models, the
                 # registry's artifacts): credentials come from the namespace's secret, by reference.

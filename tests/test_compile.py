@@ -103,3 +103,18 @@ def test_cluster_tasks_get_object_store_credentials_by_reference_only(compiled):
         assert secret["secretName"] == "flywheel-object-store"
         assert {m["secretKey"] for m in secret["keyToEnv"]} == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
     assert "platforms" not in compiled[("local", "training")]
+
+
+def test_no_task_is_cached_so_scheduled_retraining_really_retrains(compiled):
+    for spec in compiled.values():
+        tasks = [t for c in spec["components"].values() if "dag" in c for t in c["dag"]["tasks"].values()]
+        tasks += list(spec["root"]["dag"]["tasks"].values())
+        assert len(tasks) >= 9 and all(t.get("cachingOptions", {}).get("enableCache") is not True for t in tasks)
+
+
+def test_object_store_endpoint_reaches_tasks_and_training_pods(tmp_path):
+    settings = load_settings("dev", overrides={"kfp": {"object_store_endpoint": "http://minio.flywheel-dev:9000"}})
+    spec = load_compiled(compile_pipeline(settings, "training", tmp_path))
+    for executor in spec["deploymentSpec"]["executors"].values():
+        assert {"name": "AWS_ENDPOINT_URL", "value": "http://minio.flywheel-dev:9000"} in executor["container"]["env"]
+    assert pipeline_arguments(settings, "training")["train_spec"]["object_store_endpoint"] == "http://minio.flywheel-dev:9000"

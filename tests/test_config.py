@@ -106,3 +106,18 @@ def test_search_space_only_names_real_hyperparameters(config_dir):
     patch(config_dir, "base", {"tuning": {"search_space": {"learning_rte": [0.1]}}})
     with pytest.raises(ConfigError, match=r"tuning.search_space: .*unknown hyperparameters \['learning_rte'\]"):
         load_settings("local", config_dir)
+
+
+def test_credentials_inside_uris_are_refused(config_dir):
+    patch(config_dir, "staging", {"mlflow": {"tracking_uri": "https://ml:hunter2@mlflow.example.internal"}})
+    with pytest.raises(ConfigError, match="mlflow.tracking_uri embeds credentials") as err:
+        load_settings("staging", config_dir)
+    assert "hunter2" not in str(err.value)
+
+
+def test_cluster_training_needs_an_object_store_pipeline_root(config_dir):
+    data = yaml.safe_load((config_dir / "dev.yaml").read_text())
+    del data["kfp"]["pipeline_root"]
+    write(config_dir, "dev", data)
+    with pytest.raises(ConfigError, match="needs kfp.pipeline_root on an object store"):
+        load_settings("dev", config_dir)

@@ -13,7 +13,6 @@ import subprocess
 import sys
 
 from training import storage
-from training.artifact import read_metadata
 
 ENTRY_MODULE = "training.train"
 # Every torchrun launch gets this (locally, and in PyTorchJob pods). By default torchrun's workers
@@ -38,6 +37,7 @@ def training_spec(train_spec: dict, dataset_spec: dict, lineage: dict | None = N
         "dataset": {k: dataset_spec[k] for k in ("target", "features")},
         "hyperparameters": train_spec["hyperparameters"],
         "checkpoint_every_epochs": train_spec.get("checkpoint_every_epochs", 1),
+        "expect_gpu": train_spec["resources"]["gpu"]["count"] > 0,
         "lineage": lineage or {},
     }
 
@@ -72,6 +72,12 @@ def run_torchrun(train_spec: dict, args: list[str], log=print) -> None:
         raise TrainingFailed(f"training failed (torchrun exit {proc.returncode}): {reason}")
 
 
+def _pod_env(train_spec: dict) -> dict[str, str]:
+    """Plain (non-secret) settings the training pods need besides the credentials secret."""
+    endpoint = train_spec.get("object_store_endpoint")
+    return {"AWS_ENDPOINT_URL": endpoint} if endpoint else {}
+
+
 def train_model(train_spec: dict, dataset_spec: dict, data_uri: str, model_dir: str, job_name: str,
                 lineage: dict | None = None, log=print) -> dict:
     """Launch training per `train_spec["backend"]`, wait for it, and return the model's metadata.
@@ -88,10 +94,12 @@ def train_model(train_spec: dict, dataset_spec: dict, data_uri: str, model_dir: 
 
         # Pods run `torchrun --module training.train` themselves (PET_* env from the operator).
         PyTorchJobLauncher(train_spec, namespace=train_spec["namespace"], image=train_spec["image"]).run(
-            job_name, args, env={}
+            job_name, args, env=_pod_env(train_spec)
         )
     else:
         raise ValueError(f"unknown training backend {backend!r}; allowed: torchrun, pytorchjob")
-    if not storage.exists(storage.join(model_dir, "metadata.json")):
+    metadata_uri = storage.join(model_dir, "metadata.json")
+    if not storage.exists(metadata_uri):
         raise TrainingFailed(f"training finished but wrote no model to {model_dir}")
-    return read_metadata(model_dir)
+    with storage.open_uri(metadata_uri) as handle:  # not training.artifact: launchers stay torch-free
+        return json.load(handle)

@@ -12,7 +12,7 @@ NAME = "training"
 
 
 def build(settings):
-    @dsl.component(base_image=settings.pipeline_image, install_kfp_package=False)
+    @dsl.component(base_image=settings.image.ref, install_kfp_package=False)
     def fit(epochs: int, learning_rate: float, dataset: dict, env: str, tune: bool, note: str) -> str:
         return f"{env}: {epochs} epochs at {learning_rate} on {dataset} tune={tune} {note}"
 
