@@ -690,10 +690,6 @@ class Champion:
     def label(self) -> str:
         return f"{self.version.get('name')} v{self.version.get('version')}"
 
-    def __iter__(self):
-        """Unpacks as (model, version info), the shape callers of a registry lookup expect."""
-        return iter((self.model, self.version))
-
 
 class _PyfuncScorer:
     """A loaded MLflow pyfunc seen through our `predict_proba` contract (schema enforced, as in serving)."""
