@@ -2,6 +2,13 @@
 CRD schema and our rules, and the launcher drives the real TrainingClient through a job's life
 against a fake API server that holds requests to the same schema."""
 import copy
+import json
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
 
 import pytest
 import yaml
@@ -168,6 +175,69 @@ def test_crd_dir_can_be_moved_with_an_env_variable(monkeypatch, tmp_path):
         validate_pytorchjob(render("dev"))
 
 
+INSTALLED_CHECK = """
+import json, sys
+from pathlib import Path
+import training.pytorchjob as pj
+site = Path(sys.argv[1]).resolve()
+assert Path(pj.__file__).resolve().is_relative_to(site), pj.__file__  # the wheel's copy, not the checkout
+assert not (Path(pj.__file__).resolve().parents[2] / "shared").exists()
+job = json.load(sys.stdin)
+pj.validate_pytorchjob(job)
+assert pj.crd_dir().resolve().is_relative_to(site), pj.crd_dir()
+job["spec"]["pytorchReplicaSpecs"]["Master"]["replicas"] = "one"
+try:
+    pj.validate_pytorchjob(job)
+except pj.PyTorchJobInvalid as err:
+    print("rejected:", err.problems[0])
+else:
+    raise SystemExit("a broken job passed: no schema was checked")
+"""
+
+
+def test_the_crd_schema_ships_in_the_wheel_and_validation_needs_nothing_else(tmp_path):
+    # Given the package as the image installs it: a wheel built from pyproject.toml, unpacked
+    # where neither the repository's ../shared nor FLYWHEEL_CRD_DIR exists
+    root = Path(__file__).resolve().parents[1]
+    source = tmp_path / "src"
+    shutil.copytree(root / "training", source / "training", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(root / name, source / name)
+    build = subprocess.run([sys.executable, "-c", "from setuptools import build_meta as b; print(b.build_wheel('dist'))"],
+                           cwd=source, capture_output=True, text=True, timeout=300)
+    assert build.returncode == 0, build.stderr[-3000:]
+    wheel = source / "dist" / build.stdout.strip().splitlines()[-1]
+    assert "training/crds/kubeflow.org_pytorchjobs.yaml" in zipfile.ZipFile(wheel).namelist()
+    site = tmp_path / "site-packages"
+    zipfile.ZipFile(wheel).extractall(site)
+    env = {k: v for k, v in os.environ.items() if k != "FLYWHEEL_CRD_DIR"} | {"PYTHONPATH": str(site)}
+    # When a rendered job is validated with that installed copy
+    check = subprocess.run([sys.executable, "-c", INSTALLED_CHECK, str(site)], input=json.dumps(render("dev")),
+                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    # Then the packaged schema is found and applied: the good job passes, a broken one is rejected
+    assert check.returncode == 0, check.stderr[-3000:]
+    assert "rejected: spec.pytorchReplicaSpecs.Master.replicas" in check.stdout
+
+
+def test_validation_defaults_to_the_packaged_crd(monkeypatch):
+    import training.pytorchjob as pj
+
+    monkeypatch.delenv("FLYWHEEL_CRD_DIR", raising=False)
+    assert pj.crd_dir() == Path(pj.__file__).resolve().parent / "crds"
+    validate_pytorchjob(render("dev"))
+
+
+def test_the_packaged_crd_is_the_shared_one_byte_for_byte():
+    # The package's copy must not drift from the upstream CRD the rest of the repository uses.
+    import training.pytorchjob as pj
+
+    shared = Path(__file__).resolve().parents[2] / "shared" / "crds" / pj.CRD_FILE
+    if not shared.is_file():
+        pytest.skip(f"{shared} is not here to compare with (outside the monorepo checkout)")
+    packaged = pj.PACKAGED_CRD_DIR / pj.CRD_FILE
+    assert packaged.read_bytes() == shared.read_bytes(), f"{packaged} differs from {shared}: copy it again"
+
+
 # --- the launcher, with the real TrainingClient against the fake API server -----------------
 
 
@@ -260,6 +330,34 @@ def test_an_invalid_job_never_reaches_the_api_server(fake_k8s):
     with pytest.raises(PyTorchJobInvalid):
         launcher(fake_k8s).run("Bad_Name", ARGS)
     assert fake_k8s.requests == []
+
+
+def test_an_unexpected_error_while_submitting_is_a_one_line_training_failure(fake_k8s, monkeypatch, tmp_path):
+    # Given a launcher that cannot find its CRD schema (any unexpected error while submitting)
+    monkeypatch.setenv("FLYWHEEL_CRD_DIR", str(tmp_path))
+    # When it runs a job
+    with pytest.raises(TrainingJobFailed) as err:
+        launcher(fake_k8s).run("train-no-crd", ARGS)
+    # Then the failure is a TrainingJobFailed with a one-line reason, and nothing reached the cluster
+    assert err.value.reason == "CreateFailed"
+    assert err.value.message.startswith("FileNotFoundError: ") and "FLYWHEEL_CRD_DIR" in err.value.message
+    assert "\n" not in str(err.value)
+    assert fake_k8s.requests == []
+
+
+def test_an_api_error_on_create_is_a_one_line_training_failure(fake_k8s, monkeypatch):
+    # Given an API server that refuses the create (here a 403 from RBAC)
+    from kubernetes.client import ApiException
+
+    def forbidden(*args, **kwargs):
+        raise ApiException(status=403, reason="Forbidden")
+
+    client = launcher(fake_k8s)
+    monkeypatch.setattr(client.backend.client.custom_api, "create_namespaced_custom_object", forbidden)
+    with pytest.raises(TrainingJobFailed) as err:
+        client.run("train-forbidden", ARGS)
+    assert err.value.reason == "CreateFailed" and "403" in err.value.message and "Forbidden" in err.value.message
+    assert "\n" not in str(err.value)
 
 
 # --- CLI ------------------------------------------------------------------------------------

@@ -30,6 +30,21 @@ def test_preprocessor_handles_missing_and_unseen_values():
     assert Preprocessor.from_json(pre.to_json()) == pre
 
 
+def test_int_coded_categories_keep_their_index_when_a_null_makes_the_batch_float():
+    # Given a preprocessor fit on int-coded categories (an int64 column)
+    train = pd.DataFrame({"age": [20, 30, 40], "income": [1.0, 2.0, 3.0], "housing": [1, 2, 3]})
+    pre = Preprocessor.fit(train, NUMERIC, CATEGORICAL)
+    assert pre.vocabularies["housing"] == ["1", "2", "3"]
+    # When a serving batch holds the same codes plus a null (pandas makes the column float64)
+    live = pd.DataFrame({"age": [20, 30, 40, 30], "income": [1.0, 2.0, 3.0, 2.0], "housing": [3, 1, 2, None]})
+    assert live["housing"].dtype == np.float64
+    _, categorical = pre.transform(live)
+    # Then 3.0, 1.0, 2.0 find the vocabulary entries of 3, 1, 2; only the null is unknown
+    assert categorical[:, 0].tolist() == [3, 1, 2, UNKNOWN]
+    # And fitting on the float-coded column gives the same vocabulary as on the int one
+    assert Preprocessor.fit(live, NUMERIC, CATEGORICAL).vocabularies == pre.vocabularies
+
+
 def test_preprocessor_names_what_is_wrong():
     pre = Preprocessor.fit(pd.DataFrame({"age": [1, 2], "income": [1, 2], "housing": ["a", "b"]}), NUMERIC, CATEGORICAL)
     with pytest.raises(ValueError, match=r"missing feature columns: \['income'\]"):
@@ -82,3 +97,60 @@ def test_training_failure_surfaces_the_reason(tmp_path):
     with pytest.raises(TrainingFailed, match="must hold both classes"):
         train_model(settings.training.model_dump(), settings.dataset.model_dump(), str(data),
                     str(tmp_path / "model"), "job-bad", log=lambda _: None)
+
+
+# --- devices: GPUs asked for must be there, one process per GPU (CUDA faked: no GPU here) -----
+
+
+@pytest.fixture
+def single_process(monkeypatch):
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "TORCHELASTIC_RESTART_COUNT"):
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+def fake_cuda(monkeypatch, gpus: int) -> list:
+    import torch
+
+    selected = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    monkeypatch.setattr(torch.cuda, "set_device", selected.append)
+    return selected
+
+
+def test_a_job_that_expects_gpus_fails_when_torch_sees_none(single_process):
+    from training import train as entry
+
+    # Given a pod with one process per requested GPU (2) whose torch sees no CUDA device
+    fake_cuda(single_process, gpus=0)
+    single_process.setenv("LOCAL_WORLD_SIZE", "2")
+    # Then a spec that expects GPUs fails, naming the cause, instead of training on CPU
+    with pytest.raises(RuntimeError, match=r"requested 2 GPU\(s\).*torch sees none \(CPU-only torch build or no device plugin\)"):
+        entry.setup_distributed(expect_gpu=True)
+    # ... also when it comes in through the entry point's spec (before any data is read)
+    with pytest.raises(RuntimeError, match="torch sees none"):
+        entry.train("s3://never/read.parquet", "s3://never/written", {"expect_gpu": True})
+    # And a CPU job still falls back to gloo on the CPU
+    single_process.setenv("LOCAL_WORLD_SIZE", "1")
+    ctx = entry.setup_distributed(expect_gpu=False)
+    assert ctx.device.type == "cpu" and ctx.backend is None
+
+
+def test_more_processes_than_gpus_fail_instead_of_sharing_a_gpu(single_process):
+    from training import train as entry
+
+    # Given a CUDA host with 1 GPU and 2 processes on the node (NCCL: "Duplicate GPU detected")
+    selected = fake_cuda(single_process, gpus=1)
+    single_process.setenv("LOCAL_WORLD_SIZE", "2")
+    single_process.setenv("LOCAL_RANK", "1")
+    # Then setup fails naming both numbers, before any device is picked
+    with pytest.raises(RuntimeError, match=r"2 processes on this node .* only 1 GPU"):
+        entry.setup_distributed(expect_gpu=True)
+    assert selected == []
+    # And with a GPU per process, local rank 1 gets GPU 1
+    import torch
+
+    single_process.setattr(torch.cuda, "device_count", lambda: 2)
+    ctx = entry.setup_distributed(expect_gpu=True)
+    assert ctx.device == torch.device("cuda", 1) and selected == [torch.device("cuda", 1)]

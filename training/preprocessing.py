@@ -14,6 +14,15 @@ import pandas as pd
 UNKNOWN = 0
 
 
+def category_key(value) -> str:
+    """The vocabulary key of one category value, the same in fit and transform. Integral floats
+    drop their ".0": int codes become float as soon as a batch holds a null (pandas has no NaN
+    for int64), and 1 and 1.0 must be the same category. Everything else is str(value)."""
+    if isinstance(value, (float, np.floating)) and np.isfinite(value) and float(value).is_integer():
+        return str(int(value))
+    return str(value)
+
+
 @dataclass
 class Preprocessor:
     numeric: list[str]
@@ -36,7 +45,7 @@ class Preprocessor:
             medians[column], means[column] = median, float(filled.mean())
             stds[column] = float(filled.std(ddof=0)) or 1.0
         vocabularies = {
-            column: sorted(str(v) for v in frame[column].dropna().unique()) for column in categorical
+            column: sorted({category_key(v) for v in frame[column].dropna().unique()}) for column in categorical
         }
         return cls(numeric, categorical, medians, means, stds, vocabularies)
 
@@ -67,7 +76,7 @@ class Preprocessor:
         categorical = np.empty((n, len(self.categorical)), dtype=np.int64)
         for j, column in enumerate(self.categorical):
             index = {value: k + 1 for k, value in enumerate(self.vocabularies[column])}
-            codes = frame[column].map(lambda v: index.get(str(v), UNKNOWN) if pd.notna(v) else UNKNOWN)
+            codes = frame[column].map(lambda v: index.get(category_key(v), UNKNOWN) if pd.notna(v) else UNKNOWN)
             categorical[:, j] = codes.to_numpy(dtype=np.int64)
         return numeric, categorical
 

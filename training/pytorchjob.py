@@ -4,7 +4,8 @@ Three parts, each usable alone:
 
 - `build_pytorchjob` renders the job from `Settings.training` (as a dict) with kubeflow-training's
   models, so field names and nesting come from the SDK rather than from hand-written dicts.
-- `validate_pytorchjob` checks a rendered job against the official CRD schema (`shared/crds/`)
+- `validate_pytorchjob` checks a rendered job against the official CRD schema (`training/crds/`,
+  shipped with the package; a copy of `shared/crds/`)
   and against the rules the CRD cannot express (the operator's admission webhook, our security
   policy), so a bad job fails here and not as a half-scheduled job on a GPU cluster.
 - `PyTorchJobLauncher` submits it through `kubeflow.training.TrainingClient`, streams the master's
@@ -240,8 +241,13 @@ def to_yaml(obj: dict) -> str:
 # Validation
 
 
+PACKAGED_CRD_DIR = Path(__file__).resolve().parent / "crds"  # package data: present wherever training is installed
+
+
 def crd_dir() -> Path:
-    return Path(os.environ.get("FLYWHEEL_CRD_DIR") or Path(__file__).resolve().parents[2] / "shared" / "crds")
+    """FLYWHEEL_CRD_DIR if set, else the CRD copy shipped inside the package (`training/crds/`).
+    A path outside the package (the repository's shared/crds) does not exist in the image."""
+    return Path(os.environ.get("FLYWHEEL_CRD_DIR") or PACKAGED_CRD_DIR)
 
 
 @lru_cache(maxsize=4)
@@ -449,6 +455,15 @@ class PyTorchJobBackend:
         self.client.delete_job(job_name, self.namespace, self.kind)
 
 
+def _one_line(err: BaseException, limit: int = 500) -> str:
+    """`Type: message` on one line, so a failed submit reads as one line in the task log. The API's
+    multi-line errors keep status, reason and body; response headers are noise and dropped."""
+    lines = [line for line in str(err).splitlines() if not line.startswith("HTTP response headers")]
+    text = " ".join(" ".join(lines).split()) or "no message"
+    text = text if len(text) <= limit else text[: limit - 3] + "..."
+    return f"{type(err).__name__}: {text}"
+
+
 def _condition(status: dict, kind: str) -> dict | None:
     matches = [c for c in status.get("conditions") or [] if c.get("type") == kind and c.get("status") == "True"]
     return matches[-1] if matches else None
@@ -500,8 +515,8 @@ class PyTorchJobLauncher:
             self.backend.submit(job_name, args, env)
         except PyTorchJobInvalid:
             raise
-        except (RuntimeError, TimeoutError) as err:
-            raise TrainingJobFailed(job_name, self.namespace, "CreateFailed", str(err)) from err
+        except Exception as err:  # API errors, a missing CRD schema, a bad client config: one line, not a traceback
+            raise TrainingJobFailed(job_name, self.namespace, "CreateFailed", _one_line(err)) from err
         self._say(f"{kind} {self.namespace}/{job_name} created; waiting up to {self.wait_timeout:.0f}s")
 
         seen: set[tuple] = set()

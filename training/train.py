@@ -72,15 +72,29 @@ class Context:
             torch.cuda.synchronize(self.device)
 
 
-def setup_distributed() -> Context:
+def setup_distributed(expect_gpu: bool = False) -> Context:
+    """One process per GPU over nccl when CUDA is there, gloo on CPU otherwise. `expect_gpu` (the
+    spec's, true when the environment asks for GPUs) turns the CPU fallback into an error: a job
+    that was given GPUs must not train on CPU for hours because the image has a CPU-only torch."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # processes in this pod (nprocPerNode)
     if torch.cuda.is_available():
+        gpus = torch.cuda.device_count()
+        if local_world_size > gpus:
+            # Two ranks on one GPU: NCCL fails with "Duplicate GPU detected" (or, worse, it limps on).
+            raise RuntimeError(f"{local_world_size} processes on this node (LOCAL_WORLD_SIZE) but torch sees only "
+                               f"{gpus} GPU(s): one process per GPU; lower nproc-per-node/workers or request "
+                               f"{local_world_size} GPUs")
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
         backend = "nccl"
+    elif expect_gpu:
+        raise RuntimeError(f"the job requested {local_world_size} GPU(s) on this node (expect_gpu) but torch sees "
+                           f"none (CPU-only torch build or no device plugin); torch {torch.__version__}, "
+                           f"CUDA build {torch.version.cuda or 'none'}")
     else:
         device, backend = torch.device("cpu"), "gloo"
     if world_size > 1:
@@ -166,7 +180,7 @@ def save_checkpoint(uri: str, checkpoint: dict) -> None:
 
 def train(data_uri: str, model_dir: str, spec: dict) -> dict:
     """Train on `data_uri`, write the model artifact to `model_dir`; returns the metadata."""
-    ctx = setup_distributed()
+    ctx = setup_distributed(expect_gpu=bool(spec.get("expect_gpu", False)))
     try:
         return _train(ctx, data_uri, model_dir, spec)
     finally:
