@@ -3,6 +3,66 @@ the pipeline as a KFP Model artifact carrying its lineage."""
 
 from kfp.dsl import Dataset, Input, Model, Output
 
+# The Training Operator names pods and services `<job>-<replica type>-<index>` and Kubernetes caps
+# them at 63 characters: 52 leaves room for `-worker-<index>` up to index 9999.
+JOB_NAME_MAX = 52
+RUN_HASH_CHARS = 10
+ATTEMPT_CHARS = 5
+
+
+def job_name(kind: str, run_id: str, *parts) -> str:
+    """A PyTorchJob name for one attempt of one task: `flywheel-<kind>-<hash>[-<parts>]-<attempt>`.
+
+    DNS-1035 (lower-case alphanumerics and '-', starts with a letter, ends alphanumeric) and at
+    most JOB_NAME_MAX characters whatever the inputs. `hash` is sha1(run_id)[:10], so a KFP run id
+    (a 36-character UUID) never eats the room the parts need; `parts` (trial number, rung) keep
+    parallel tasks of one run apart; `attempt` is random, so running the same task again after a
+    failure never collides (409 AlreadyExists) with the failed job that keep_job=on_failure kept.
+    """
+    import hashlib
+    import re
+    import secrets
+    import string
+
+    def label(value) -> str:
+        return re.sub(r"-+", "-", re.sub(r"[^a-z0-9]", "-", str(value).lower())).strip("-")
+
+    run_hash = hashlib.sha1(str(run_id).encode()).hexdigest()[:RUN_HASH_CHARS]
+    attempt = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(ATTEMPT_CHARS))
+    readable = "-".join(p for p in (label(kind) or "job", run_hash, *map(label, parts)) if p)
+    room = JOB_NAME_MAX - len("flywheel-") - len(attempt) - 1
+    if len(readable) > room:
+        # Over-long parts: keep what fits and a hash of the whole, so the name stays unique per input.
+        digest = hashlib.sha1(readable.encode()).hexdigest()[:8]
+        readable = f"{readable[:room - len(digest) - 1].rstrip('-')}-{digest}"
+    return f"flywheel-{readable}-{attempt}"
+
+
+def collect_model(staging: str, model_dir: str) -> None:
+    """Copy the model files the pods wrote under `staging` (an object-store prefix) flat into
+    `model_dir` (a local directory, the KFP artifact's path), then delete the staging prefix.
+
+    Neither `fs.get(dir, model_dir, recursive=True)` form is right here: it lands the files flat
+    only while `model_dir` does not exist (KFP creates just its parent), and nests them in
+    `model_dir/<name>/` when it does. Only the files directly under `staging` are the model;
+    anything below it (checkpoints kept by keep_checkpoints) is the job's scratch.
+    """
+    import os
+    import shutil
+
+    from training import storage
+    from training.artifact import METADATA_FILE
+
+    fs, path = storage.filesystem(staging)
+    files = [entry["name"] for entry in fs.ls(path, detail=True) if entry["type"] == "file"]
+    shutil.rmtree(model_dir, ignore_errors=True)  # a stale attempt's files must not mix in
+    os.makedirs(model_dir)
+    for source in files:
+        fs.get_file(source, os.path.join(model_dir, source.rstrip("/").rsplit("/", 1)[-1]))
+    if not os.path.isfile(os.path.join(model_dir, METADATA_FILE)):
+        raise RuntimeError(f"no {METADATA_FILE} in the model copied from {staging} to {model_dir} "
+                           f"(found {sorted(os.listdir(model_dir))}): the training job did not write a complete model")
+
 
 def train_op(train_data: Input[Dataset], train_spec: dict, dataset_spec: dict, run_id: str,
              model: Output[Model]) -> float:
@@ -13,9 +73,9 @@ def train_op(train_data: Input[Dataset], train_spec: dict, dataset_spec: dict, r
 
 
 def launch(train_data, train_spec: dict, dataset_spec: dict, run_id: str, model) -> float:
-    import re
     import shutil
 
+    from components.train import collect_model, job_name
     from pipelines.config import Dataset, TrainSpec
     from training import storage
     from training.launchers import train_model
@@ -24,22 +84,24 @@ def launch(train_data, train_spec: dict, dataset_spec: dict, run_id: str, model)
     train_spec = TrainSpec.model_validate(train_spec).model_dump()
     dataset_spec = Dataset.model_validate(dataset_spec).model_dump()
 
-    job_name = re.sub(r"[^a-z0-9-]", "-", f"flywheel-train-{run_id}".lower())[:52].strip("-")
+    name = job_name("train", run_id)
     lineage = {"data_hash": train_data.metadata.get("content_hash", ""),
                "source_hash": train_data.metadata.get("source_hash", ""), "pipeline_run": run_id}
     if train_spec["backend"] == "pytorchjob":
         # Pods read and write the object store directly, never this launcher pod's disk; the
-        # model is then copied into the Model artifact so KFP owns it from here on.
-        staging = storage.join(train_spec["staging_uri"], job_name, "model")
-        metadata = train_model(train_spec, dataset_spec, train_data.uri, staging, job_name, lineage)
-        fs, path = storage.filesystem(staging)
-        fs.get(path, model.path, recursive=True)
+        # model is then copied into the Model artifact so KFP owns it from here on, and the
+        # job's staging prefix goes. A failed attempt's prefix stays beside its kept job.
+        job_prefix = storage.join(train_spec["staging_uri"], name)
+        staging = storage.join(job_prefix, "model")
+        metadata = train_model(train_spec, dataset_spec, train_data.uri, staging, name, lineage)
+        collect_model(staging, model.path)
+        storage.remove(job_prefix)
     else:
         shutil.rmtree(model.path, ignore_errors=True)
-        metadata = train_model(train_spec, dataset_spec, train_data.path, model.path, job_name, lineage)
+        metadata = train_model(train_spec, dataset_spec, train_data.path, model.path, name, lineage)
     model.metadata.update({
         "framework": "pytorch",
-        "job_name": job_name,
+        "job_name": name,
         "data_hash": lineage["data_hash"],
         "hyperparameters": metadata["hyperparameters"],
         "metrics": metadata["metrics"],

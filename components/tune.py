@@ -6,7 +6,7 @@ Successive halving runs two rungs: every trial on the small budget, then the bes
 `HALVING_ETA` times the budget, so most of the compute goes to the promising configurations."""
 import itertools
 import random
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 from kfp.dsl import Dataset, Input
 
@@ -77,8 +77,10 @@ def trial_op(train_data: Input[Dataset], train_spec: dict, dataset_spec: dict, t
     (times `budget_factor` on a later successive-halving rung)."""
     import tempfile
 
+    from components.train import job_name
     from pipelines.config import Dataset as DatasetConfig
     from pipelines.config import TrainSpec, Tuning
+    from training import storage
     from training.launchers import train_model
 
     spec = TrainSpec.model_validate(train_spec).model_dump()
@@ -86,19 +88,26 @@ def trial_op(train_data: Input[Dataset], train_spec: dict, dataset_spec: dict, t
     spec["hyperparameters"] = {**spec["hyperparameters"], **trial["params"], "epochs": budget}
     spec = TrainSpec.model_validate(spec).model_dump()  # a search space value must be a valid hyperparameter
     number = int(trial["trial"])
-    with tempfile.TemporaryDirectory() as scratch:
-        data = train_data.uri if spec["backend"] == "pytorchjob" else train_data.path
-        model_dir = f"{spec['staging_uri']}/trials/{run_id}-{number}" if spec["backend"] == "pytorchjob" else scratch
-        metadata = train_model(spec, DatasetConfig.model_validate(dataset_spec).model_dump(), data, model_dir,
-                               f"flywheel-trial-{run_id}-{number}-r{budget_factor}"[:52].lower(),
-                               lineage={"data_hash": train_data.metadata.get("content_hash", "")})
+    name = job_name("trial", run_id, number, f"r{int(budget_factor)}")
+    lineage = {"data_hash": train_data.metadata.get("content_hash", "")}
+    dataset = DatasetConfig.model_validate(dataset_spec).model_dump()
+    if spec["backend"] == "pytorchjob":
+        # A trial's model is scratch: only its metrics leave this task. Its staging prefix (one per
+        # job, so rungs and re-runs never share one) goes once the metadata is read; a failed
+        # attempt's prefix stays beside its kept job.
+        job_prefix = storage.join(spec["staging_uri"], name)
+        metadata = train_model(spec, dataset, train_data.uri, storage.join(job_prefix, "model"), name, lineage)
+        storage.remove(job_prefix)
+    else:
+        with tempfile.TemporaryDirectory() as scratch:
+            metadata = train_model(spec, dataset, train_data.path, scratch, name, lineage)
     from components.tune import typed
 
     return {"trial": number, "params": typed(trial["params"]), "epochs": budget, **{k: metadata["metrics"][k] for k in ("val_roc_auc", "val_loss")}}
 
 
-def select_op(trials: list, train_spec: dict, tracking: dict, env: str, run_id: str, screened: list = []
-              ) -> NamedTuple("SelectOutputs", [("train_spec", dict), ("best", dict)]):
+def select_op(trials: list, train_spec: dict, tracking: dict, env: str, run_id: str,
+              screened: Optional[list] = None) -> NamedTuple("SelectOutputs", [("train_spec", dict), ("best", dict)]):
     """Pick the best trial of the last rung, log every trial of every rung to MLflow (a parent run
     with one child per trial) and return the train spec with the winning hyperparameters for the
     full-budget training. `screened` holds the first rung's trials under successive halving."""
@@ -115,7 +124,7 @@ def select_op(trials: list, train_spec: dict, tracking: dict, env: str, run_id: 
         return sorted(({**t, "trial": int(t["trial"]), "epochs": int(t.get("epochs", 0)), "params": typed(t["params"])}
                        for t in items), key=lambda t: t["trial"])
 
-    results, first_rung = normalise(trials), normalise(screened)
+    results, first_rung = normalise(trials), normalise(screened or [])
     best = best_trial(results)
     mlflow.set_tracking_uri(tracking["tracking_uri"])
     # created with its artifacts beside the SQLite store, not in ./mlruns of whatever cwd
