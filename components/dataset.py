@@ -106,22 +106,41 @@ class ReferenceTask:
         return frame
 
 
-def table_format(path: str | Path) -> str:
-    """'parquet' or 'csv', by extension, else by content (KFP artifact paths have no extension)."""
-    name = str(path)
-    if name.endswith((".parquet", ".pq")):
+GZIP_MAGIC = b"\x1f\x8b"
+
+
+def table_format(source) -> str:
+    """'parquet', 'csv' or 'csv.gz': by extension, else by content (KFP artifact paths have no
+    extension). `source` is a path or a seekable binary file object (sniffed, then rewound)."""
+    if hasattr(source, "read"):
+        start = source.tell()
+        magic = source.read(4)
+        source.seek(start)
+    else:
+        name = str(source)
+        if name.endswith((".parquet", ".pq")):
+            return "parquet"
+        if name.endswith(".csv.gz"):
+            return "csv.gz"
+        if name.endswith(".csv"):
+            return "csv"
+        with open(name, "rb") as handle:
+            magic = handle.read(4)
+    if magic == b"PAR1":
         return "parquet"
-    if name.endswith((".csv", ".csv.gz")):
-        return "csv"
-    with open(name, "rb") as handle:
-        return "parquet" if handle.read(4) == b"PAR1" else "csv"
+    return "csv.gz" if magic[:2] == GZIP_MAGIC else "csv"
 
 
-def read_table(path: str | Path, columns: list[str] | None = None) -> pd.DataFrame:
-    """Read CSV or Parquet (by extension, else by content)."""
-    if table_format(path) == "parquet":
-        return pd.read_parquet(path, columns=columns)
-    return pd.read_csv(path, usecols=columns)
+def read_table(source, columns: list[str] | None = None, format: str | None = None) -> pd.DataFrame:
+    """Read CSV, gzip-compressed CSV or Parquet from a path or a binary file object (e.g. from
+    `training.storage.open_uri`). `format` ('parquet' | 'csv' | 'csv.gz') defaults to
+    `table_format(source)`: by extension, else by content (file objects must then be seekable)."""
+    fmt = format or table_format(source)
+    if fmt == "parquet":
+        return pd.read_parquet(source, columns=columns)
+    if fmt not in ("csv", "csv.gz"):
+        raise ValueError(f"unsupported table format {fmt!r}, expected 'parquet', 'csv' or 'csv.gz'")
+    return pd.read_csv(source, usecols=columns, compression="gzip" if fmt == "csv.gz" else None)
 
 
 def write_table(frame: pd.DataFrame, path: str | Path) -> Path:
@@ -154,14 +173,46 @@ def content_hash(frame: pd.DataFrame) -> str:
     return "sha256:" + digest.hexdigest()
 
 
-def split(frame: pd.DataFrame, test_fraction: float, seed: int, stratify: str | None = None):
-    """Deterministic train/test split, stratified on the label when given."""
-    rng = np.random.default_rng(seed)
-    test_mask = np.zeros(len(frame), dtype=bool)
-    groups = [np.arange(len(frame))] if stratify is None else [
-        np.flatnonzero(frame[stratify].to_numpy() == value) for value in pd.unique(frame[stratify])
-    ]
-    for index in groups:
-        chosen = rng.permutation(index)[: int(round(len(index) * test_fraction))]
-        test_mask[chosen] = True
+def _seed_key(seed: int) -> int:
+    return int.from_bytes(hashlib.sha256(f"flywheel-split:{seed}".encode()).digest()[:8], "little")
+
+
+def split_hashes(frame: pd.DataFrame, seed: int, id_column: str | None = None) -> np.ndarray:
+    """One uint64 per row that depends only on the row's id (or, without one, its content) and
+    the seed: not on row order, row position or which other rows are present."""
+    if id_column is not None:
+        # Ids as text: the same key hashes the same whether a reader typed it int64, object or
+        # arrow string. Nulls all hash alike (the validation suite rejects null ids anyway).
+        ids = frame[id_column].astype(str).to_numpy(dtype=object)
+        rows = pd.util.hash_array(ids, categorize=False)
+    else:
+        # Columns by name, so reordering columns keeps the split; changing a value, a dtype or
+        # the set of columns moves the row (give the dataset an id_column for a split that lasts).
+        columns = sorted(frame.columns, key=str)
+        rows = pd.util.hash_pandas_object(frame[columns], index=False).to_numpy()
+    # Mix in the seed: pandas hashes numbers without a key, so xor a seed-derived key and hash
+    # again (splitmix64-style finaliser, a bijection): another seed gives an independent split.
+    return pd.util.hash_array(rows.astype(np.uint64) ^ np.uint64(_seed_key(seed)))
+
+
+def split(frame: pd.DataFrame, test_fraction: float, seed: int, stratify: str | None = None,
+          id_column: str | None = None):
+    """Deterministic train/test split that is stable per row: a row is in test iff the hash of
+    (seed, its id) falls below `test_fraction`, or, without `id_column`, the hash of (seed, its
+    content). So a row keeps its side when the dataset grows, shrinks or is reordered, and a
+    champion's training rows never land in a later challenger's test set (no leakage in the gate).
+
+    Sizes are test_fraction in expectation (binomial noise, about sqrt(n*f*(1-f)) rows), not
+    exact. `stratify` is accepted for compatibility and does not steer the split: per-class
+    quotas would move the threshold as data arrives and break the stability above; each class
+    still lands in test at test_fraction in expectation. Rows with the same id (or identical
+    content) always land on the same side."""
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    if stratify is not None and stratify not in frame.columns:
+        raise KeyError(f"stratify column {stratify!r} is not in the frame")
+    if id_column is not None and id_column not in frame.columns:
+        raise KeyError(f"id column {id_column!r} is not in the frame")
+    unit = (split_hashes(frame, seed, id_column) >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+    test_mask = unit < test_fraction
     return frame[~test_mask].reset_index(drop=True), frame[test_mask].reset_index(drop=True)

@@ -5,14 +5,18 @@ from kfp.dsl import Dataset, Input, Output
 
 
 def load_dataset(dataset_spec: dict):
-    """The env's dataset as a DataFrame: the generated reference task or the configured file."""
+    """The env's dataset as a DataFrame: the generated reference task or the configured file,
+    read through `training.storage` (local paths, s3://, minio://), as the pipeline's ingest does,
+    and sniffed by content like the pipeline's artifact (Parquet, CSV or gzip-compressed CSV)."""
     from components.dataset import Drift, ReferenceTask, read_table
     from pipelines.config import Dataset as DatasetConfig
+    from training import storage
 
     spec = DatasetConfig.model_validate(dataset_spec)
     if spec.source == "reference":
         return ReferenceTask(rows=spec.rows, seed=spec.seed, drift=Drift(**spec.drift.model_dump())).generate()
-    return read_table(spec.uri)
+    with storage.open_uri(spec.uri) as handle:
+        return read_table(handle)
 
 
 def materialise(dataset_spec: dict, path: str) -> dict:
@@ -20,7 +24,7 @@ def materialise(dataset_spec: dict, path: str) -> dict:
     corrupt file reaches validation as it is) and return its lineage metadata."""
     import shutil
 
-    from components.dataset import file_hash, write_table
+    from components.dataset import file_hash, table_format, write_table
     from pipelines.config import Dataset as DatasetConfig
     from training import storage
 
@@ -35,7 +39,7 @@ def materialise(dataset_spec: dict, path: str) -> dict:
         with storage.open_uri(dataset_spec["uri"]) as src, open(path, "wb") as dst:
             shutil.copyfileobj(src, dst, 1 << 20)
         source = dataset_spec["uri"]
-        fmt = "parquet" if source.endswith((".parquet", ".pq")) else "csv"
+        fmt = table_format(path)  # by content, as every later stage reads the artifact
     return {"source": source, "format": fmt, "content_hash": file_hash(path)}
 
 
@@ -48,13 +52,15 @@ def ingest_op(dataset_spec: dict, dataset: Output[Dataset]):
 
 
 def split_op(dataset: Input[Dataset], dataset_spec: dict, train_data: Output[Dataset], test_data: Output[Dataset]):
-    """Deterministic, label-stratified train/test split of the validated dataset."""
+    """Deterministic train/test split of the validated dataset, stable per row (by the spec's
+    id_column, else by row content): rows keep their side as the dataset grows or reorders."""
     from components.dataset import content_hash, read_table, split
     from pipelines.config import Dataset as DatasetConfig
 
     dataset_spec = DatasetConfig.model_validate(dataset_spec).model_dump()
     frame = read_table(dataset.path)
-    train, test = split(frame, dataset_spec["test_fraction"], dataset_spec["seed"], stratify=dataset_spec["target"])
+    train, test = split(frame, dataset_spec["test_fraction"], dataset_spec["seed"], stratify=dataset_spec["target"],
+                        id_column=dataset_spec.get("id_column"))
     for artifact, part, role in ((train_data, train, "train"), (test_data, test, "test")):
         part.to_parquet(artifact.path, index=False)
         artifact.metadata.update({"rows": len(part), "role": role, "content_hash": content_hash(part),

@@ -301,8 +301,9 @@ def _json_default(value):
 
 
 def read_for_validation(path: str | Path):
-    """Read CSV or Parquet once with pyarrow (multi-threaded, types inferred, strict row widths),
-    strings as pyarrow-backed pandas strings (no Python str objects). The frame is consolidated
+    """Read CSV, gzip-compressed CSV or Parquet once with pyarrow (multi-threaded, types inferred,
+    strict row widths), strings as pyarrow-backed pandas strings (no Python str objects). The
+    format is sniffed by content where the path has no extension. The frame is consolidated
     (one block per dtype): GX filters the whole frame per column check, and on a split frame
     every filter re-consolidates (measured 2.3x slower on 1M rows)."""
     import pandas as pd
@@ -311,14 +312,20 @@ def read_for_validation(path: str | Path):
     from components.dataset import table_format
 
     path = Path(path)
-    if table_format(path) == "parquet":
+    fmt = table_format(path)
+    if fmt == "parquet":
         import pyarrow.parquet as pq
 
         table = pq.read_table(path)
     else:
         import pyarrow.csv as pcsv
 
-        table = pcsv.read_csv(path, convert_options=pcsv.ConvertOptions(strings_can_be_null=True))
+        options = pcsv.ConvertOptions(strings_can_be_null=True)
+        if fmt == "csv.gz":  # name the codec: pyarrow infers it only from a .gz extension, artifacts have none
+            with pa.CompressedInputStream(pa.OSFile(str(path)), "gzip") as stream:
+                table = pcsv.read_csv(stream, convert_options=options)
+        else:
+            table = pcsv.read_csv(path, convert_options=options)
         for column, kind in zip(table.column_names, table.schema.types):
             if pa.types.is_binary(kind) or pa.types.is_large_binary(kind):  # pyarrow's fallback for bad UTF-8
                 raise ValueError(f"column {column!r} is not valid UTF-8 text (corrupt file or wrong encoding)")
@@ -340,6 +347,8 @@ def file_problem(path: str | Path, err: Exception) -> str:
     text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     if kind == "parquet":
         return f"unreadable Parquet (truncated or corrupt): {text}"
+    if kind == "csv.gz":
+        return f"unreadable gzip-compressed CSV (truncated, corrupt or ragged rows): {text}"
     return f"unreadable CSV (truncated, corrupt or ragged rows): {text}"
 
 

@@ -1,12 +1,14 @@
 """Each component through the real kfp.local runner (subprocesses, no per-task pip install)."""
 import json
+import uuid
 
+import pandas as pd
 import pytest
 from kfp import dsl
 
 from components.base import component
-from components.dataset import ReferenceTask, read_table, write_table
-from components.ingest import ingest_op, split_op
+from components.dataset import ReferenceTask, read_table, split as split_frame, write_table
+from components.ingest import ingest_op, load_dataset, split_op
 from components.tune import best_trial, propose, propose_op, select_op, trial_op
 from pipelines.training_pipeline import arguments
 
@@ -30,18 +32,74 @@ def test_ingest_copies_a_user_csv_byte_for_byte(kfp_local, small_settings, tmp_p
     assert dataset.metadata["source"] == str(source) and dataset.metadata["format"] == "csv"
 
 
+def test_a_user_csv_gz_goes_through_ingest_validation_and_reading(kfp_local, small_settings, tmp_path):
+    from components.validation import load_suite, validate_file
+
+    frame = ReferenceTask(rows=2000, seed=4).generate()
+    source = write_table(frame, tmp_path / "customers.csv.gz")
+    spec = arguments(small_settings)["dataset_spec"] | {"source": "file", "uri": str(source)}
+    dataset = ingest(dataset_spec=spec).outputs["dataset"]
+    assert open(dataset.path, "rb").read() == source.read_bytes(), "still a byte-for-byte copy"
+    assert dataset.metadata["format"] == "csv.gz"
+    outcome = validate_file(dataset.path, load_suite(small_settings.dataset))  # the extension-less artifact
+    assert outcome.passed and outcome.rows == 2000, outcome.failure_message()
+    pd.testing.assert_frame_equal(read_table(dataset.path), frame, check_dtype=False)
+
+
 def test_split_keeps_a_disjoint_stratified_test_set(run_pipeline, small_settings):
     @dsl.pipeline(name="split-under-test")
     def ingest_and_split(dataset_spec: dict):
         split(dataset=ingest(dataset_spec=dataset_spec).outputs["dataset"], dataset_spec=dataset_spec)
 
-    run = run_pipeline(ingest_and_split, dataset_spec=arguments(small_settings)["dataset_spec"])
+    dataset_spec = arguments(small_settings)["dataset_spec"]
+    assert dataset_spec["id_column"] == "customer_id"
+    run = run_pipeline(ingest_and_split, dataset_spec=dataset_spec)
     train_data, test_data = run.artifact("split-op", "train_data"), run.artifact("split-op", "test_data")
     train, test = read_table(train_data["uri"]), read_table(test_data["uri"])
-    assert len(train) + len(test) == 3000 and len(test) == 600
+    # a hashed split: 600 of 3000 in expectation (sd ~22)
+    assert len(train) + len(test) == 3000 and abs(len(test) - 600) <= 90
     assert not set(train["customer_id"]) & set(test["customer_id"])
+    # split by the spec's id column: the same rows are test rows in a grown, reordered dataset
+    grown = pd.concat([read_table(run.artifact("ingest-op", "dataset")["uri"]),
+                       ReferenceTask(rows=500, seed=9).generate().assign(customer_id=lambda f: "N" + f["customer_id"])])
+    grown = grown.sample(frac=1.0, random_state=3)
+    _, grown_test = split_frame(grown, dataset_spec["test_fraction"], dataset_spec["seed"], id_column="customer_id")
+    assert set(test["customer_id"]) <= set(grown_test["customer_id"]), "test rows stay test rows"
+    assert not set(train["customer_id"]) & set(grown_test["customer_id"]), "no training row leaks into test"
     assert test_data["metadata"]["role"] == "test"
     assert train_data["metadata"]["source_hash"] == run.artifact("ingest-op", "dataset")["metadata"]["content_hash"]
+
+
+@pytest.fixture
+def s3_bucket(monkeypatch):
+    """A real S3 API on loopback (moto's server), reached as a pod reaches KFP's MinIO."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "flywheel-test",
+           "AWS_SECRET_ACCESS_KEY": "flywheel-test-secret", "AWS_DEFAULT_REGION": "us-east-1"}
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_CONFIG_FILE", "MINIO_ENDPOINT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name="us-east-1")
+    name = f"flywheel-{uuid.uuid4().hex[:12]}"
+    client.create_bucket(Bucket=name)
+    yield name, client
+    server.stop()
+
+
+@pytest.mark.parametrize("name", ["customers.csv", "customers.csv.gz", "customers.parquet"])
+def test_load_dataset_reads_minio_uris_like_the_pipeline_ingest(s3_bucket, small_settings, tmp_path, name):
+    """`flywheel data` / `flywheel train` read the configured file through training.storage too."""
+    bucket, client = s3_bucket
+    frame = ReferenceTask(rows=300, seed=6).generate()
+    client.put_object(Bucket=bucket, Key=f"data/{name}", Body=write_table(frame, tmp_path / name).read_bytes())
+    spec = arguments(small_settings)["dataset_spec"] | {"source": "file", "uri": f"minio://{bucket}/data/{name}"}
+    pd.testing.assert_frame_equal(load_dataset(spec), frame, check_dtype=False)
 
 
 def test_propose_is_deterministic_and_stays_in_the_space():

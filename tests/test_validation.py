@@ -71,7 +71,7 @@ def test_a_clean_reference_frame_passes_every_expectation(clean, suite):
 
 
 def test_clean_csv_and_parquet_files_pass(clean, suite, tmp_path):
-    for name in ("clean.csv", "clean.parquet"):
+    for name in ("clean.csv", "clean.csv.gz", "clean.parquet"):
         outcome = validate_file(write_table(clean, tmp_path / name), suite)
         assert outcome.passed, f"{name}: {outcome.failure_message()}"
 
@@ -161,6 +161,8 @@ def test_single_class_label_fails(clean, suite):
      "unreadable CSV"),
     ("truncated.parquet", lambda p: p.write_bytes(p.read_bytes()[: len(p.read_bytes()) // 2]), "unreadable Parquet"),
     ("corrupt.parquet", lambda p: p.write_bytes(b"PAR1" + os.urandom(3000)), "unreadable Parquet"),
+    ("truncated.csv.gz", lambda p: p.write_bytes(p.read_bytes()[: len(p.read_bytes()) // 2]),
+     "unreadable gzip-compressed CSV"),
 ])
 def test_broken_files_become_failed_outcomes(clean, suite, tmp_path, name, damage, reason):
     path = write_table(clean, tmp_path / name)
@@ -184,6 +186,15 @@ def test_file_without_extension_is_sniffed(clean, suite, tmp_path):
     # KFP artifact paths have no extension: Parquet is recognised by its magic bytes
     write_table(clean, tmp_path / "d.parquet").rename(tmp_path / "dataset")
     assert validate_file(tmp_path / "dataset", suite).passed
+
+
+def test_gzip_csv_without_extension_is_sniffed(clean, suite, tmp_path):
+    # ingest copies a user's .csv.gz byte for byte to an extension-less artifact: gzip magic bytes
+    write_table(clean, tmp_path / "d.csv.gz").rename(tmp_path / "dataset")
+    outcome = validate_file(tmp_path / "dataset", suite, id_column="customer_id")
+    assert outcome.passed and outcome.rows == ROWS, outcome.failure_message()
+    (tmp_path / "broken").write_bytes((tmp_path / "dataset").read_bytes()[:3000])
+    assert "unreadable gzip-compressed CSV" in validate_file(tmp_path / "broken", suite).error
 
 
 # ---------------------------------------------------------------------------- suites as config
