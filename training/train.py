@@ -36,7 +36,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.distributed.elastic.multiprocessing.errors import record
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data.distributed import DistributedSampler
 
@@ -349,7 +348,10 @@ def _train(ctx: Context, data_uri: str, model_dir: str, spec: dict) -> dict:
     return metadata
 
 
-@record  # torchrun's failure summary then carries this process's exception, not just an exit code
+# No torch.distributed.elastic `@record` here: its error file races with torchrun's agent when a
+# sibling worker is killed (the agent read a half-written file, raised JSONDecodeError and died
+# instead of restarting the group). The exception's traceback reaches the log on stderr anyway,
+# and training.launchers takes the failure reason from there.
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", required=True, help="training table URI (.parquet or .csv)")
@@ -365,7 +367,7 @@ if __name__ == "__main__":
     main()
     # Done and everything is written (and fsync'd or uploaded): skip the interpreter's teardown of
     # torch, which costs 1-2 s per worker and delays torchrun noticing success. Errors never get
-    # here: they propagate out of main() with @record's report and a non-zero exit.
+    # here: they propagate out of main() with a traceback and a non-zero exit.
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
