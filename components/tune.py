@@ -89,7 +89,7 @@ def trial_op(train_data: Input[Dataset], train_spec: dict, dataset_spec: dict, t
     spec = TrainSpec.model_validate(spec).model_dump()  # a search space value must be a valid hyperparameter
     number = int(trial["trial"])
     name = job_name("trial", run_id, number, f"r{int(budget_factor)}")
-    lineage = {"data_hash": train_data.metadata.get("content_hash", "")}
+    lineage = {"data_hash": train_data.metadata.get("content_hash", ""), "pipeline_run": run_id}
     dataset = DatasetConfig.model_validate(dataset_spec).model_dump()
     if spec["backend"] == "pytorchjob":
         # A trial's model is scratch: only its metrics leave this task. Its staging prefix (one per

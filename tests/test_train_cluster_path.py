@@ -201,6 +201,7 @@ def test_train_collects_the_pods_model_flat_into_the_artifact_and_drops_the_stag
     (job,) = created_jobs(api)
     name = job["metadata"]["name"]
     assert DNS1035.match(name) and len(name) <= JOB_NAME_MAX and name.startswith("flywheel-train-"), name
+    assert job["metadata"]["annotations"]["flywheel/pipeline-run"] == run_id, "traceable from kubectl"
     assert api.warnings == []
     staging = f"{train_spec['staging_uri']}/{name}/model"
     assert arg(pods.containers[name], "--model-dir") == staging and arg(pods.containers[name], "--data") == train_data.uri

@@ -93,7 +93,9 @@ def train_model(train_spec: dict, dataset_spec: dict, data_uri: str, model_dir: 
         from training.pytorchjob import PyTorchJobLauncher
 
         # Pods run `torchrun --module training.train` themselves (PET_* env from the operator).
-        PyTorchJobLauncher(train_spec, namespace=train_spec["namespace"], image=train_spec["image"]).run(
+        run = (lineage or {}).get("pipeline_run")  # job names are hashed: kubectl finds the run here
+        PyTorchJobLauncher(train_spec, namespace=train_spec["namespace"], image=train_spec["image"],
+                           annotations={"flywheel/pipeline-run": run} if run else None).run(
             job_name, args, env=_pod_env(train_spec)
         )
     else:
