@@ -72,13 +72,39 @@ def train_op(train_data: Input[Dataset], train_spec: dict, dataset_spec: dict, r
     return launch(train_data, train_spec, dataset_spec, run_id, model)
 
 
-def launch(train_data, train_spec: dict, dataset_spec: dict, run_id: str, model) -> float:
-    import shutil
+def train_where_configured(train_data, spec: dict, dataset_spec: dict, name: str, lineage: dict,
+                           model_dir: str | None) -> dict:
+    """Run one training job on the configured backend and return its metadata; the model ends up
+    in `model_dir`, or nowhere when None (a tuning trial keeps only its metrics).
 
-    from components.train import collect_model, job_name
-    from pipelines.config import Dataset, TrainSpec
+    pytorchjob: pods read and write the object store, never this task pod's disk; the model is
+    copied from the job's staging prefix, which then goes (a failed attempt's prefix stays beside
+    its kept job). torchrun: the job runs here and writes straight to the local path."""
+    import shutil
+    import tempfile
+
+    from components.train import collect_model
     from training import storage
     from training.launchers import train_model
+
+    if spec["backend"] == "pytorchjob":
+        job_prefix = storage.join(spec["staging_uri"], name)
+        staging = storage.join(job_prefix, "model")
+        metadata = train_model(spec, dataset_spec, train_data.uri, staging, name, lineage)
+        if model_dir is not None:
+            collect_model(staging, model_dir)
+        storage.remove(job_prefix)
+        return metadata
+    if model_dir is None:
+        with tempfile.TemporaryDirectory() as scratch:
+            return train_model(spec, dataset_spec, train_data.path, scratch, name, lineage)
+    shutil.rmtree(model_dir, ignore_errors=True)
+    return train_model(spec, dataset_spec, train_data.path, model_dir, name, lineage)
+
+
+def launch(train_data, train_spec: dict, dataset_spec: dict, run_id: str, model) -> float:
+    from components.train import job_name, train_where_configured
+    from pipelines.config import Dataset, TrainSpec
 
     # KFP passes STRUCT parameters through protobuf, where every number is a double: re-validate.
     train_spec = TrainSpec.model_validate(train_spec).model_dump()
@@ -87,18 +113,7 @@ def launch(train_data, train_spec: dict, dataset_spec: dict, run_id: str, model)
     name = job_name("train", run_id)
     lineage = {"data_hash": train_data.metadata.get("content_hash", ""),
                "source_hash": train_data.metadata.get("source_hash", ""), "pipeline_run": run_id}
-    if train_spec["backend"] == "pytorchjob":
-        # Pods read and write the object store directly, never this launcher pod's disk; the
-        # model is then copied into the Model artifact so KFP owns it from here on, and the
-        # job's staging prefix goes. A failed attempt's prefix stays beside its kept job.
-        job_prefix = storage.join(train_spec["staging_uri"], name)
-        staging = storage.join(job_prefix, "model")
-        metadata = train_model(train_spec, dataset_spec, train_data.uri, staging, name, lineage)
-        collect_model(staging, model.path)
-        storage.remove(job_prefix)
-    else:
-        shutil.rmtree(model.path, ignore_errors=True)
-        metadata = train_model(train_spec, dataset_spec, train_data.path, model.path, name, lineage)
+    metadata = train_where_configured(train_data, train_spec, dataset_spec, name, lineage, model.path)
     model.metadata.update({
         "framework": "pytorch",
         "job_name": name,

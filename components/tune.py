@@ -75,13 +75,10 @@ def trial_op(train_data: Input[Dataset], train_spec: dict, dataset_spec: dict, t
              run_id: str, budget_factor: int = 1) -> dict:
     """One real training run with the trial's hyperparameters and the tuning budget
     (times `budget_factor` on a later successive-halving rung)."""
-    import tempfile
-
-    from components.train import job_name
+    from components.train import job_name, train_where_configured
+    from components.tune import typed
     from pipelines.config import Dataset as DatasetConfig
     from pipelines.config import TrainSpec, Tuning
-    from training import storage
-    from training.launchers import train_model
 
     spec = TrainSpec.model_validate(train_spec).model_dump()
     budget = Tuning.model_validate(tuning_spec).epochs_per_trial * int(budget_factor)
@@ -91,19 +88,10 @@ def trial_op(train_data: Input[Dataset], train_spec: dict, dataset_spec: dict, t
     name = job_name("trial", run_id, number, f"r{int(budget_factor)}")
     lineage = {"data_hash": train_data.metadata.get("content_hash", ""), "pipeline_run": run_id}
     dataset = DatasetConfig.model_validate(dataset_spec).model_dump()
-    if spec["backend"] == "pytorchjob":
-        # A trial's model is scratch: only its metrics leave this task. Its staging prefix (one per
-        # job, so rungs and re-runs never share one) goes once the metadata is read; a failed
-        # attempt's prefix stays beside its kept job.
-        job_prefix = storage.join(spec["staging_uri"], name)
-        metadata = train_model(spec, dataset, train_data.uri, storage.join(job_prefix, "model"), name, lineage)
-        storage.remove(job_prefix)
-    else:
-        with tempfile.TemporaryDirectory() as scratch:
-            metadata = train_model(spec, dataset, train_data.path, scratch, name, lineage)
-    from components.tune import typed
-
-    return {"trial": number, "params": typed(trial["params"]), "epochs": budget, **{k: metadata["metrics"][k] for k in ("val_roc_auc", "val_loss")}}
+    # A trial's model is scratch: only its metrics leave this task.
+    metadata = train_where_configured(train_data, spec, dataset, name, lineage, model_dir=None)
+    return {"trial": number, "params": typed(trial["params"]), "epochs": budget,
+            **{k: metadata["metrics"][k] for k in ("val_roc_auc", "val_loss")}}
 
 
 def select_op(trials: list, train_spec: dict, tracking: dict, env: str, run_id: str,

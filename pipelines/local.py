@@ -66,10 +66,17 @@ def execute(settings: Settings, pipeline: str = "training", pipeline_root: Path 
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     pipeline_root.mkdir(parents=True, exist_ok=True)
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root), raise_on_error=True)
-    function = get(pipeline).build(settings)
+    return run_function(get(pipeline).build(settings), arguments or pipeline_arguments(settings, pipeline),
+                        pipeline_root)
+
+
+def run_function(function, arguments: dict, pipeline_root: Path) -> LocalRun:
+    """Call a pipeline function under the kfp.local session already initialised on
+    `pipeline_root`, and read back the run directory it created."""
+    pipeline_root.mkdir(parents=True, exist_ok=True)
     before = set(pipeline_root.iterdir())
     started = time.perf_counter()
-    function(**(arguments or pipeline_arguments(settings, pipeline)))
+    function(**arguments)
     seconds = time.perf_counter() - started
     (directory,) = [p for p in pipeline_root.iterdir() if p not in before and p.is_dir()]
     return read_run(directory, seconds)

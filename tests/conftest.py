@@ -48,12 +48,6 @@ def kfp_local(tmp_path):
 def run_pipeline(kfp_local):
     """Run a pipeline function through kfp.local and read back what each task produced
     (single components with input artifacts can only run inside a pipeline locally)."""
-    from pipelines.local import read_run
+    from pipelines.local import run_function
 
-    def run(pipeline, **arguments):
-        before = set(kfp_local.iterdir()) if kfp_local.exists() else set()
-        pipeline(**arguments)
-        (directory,) = [p for p in kfp_local.iterdir() if p not in before]
-        return read_run(directory)
-
-    return run
+    return lambda pipeline, **arguments: run_function(pipeline, arguments, kfp_local)

@@ -5,7 +5,7 @@ from typer.testing import CliRunner
 import pipelines.cli as cli
 import pipelines.submit as flywheel_submit
 from pipelines.config import load_settings
-from pipelines.submit import SubmitError, kfp_cron, reconcile_schedules
+from pipelines.submit import kfp_cron, reconcile_schedules
 from tests.fakes import tiny_pipeline
 from tests.fakes.kfp_api_server import isolated, robfig_cron_errors, server  # noqa: F401
 
