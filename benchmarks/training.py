@@ -33,12 +33,13 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from components.dataset import ReferenceTask, write_table  # noqa: E402
+from storage.tables import write_table  # noqa: E402
+from stages.dataset import ReferenceTask  # noqa: E402
 from pipelines.config import load_settings  # noqa: E402
 from training import train as entry  # noqa: E402
 from training.launchers import TORCHRUN_ENV, entry_args, torchrun_command, training_spec  # noqa: E402
-from training.model import TabularNet  # noqa: E402
-from training.preprocessing import Preprocessor  # noqa: E402
+from model.network import TabularNet  # noqa: E402
+from model.preprocessing import Preprocessor  # noqa: E402
 
 
 def make_spec(epochs: int, batch_size: int) -> dict:

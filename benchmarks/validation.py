@@ -42,7 +42,8 @@ def dataset(rows: int) -> Path:
     path = RESULTS / f"credit_default_{rows}.csv"
     if not path.exists():
         sys.path.insert(0, str(ROOT))
-        from components.dataset import ReferenceTask, write_table
+        from storage.tables import write_table
+        from stages.dataset import ReferenceTask
 
         tmp = path.with_suffix(".tmp.csv")
         write_table(ReferenceTask(rows=rows, seed=7).generate(), tmp)
@@ -52,7 +53,7 @@ def dataset(rows: int) -> Path:
 
 def suite() -> dict:
     sys.path.insert(0, str(ROOT))
-    from components.validation import load_suite
+    from stages.validation import load_suite
 
     return load_suite({"expectation_suite": "credit_default", "id_column": "customer_id"})
 
@@ -61,7 +62,7 @@ def suite() -> dict:
 
 
 def run_ours(path: Path, s: dict) -> bool:
-    from components.validation import validate_file
+    from stages.validation import validate_file
 
     return validate_file(path, s, id_column="customer_id").passed
 
@@ -146,7 +147,7 @@ def one(method: str, path: Path) -> dict:
     s = suite()
     prepared = None
     if method == "ours":
-        from components.validation import _gx_engine
+        from stages.validation import _gx_engine
 
         _gx_engine()
     elif method.startswith("gx"):

@@ -1,7 +1,7 @@
-"""KFP validate stage: a thin wrapper over components.validation.
+"""Validate: the data gate before training, a thin wrapper over `stages.validation`.
 
-`component(validate_op, image)` builds the task. It writes the GX result JSON and the HTML report
-first, then fails the task on a blocking expectation, so the run record keeps both reports.
+It writes the GX result JSON and the HTML report first, then fails the task on a blocking
+expectation, so the run record keeps both reports.
 """
 
 from kfp.dsl import HTML, Artifact, Dataset, Input, Metrics, Output
@@ -14,24 +14,25 @@ def validate_op(
     result: Output[Artifact],
     metrics: Output[Metrics],
 ):
-    """Validate `dataset` against `suite` (compiled in by load_suite); raise ValidationFailed on a
-    blocking failure after the reports and metrics are written."""
+    """Validate the dataset against its expectation suite; fail the task on a blocking failure.
+
+    Args:
+        dataset: The ingested snapshot.
+        suite: The expectation suite, compiled into the pipeline from config/expectations/.
+        report: HTML report naming each failed expectation, its columns and sample rows.
+        result: The full validation result as JSON.
+        metrics: Expectation counts and the unexpected-value rate.
+    """
     import json
     import os
 
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
-    from components.validation import ValidationFailed, render_html, validate_file
+    from stages.validation import ValidationFailed, render_html, validate_file
+    from storage.tables import file_hash
 
     outcome = validate_file(dataset.path, suite, id_column=suite.get("id_column"))
-    content_hash = dataset.metadata.get("content_hash")
-    if not content_hash:  # upstream gave none: hash the table, or the bytes if it won't parse
-        from components.dataset import content_hash as hash_frame, file_hash
-        from components.validation import read_for_validation
-
-        content_hash = hash_frame(read_for_validation(dataset.path)) if outcome.rows else file_hash(dataset.path)
-
-    lineage = {"dataset_content_hash": content_hash or "", "dataset_uri": dataset.uri,
-               "suite": outcome.suite_name, "passed": outcome.passed}
+    lineage = {"dataset_content_hash": dataset.metadata.get("content_hash") or file_hash(dataset.path),
+               "dataset_uri": dataset.uri, "suite": outcome.suite_name, "passed": outcome.passed}
     with open(result.path, "w") as fh:
         json.dump(outcome.to_dict(), fh, indent=1)
     with open(report.path, "w") as fh:

@@ -1,5 +1,7 @@
-"""`flywheel`: the one front door. Heavy libraries (torch, mlflow, GX, kfp) load only in the
-commands that need them, so `flywheel --help` and `flywheel config` stay instant."""
+"""`flywheel`: the MLOps lifecycle on Kubeflow, from one front door.
+
+Heavy libraries (torch, mlflow, GX, kfp) load only in the commands that need them, so
+`flywheel --help` and `flywheel config` stay instant."""
 from __future__ import annotations
 
 import os
@@ -14,11 +16,11 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 
-from pipelines.config import ENVIRONMENTS, ConfigError, load_settings  # noqa: E402
+from pipelines.config import ConfigError, environments, load_settings  # noqa: E402
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n")[0])
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n\n")[0])
 
-EnvOption = typer.Option("local", "--env", "-e", help=f"Environment: {', '.join(ENVIRONMENTS)}")
+EnvOption = typer.Option("local", "--env", "-e", help=f"Environment (config/<env>.yaml): {', '.join(environments())}")
 
 
 def fail(message: str, code: int = 1) -> None:
@@ -64,17 +66,15 @@ def data(
     seed: Optional[int] = typer.Option(None, help="generator seed; default from config"),
 ) -> None:
     """Write ENV's dataset (or a generated sample of the reference task) as CSV or Parquet."""
-    from components.ingest import load_dataset
+    from stages.dataset import load_dataset
+    from storage.tables import write_table
 
     settings = settings_or_exit(env)
-    dataset = settings.dataset
     overrides = {k: v for k, v in {"rows": rows, "seed": seed}.items() if v is not None}
     try:
-        frame = load_dataset(dataset.model_copy(update=overrides).model_dump())
+        frame = load_dataset(settings.dataset.model_copy(update=overrides))
         if rows is not None:
             frame = frame.head(rows)
-        from components.dataset import write_table
-
         write_table(frame, out)
     except (OSError, ValueError) as err:
         fail(str(err))
@@ -84,63 +84,54 @@ def data(
 @app.command()
 def train(
     env: str = EnvOption,
-    dry_run: bool = typer.Option(False, "--dry-run", help="print the PyTorchJob ENV would submit, submit nothing"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="print the cluster job ENV would submit, submit nothing"),
 ) -> None:
-    """Run the train stage alone on ENV: torchrun here for local, a PyTorchJob on a cluster."""
+    """Run the train stage alone on ENV: torchrun here, a PyTorchJob or TrainJob on a cluster."""
     import time
-    from urllib.parse import urlsplit
+
+    from pipelines.training_pipeline import train_spec
+    from training.backends import TrainingFailed, backend_for
 
     settings = settings_or_exit(env)
+    spec = train_spec(settings)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    job_name = f"flywheel-train-{settings.env}-{stamp}"
-    train_spec = settings.training.model_dump() | {
-        "image": settings.image.ref, "namespace": settings.namespace, "env": settings.env}
-    dataset_spec = settings.dataset.model_dump()
     run_dir = Path("runs") / "train" / stamp
-    if settings.training.backend == "pytorchjob":
-        root = settings.kfp.pipeline_root
-        if not root or "://" not in root:
-            fail(f"config/{env}.yaml: kfp.pipeline_root must be an object-store URI (s3://bucket/...) for PyTorchJob pods")
-        parts = urlsplit(root)
-        base = f"{parts.scheme}://{parts.netloc}/flywheel/train/{job_name}"
-        data_uri, model_dir = f"{base}/data.parquet", f"{base}/model"
-    else:
-        if dry_run:
-            fail(f"env {env!r} trains with {settings.training.backend} on this machine; "
-                 "--dry-run renders the PyTorchJob of a cluster environment (dev, staging, prod)")
-        data_uri, model_dir = str(run_dir / "data.parquet"), str(run_dir / "model")
-
-    if dry_run:
-        from training.launchers import entry_args, training_spec
-        from training.pytorchjob import PyTorchJobInvalid, build_pytorchjob, to_yaml, validate_pytorchjob
-
-        spec = training_spec(train_spec, dataset_spec, {"job_name": job_name})
-        job = build_pytorchjob(train_spec, job_name, settings.namespace, settings.image.ref,
-                               entry_args(data_uri, model_dir, spec), env={})
-        try:
-            validate_pytorchjob(job)
-        except PyTorchJobInvalid as err:
-            fail(str(err))
-        typer.echo(to_yaml(job), nl=False)
-        return
-
-    from components.dataset import write_table
-    from components.ingest import load_dataset
-    from training.launchers import train_model
-
-    local_data = run_dir / "data.parquet"
+    backend = backend_for(spec)
     try:
-        write_table(load_dataset(dataset_spec), local_data)
-        if data_uri != str(local_data):  # the pods read the object store, not this disk
-            from training import storage
+        if dry_run:
+            import yaml
 
-            with open(local_data, "rb") as src, storage.open_uri(data_uri, "wb") as dst:
-                dst.write(src.read())
-        metadata = train_model(train_spec, dataset_spec, data_uri, model_dir, job_name)
+            typer.echo(yaml.safe_dump(backend.manifest(_cli_job(settings, spec, run_dir, stamp, write=False)),
+                                      sort_keys=False), nl=False)
+            return
+        metadata = backend.train(_cli_job(settings, spec, run_dir, stamp, write=True))
+    except (TrainingFailed, ValueError) as err:
+        fail(str(err))
     except Exception as err:  # noqa: BLE001 - the CLI boundary: cluster/S3 client errors too, one line each
         fail(f"{type(err).__name__}: {err}".splitlines()[0])
-    typer.echo(f"model: {model_dir}")
+    typer.echo(f"model: {run_dir / 'model'}")
     typer.echo(f"metrics: {metadata.get('metrics')}")
+
+
+def _cli_job(settings, spec, run_dir: Path, stamp: str, write: bool):
+    """The job `flywheel train` runs: the env's dataset written under runs/train/<stamp>/ (the
+    cluster backends upload it beside the job), the model next to it. A dry run reads the data
+    for its label mapping, as the run does, and writes nothing."""
+    from model.labels import LabelMapping
+    from stages.dataset import load_dataset
+    from storage.tables import write_table
+    from training.backends import TrainingJob, entry_spec, job_name
+
+    name = job_name("train", f"cli-{settings.env}-{stamp}")
+    data = run_dir / "data.parquet"
+    frame = load_dataset(settings.dataset)
+    labels = LabelMapping.infer(frame[settings.dataset.target], settings.dataset.positive_label,
+                                settings.dataset.target).to_dict()
+    if write:
+        write_table(frame, data)
+    lineage = {"job_name": name, "pipeline_run": f"cli-{stamp}"}
+    return TrainingJob(name, str(data), str(data), entry_spec(spec, settings.dataset, labels, lineage),
+                       model_dir=str(run_dir / "model"), annotations={"flywheel/pipeline-run": f"cli-{stamp}"})
 
 
 @app.command("compile")
@@ -173,16 +164,17 @@ def render(
 
 @app.command()
 def run(
-    env: str = typer.Option("local", "--env", "-e", help="only 'local': the embedded lifecycle"),
+    env: str = typer.Option("local", "--env", "-e", help="an environment that runs on this machine (no kfp.host)"),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="stream every task's output instead of a log file"),
 ) -> None:
-    """Run the whole lifecycle on the embedded local environment (kfp.local + torchrun + MLflow)."""
-    if env != "local":
-        fail(f"'run' executes on this machine and takes --env local; use 'flywheel submit --env {env}'")
+    """Run the whole lifecycle on an embedded environment (kfp.local + torchrun + MLflow)."""
+    settings = settings_or_exit(env)
+    if not settings.embedded:
+        fail(f"env {env!r} runs on a cluster (kfp.host is set); use 'flywheel submit training --env {env}'")
     from pipelines.local import run_local
 
     try:
-        run_local(settings_or_exit(env), verbose=verbose)
+        run_local(settings, verbose=verbose)
     except RuntimeError as err:
         fail(str(err))
 
@@ -232,11 +224,12 @@ def validate(
     from rich.console import Console
     from rich.table import Table
 
-    from components.validation import SuiteError, load_suite, validate_file, write_reports
+    from pipelines.config import CONFIG_DIR
+    from stages.validation import SuiteError, load_suite, validate_file, write_reports
 
     settings = settings_or_exit(env)
     try:
-        suite = load_suite(settings.dataset)
+        suite = load_suite(settings.dataset, CONFIG_DIR)
         outcome = validate_file(data, suite, id_column=suite.get("id_column"))
     except SuiteError as err:
         fail(str(err))
@@ -269,10 +262,11 @@ def expectations_suggest(
     """Draft an expectation suite (schema, types, missing rates, ranges, categories) to review."""
     import yaml
 
-    from components.validation import file_problem, normalize_suite, read_for_validation, suggest_suite
+    from stages.validation import file_problem, normalize_suite, suggest_suite
+    from storage.tables import read_table
 
     try:
-        frame = read_for_validation(data)
+        frame = read_table(data, arrow_strings=True)
     except Exception as err:  # a trusted file that does not parse is the user's first problem
         fail(f"{data}: {file_problem(data, err)}")
     draft = suggest_suite(frame, out.stem, target=target, id_column=id_column)

@@ -1,27 +1,27 @@
 """Environments as data: `config/base.yaml` deep-merged with `config/<env>.yaml`, validated.
 
-Errors name the file that set the bad key, the key path and what is allowed.
+Every `config/<name>.yaml` other than `base.yaml` is an environment. Errors name the file that set
+the bad key, the key path and what is allowed, all of a file's mistakes at once.
 """
 from __future__ import annotations
 
 import os
-from urllib.parse import urlsplit
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
+from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, model_validator
+
+from specs import (DatasetSpec, EvaluationSpec, MonitoringSpec, RetrainingSpec, ServingSpec, Strict, TrackingSpec,
+                   TrainingSpec, TuningSpec)
 
 CONFIG_DIR = Path(os.environ.get("FLYWHEEL_CONFIG_DIR") or Path(__file__).resolve().parent.parent / "config")
-ENVIRONMENTS = ("local", "dev", "staging", "prod")
+BASE_FILE = "base.yaml"
 
 
 class ConfigError(ValueError):
     """A config file is missing, unreadable or invalid; the message says where and why."""
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class Image(Strict):
@@ -41,7 +41,7 @@ class Image(Strict):
 
 
 class Kfp(Strict):
-    host: str | None = Field(None, description="KFP API endpoint; None on the local environment")
+    host: str | None = Field(None, description="KFP API endpoint; null for the embedded environment (kfp.local)")
     experiment: str
     namespace: str | None = None
     pipeline_root: str | None = Field(None, description="object store for artifacts, e.g. s3://bucket/pipelines")
@@ -49,203 +49,31 @@ class Kfp(Strict):
         None, description="S3 API endpoint for pipeline_root when it is not AWS (MinIO, Ceph): AWS_ENDPOINT_URL "
                           "for tasks and training pods")
     service_account: str | None = Field(
-        None, description="ServiceAccount the run's task pods use (manifests/ grants it PyTorchJob rights)")
+        None, description="ServiceAccount the run's task pods use (manifests/ grants it training-job rights)")
     task_cpu: str = Field("1", description="CPU limit of each pipeline task's pod")
     task_memory: str = Field("2G", description="memory limit of each pipeline task's pod")
-
-
-class Tracking(Strict):
-    tracking_uri: str
-    experiment: str
-    registered_model: str
-
-
-class Drift(Strict):
-    income_scale: float = 1.0
-    utilization_shift: float = 0.0
-    late_payment_rate: float = 1.0
-    unemployment_boost: Annotated[float, Field(ge=0.0)] = 0.0
-    missing_rate_scale: Annotated[float, Field(ge=0.0)] = 1.0
-
-
-class Features(Strict):
-    numeric: list[str]
-    categorical: list[str] = []
-
-
-class Dataset(Strict):
-    source: Literal["reference", "file"]
-    uri: str | None = Field(None, description="CSV or Parquet path/URI when source is 'file'")
-    rows: Annotated[int, Field(gt=0)] = 20_000
-    seed: int = 7
-    drift: Drift = Drift()
-    target: str
-    id_column: str | None = None
-    features: Features
-    test_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.2
-    expectation_suite: str | None = Field(
-        "credit_default", description="config/expectations/<name>.yaml; None derives one from the features"
-    )
-
-    @model_validator(mode="after")
-    def _file_needs_uri(self):
-        if self.source == "file" and not self.uri:
-            raise ValueError("dataset.source 'file' needs dataset.uri (a .csv or .parquet path or URI)")
-        if self.uri and not self.uri.endswith((".csv", ".csv.gz", ".parquet", ".pq")):
-            raise ValueError(f"dataset.uri {self.uri!r} must end in .csv, .csv.gz or .parquet")
-        overlap = set(self.features.numeric) & set(self.features.categorical)
-        if overlap:
-            raise ValueError(f"columns listed as both numeric and categorical: {sorted(overlap)}")
-        if self.target in self.features.numeric + self.features.categorical:
-            raise ValueError(f"target {self.target!r} is also listed as a feature")
-        return self
-
-
-class Gpu(Strict):
-    count: Annotated[int, Field(ge=0)] = 0
-    resource: Annotated[str, Field(pattern=r"^nvidia\.com/(gpu|mig-\d+g\.\d+gb)$")] = "nvidia.com/gpu"
-    product: str | None = Field(None, description="node selector value for nvidia.com/gpu.product")
-
-
-class Toleration(Strict):
-    key: str
-    operator: Literal["Exists", "Equal"] = "Exists"
-    value: str | None = None
-    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
-
-
-class Resources(Strict):
-    cpu: str = "1"
-    memory: str = "2Gi"
-    gpu: Gpu = Gpu()
-
-
-class Elastic(Strict):
-    min_replicas: Annotated[int, Field(ge=1)] = 1
-    max_replicas: Annotated[int, Field(ge=1)] = 1
-    max_restarts: Annotated[int, Field(ge=0)] = 3
-
-
-class Hyperparameters(Strict):
-    epochs: Annotated[int, Field(gt=0)] = 8
-    batch_size: Annotated[int, Field(gt=0)] = 256
-    learning_rate: Annotated[float, Field(gt=0.0)] = 3e-3
-    hidden: Annotated[int, Field(gt=0)] = 64
-    depth: Annotated[int, Field(ge=1, le=8)] = 2
-    embedding_dim: Annotated[int, Field(gt=0)] = 4
-    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
-    weight_decay: Annotated[float, Field(ge=0.0)] = 1e-4
-    patience: Annotated[int, Field(ge=1)] = 3
-    validation_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.1
-    seed: int = 7
-
-
-class Training(Strict):
-    backend: Literal["torchrun", "pytorchjob"]
-    workers: Annotated[int, Field(ge=1)] = Field(2, description="torchrun processes, or PyTorchJob replicas (master + workers)")
-    resources: Resources = Resources()
-    tolerations: list[Toleration] = []
-    elastic: Elastic = Elastic()
-    active_deadline_seconds: Annotated[int, Field(gt=0)] = 3600
-    backoff_limit: Annotated[int, Field(ge=0)] = 3
-    checkpoint_every_epochs: Annotated[int, Field(ge=1)] = 1
-    keep_job: Literal["always", "on_failure", "never"] = "on_failure"
-    hyperparameters: Hyperparameters = Hyperparameters()
-
-
-class TrainSpec(Training):
-    """What the train task receives: the env's training section plus where the job runs."""
-
-    image: str
-    namespace: str
-    env: str = "local"
-    object_store_endpoint: str | None = None
-    staging_uri: str = Field(description="object-store prefix for PyTorchJob outputs before they become KFP artifacts")
-
-
-class Thresholds(Strict):
-    roc_auc: Annotated[float, Field(ge=0.0, le=1.0)] = 0.70
-    pr_auc: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
-    f1: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
-    brier: Annotated[float, Field(ge=0.0, le=1.0)] = 1.0
-
-
-class Evaluation(Strict):
-    thresholds: Thresholds = Thresholds()
-    decision_threshold: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.5
-    slice_column: str | None = None
-    promotion_margin: Annotated[float, Field(ge=0.0)] = 0.002
-
-
-SearchValue = list[float] | list[int] | list[str]
-
-
-class Tuning(Strict):
-    enabled: bool = True
-    strategy: Literal["grid", "random", "successive_halving"] = "random"
-    trials: Annotated[int, Field(ge=1)] = 4
-    parallelism: Annotated[int, Field(ge=1)] = 2
-    epochs_per_trial: Annotated[int, Field(ge=1)] = 3
-    search_space: dict[str, SearchValue] = {}
-
-    @field_validator("search_space")
-    @classmethod
-    def _known_hyperparameters(cls, space):
-        allowed = set(Hyperparameters.model_fields) - {"seed"}
-        unknown = sorted(set(space) - allowed)
-        if unknown:
-            raise ValueError(f"unknown hyperparameters {unknown}; allowed: {sorted(allowed)}")
-        empty = [k for k, v in space.items() if not v]
-        if empty:
-            raise ValueError(f"empty search lists for {empty}")
-        return space
-
-
-class Serving(Strict):
-    min_replicas: Annotated[int, Field(ge=0)] = 1
-    max_replicas: Annotated[int, Field(ge=1)] = 1
-    canary_percent: Annotated[int, Field(ge=0, le=100)] = 0
-    cpu: str = "1"
-    memory: str = "1Gi"
-
-    @model_validator(mode="after")
-    def _replicas(self):
-        if self.max_replicas < self.min_replicas:
-            raise ValueError("serving.max_replicas must be >= serving.min_replicas")
-        return self
-
-
-class Monitoring(Strict):
-    psi_threshold: Annotated[float, Field(gt=0.0)] = 0.2
-    missing_rate_threshold: Annotated[float, Field(ge=0.0, le=1.0)] = 0.1
-    min_roc_auc: Annotated[float, Field(ge=0.0, le=1.0)] = 0.65
-    window_rows: Annotated[int, Field(gt=0)] = 5000
-
-
-CRON = r"^(\S+\s+){4}\S+$"
-
-
-class Retraining(Strict):
-    enabled: bool = False
-    schedule: Annotated[str, Field(pattern=CRON, description="5-field cron, e.g. '0 3 * * 1'")] = "0 3 * * 1"
-    max_concurrency: Annotated[int, Field(ge=1, le=10)] = Field(1, description="KFP allows 1-10 concurrent runs")
 
 
 class Settings(Strict):
     """One environment's whole configuration."""
 
-    env: Literal["local", "dev", "staging", "prod"]
+    env: Annotated[str, Field(pattern=r"^[a-z][a-z0-9-]*$")]
     namespace: str
     image: Image
     kfp: Kfp
-    mlflow: Tracking
-    dataset: Dataset
-    training: Training
-    evaluation: Evaluation = Evaluation()
-    tuning: Tuning = Tuning()
-    serving: Serving = Serving()
-    monitoring: Monitoring = Monitoring()
-    retraining: Retraining = Retraining()
+    mlflow: TrackingSpec
+    dataset: DatasetSpec
+    training: TrainingSpec
+    evaluation: EvaluationSpec = EvaluationSpec()
+    tuning: TuningSpec = TuningSpec()
+    serving: ServingSpec = ServingSpec()
+    monitoring: MonitoringSpec = MonitoringSpec()
+    retraining: RetrainingSpec = RetrainingSpec()
+
+    @property
+    def embedded(self) -> bool:
+        """True for an environment that runs on this machine (kfp.local), not on a cluster."""
+        return self.kfp.host is None
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -255,15 +83,15 @@ class Settings(Strict):
             if uri and "://" in uri and (urlsplit(uri).username or urlsplit(uri).password):
                 raise ValueError(f"{key} embeds credentials; config and compiled pipelines must not hold secrets "
                                  "(use the namespace secret or MLFLOW_TRACKING_TOKEN)")
-        if self.training.backend == "pytorchjob" and "://" not in (self.kfp.pipeline_root or ""):
-            raise ValueError("training.backend 'pytorchjob' needs kfp.pipeline_root on an object store "
+        if self.training.on_cluster and "://" not in (self.kfp.pipeline_root or ""):
+            raise ValueError(f"training.backend {self.training.backend!r} needs kfp.pipeline_root on an object store "
                              "(s3://, minio://, gs://): training pods cannot see the pipeline task's disk")
-        if self.env != "local" and self.training.backend == "torchrun":
-            raise ValueError("training.backend 'torchrun' is only for the local environment; use 'pytorchjob'")
-        if self.env != "local" and not self.kfp.host:
-            raise ValueError("kfp.host is required outside the local environment")
-        if self.training.elastic.max_replicas < self.training.elastic.min_replicas:
-            raise ValueError("training.elastic.max_replicas must be >= training.elastic.min_replicas")
+        if self.training.on_cluster and self.embedded:
+            raise ValueError(f"training.backend {self.training.backend!r} runs on a cluster: set kfp.host, or use "
+                             "'torchrun' for an environment that runs on this machine")
+        if not self.training.on_cluster and not self.embedded:
+            raise ValueError("training.backend 'torchrun' trains on this machine, but kfp.host sends the pipeline to "
+                             "a cluster; use 'pytorchjob' or 'trainjob'")
         return self
 
 
@@ -315,12 +143,20 @@ def _describe(err: dict, sources: list[tuple[Path, dict]]) -> str:
     return f"{origin}: {key}: {message}"
 
 
+def environments(config_dir: Path | str | None = None) -> list[str]:
+    """Every `<name>.yaml` beside base.yaml is an environment, sorted by name."""
+    config_dir = Path(config_dir or CONFIG_DIR)
+    return sorted(p.stem for p in config_dir.glob("*.yaml") if p.name != BASE_FILE)
+
+
 def load_settings(env: str, config_dir: Path | str | None = None, overrides: dict | None = None) -> Settings:
     """Merge base.yaml and <env>.yaml (and optional overrides), then validate."""
     config_dir = Path(config_dir or CONFIG_DIR)
-    if env not in ENVIRONMENTS:
-        raise ConfigError(f"unknown environment {env!r}; allowed: {', '.join(ENVIRONMENTS)}")
-    sources = [(config_dir / "base.yaml", _read_yaml(config_dir / "base.yaml"))]
+    known = environments(config_dir)
+    if env not in known:
+        raise ConfigError(f"unknown environment {env!r}: no {config_dir / (env + '.yaml')}; "
+                          f"environments: {', '.join(known) or 'none'}")
+    sources = [(config_dir / BASE_FILE, _read_yaml(config_dir / BASE_FILE))]
     sources.append((config_dir / f"{env}.yaml", _read_yaml(config_dir / f"{env}.yaml")))
     if overrides:
         sources.append((Path("<overrides>"), overrides))
@@ -348,4 +184,4 @@ def _resolve_local_paths(settings: Settings, root: Path) -> Settings:
 
 
 def load_all(config_dir: Path | str | None = None) -> dict[str, Settings]:
-    return {env: load_settings(env, config_dir) for env in ENVIRONMENTS}
+    return {env: load_settings(env, config_dir) for env in environments(config_dir)}

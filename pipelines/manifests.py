@@ -31,7 +31,6 @@ from pathlib import Path
 import yaml
 
 MANIFESTS_DIR = Path(os.environ.get("FLYWHEEL_MANIFESTS_DIR") or Path(__file__).resolve().parent.parent / "manifests")
-CLUSTER_ENVS = ("dev", "staging", "prod")
 OVERLAY_FILE = "kustomization.yaml"
 # Names manifests/base defines; the generator refuses a config that points elsewhere.
 SERVICE_ACCOUNT = "flywheel-pipeline-runner"
@@ -96,18 +95,15 @@ class OverlayValues:
 def overlay_values(settings) -> OverlayValues:
     """The env-specific values of the overlay, derived from `settings` (pipelines.config.Settings)."""
     env = settings.env
-    if env not in CLUSTER_ENVS:
-        raise ManifestError(f"env {env!r} runs on this machine and has no cluster manifests; "
-                            f"use one of {', '.join(CLUSTER_ENVS)}")
+    if settings.embedded:
+        raise ManifestError(f"env {env!r} runs on this machine (no kfp.host) and has no cluster manifests")
     problems = []
     if settings.kfp.namespace not in (None, settings.namespace):
         problems.append(f"kfp.namespace {settings.kfp.namespace!r} differs from namespace {settings.namespace!r}: "
-                        "the run's pods must live where they create PyTorchJobs (one namespace per env)")
+                        "the run's pods must live where they create training jobs (one namespace per env)")
     if settings.kfp.service_account != SERVICE_ACCOUNT:
         problems.append(f"kfp.service_account is {settings.kfp.service_account!r}; manifests/base grants "
-                        f"the PyTorchJob rights to {SERVICE_ACCOUNT!r}, so the run must use that one")
-    if settings.training.backend != "pytorchjob":
-        problems.append(f"training.backend is {settings.training.backend!r}; a cluster env trains with pytorchjob")
+                        f"the training-job rights to {SERVICE_ACCOUNT!r}, so the run must use that one")
     if problems:
         raise ManifestError(f"config/{env}.yaml cannot be expressed by manifests/: " + "; ".join(problems))
 
@@ -122,7 +118,7 @@ def overlay_values(settings) -> OverlayValues:
     task_memory = quantity(kfp.task_memory) + quantity(SIDECAR_MEMORY)
     cpu = training_pods * quantity(training.resources.cpu) + task_pods * task_cpu
     memory = training_pods * quantity(training.resources.memory) + task_pods * task_memory
-    sizing = (f"{jobs} concurrent PyTorchJob(s) (tuning.parallelism {jobs_from_tuning} x runs {runs}) "
+    sizing = (f"{jobs} concurrent {training.backend} job(s) (tuning.parallelism {jobs_from_tuning} x runs {runs}) "
               f"x {training.workers} pod(s) of {training.resources.cpu} CPU / {training.resources.memory} / "
               f"{gpu.count} {gpu.resource}; {task_pods} KFP task pod(s) of {kfp.task_cpu} CPU / {kfp.task_memory} "
               f"+ a {SIDECAR_CPU} / {SIDECAR_MEMORY} sidecar; {EXTRA_PODS} spare pod(s) for KFP drivers")

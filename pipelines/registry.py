@@ -5,7 +5,7 @@ from pathlib import Path
 from types import ModuleType
 
 from pipelines import training_pipeline
-from pipelines.config import ConfigError, Settings, load_settings, ENVIRONMENTS
+from pipelines.config import ConfigError, Settings, environments, load_settings
 
 PIPELINES: dict[str, ModuleType] = {training_pipeline.NAME: training_pipeline}
 
@@ -76,7 +76,7 @@ def check_all(config_dir: Path | None = None) -> dict[str, list[str]]:
     import tempfile
 
     problems: dict[str, list[str]] = {}
-    for env in ENVIRONMENTS:
+    for env in environments(config_dir):
         try:
             settings = load_settings(env, config_dir)
         except ConfigError as err:

@@ -8,10 +8,14 @@ compiled YAML is self-contained (image, resources, node selectors, thresholds, s
 submission can still override any parameter.
 """
 
+from pathlib import Path
+
 from kfp import dsl, kubernetes
 
+import storage
 from components.base import component
-from pipelines.config import Settings
+from pipelines.config import CONFIG_DIR, Settings
+from specs import TrainSpec
 
 NAME = "training"
 
@@ -30,22 +34,25 @@ def as_parameter(model) -> dict:
     return model.model_dump(mode="json", exclude_none=True)
 
 
-def arguments(settings: Settings) -> dict:
-    """The pipeline's parameter values for an environment (see `check`)."""
-    from components.validation import load_suite
-
-    train_spec = as_parameter(settings.training) | without_none({
-        "image": settings.image.ref,
-        "namespace": settings.namespace,
-        "env": settings.env,
-        "object_store_endpoint": settings.kfp.object_store_endpoint,
+def train_spec(settings: Settings) -> TrainSpec:
+    """What the train task (and `flywheel train`) receives: the env's training section plus where
+    its jobs run and stage their outputs."""
+    return TrainSpec.model_validate({
+        **settings.training.model_dump(), "image": settings.image.ref, "namespace": settings.namespace,
+        "env": settings.env, "object_store_endpoint": settings.kfp.object_store_endpoint,
         "staging_uri": f"{settings.kfp.pipeline_root or 'runs'}/flywheel-jobs",
     })
+
+
+def arguments(settings: Settings, config_dir: Path | None = None) -> dict:
+    """The pipeline's parameter values for an environment (see `check`)."""
+    from stages.validation import load_suite
+
     return {
         "env": settings.env,
         "dataset_spec": as_parameter(settings.dataset),
-        "suite": without_none(load_suite(settings.dataset)),
-        "train_spec": train_spec,
+        "suite": without_none(load_suite(settings.dataset, config_dir or CONFIG_DIR)),
+        "train_spec": as_parameter(train_spec(settings)),
         "tuning_spec": as_parameter(settings.tuning),
         "evaluation_spec": as_parameter(settings.evaluation),
         "tracking": as_parameter(settings.mlflow),
@@ -57,11 +64,11 @@ def build(settings: Settings):
     from components.evaluate import evaluate_op, gate_op, register_op
     from components.ingest import ingest_op, split_op
     from components.train import train_op
-    from components.tune import HALVING_ETA, promote_op, propose_op, select_op, trial_op
+    from components.tune import promote_op, propose_op, select_op, trial_op
     from components.validate import validate_op
-    from training import storage
+    from stages.tuning import HALVING_ETA
 
-    image = "" if settings.env == "local" else settings.image.ref
+    image = "" if settings.embedded else settings.image.ref
     ingest, validate, split, propose, trial, promote, select, train, evaluate, gate, register = (
         component(fn, image) for fn in (ingest_op, validate_op, split_op, propose_op, trial_op, promote_op,
                                         select_op, train_op, evaluate_op, gate_op, register_op))
@@ -133,8 +140,8 @@ def build(settings: Settings):
             task.set_caching_options(False)
             if settings.kfp.object_store_endpoint:
                 task.set_env_variable("AWS_ENDPOINT_URL", settings.kfp.object_store_endpoint)
-            if settings.training.backend == "pytorchjob":
-                # Tasks read and write the object store themselves (staged PyTorchJob models, the
+            if settings.training.on_cluster:
+                # Tasks read and write the object store themselves (staged training-job models, the
                 # registry's artifacts): credentials come from the namespace's secret, by reference.
                 kubernetes.use_secret_as_env(task, secret_name=storage.CREDENTIALS_SECRET,
                                              secret_key_to_env={k: k for k in storage.CREDENTIAL_KEYS})

@@ -7,7 +7,8 @@ import pytest
 from kfp import dsl
 
 from components.base import component
-from components.dataset import ReferenceTask, read_table, split as split_frame, write_table
+from storage.tables import read_table, write_table
+from stages.dataset import ReferenceTask, split as split_frame
 from components.ingest import ingest_op, load_dataset, split_op
 from components.tune import best_trial, propose, propose_op, select_op, trial_op
 from pipelines.training_pipeline import arguments
@@ -33,7 +34,7 @@ def test_ingest_copies_a_user_csv_byte_for_byte(kfp_local, small_settings, tmp_p
 
 
 def test_a_user_csv_gz_goes_through_ingest_validation_and_reading(kfp_local, small_settings, tmp_path):
-    from components.validation import load_suite, validate_file
+    from stages.validation import load_suite, validate_file
 
     frame = ReferenceTask(rows=2000, seed=4).generate()
     source = write_table(frame, tmp_path / "customers.csv.gz")

@@ -20,8 +20,9 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import OneHotEncoder, StandardScaler
 
-from components import evaluation as ev
-from components.dataset import REFERENCE_CATEGORICAL, REFERENCE_NUMERIC, ReferenceTask, content_hash, split, write_table
+from tests import evaluation_api as ev
+from storage.tables import content_hash, write_table
+from stages.dataset import REFERENCE_CATEGORICAL, REFERENCE_NUMERIC, ReferenceTask, split
 
 TARGET = "default"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -223,7 +224,7 @@ def test_report_renders_in_headless_chromium(model, data, result, tmp_path):
 
 def train_model_dir(train_file: str, model_dir: str, numeric: list[str], categorical: list[str], data_hash: str):
     """A real model artifact from the project's training entry point (one process, few epochs)."""
-    from pipelines.config import Hyperparameters
+    from specs import Hyperparameters
     from training.train import train
 
     hyperparameters = Hyperparameters(epochs=6, hidden=32, depth=1, learning_rate=0.01, batch_size=128).model_dump()

@@ -18,8 +18,9 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 import numpy as np
 import pytest
 
-from components import evaluation as ev
-from components.dataset import REFERENCE_CATEGORICAL, REFERENCE_NUMERIC, ReferenceTask, content_hash, split, write_table
+from tests import evaluation_api as ev
+from storage.tables import content_hash, write_table
+from stages.dataset import REFERENCE_CATEGORICAL, REFERENCE_NUMERIC, ReferenceTask, split
 
 TARGET = "default"
 THRESHOLDS = {"roc_auc": 0.60, "pr_auc": 0.15, "f1": 0.0, "brier": 0.16}
@@ -95,7 +96,7 @@ def test_lower_is_better_primary_metric():
 
 
 def train_model_dir(train_file, model_dir, numeric, categorical, data_hash):
-    from pipelines.config import Hyperparameters
+    from specs import Hyperparameters
     from training.train import train
 
     hyperparameters = Hyperparameters(epochs=6, hidden=32, depth=1, learning_rate=0.01, batch_size=128).model_dump()

@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from components.dataset import ReferenceTask, write_table
+from storage.tables import write_table
+from stages.dataset import ReferenceTask
 from pipelines.config import load_settings
 from pipelines.local import execute
 

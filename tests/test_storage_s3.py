@@ -19,11 +19,11 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from components.dataset import ReferenceTask
+from stages.dataset import ReferenceTask
 from pipelines.config import load_settings
-from training import storage
+import storage
 from training import train as entry
-from training.artifact import load_model
+from model.loader import load_model
 from training.launchers import TORCHRUN_ENV, entry_args, torchrun_command, training_spec
 
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "flywheel-test", "AWS_SECRET_ACCESS_KEY": "flywheel-test-secret",

@@ -30,13 +30,13 @@ from kfp import dsl
 import training.pytorchjob as pytorchjob
 from components import tune
 from components.base import component
-from components.dataset import ReferenceTask
+from stages.dataset import ReferenceTask
 from components.train import JOB_NAME_MAX, job_name, launch
 from pipelines.config import load_settings
 from pipelines.training_pipeline import arguments
 from tests.fakes.k8s_api import JobScript, fake_k8s  # noqa: F401 (fixture)
 from tests.test_storage_s3 import CREDENTIALS, bucket, keys, s3_endpoint, s3_env  # noqa: F401 (fixtures)
-from training.artifact import load_model
+from model.loader import load_model
 from training.pytorchjob import DNS1035, TrainingJobFailed, build_pytorchjob, validate_pytorchjob
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -6,11 +6,12 @@ import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from components.dataset import ReferenceTask, write_table
+from storage.tables import write_table
+from stages.dataset import ReferenceTask
 from pipelines.config import load_settings
-from training.artifact import load_model
+from model.loader import load_model
 from training.launchers import TrainingFailed, train_model
-from training.preprocessing import UNKNOWN, Preprocessor
+from model.preprocessing import UNKNOWN, Preprocessor
 
 NUMERIC = ["age", "income"]
 CATEGORICAL = ["housing"]

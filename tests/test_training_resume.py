@@ -18,10 +18,11 @@ import torch
 from sklearn.metrics import roc_auc_score
 from torch.utils.data.distributed import DistributedSampler
 
-from components.dataset import ReferenceTask, write_table
+from storage.tables import write_table
+from stages.dataset import ReferenceTask
 from pipelines.config import load_settings
 from training import train as entry
-from training.artifact import load_model
+from model.loader import load_model
 from training.launchers import TORCHRUN_ENV, entry_args, torchrun_command, training_spec
 
 CHECKPOINT_LINE = re.compile(r"rank0 checkpoint written after epoch (\d+) ")

@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 import yaml
 
-from components.dataset import ReferenceTask, write_table
-from components.validation import (
+from storage.tables import write_table
+from stages.dataset import ReferenceTask
+from stages.validation import (
     SuiteError,
     ValidationFailed,
     check_suite,

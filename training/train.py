@@ -39,10 +39,12 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data.distributed import DistributedSampler
 
-from training import storage
-from training.artifact import save_model
-from training.model import TabularNet
-from training.preprocessing import Preprocessor
+import storage
+from model.labels import LabelMapping
+from model.loader import save_model
+from model.network import TabularNet
+from model.preprocessing import Preprocessor
+from storage.tables import read_table
 
 log = logging.getLogger("flywheel.train")
 CHECKPOINT = "checkpoints/last.pt"
@@ -102,21 +104,14 @@ def setup_distributed(expect_gpu: bool = False) -> Context:
     return Context(0, 1, device, None, restart)
 
 
-def _frame_from_bytes(data: bytes):
-    import pandas as pd
-
-    if data[:4] == b"PAR1":  # KFP artifact paths carry no extension: look at the bytes
-        return pd.read_parquet(io.BytesIO(data))
-    return pd.read_csv(io.BytesIO(data), compression="gzip" if data[:2] == b"\x1f\x8b" else None)
-
-
 def _read_bytes(uri: str) -> bytes:
     with storage.open_uri(uri) as handle:
         return handle.read()
 
 
-def read_training_frame(data_uri: str):
-    return _frame_from_bytes(_read_bytes(data_uri))
+def read_training_frame(data: bytes):
+    """The training table from its bytes (read once: they also fingerprint the checkpoint)."""
+    return read_table(io.BytesIO(data))
 
 
 def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -198,12 +193,15 @@ def _train(ctx: Context, data_uri: str, model_dir: str, spec: dict) -> dict:
                  ctx.backend or "single-process", ctx.device, ctx.restart)
 
     raw = _read_bytes(data_uri)
-    frame = _frame_from_bytes(raw)
+    frame = read_training_frame(raw)
     if target not in frame.columns:
         raise ValueError(f"target column {target!r} is not in {data_uri}")
-    labels = frame[target].to_numpy()
-    if set(np.unique(labels)) - {0, 1} or len(np.unique(labels)) < 2:
-        raise ValueError(f"target {target!r} must hold both classes 0 and 1, found {np.unique(labels)[:10]}")
+    # The mapping split saved (config's positive_label applied); inferred here for a bare table.
+    mapping = (LabelMapping.from_dict(dataset["labels"]) if dataset.get("labels")
+               else LabelMapping.infer(frame[target], column=target))
+    labels = mapping.encode(frame[target], target)
+    if len(np.unique(labels)) < 2:
+        raise ValueError(f"target {target!r} must hold both classes {mapping.classes}, found only {np.unique(labels)}")
     train_idx, val_idx = stratified_split(labels, hp["validation_fraction"], hp["seed"])
     preprocessor = Preprocessor.fit(frame.iloc[train_idx], numeric, categorical)
     # Tabular data is small next to device memory: move it once, then batches are slices on the device.
@@ -322,6 +320,7 @@ def _train(ctx: Context, data_uri: str, model_dir: str, spec: dict) -> dict:
         "framework": "pytorch",
         "torch_version": torch.__version__,
         "target": target,
+        "labels": mapping.to_dict(),
         "features": {"numeric": numeric, "categorical": categorical},
         "hyperparameters": hp,
         "metrics": {"val_loss": best["val_loss"], "val_roc_auc": best["val_roc_auc"], "best_epoch": best["epoch"],
@@ -351,7 +350,7 @@ def _train(ctx: Context, data_uri: str, model_dir: str, spec: dict) -> dict:
 # No torch.distributed.elastic `@record` here: its error file races with torchrun's agent when a
 # sibling worker is killed (the agent read a half-written file, raised JSONDecodeError and died
 # instead of restarting the group). The exception's traceback reaches the log on stderr anyway,
-# and training.launchers takes the failure reason from there.
+# and the torchrun backend takes the failure reason from there.
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", required=True, help="training table URI (.parquet or .csv)")

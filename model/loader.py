@@ -1,26 +1,19 @@
-"""The model artifact: a directory holding everything needed to serve the model.
-
-    model.pt            state dict + architecture
-    preprocessor.json   the fitted preprocessing state (training.preprocessing)
-    metadata.json       framework, features, hyperparameters, metrics, data hash, job
-
-Serving and evaluation load it with `load_model`; nothing re-implements preprocessing.
-"""
+"""Save and load a trained model directory (`model.artifact` describes the files); needs torch."""
 from __future__ import annotations
 
 import io
-import json
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 import torch
 
-from training import storage
-from training.model import TabularNet
-from training.preprocessing import Preprocessor
-
-MODEL_FILE, PREPROCESSOR_FILE, METADATA_FILE = "model.pt", "preprocessor.json", "metadata.json"
+import storage
+from model.artifact import MODEL_FILE, METADATA_FILE, PREPROCESSOR_FILE, label_mapping, read_metadata, \
+    read_preprocessor, write_json
+from model.labels import LabelMapping
+from model.network import TabularNet
+from model.preprocessing import Preprocessor
 
 
 def save_model(model_dir: str, model: TabularNet, architecture: dict, preprocessor: Preprocessor,
@@ -29,12 +22,7 @@ def save_model(model_dir: str, model: TabularNet, architecture: dict, preprocess
     torch.save({"state_dict": model.state_dict(), "architecture": architecture}, buffer)
     storage.write_atomic(storage.join(model_dir, MODEL_FILE), buffer.getvalue())
     storage.write_atomic(storage.join(model_dir, PREPROCESSOR_FILE), preprocessor.to_json().encode())
-    storage.write_atomic(storage.join(model_dir, METADATA_FILE), json.dumps(metadata, indent=1).encode())
-
-
-def read_metadata(model_dir: str) -> dict:
-    with storage.open_uri(storage.join(model_dir, METADATA_FILE)) as handle:
-        return json.load(handle)
+    write_json(model_dir, METADATA_FILE, metadata)
 
 
 @dataclass
@@ -43,10 +31,19 @@ class TrainedModel:
     preprocessor: Preprocessor
     metadata: dict
 
+    @property
+    def labels(self) -> LabelMapping:
+        return label_mapping(self.metadata)
+
     @torch.inference_mode()
     def predict_proba(self, frame: pd.DataFrame) -> np.ndarray:
-        """P(target = 1) for each row of `frame` (raw feature columns, as in the training data)."""
+        """P(positive class) for each row of `frame` (raw feature columns, as in the training data)."""
         numeric, categorical = self.preprocessor.transform(frame)
+        return self.predict_arrays(numeric, categorical)
+
+    @torch.inference_mode()
+    def predict_arrays(self, numeric: np.ndarray, categorical: np.ndarray) -> np.ndarray:
+        """P(positive class) from already preprocessed tensors, one forward pass for the batch."""
         logits = self.network(torch.from_numpy(numeric), torch.from_numpy(categorical))
         return torch.sigmoid(logits).numpy().astype(np.float64)
 
@@ -54,9 +51,7 @@ class TrainedModel:
 def load_model(model_dir: str) -> TrainedModel:
     with storage.open_uri(storage.join(model_dir, MODEL_FILE)) as handle:
         saved = torch.load(io.BytesIO(handle.read()), map_location="cpu", weights_only=True)
-    with storage.open_uri(storage.join(model_dir, PREPROCESSOR_FILE)) as handle:
-        preprocessor = Preprocessor.from_json(handle.read().decode())
     network = TabularNet(**saved["architecture"])
     network.load_state_dict(saved["state_dict"])
     network.eval()
-    return TrainedModel(network, preprocessor, read_metadata(model_dir))
+    return TrainedModel(network, read_preprocessor(model_dir), read_metadata(model_dir))

@@ -1,15 +1,20 @@
-"""Datasets: the reference credit-default task, bring-your-own files, hashing and splits.
+"""Datasets: the reference credit-default task, bring-your-own files, snapshots and splits.
 
-Plain Python (pandas/pyarrow), no KFP: every stage reads and writes tables through here.
+Plain Python (pandas/pyarrow), no KFP. Tables are read and written through `storage.tables`.
 """
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
-from pathlib import Path
+import shutil
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+
+import storage
+from model.labels import LabelError, LabelMapping
+from specs import DatasetSpec, DistributionShift
+from storage.tables import content_hash, file_hash, read_table, table_format, write_table
 
 REFERENCE_TARGET = "default"
 REFERENCE_ID = "customer_id"
@@ -31,28 +36,17 @@ REFERENCE_CATEGORIES = {
 
 
 @dataclass(frozen=True)
-class Drift:
-    """Knobs that shift the reference distributions (1.0 / 0.0 = no shift), for drift tests."""
-
-    income_scale: float = 1.0
-    utilization_shift: float = 0.0
-    late_payment_rate: float = 1.0
-    unemployment_boost: float = 0.0
-    missing_rate_scale: float = 1.0
-
-
-@dataclass(frozen=True)
 class ReferenceTask:
     """A bank's credit-default problem: numeric and categorical features, ~1 in 8 positives,
     a few percent missing values, generated deterministically from a seed at any size."""
 
     rows: int = 20_000
     seed: int = 7
-    drift: Drift = field(default_factory=Drift)
+    shift: DistributionShift = DistributionShift()
 
     def generate(self) -> pd.DataFrame:
         rng = np.random.default_rng(self.seed)
-        n, d = self.rows, self.drift
+        n, d = self.rows, self.shift
         employment_p = np.array([0.62, 0.16, 0.06 + d.unemployment_boost, 0.10, 0.06])
         employment = rng.choice(REFERENCE_CATEGORIES["employment"], n, p=employment_p / employment_p.sum())
         housing = rng.choice(REFERENCE_CATEGORIES["housing"], n, p=[0.33, 0.34, 0.28, 0.05])
@@ -106,73 +100,6 @@ class ReferenceTask:
         return frame
 
 
-GZIP_MAGIC = b"\x1f\x8b"
-
-
-def table_format(source) -> str:
-    """'parquet', 'csv' or 'csv.gz': by extension, else by content (KFP artifact paths have no
-    extension). `source` is a path or a seekable binary file object (sniffed, then rewound)."""
-    if hasattr(source, "read"):
-        start = source.tell()
-        magic = source.read(4)
-        source.seek(start)
-    else:
-        name = str(source)
-        if name.endswith((".parquet", ".pq")):
-            return "parquet"
-        if name.endswith(".csv.gz"):
-            return "csv.gz"
-        if name.endswith(".csv"):
-            return "csv"
-        with open(name, "rb") as handle:
-            magic = handle.read(4)
-    if magic == b"PAR1":
-        return "parquet"
-    return "csv.gz" if magic[:2] == GZIP_MAGIC else "csv"
-
-
-def read_table(source, columns: list[str] | None = None, format: str | None = None) -> pd.DataFrame:
-    """Read CSV, gzip-compressed CSV or Parquet from a path or a binary file object (e.g. from
-    `training.storage.open_uri`). `format` ('parquet' | 'csv' | 'csv.gz') defaults to
-    `table_format(source)`: by extension, else by content (file objects must then be seekable)."""
-    fmt = format or table_format(source)
-    if fmt == "parquet":
-        return pd.read_parquet(source, columns=columns)
-    if fmt not in ("csv", "csv.gz"):
-        raise ValueError(f"unsupported table format {fmt!r}, expected 'parquet', 'csv' or 'csv.gz'")
-    return pd.read_csv(source, usecols=columns, compression="gzip" if fmt == "csv.gz" else None)
-
-
-def write_table(frame: pd.DataFrame, path: str | Path) -> Path:
-    """Write CSV or Parquet by extension, creating parent folders."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix in (".parquet", ".pq"):
-        frame.to_parquet(path, index=False)
-    elif path.name.endswith((".csv", ".csv.gz")):
-        frame.to_csv(path, index=False)
-    else:
-        raise ValueError(f"{path}: unsupported file type, expected .csv, .csv.gz or .parquet")
-    return path
-
-
-def file_hash(path: str | Path) -> str:
-    """SHA-256 of a file's bytes: the dataset's identity for lineage, even when it won't parse."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return "sha256:" + digest.hexdigest()
-
-
-def content_hash(frame: pd.DataFrame) -> str:
-    """A stable SHA-256 of a table's content (columns, dtypes and values), for lineage."""
-    digest = hashlib.sha256()
-    digest.update(repr([(c, str(t)) for c, t in frame.dtypes.items()]).encode())
-    digest.update(pd.util.hash_pandas_object(frame, index=False).values.tobytes())
-    return "sha256:" + digest.hexdigest()
-
-
 def _seed_key(seed: int) -> int:
     return int.from_bytes(hashlib.sha256(f"flywheel-split:{seed}".encode()).digest()[:8], "little")
 
@@ -195,24 +122,58 @@ def split_hashes(frame: pd.DataFrame, seed: int, id_column: str | None = None) -
     return pd.util.hash_array(rows.astype(np.uint64) ^ np.uint64(_seed_key(seed)))
 
 
-def split(frame: pd.DataFrame, test_fraction: float, seed: int, stratify: str | None = None,
-          id_column: str | None = None):
+def split(frame: pd.DataFrame, test_fraction: float, seed: int, id_column: str | None = None):
     """Deterministic train/test split that is stable per row: a row is in test iff the hash of
     (seed, its id) falls below `test_fraction`, or, without `id_column`, the hash of (seed, its
     content). So a row keeps its side when the dataset grows, shrinks or is reordered, and a
     champion's training rows never land in a later challenger's test set (no leakage in the gate).
 
     Sizes are test_fraction in expectation (binomial noise, about sqrt(n*f*(1-f)) rows), not
-    exact. `stratify` is accepted for compatibility and does not steer the split: per-class
-    quotas would move the threshold as data arrives and break the stability above; each class
-    still lands in test at test_fraction in expectation. Rows with the same id (or identical
-    content) always land on the same side."""
+    exact, for every class alike. The split is not stratified on purpose: per-class quotas would
+    move the threshold as data arrives and break the stability above. Rows with the same id (or
+    identical content) always land on the same side."""
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
-    if stratify is not None and stratify not in frame.columns:
-        raise KeyError(f"stratify column {stratify!r} is not in the frame")
     if id_column is not None and id_column not in frame.columns:
         raise KeyError(f"id column {id_column!r} is not in the frame")
     unit = (split_hashes(frame, seed, id_column) >> np.uint64(11)).astype(np.float64) / float(1 << 53)
     test_mask = unit < test_fraction
     return frame[~test_mask].reset_index(drop=True), frame[test_mask].reset_index(drop=True)
+
+
+def load_dataset(spec: DatasetSpec) -> pd.DataFrame:
+    """The env's dataset as a DataFrame: the generated reference task or the configured file,
+    read through `storage` (local paths, s3://, minio://) and sniffed by content like the
+    pipeline's artifact (Parquet, CSV or gzip-compressed CSV)."""
+    if spec.source == "reference":
+        return ReferenceTask(rows=spec.rows, seed=spec.seed, shift=spec.shift).generate()
+    with storage.open_uri(spec.uri) as handle:
+        return read_table(handle)
+
+
+def materialise(spec: DatasetSpec, path: str) -> dict:
+    """Write the dataset to `path` (the reference task as Parquet; a user file byte for byte, so a
+    corrupt file reaches validation as it is) and return its lineage metadata."""
+    if spec.source == "reference":
+        write_table(load_dataset(spec), path + ".parquet")
+        shutil.move(path + ".parquet", path)
+        source, fmt = f"reference(rows={spec.rows}, seed={spec.seed})", "parquet"
+    else:
+        with storage.open_uri(spec.uri) as src, open(path, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+        source = spec.uri
+        fmt = table_format(path)  # by content, as every later stage reads the artifact
+    return {"source": source, "format": fmt, "content_hash": file_hash(path)}
+
+
+def split_snapshot(path: str, spec: DatasetSpec) -> list[tuple[pd.DataFrame, dict]]:
+    """Read a snapshot and split it per `spec` into [(train, metadata), (test, metadata)]; the
+    metadata holds rows, role, content hash, the label mapping and the positive rate."""
+    frame = read_table(path)
+    if spec.target not in frame.columns:
+        raise LabelError(f"target column {spec.target!r} is not in the data (columns: {list(frame.columns)})")
+    labels = LabelMapping.infer(frame[spec.target], spec.positive_label, spec.target)
+    parts = split(frame, spec.test_fraction, spec.seed, id_column=spec.id_column)
+    return [(part, {"rows": len(part), "role": role, "content_hash": content_hash(part), "labels": labels.to_dict(),
+                    "positive_rate": float(labels.encode(part[spec.target], spec.target).mean()) if len(part) else 0.0})
+            for part, role in zip(parts, ("train", "test"))]

@@ -1,0 +1,18 @@
+"""Layer 1, the typed contracts a stage receives: pydantic models, no KFP, no torch.
+
+Environments (`pipelines.config`) are composed of these; plain stage functions take them; KFP
+ops re-validate the dicts they receive into them at the boundary.
+"""
+from specs.base import Strict
+from specs.data import DatasetSpec, DistributionShift, Features
+from specs.evaluation import EvaluationSpec, Thresholds, TrackingSpec
+from specs.monitoring import MonitoringSpec, RetrainingSpec
+from specs.serving import ServingSpec
+from specs.training import Elastic, Gpu, Hyperparameters, Resources, Toleration, TrainingSpec, TrainSpec
+from specs.tuning import TuningSpec
+
+__all__ = [
+    "DatasetSpec", "DistributionShift", "Elastic", "EvaluationSpec", "Features", "Gpu", "Hyperparameters",
+    "MonitoringSpec", "Resources", "RetrainingSpec", "ServingSpec", "Strict", "Thresholds", "Toleration",
+    "TrackingSpec", "TrainSpec", "TrainingSpec", "TuningSpec",
+]

@@ -1,0 +1,192 @@
+"""The MLflow model registry: register a model directory as a pyfunc, the `champion` and
+`previous-champion` aliases, and loading the champion back for the gate."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import numpy as np
+import pandas as pd
+
+import model
+from model.artifact import feature_columns, read_metadata
+from model.loader import load_model
+from specs import TrackingSpec
+from stages.metrics import predict_scores
+from storage.tables import content_hash
+from stages.tracking import _client, _mlflow, mlflow_at, experiment_id
+
+CHAMPION, PREVIOUS_CHAMPION = "champion", "previous-champion"
+# What the registered pyfunc needs at inference; pinned to what is installed here (letting MLflow
+# infer requirements costs ~4.8 s per log_model). The flywheel package itself (model.*) comes
+# with the serving image.
+PYFUNC_CODE = str(Path(model.__file__).parent / "pyfunc.py")  # not imported: it imports mlflow
+RUNTIME_PACKAGES = ("mlflow", "torch", "numpy", "pandas", "pyarrow", "fsspec", "cloudpickle")
+
+
+def register_candidate(model_dir: str, test_frame: pd.DataFrame, tracking: TrackingSpec, evaluation_run_id: str,
+                       lineage: Mapping) -> str:
+    """Register a promoted model with its lineage (training data and test data hashes, the
+    evaluation run) and an input example from the test data; returns the new version."""
+    metadata = read_metadata(model_dir)
+    lineage = {"data_hash": metadata.get("data_hash"), "test_data_hash": content_hash(test_frame),
+               "evaluation_run_id": evaluation_run_id, "training_run_id": metadata.get("mlflow_run_id"), **lineage}
+    return register_model(tracking.tracking_uri, tracking.registered_model, model_dir, evaluation_run_id or None,
+                          lineage, input_example(test_frame, feature_columns(metadata)),
+                          experiment=tracking.experiment)
+
+
+def input_example(frame: pd.DataFrame, columns: list[str], rows: int = 5) -> pd.DataFrame:
+    """A few feature rows for the MLflow signature, including a missing value of every column that
+    has them, so that the signature marks those columns optional and serving accepts nulls."""
+    columns = [c for c in columns if c in frame.columns] or list(frame.columns)
+    picked = list(frame.index[:rows])
+    for column in columns:
+        missing = frame.index[frame[column].isna()]
+        if len(missing) and not frame.loc[picked, column].isna().any():
+            picked.append(missing[0])
+    return frame.loc[picked, columns].reset_index(drop=True)
+
+
+def pip_requirements() -> list[str]:
+    """Exact pins of what the pyfunc imports, from this environment (the image's lock)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    pins = []
+    for package in RUNTIME_PACKAGES:
+        try:
+            pins.append(f"{package}=={version(package)}")
+        except PackageNotFoundError:
+            pass
+    return pins
+
+
+def _set_champion(client, registered_model: str, version: str) -> str | None:
+    """Move `champion` to `version`, first parking the old champion under `previous-champion`
+    (so a failure in between never leaves the model without a champion). Returns the old one."""
+    current = client.get_registered_model(registered_model).aliases.get(CHAMPION)
+    if current is not None and str(current) != str(version):
+        client.set_registered_model_alias(registered_model, PREVIOUS_CHAMPION, str(current))
+    client.set_registered_model_alias(registered_model, CHAMPION, str(version))
+    return None if current is None or str(current) == str(version) else str(current)
+
+
+def register_model(tracking_uri: str, registered_model: str, model_dir: str, run_id: str | None,
+                   lineage: Mapping, input_example: pd.DataFrame, *, experiment: str | None = None,
+                   make_champion: bool = True) -> str:
+    """Log `model_dir` as an MLflow pyfunc into run `run_id` (a new run in `experiment` when None),
+    register it with lineage tags, move `champion` to it (old one -> `previous-champion`), and
+    return the new version number."""
+    mlflow = _mlflow()
+    from mlflow.models import infer_signature
+
+    model = load_model(model_dir)
+    signature = infer_signature(input_example, predict_scores(model, input_example))
+    tags = {k: str(v)[:5000] for k, v in lineage.items() if v not in (None, "")}
+    with mlflow_at(tracking_uri):
+        if run_id:
+            run = mlflow.start_run(run_id=run_id)
+        else:
+            if not experiment:
+                raise ValueError("register_model needs run_id or experiment")
+            run = mlflow.start_run(experiment_id=experiment_id(tracking_uri, experiment), run_name="register")
+        with run:
+            info = mlflow.pyfunc.log_model(
+                name="model",
+                # Models from code: MLflow stores this file with the version and runs it to load the
+                # model, so a registered version never depends on where an op or class lives.
+                python_model=PYFUNC_CODE,
+                artifacts={"model_dir": str(model_dir)},
+                signature=signature,
+                input_example=input_example,
+                pip_requirements=pip_requirements(),
+                metadata={"flywheel": {"features": feature_columns(model.metadata)}},
+            )
+            run_id = run.info.run_id
+        version = mlflow.register_model(info.model_uri, registered_model, tags=tags)
+    client = _client(tracking_uri)
+    client.update_model_version(registered_model, version.version,
+                                description=f"flywheel model from run {run_id}; lineage: {json.dumps(tags, sort_keys=True)}")
+    if make_champion:
+        previous = _set_champion(client, registered_model, version.version)
+        if previous:
+            client.set_model_version_tag(registered_model, version.version, "previous_champion", previous)
+    return str(version.version)
+
+
+@dataclass
+class Champion:
+    """The registry's current champion. `model` has `predict_proba(frame)`; when it could not be
+    loaded, `model` is None and `error` says why (the gate then judges on thresholds alone)."""
+
+    version: dict
+    model: Any = None
+    error: str | None = None
+
+    @property
+    def readable(self) -> bool:
+        return self.error is None
+
+    @property
+    def label(self) -> str:
+        return f"{self.version.get('name')} v{self.version.get('version')}"
+
+
+class _PyfuncScorer:
+    """A loaded MLflow pyfunc seen through our `predict_proba` contract (schema enforced, as in serving)."""
+
+    def __init__(self, pyfunc):
+        self.pyfunc = pyfunc
+        self.metadata = getattr(getattr(pyfunc.unwrap_python_model(), "model", None), "metadata", {})
+
+    def predict_proba(self, frame: pd.DataFrame) -> np.ndarray:
+        return np.asarray(self.pyfunc.predict(frame), dtype=np.float64).reshape(-1)
+
+
+def load_champion(tracking_uri: str, registered_model: str, alias: str = CHAMPION) -> Champion | None:
+    """The model behind `alias`, or None when there is none yet (no registered model, no alias).
+
+    A champion whose artifacts cannot be loaded comes back with `error` set rather than raising:
+    that is a property of the registry's content the gate must decide on. A registry that cannot
+    be reached raises (MlflowException), so the task fails and nothing is promoted by accident.
+    """
+    from mlflow.exceptions import MlflowException
+
+    mlflow = _mlflow()
+    client = _client(tracking_uri)
+    try:
+        registered = client.get_registered_model(registered_model)
+    except MlflowException as err:
+        if err.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
+    number = registered.aliases.get(alias)
+    if number is None:
+        return None
+    mv = client.get_model_version(registered_model, str(number))
+    info = {"name": registered_model, "alias": alias, "version": str(mv.version), "run_id": mv.run_id,
+            "source": mv.source, "tags": dict(mv.tags), "status": mv.status}
+    with mlflow_at(tracking_uri):
+        try:
+            pyfunc = mlflow.pyfunc.load_model(f"models:/{registered_model}/{mv.version}")
+            return Champion(info, _PyfuncScorer(pyfunc))
+        except Exception as err:  # noqa: BLE001 - whatever is wrong with the stored model
+            if _unreachable(err):
+                raise
+            return Champion(info, None, f"{registered_model} v{mv.version} could not be loaded: "
+                                        f"{type(err).__name__}: {str(err)[:300]}")
+
+
+def _unreachable(err: BaseException) -> bool:
+    """True when a failure (or what caused it) is a network problem, not the champion's content:
+    MLflow wraps requests/urllib3/botocore errors, so walk the chain and look at the types."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        name = type(err).__name__
+        if isinstance(err, (ConnectionError, TimeoutError)) or "Connection" in name or "Timeout" in name:
+            return True
+        err = err.__cause__ or err.__context__
+    return False
