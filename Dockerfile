@@ -1,4 +1,4 @@
-# The project's image: every pipeline component and every PyTorchJob pod runs this, so no task
+# The project's image: every pipeline component, training pod and serving pod runs this, so no task
 # pip-installs at start. Tag or digest per environment lives in config/<env>.yaml (image.*).
 #   docker build -t ghcr.io/flywheel-ml/flywheel:0.1.0 .
 # constraints.txt pins the CPU build of torch (torch==2.13.0+cpu), which lives on PyTorch's CPU
@@ -14,10 +14,16 @@ ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \
 
 WORKDIR /opt/flywheel
 COPY pyproject.toml constraints.txt README.md ./
-COPY pipelines ./pipelines
-COPY components ./components
+COPY specs ./specs
+COPY storage ./storage
+COPY crds ./crds
+COPY model ./model
+COPY stages ./stages
 COPY training ./training
 COPY serving ./serving
+COPY monitoring ./monitoring
+COPY components ./components
+COPY pipelines ./pipelines
 COPY config ./config
 RUN if [ -n "$TORCH_INDEX" ]; then \
         grep -v '^torch==' constraints.txt > /tmp/constraints.txt && \
@@ -30,6 +36,6 @@ RUN if [ -n "$TORCH_INDEX" ]; then \
 # KFP's launcher creates its local artifact mount points as the task's (non-root) user.
 RUN mkdir -p /gcs /minio /s3 && chown 10001 /gcs /minio /s3
 
-# Non-root, matching the PyTorchJob pods' runAsUser (training/pytorchjob.py).
+# Non-root, matching the training pods' runAsUser (training/pods.py).
 RUN useradd --uid 10001 --no-create-home --shell /usr/sbin/nologin flywheel
 USER 10001

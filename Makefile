@@ -26,8 +26,12 @@ venv: $(STAMP) ## Create .venv and install the project with pinned dependencies
 run: $(STAMP) ## Run the whole lifecycle on the embedded `local` environment
 	$(BIN)/flywheel run --env $(ENV)
 
-test: $(STAMP) ## Run the test suite
+test: lint $(STAMP) ## Lint (ruff, layer contracts), then run the test suite
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+lint: $(STAMP) ## ruff, and the import contracts that keep each layer off the ones above it
+	$(BIN)/ruff check --quiet .
+	$(BIN)/lint-imports --no-cache
 
 check: $(STAMP) ## Validate every environment's config against the pipelines
 	$(BIN)/flywheel check
@@ -45,4 +49,4 @@ bench: $(STAMP) ## Run the benchmarks (validation speed, training loop overhead 
 clean: ## Remove generated files (keeps .venv)
 	rm -rf dist runs mlruns .pytest_cache
 
-.PHONY: help venv run test check compile bench render clean
+.PHONY: help venv run test lint check compile bench render clean

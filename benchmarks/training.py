@@ -5,7 +5,7 @@
 
 1. Framework overhead, one process: `training.train.train` on the reference task against a bare
    hand-written loop (randperm, index a batch, forward, BCE, zero_grad, backward, AdamW step) on
-   the same model (training.model.TabularNet), the same preprocessed tensors (same split, same
+   the same model (model.network.TabularNet), the same preprocessed tensors (same split, same
    fitted Preprocessor), batch size, epochs and threads. Both are timed over their epochs'
    training loops only (ours reports per-epoch loop time in its metadata; its validation pass and
    checkpoint per epoch are outside that window and shown separately as end-to-end figures).
@@ -33,20 +33,24 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from storage.tables import write_table  # noqa: E402
-from stages.dataset import ReferenceTask  # noqa: E402
-from pipelines.config import load_settings  # noqa: E402
-from training import train as entry  # noqa: E402
-from training.launchers import TORCHRUN_ENV, entry_args, torchrun_command, training_spec  # noqa: E402
+from model.labels import LabelMapping  # noqa: E402
 from model.network import TabularNet  # noqa: E402
 from model.preprocessing import Preprocessor  # noqa: E402
+from pipelines.config import load_settings  # noqa: E402
+from pipelines.training_pipeline import train_spec  # noqa: E402
+from stages.dataset import ReferenceTask  # noqa: E402
+from storage.tables import write_table  # noqa: E402
+from training import train as entry  # noqa: E402
+from training.backends.base import entry_args, entry_spec  # noqa: E402
+from training.backends.torchrun import torchrun_command  # noqa: E402
+from training.pods import TORCHRUN_ENV  # noqa: E402
 
 
 def make_spec(epochs: int, batch_size: int) -> dict:
     # patience = epochs: every run trains all epochs, so the runs compare like with like
     settings = load_settings("local", overrides={"training": {"hyperparameters": {
         "epochs": epochs, "batch_size": batch_size, "patience": epochs}}})
-    return training_spec(settings.training.model_dump(), settings.dataset.model_dump())
+    return entry_spec(train_spec(settings), settings.dataset, None)
 
 
 def loop_throughput(history: list[dict], rows_per_epoch: int) -> float:
@@ -68,8 +72,11 @@ def ours(data: Path, spec: dict, device: str) -> dict:
 def prepared_tensors(data: Path, spec: dict, device: torch.device):
     """Exactly what the entry point trains on: its split, its fitted Preprocessor, on the device."""
     hp, dataset = spec["hyperparameters"], spec["dataset"]
-    frame = entry.read_training_frame(str(data))
-    labels = frame[dataset["target"]].to_numpy()
+    frame = entry.read_training_frame(Path(data).read_bytes())
+    target = dataset["target"]
+    mapping = (LabelMapping.from_dict(dataset["labels"]) if dataset.get("labels")
+               else LabelMapping.infer(frame[target], column=target))
+    labels = mapping.encode(frame[target], target)
     train_idx, _ = entry.stratified_split(labels, hp["validation_fraction"], hp["seed"])
     pre = Preprocessor.fit(frame.iloc[train_idx], dataset["features"]["numeric"], dataset["features"]["categorical"])
     num, cat = pre.transform(frame.iloc[train_idx])

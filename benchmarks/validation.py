@@ -7,7 +7,7 @@ Every contender validates the same credit_default suite (config/expectations) on
 subprocess so that peak memory is its own. Each process first validates a 1k-row file (imports,
 context, first-call costs: one-off per task); the timed run reads and validates the whole file.
 
-  ours        components.validation.validate_file: pyarrow read, one batched BASIC run
+  ours        stages.validation.validate_file: pyarrow read, one batched BASIC run
   gx-suite    GX with its defaults: pd.read_csv, one batch.validate(suite) (SUMMARY format)
   gx-naive    pd.read_csv, one batch.validate(expectation) per expectation (skipped above --naive-max)
   pandas      the same checks hand-written in pandas on pd.read_csv (no reports, no row samples)
@@ -42,8 +42,8 @@ def dataset(rows: int) -> Path:
     path = RESULTS / f"credit_default_{rows}.csv"
     if not path.exists():
         sys.path.insert(0, str(ROOT))
-        from storage.tables import write_table
         from stages.dataset import ReferenceTask
+        from storage.tables import write_table
 
         tmp = path.with_suffix(".tmp.csv")
         write_table(ReferenceTask(rows=rows, seed=7).generate(), tmp)
@@ -55,7 +55,7 @@ def suite() -> dict:
     sys.path.insert(0, str(ROOT))
     from stages.validation import load_suite
 
-    return load_suite({"expectation_suite": "credit_default", "id_column": "customer_id"})
+    return load_suite({"expectation_suite": "credit_default", "id_column": "customer_id"}, ROOT / "config")
 
 
 # ----------------------------------------------------------------------------- contenders
@@ -147,7 +147,7 @@ def one(method: str, path: Path) -> dict:
     s = suite()
     prepared = None
     if method == "ours":
-        from stages.validation import _gx_engine
+        from stages.validation.engine import _gx_engine
 
         _gx_engine()
     elif method.startswith("gx"):

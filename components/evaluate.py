@@ -24,12 +24,13 @@ def evaluate_op(
         dataset_spec: The dataset section of the environment's config (target column).
         evaluation_spec: Decision threshold and slice column.
         tracking: MLflow tracking URI and experiment.
+
+    Returns:
         metrics: Scalar metrics (ROC AUC, PR AUC, F1, Brier, ...).
         classification: Confusion matrix and ROC curve for the Kubeflow UI.
         report: HTML report with ROC, PR, calibration and confusion-matrix plots.
-
-    Returns:
-        roc_auc: Test ROC AUC. run_id: The MLflow run the evaluation was logged to.
+        roc_auc: Test ROC AUC.
+        run_id: The MLflow run the evaluation was logged to.
     """
     import os
     from collections import namedtuple
@@ -40,11 +41,12 @@ def evaluate_op(
     from stages.evaluation import evaluate_and_log
     from storage.tables import read_table
 
+    upstream = test_data.metadata
     outcome = evaluate_and_log(load_model(model.path), read_table(test_data.path), DatasetSpec.model_validate(dataset_spec),
                                EvaluationSpec.model_validate(evaluation_spec), TrackingSpec.model_validate(tracking),
                                {"model_uri": model.uri, "test_data_uri": test_data.uri,
-                                "dataset_hash": test_data.metadata.get("content_hash"),
-                                "source_hash": test_data.metadata.get("source_hash")})
+                                "dataset_hash": upstream.get("data_hash") or upstream.get("content_hash"),
+                                "source_hash": upstream.get("source_hash")})
     result = outcome.result
     for name, value in outcome.kfp_metrics.items():
         metrics.log_metric(name, value)
@@ -78,10 +80,10 @@ def gate_op(
         dataset_spec: The dataset section of the environment's config (target column).
         evaluation_spec: Absolute thresholds, promotion margin, decision threshold.
         tracking: MLflow tracking URI and the registered model's name.
-        report: HTML report comparing candidate and champion; its metadata holds the decision and reason.
 
     Returns:
-        "promote" or "reject".
+        report: HTML report comparing candidate and champion; its metadata holds the decision and reason.
+        Output: "promote" or "reject".
     """
     import os
 

@@ -9,6 +9,8 @@ def ingest_op(dataset_spec: dict, dataset: Output[Dataset]):
 
     Args:
         dataset_spec: The dataset section of the environment's config (source, uri, columns, target).
+
+    Returns:
         dataset: The snapshot: the generated reference task as Parquet, or the configured file byte for
             byte; metadata carries its source, format and content hash.
     """
@@ -25,6 +27,8 @@ def split_op(dataset: Input[Dataset], dataset_spec: dict, train_data: Output[Dat
     Args:
         dataset: The validated snapshot from ingest.
         dataset_spec: The dataset section of the environment's config (test_fraction, seed, id_column).
+
+    Returns:
         train_data: Rows for training and tuning (Parquet), with their content hash.
         test_data: Held-out rows for evaluation and the gate (Parquet), with their content hash.
     """

@@ -13,7 +13,7 @@ def propose_op(tuning_spec: dict, train_spec: dict) -> list:
         train_spec: The environment's training section; its hyperparameter seed drives the proposals.
 
     Returns:
-        The trials to run, each a dict {trial, params}.
+        Output: The trials to run, each a dict {trial, params}.
     """
     from specs import TrainSpec, TuningSpec
     from stages.tuning import proposals
@@ -28,7 +28,7 @@ def promote_op(trials: list) -> list:
         trials: The first rung's results.
 
     Returns:
-        The trials to run again on the larger budget, each a dict {trial, params}.
+        Output: The trials to run again on the larger budget, each a dict {trial, params}.
     """
     from stages.tuning import normalise, promote
 
@@ -52,7 +52,7 @@ def trial_op(train_data: Input[Dataset], train_spec: dict, dataset_spec: dict, t
         budget_factor: Multiplies the epoch budget on a later successive-halving rung.
 
     Returns:
-        {trial, params, epochs, val_roc_auc, val_loss, history}.
+        Output: {trial, params, epochs, val_roc_auc, val_loss, history}.
     """
     from specs import DatasetSpec, TrainSpec, TuningSpec
     from stages.tuning import trial_spec, typed
@@ -85,7 +85,8 @@ def select_op(trials: list, train_spec: dict, tracking: dict, env: str, run_id: 
         screened: The first rung's results under successive halving, logged too.
 
     Returns:
-        train_spec: The train spec with the winning hyperparameters. best: The winning trial.
+        train_spec: The train spec with the winning hyperparameters.
+        best: The winning trial.
     """
     import os
     from collections import namedtuple

@@ -19,6 +19,8 @@ def validate_op(
     Args:
         dataset: The ingested snapshot.
         suite: The expectation suite, compiled into the pipeline from config/expectations/.
+
+    Returns:
         report: HTML report naming each failed expectation, its columns and sample rows.
         result: The full validation result as JSON.
         metrics: Expectation counts and the unexpected-value rate.

@@ -6,6 +6,7 @@ used for missing), numeric medians for missing values plus a missing-indicator, 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -31,6 +32,9 @@ class Preprocessor:
     means: dict[str, float]
     stds: dict[str, float]
     vocabularies: dict[str, list[str]]
+    # Columns that had missing values in the training data (the model learnt their imputation);
+    # None for artifacts saved before this was recorded. Serving accepts nulls only in these.
+    nullable: list[str] | None = None
 
     @classmethod
     def fit(cls, frame: pd.DataFrame, numeric: list[str], categorical: list[str]) -> "Preprocessor":
@@ -47,7 +51,8 @@ class Preprocessor:
         vocabularies = {
             column: sorted({category_key(v) for v in frame[column].dropna().unique()}) for column in categorical
         }
-        return cls(numeric, categorical, medians, means, stds, vocabularies)
+        nullable = [column for column in numeric + categorical if frame[column].isna().any()]
+        return cls(numeric, categorical, medians, means, stds, vocabularies, nullable)
 
     @property
     def numeric_width(self) -> int:
@@ -57,16 +62,23 @@ class Preprocessor:
     def cardinalities(self) -> list[int]:
         return [len(self.vocabularies[c]) + 1 for c in self.categorical]  # + unknown bucket
 
-    def transform(self, frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
-        """Return (numeric float32 [n, 2*len(numeric)], categorical int64 [n, len(categorical)])."""
-        missing = [c for c in self.numeric + self.categorical if c not in frame.columns]
+    def transform(self, frame: pd.DataFrame | Mapping[str, Sequence]) -> tuple[np.ndarray, np.ndarray]:
+        """Return (numeric float32 [n, 2*len(numeric)], categorical int64 [n, len(categorical)]).
+
+        `frame` is a DataFrame or a mapping of column name to equal-length values (serving's
+        validated request columns: a one-row DataFrame costs more than the whole transform).
+        """
+        columns = frame.columns if isinstance(frame, pd.DataFrame) else frame
+        missing = [c for c in self.numeric + self.categorical if c not in columns]
         if missing:
             raise ValueError(f"input is missing feature columns: {missing}")
-        n = len(frame)
+        n = len(frame) if isinstance(frame, pd.DataFrame) else len(frame[(self.numeric + self.categorical)[0]])
         numeric = np.empty((n, self.numeric_width), dtype=np.float32)
         for i, column in enumerate(self.numeric):
             try:
-                values = pd.to_numeric(frame[column], errors="raise").to_numpy(dtype="float64", na_value=np.nan)
+                values = frame[column]
+                values = (pd.to_numeric(values, errors="raise").to_numpy(dtype="float64", na_value=np.nan)
+                          if isinstance(values, pd.Series) else np.asarray(values, dtype="float64"))
             except (TypeError, ValueError) as err:
                 raise ValueError(f"column {column!r} must be numeric: {err}") from None
             is_missing = ~np.isfinite(values)
@@ -76,8 +88,7 @@ class Preprocessor:
         categorical = np.empty((n, len(self.categorical)), dtype=np.int64)
         for j, column in enumerate(self.categorical):
             index = {value: k + 1 for k, value in enumerate(self.vocabularies[column])}
-            codes = frame[column].map(lambda v: index.get(category_key(v), UNKNOWN) if pd.notna(v) else UNKNOWN)
-            categorical[:, j] = codes.to_numpy(dtype=np.int64)
+            categorical[:, j] = [index.get(category_key(v), UNKNOWN) if pd.notna(v) else UNKNOWN for v in frame[column]]
         return numeric, categorical
 
     def to_json(self) -> str:

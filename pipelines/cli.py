@@ -139,7 +139,7 @@ def compile_(
     env: str = EnvOption,
     out_dir: Path = typer.Option(Path("dist"), help="pipelines go to OUT_DIR/ENV/<pipeline>.yaml"),
 ) -> None:
-    """Compile every pipeline for ENV to KFP IR YAML."""
+    """Compile every pipeline for ENV to KFP IR YAML, and each component to OUT_DIR/ENV/components/."""
     from pipelines.registry import compile_all
 
     settings = settings_or_exit(env)
@@ -152,8 +152,7 @@ def render(
     env: str = EnvOption,
     write: bool = typer.Option(False, "--write", help="regenerate manifests/overlays/ENV from config first"),
 ) -> None:
-    """Print ENV's Kubernetes manifests (`kubectl kustomize manifests/overlays/ENV`); fail if the
-    overlay disagrees with config/ENV.yaml."""
+    """Print ENV's Kubernetes manifests (kubectl kustomize); fail if the overlay disagrees with config."""
     from pipelines.manifests import ManifestError, render_checked
 
     try:
@@ -187,7 +186,8 @@ def submit(
     wait: bool = typer.Option(False, help="wait for the run to finish"),
 ) -> None:
     """Upload PIPELINE as a new pipeline version on ENV's KFP host and start a run."""
-    from pipelines.submit import SubmitError, submit_pipeline
+    from pipelines.kfp_client import SubmitError
+    from pipelines.submit import submit_pipeline
 
     settings = settings_or_exit(env)
     try:
@@ -203,7 +203,8 @@ def schedule(
     dry_run: bool = typer.Option(False, "--dry-run", help="print the changes without applying them"),
 ) -> None:
     """Reconcile ENV's scheduled-retraining KFP recurring run with config (create/update/delete)."""
-    from pipelines.submit import SubmitError, reconcile_schedules
+    from pipelines.kfp_client import SubmitError
+    from pipelines.schedule import reconcile_schedules
 
     settings = settings_or_exit(env)
     try:

@@ -19,7 +19,7 @@ from pathlib import Path
 from pipelines.config import Settings
 
 PIPELINE_ROOT = Path(os.environ.get("FLYWHEEL_RUNS_DIR") or Path(__file__).resolve().parent.parent / "runs") / "local"
-ERROR_LINE = re.compile(r"^[\w.]*(Error|Failed|Exception)\b: ")  # "components.validation.ValidationFailed: ..."
+ERROR_LINE = re.compile(r"^[\w.]*(Error|Failed|Exception)\b: ")  # "stages.validation.outcome.ValidationFailed: ..."
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 

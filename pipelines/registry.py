@@ -40,8 +40,29 @@ def load_compiled(path: Path) -> dict:
     return spec | (platform[0] if platform else {})
 
 
+def compile_components(settings: Settings, out_dir: Path) -> dict[str, Path]:
+    """Each op as its own component YAML for the env's image (`out_dir/<name>.yaml`), for
+    `kfp.components.load_component_from_file` in another team's pipeline."""
+    from kfp import compiler
+
+    from components import ops
+    from components.base import component
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    image = "" if settings.embedded else settings.image.ref
+    paths = {}
+    for name, fn in ops().items():
+        paths[name] = out_dir / f"{name}.yaml"
+        compiler.Compiler().compile(component(fn, image), str(paths[name]))
+    return paths
+
+
 def compile_all(settings: Settings, out_dir: Path) -> dict[str, Path]:
-    return {name: compile_pipeline(settings, name, out_dir) for name in PIPELINES}
+    """Every pipeline to `out_dir/<pipeline>.yaml` and every component to `out_dir/components/`."""
+    paths = {name: compile_pipeline(settings, name, out_dir) for name in PIPELINES}
+    return paths | {f"components/{name}": path
+                    for name, path in compile_components(settings, Path(out_dir) / "components").items()}
 
 
 # KFP IR parameter types and the Python values config may give them.

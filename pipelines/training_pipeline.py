@@ -61,17 +61,14 @@ def arguments(settings: Settings, config_dir: Path | None = None) -> dict:
 
 def build(settings: Settings):
     """Return the pipeline function for `settings`' image and defaults."""
-    from components.evaluate import evaluate_op, gate_op, register_op
-    from components.ingest import ingest_op, split_op
-    from components.train import train_op
-    from components.tune import promote_op, propose_op, select_op, trial_op
-    from components.validate import validate_op
+    from components import ops
     from stages.tuning import HALVING_ETA
 
     image = "" if settings.embedded else settings.image.ref
+    op = {name: component(fn, image) for name, fn in ops().items()}
     ingest, validate, split, propose, trial, promote, select, train, evaluate, gate, register = (
-        component(fn, image) for fn in (ingest_op, validate_op, split_op, propose_op, trial_op, promote_op,
-                                        select_op, train_op, evaluate_op, gate_op, register_op))
+        op[name] for name in ("ingest", "validate", "split", "propose", "trial", "promote", "select", "train",
+                              "evaluate", "gate", "register"))
     defaults = arguments(settings)
     run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
 
@@ -116,7 +113,7 @@ def build(settings: Settings):
             tasks.append(chosen)
 
         trained = train(train_data=parts.outputs["train_data"], train_spec=best_spec, dataset_spec=dataset_spec,
-                        run_id=run_id).set_display_name("train")
+                        run_id=run_id, tracking=tracking).set_display_name("train")
         # No KFP retry: the PyTorchJob restarts its own workers (elastic policy, backoff limit).
         evaluated = evaluate(model=trained.outputs["model"], test_data=parts.outputs["test_data"],
                              dataset_spec=dataset_spec, evaluation_spec=evaluation_spec,

@@ -1,22 +1,50 @@
-"""How the champion is served (KServe)."""
+"""How the champion is served: KServe predictor + transformer, locally and as an InferenceService."""
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
 from specs.base import Strict
 
 
+class PayloadLogging(Strict):
+    """Request/response payload events for monitoring, as the KServe logger agent sends them
+    (CloudEvents, binary mode). On a cluster the InferenceService `logger` sends them; locally the
+    transformer does."""
+
+    url: str | None = Field(None, description="where events go (the monitor service's sink); null turns logging off")
+    mode: Literal["all", "request", "response"] = "all"
+    sample_rate: Annotated[float, Field(ge=0.0, le=1.0)] = Field(1.0, description="fraction of calls logged")
+
+
 class ServingSpec(Strict):
     min_replicas: Annotated[int, Field(ge=0)] = 1
     max_replicas: Annotated[int, Field(ge=1)] = 1
-    canary_percent: Annotated[int, Field(ge=0, le=100)] = 0
+    canary_percent: Annotated[int, Field(ge=0, le=100)] = Field(
+        0, description="Knative mode: share of traffic the new revision gets until its smoke test passes; 0 = no canary")
+    deployment_mode: Literal["Standard", "Knative"] = Field(
+        "Standard", description="KServe deployment mode: Standard (Deployment + HPA) or Knative (revisions, canary)")
+    transformer: Literal["collocated", "separate"] = Field(
+        "collocated", description="transformer container in the predictor pod (localhost hop) or its own component")
+    hop_protocol: Literal["grpc-v2", "v2", "v1"] = Field(
+        "grpc-v2", description="how the transformer calls the predictor")
+    scale_metric: Literal["cpu", "memory", "concurrency", "rps"] = "cpu"
+    scale_target: Annotated[int, Field(gt=0)] = Field(80, description="autoscaling target for scale_metric")
     cpu: str = "1"
     memory: str = "1Gi"
+    max_batch_rows: Annotated[int, Field(gt=0)] = Field(1000, description="rows per request; more is a 413")
+    max_body_bytes: Annotated[int, Field(gt=0)] = Field(4 << 20, description="request body limit; more is a 413")
+    ready_timeout_seconds: Annotated[int, Field(gt=0)] = 300
+    payload_logging: PayloadLogging = PayloadLogging()
 
     @model_validator(mode="after")
-    def _replicas(self):
+    def _consistent(self):
         if self.max_replicas < self.min_replicas:
             raise ValueError("serving.max_replicas must be >= serving.min_replicas")
+        if self.canary_percent and self.deployment_mode != "Knative":
+            raise ValueError("serving.canary_percent needs deployment_mode 'Knative' (KServe reads canaryTrafficPercent "
+                             "only there); Standard mode rolls out with a smoke test and rollback")
+        if self.min_replicas == 0 and self.deployment_mode != "Knative":
+            raise ValueError("serving.min_replicas 0 (scale to zero) needs deployment_mode 'Knative'")
         return self

@@ -179,6 +179,35 @@ def load_champion(tracking_uri: str, registered_model: str, alias: str = CHAMPIO
                                         f"{type(err).__name__}: {str(err)[:300]}")
 
 
+def champion_version(tracking_uri: str, registered_model: str, alias: str = CHAMPION) -> dict | None:
+    """{name, alias, version, run_id, source} of the version behind `alias`; None if there is none."""
+    from mlflow.exceptions import MlflowException
+
+    client = _client(tracking_uri)
+    try:
+        mv = client.get_model_version_by_alias(registered_model, alias)
+    except MlflowException as err:
+        if err.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            return None
+        raise
+    return {"name": registered_model, "alias": alias, "version": str(mv.version), "run_id": mv.run_id,
+            "source": mv.source}
+
+
+def download_model_dir(tracking_uri: str, registered_model: str, version: str, dst: str) -> str:
+    """The Flywheel model directory logged with a registered version (the pyfunc's `model_dir`
+    artifact), downloaded under `dst`; returns its local path. Serving loads it directly."""
+    from mlflow.artifacts import download_artifacts
+
+    with mlflow_at(tracking_uri):
+        root = download_artifacts(artifact_uri=f"models:/{registered_model}/{version}", dst_path=dst)
+    path = Path(root) / "artifacts" / "model_dir"
+    if not path.is_dir():
+        raise FileNotFoundError(f"{registered_model} v{version} has no model_dir artifact (found "
+                                f"{sorted(p.name for p in Path(root).iterdir())}); was it registered by Flywheel?")
+    return str(path)
+
+
 def _unreachable(err: BaseException) -> bool:
     """True when a failure (or what caused it) is a network problem, not the champion's content:
     MLflow wraps requests/urllib3/botocore errors, so walk the chain and look at the types."""

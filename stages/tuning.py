@@ -91,7 +91,11 @@ def log_trials(tracking_uri: str, experiment: str, env: str, run_id: str, rungs:
                         for step, point in enumerate(result.get("history") or [], start=1):
                             mlflow.log_metrics({k: point[k] for k in ("train_loss", "val_loss", "val_roc_auc")
                                                 if k in point}, step=step)
-                        mlflow.log_metrics({"val_roc_auc": result["val_roc_auc"], "val_loss": result["val_loss"]})
+                        # The trial's result (its best epoch's) under its own names: logged as
+                        # val_roc_auc at step 0 it would add a point to the curve, and the run
+                        # would still show the last epoch's value (MLflow's latest = highest step).
+                        mlflow.log_metrics({"best_val_roc_auc": result["val_roc_auc"],
+                                            "best_val_loss": result["val_loss"]})
             return parent.info.run_id
 
 

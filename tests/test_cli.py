@@ -64,12 +64,13 @@ def test_check_fails_clearly_on_a_broken_config(config_dir, monkeypatch):
 
 def test_run_refuses_cluster_envs():
     result = runner.invoke(app, ["run", "--env", "prod"])
-    assert result.exit_code == 1 and "flywheel submit --env prod" in result.output
+    assert result.exit_code == 1 and "runs on a cluster" in result.output
+    assert "flywheel submit training --env prod" in result.output
 
 
 def test_validate_passes_clean_data_and_fails_bad_data_with_a_reason(tmp_path):
-    from storage.tables import write_table
     from stages.dataset import ReferenceTask
+    from storage.tables import write_table
 
     frame = ReferenceTask(rows=2000, seed=3).generate()
     clean = write_table(frame, tmp_path / "clean.parquet")
@@ -85,9 +86,9 @@ def test_validate_passes_clean_data_and_fails_bad_data_with_a_reason(tmp_path):
 
 
 def test_expectations_suggest_drafts_a_suite_that_accepts_its_own_data(tmp_path):
-    from storage.tables import write_table
     from stages.dataset import ReferenceTask
     from stages.validation import normalize_suite, validate_file
+    from storage.tables import write_table
 
     data = write_table(ReferenceTask(rows=2000, seed=4).generate(), tmp_path / "trusted.csv")
     out = tmp_path / "draft.yaml"
@@ -103,8 +104,8 @@ def test_run_stops_on_bad_data_with_the_reason_and_the_log_path(config_dir, tmp_
     """As a user runs it: a real `flywheel run` process, task output going to its log file."""
     import os
 
-    from storage.tables import write_table
     from stages.dataset import ReferenceTask
+    from storage.tables import write_table
 
     frame = ReferenceTask(rows=1500, seed=2).generate()
     frame["income"] = frame["income"].astype(str) + " EUR"  # numbers as strings

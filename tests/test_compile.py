@@ -2,9 +2,11 @@
 import pytest
 import yaml
 
-from pipelines.config import ENVIRONMENTS, load_settings
+from pipelines.config import environments, load_settings
 from pipelines.registry import (PIPELINES, check_all, compile_pipeline, load_compiled, pipeline_arguments,
                                 signature_errors)
+
+ENVIRONMENTS = environments()
 
 
 @pytest.fixture(scope="module")
@@ -24,9 +26,10 @@ def test_compiles_to_kfp_ir_with_the_env_image(compiled, env, name):
     spec = compiled[(env, name)]
     assert spec["pipelineInfo"]["name"] == f"flywheel-{name}"
     assert spec["schemaVersion"] == "2.1.0"
-    expected = {"python:3.11-slim"} if env == "local" else {load_settings(env).image.ref}
+    settings = load_settings(env)
+    expected = {"python:3.11-slim"} if settings.embedded else {settings.image.ref}
     assert images(spec) == expected
-    assert signature_errors(spec, pipeline_arguments(load_settings(env), name)) == []
+    assert signature_errors(spec, pipeline_arguments(settings, name)) == []
     # components run the project's own image: no pip install at task start
     commands = "\n".join(str(e["container"]) for e in spec["deploymentSpec"]["executors"].values())
     assert "pip install" not in commands

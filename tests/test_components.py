@@ -7,11 +7,15 @@ import pytest
 from kfp import dsl
 
 from components.base import component
-from storage.tables import read_table, write_table
-from stages.dataset import ReferenceTask, split as split_frame
-from components.ingest import ingest_op, load_dataset, split_op
-from components.tune import best_trial, propose, propose_op, select_op, trial_op
+from components.ingest import ingest_op, split_op
+from components.tune import propose_op, select_op, trial_op
+from pipelines.config import CONFIG_DIR
 from pipelines.training_pipeline import arguments
+from specs import DatasetSpec
+from stages.dataset import ReferenceTask, load_dataset
+from stages.dataset import split as split_frame
+from stages.tuning import best_trial, propose
+from storage.tables import read_table, write_table
 
 ingest, split = component(ingest_op, ""), component(split_op, "")
 
@@ -42,7 +46,7 @@ def test_a_user_csv_gz_goes_through_ingest_validation_and_reading(kfp_local, sma
     dataset = ingest(dataset_spec=spec).outputs["dataset"]
     assert open(dataset.path, "rb").read() == source.read_bytes(), "still a byte-for-byte copy"
     assert dataset.metadata["format"] == "csv.gz"
-    outcome = validate_file(dataset.path, load_suite(small_settings.dataset))  # the extension-less artifact
+    outcome = validate_file(dataset.path, load_suite(small_settings.dataset, CONFIG_DIR))  # the extension-less artifact
     assert outcome.passed and outcome.rows == 2000, outcome.failure_message()
     pd.testing.assert_frame_equal(read_table(dataset.path), frame, check_dtype=False)
 
@@ -95,12 +99,12 @@ def s3_bucket(monkeypatch):
 
 @pytest.mark.parametrize("name", ["customers.csv", "customers.csv.gz", "customers.parquet"])
 def test_load_dataset_reads_minio_uris_like_the_pipeline_ingest(s3_bucket, small_settings, tmp_path, name):
-    """`flywheel data` / `flywheel train` read the configured file through training.storage too."""
+    """`flywheel data` / `flywheel train` read the configured file through `storage` too."""
     bucket, client = s3_bucket
     frame = ReferenceTask(rows=300, seed=6).generate()
     client.put_object(Bucket=bucket, Key=f"data/{name}", Body=write_table(frame, tmp_path / name).read_bytes())
     spec = arguments(small_settings)["dataset_spec"] | {"source": "file", "uri": f"minio://{bucket}/data/{name}"}
-    pd.testing.assert_frame_equal(load_dataset(spec), frame, check_dtype=False)
+    pd.testing.assert_frame_equal(load_dataset(DatasetSpec.model_validate(spec)), frame, check_dtype=False)
 
 
 def test_propose_is_deterministic_and_stays_in_the_space():

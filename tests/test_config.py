@@ -2,7 +2,7 @@
 import pytest
 import yaml
 
-from pipelines.config import ENVIRONMENTS, ConfigError, load_all, load_settings
+from pipelines.config import ConfigError, environments, load_all, load_settings
 
 
 def write(config_dir, name, data):
@@ -18,7 +18,7 @@ def patch(config_dir, name, update):
 
 def test_every_environment_loads_and_differs_where_it_should():
     settings = load_all()
-    assert set(settings) == set(ENVIRONMENTS)
+    assert set(settings) == set(environments()) == {"local", "dev", "staging", "prod"}
     assert settings["local"].training.backend == "torchrun"
     assert all(settings[e].training.backend == "pytorchjob" for e in ("dev", "staging", "prod"))
     assert settings["dev"].training.resources.gpu.resource == "nvidia.com/mig-1g.5gb"
@@ -50,7 +50,7 @@ def test_wrong_literal_lists_the_allowed_values(config_dir):
     with pytest.raises(ConfigError) as err:
         load_settings("local", config_dir)
     message = str(err.value)
-    assert "local.yaml: training.backend: got 'slurm'; allowed: 'torchrun' or 'pytorchjob'" in message
+    assert "local.yaml: training.backend: got 'slurm'; allowed: 'torchrun', 'pytorchjob' or 'trainjob'" in message
 
 
 def test_error_points_at_base_when_base_set_the_bad_value(config_dir):
@@ -78,8 +78,17 @@ def test_wrong_type_and_bad_cron_and_bad_mig_profile(config_dir):
 
 def test_cluster_env_cannot_use_local_torchrun(config_dir):
     patch(config_dir, "staging", {"training": {"backend": "torchrun"}})
-    with pytest.raises(ConfigError, match="only for the local environment"):
+    with pytest.raises(ConfigError, match="'torchrun' trains on this machine, but kfp.host sends the pipeline to "
+                                          "a cluster"):
         load_settings("staging", config_dir)
+
+
+def test_embedded_env_cannot_use_a_cluster_backend(config_dir):
+    """Given the embedded env (no kfp.host) asking for a cluster backend, Then config says to set kfp.host."""
+    patch(config_dir, "local", {"training": {"backend": "pytorchjob"},
+                                "kfp": {"pipeline_root": "s3://flywheel-local/pipelines"}})
+    with pytest.raises(ConfigError, match="'pytorchjob' runs on a cluster: set kfp.host"):
+        load_settings("local", config_dir)
 
 
 def test_file_source_needs_a_table_uri(config_dir):
@@ -92,11 +101,15 @@ def test_file_source_needs_a_table_uri(config_dir):
 
 
 def test_unknown_env_missing_file_and_broken_yaml(config_dir):
-    with pytest.raises(ConfigError, match="unknown environment 'qa'; allowed: local, dev, staging, prod"):
+    with pytest.raises(ConfigError, match="unknown environment 'qa': .*; environments: dev, local, prod, staging"):
         load_settings("qa", config_dir)
-    (config_dir / "dev.yaml").unlink()
-    with pytest.raises(ConfigError, match=r"dev.yaml: file not found"):
+    (config_dir / "dev.yaml").unlink()  # an env is its file: without it, dev no longer exists
+    with pytest.raises(ConfigError, match=r"unknown environment 'dev': no .*dev.yaml; environments: local, prod, "):
         load_settings("dev", config_dir)
+    (config_dir / "base.yaml").rename(config_dir / "base.yaml.bak")
+    with pytest.raises(ConfigError, match=r"base.yaml: file not found"):
+        load_settings("local", config_dir)
+    (config_dir / "base.yaml.bak").rename(config_dir / "base.yaml")
     (config_dir / "prod.yaml").write_text("training: [unclosed\n")
     with pytest.raises(ConfigError, match=r"prod.yaml: not valid YAML"):
         load_settings("prod", config_dir)
@@ -121,3 +134,69 @@ def test_cluster_training_needs_an_object_store_pipeline_root(config_dir):
     write(config_dir, "dev", data)
     with pytest.raises(ConfigError, match="needs kfp.pipeline_root on an object store"):
         load_settings("dev", config_dir)
+
+
+# --------------------------------------------------------------------------------------------
+# A new environment is a new file
+
+
+def add_qa(config_dir):
+    """config/qa.yaml: a copy of dev.yaml in its own namespace."""
+    (config_dir / "qa.yaml").write_text((config_dir / "dev.yaml").read_text().replace("flywheel-dev", "flywheel-qa")
+                                        .replace("credit-default-dev", "credit-default-qa"))
+
+
+def test_a_new_env_file_is_discovered_validated_checked_and_compiled(config_dir, tmp_path):
+    """Given config/qa.yaml copied from dev.yaml, When config is loaded, checked and compiled,
+    Then qa is an environment like the others, with no code change."""
+    from pipelines.registry import PIPELINES, check_all, compile_pipeline, load_compiled
+
+    add_qa(config_dir)
+    assert environments(config_dir) == ["dev", "local", "prod", "qa", "staging"]
+
+    qa = load_settings("qa", config_dir)
+    assert qa.env == "qa" and qa.namespace == "flywheel-qa" and not qa.embedded
+    assert qa.training == load_settings("dev", config_dir).training
+    assert set(load_all(config_dir)) == {"dev", "local", "prod", "qa", "staging"}
+
+    assert check_all(config_dir) == {env: [] for env in ("dev", "local", "prod", "qa", "staging")}
+
+    for name in PIPELINES:
+        spec = load_compiled(compile_pipeline(qa, name, tmp_path / "qa"))
+        train_spec = spec["root"]["inputDefinitions"]["parameters"]["train_spec"]["defaultValue"]
+        assert train_spec["env"] == "qa" and train_spec["namespace"] == "flywheel-qa"
+        assert {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()} == {qa.image.ref}
+
+
+def test_unknown_env_lists_the_environments_that_exist(config_dir):
+    """Given qa.yaml added, When an env with no file is asked for, Then the error lists every env there is."""
+    add_qa(config_dir)
+    with pytest.raises(ConfigError) as err:
+        load_settings("uat", config_dir)
+    message = str(err.value)
+    assert f"unknown environment 'uat': no {config_dir / 'uat.yaml'}" in message
+    assert message.endswith("environments: dev, local, prod, qa, staging")
+
+
+def test_every_mistake_in_a_file_is_reported_with_file_and_key_path(config_dir):
+    """Given qa.yaml with four mistakes in different sections, When it is loaded, Then one error
+    names all four, each as <file>: <key path>: <what is wrong>."""
+    add_qa(config_dir)
+    patch(config_dir, "qa", {"training": {"workers": "two", "resources": {"gpus": 1}},
+                             "serving": {"canary_percent": 150},
+                             "evaluation": {"thresholds": {"f1": 2.0}}})
+    with pytest.raises(ConfigError) as err:
+        load_settings("qa", config_dir)
+    lines = str(err.value).splitlines()
+    qa_file = config_dir / "qa.yaml"
+    expected = ("training.workers:", "training.resources.gpus: unknown key", "serving.canary_percent:",
+                "evaluation.thresholds.f1:")
+    for key in expected:
+        assert any(line.startswith(f"{qa_file}: {key}") for line in lines), (key, lines)
+    assert len(lines) == len(expected), lines
+    # and `check` reports the same lines for qa while the other envs stay clean
+    from pipelines.registry import check_all
+
+    problems = check_all(config_dir)
+    assert problems["qa"] == lines
+    assert all(problems[env] == [] for env in ("dev", "local", "prod", "staging"))

@@ -6,8 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from components.dataset import (REFERENCE_CATEGORICAL, REFERENCE_NUMERIC, Drift, ReferenceTask, content_hash,
-                                file_hash, read_table, split, table_format, write_table)
+from specs import DistributionShift
+from stages.dataset import REFERENCE_CATEGORICAL, REFERENCE_NUMERIC, ReferenceTask, load_dataset, split
+from storage.tables import content_hash, file_hash, read_table, table_format, write_table
 
 
 def test_same_seed_same_data_other_seed_other_data():
@@ -30,11 +31,23 @@ def test_looks_like_a_credit_default_problem():
 
 def test_drift_knobs_shift_the_distributions():
     base = ReferenceTask(rows=10_000, seed=3).generate()
-    shifted = ReferenceTask(rows=10_000, seed=3, drift=Drift(income_scale=0.5, utilization_shift=0.3,
-                                                              missing_rate_scale=4.0)).generate()
+    shifted = ReferenceTask(rows=10_000, seed=3, shift=DistributionShift(income_scale=0.5, utilization_shift=0.3,
+                                                                          missing_rate_scale=4.0)).generate()
     assert shifted["income"].median() < 0.6 * base["income"].median()
     assert shifted["utilization"].mean() > base["utilization"].mean() + 0.2
     assert shifted["income"].isna().mean() > 2.5 * base["income"].isna().mean()
+
+
+def test_config_dataset_shift_reaches_the_generated_data():
+    """Given dataset.shift in an env's config, When its dataset loads, Then it is the shifted task."""
+    from pipelines.config import load_settings
+
+    shift = {"income_scale": 0.5, "utilization_shift": 0.3}
+    spec = load_settings("local", overrides={"dataset": {"rows": 2000, "seed": 3, "shift": shift}}).dataset
+    assert spec.shift == DistributionShift(**shift)
+    expected = ReferenceTask(rows=2000, seed=3, shift=DistributionShift(**shift)).generate()
+    assert content_hash(load_dataset(spec)) == content_hash(expected)
+    assert content_hash(expected) != content_hash(ReferenceTask(rows=2000, seed=3).generate())
 
 
 @pytest.mark.parametrize("name", ["data.csv", "data.csv.gz", "data.parquet"])
@@ -84,8 +97,8 @@ def test_unsupported_extension_is_a_clear_error(tmp_path):
 @pytest.mark.parametrize("id_column", ["customer_id", None])
 def test_split_is_deterministic_disjoint_and_roughly_balanced(id_column):
     frame = ReferenceTask(rows=5000).generate()
-    train, test = split(frame, 0.2, seed=11, stratify="default", id_column=id_column)
-    again, _ = split(frame, 0.2, seed=11, stratify="default", id_column=id_column)
+    train, test = split(frame, 0.2, seed=11, id_column=id_column)
+    again, _ = split(frame, 0.2, seed=11, id_column=id_column)
     # hashed, so the size is binomial around 1000 (sd ~28): within 4 sd
     assert len(train) + len(test) == len(frame) and abs(len(test) - 1000) <= 115
     assert not set(train["customer_id"]) & set(test["customer_id"])
@@ -104,7 +117,7 @@ def test_split_sizes_follow_the_test_fraction(fraction):
 
 
 def _test_ids(frame, seed=7, id_column="customer_id"):
-    return set(split(frame, 0.2, seed=seed, stratify="default", id_column=id_column)[1]["customer_id"])
+    return set(split(frame, 0.2, seed=seed, id_column=id_column)[1]["customer_id"])
 
 
 @pytest.mark.parametrize("id_column", ["customer_id", None])
@@ -115,8 +128,8 @@ def test_a_rows_side_survives_appended_rows_and_reordering(id_column):
     extra = ReferenceTask(rows=2_000, seed=8).generate()
     extra["customer_id"] = [f"N{i:08d}" for i in range(len(extra))]
     grown = pd.concat([old, extra], ignore_index=True).sample(frac=1.0, random_state=1).reset_index(drop=True)
-    old_train, old_test = split(old, 0.2, seed=7, stratify="default", id_column=id_column)
-    new_train, new_test = split(grown, 0.2, seed=7, stratify="default", id_column=id_column)
+    old_train, old_test = split(old, 0.2, seed=7, id_column=id_column)
+    new_train, new_test = split(grown, 0.2, seed=7, id_column=id_column)
     assert not set(old_train["customer_id"]) & set(new_test["customer_id"]), "old training rows leaked into test"
     assert set(old_test["customer_id"]) <= set(new_test["customer_id"]), "old test rows stay test rows"
     assert not set(old_test["customer_id"]) & set(new_train["customer_id"])

@@ -20,11 +20,17 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import OneHotEncoder, StandardScaler
 
-from tests import evaluation_api as ev
-from storage.tables import content_hash, write_table
+from model.loader import load_model
 from stages.dataset import REFERENCE_CATEGORICAL, REFERENCE_NUMERIC, ReferenceTask, split
+from stages.gate import decide
+from stages.metrics import MAX_CURVE_POINTS, MISSING_SLICE, evaluate
+from stages.report import render_report
+from storage.tables import content_hash, write_table
 
 TARGET = "default"
+# What the pipeline passes the ops: the env's dataset section (the ops validate it as a DatasetSpec)
+DATASET_SPEC = {"source": "reference", "target": TARGET,
+                "features": {"numeric": REFERENCE_NUMERIC, "categorical": REFERENCE_CATEGORICAL}}
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
 
@@ -57,7 +63,7 @@ class Constant:
 
 @pytest.fixture(scope="module")
 def data():
-    train, test = split(ReferenceTask(rows=6000, seed=11).generate(), 0.3, seed=11, stratify=TARGET)
+    train, test = split(ReferenceTask(rows=6000, seed=11).generate(), 0.3, seed=11)
     return train, test
 
 
@@ -68,7 +74,7 @@ def model(data):
 
 @pytest.fixture(scope="module")
 def result(model, data):
-    return ev.evaluate(model, data[1], TARGET, decision_threshold=0.3, slice_column="employment")
+    return evaluate(model, data[1], TARGET, decision_threshold=0.3, slice_column="employment")
 
 
 def test_metrics_agree_with_direct_sklearn_computation(model, data, result):
@@ -96,11 +102,11 @@ def test_curves_are_downsampled_for_kfp_and_keep_their_ends(model, data, result)
     # Given a test set whose full ROC curve has more points than KFP metadata should carry
     test = data[1]
     full_fpr, _, _ = skm.roc_curve(test[TARGET], model.predict_proba(test))
-    assert len(full_fpr) > ev.MAX_CURVE_POINTS
+    assert len(full_fpr) > MAX_CURVE_POINTS
     # Then the stored curves have at most 200 points, start at (0, 0), end at (1, 1), are monotone,
     # and every threshold is a finite number (sklearn's first is +inf)
     roc = result.roc
-    assert len(roc["fpr"]) <= ev.MAX_CURVE_POINTS and len(result.pr["recall"]) <= ev.MAX_CURVE_POINTS
+    assert len(roc["fpr"]) <= MAX_CURVE_POINTS and len(result.pr["recall"]) <= MAX_CURVE_POINTS
     assert (roc["fpr"][0], roc["tpr"][0]) == (0.0, 0.0) and (roc["fpr"][-1], roc["tpr"][-1]) == (1.0, 1.0)
     assert np.all(np.diff(roc["fpr"]) >= 0) and np.all(np.diff(roc["tpr"]) >= 0)
     assert all(np.isfinite(roc["thresholds"])) and max(roc["thresholds"]) <= 1.0
@@ -116,13 +122,13 @@ def test_slices_match_per_group_computation(model, data):
     test.loc[test["employment"] == "retired", TARGET] = 0
     assert test["employment"].isna().any()
     # When evaluated with slice_column=employment
-    result = ev.evaluate(model, test, TARGET, 0.3, slice_column="employment")
+    result = evaluate(model, test, TARGET, 0.3, slice_column="employment")
     p = model.predict_proba(test)
     slices = {s["value"]: s for s in result.slices}
     # Then every group (missing as its own) has its rows, positives and sklearn's ROC AUC
-    assert set(slices) == set(test["employment"].dropna()) | {ev.MISSING_SLICE}
+    assert set(slices) == set(test["employment"].dropna()) | {MISSING_SLICE}
     assert sum(s["rows"] for s in result.slices) == len(test)
-    for value, group in test.groupby(test["employment"].fillna(ev.MISSING_SLICE)):
+    for value, group in test.groupby(test["employment"].fillna(MISSING_SLICE)):
         s = slices[value]
         assert (s["rows"], s["positives"]) == (len(group), int(group[TARGET].sum()))
         if group[TARGET].nunique() == 2:
@@ -141,13 +147,13 @@ def test_model_beats_trivial_baseline_and_constant_model_does_not(model, data, r
     # And the fitted model beats it, while the constant model itself and a random scorer do not
     assert result.beats_baseline()
     assert result.metrics["roc_auc"] > 0.7 and result.metrics["brier"] < result.baseline["brier"]
-    assert not ev.evaluate(Constant(prior), test, TARGET, 0.3).beats_baseline()
+    assert not evaluate(Constant(prior), test, TARGET, 0.3).beats_baseline()
 
     class Noise:
         def predict_proba(self, frame):
             return np.random.default_rng(0).uniform(0, 1, len(frame))
 
-    assert not ev.evaluate(Noise(), test, TARGET, 0.3).beats_baseline()
+    assert not evaluate(Noise(), test, TARGET, 0.3).beats_baseline()
 
 
 def test_broken_predictions_and_single_class_data_fail_loudly(data):
@@ -158,22 +164,22 @@ def test_broken_predictions_and_single_class_data_fail_loudly(data):
             self.predict_proba = fn
 
     with pytest.raises(ValueError, match="not probabilities"):
-        ev.evaluate(Bad(lambda f: np.full(len(f), 1.5)), test, TARGET, 0.5)
+        evaluate(Bad(lambda f: np.full(len(f), 1.5)), test, TARGET, 0.5)
     with pytest.raises(ValueError, match="shape"):
-        ev.evaluate(Bad(lambda f: np.zeros(len(f) - 1)), test, TARGET, 0.5)
+        evaluate(Bad(lambda f: np.zeros(len(f) - 1)), test, TARGET, 0.5)
     with pytest.raises(ValueError, match="only class 0"):
-        ev.evaluate(Constant(0.1), test[test[TARGET] == 0], TARGET, 0.5)
+        evaluate(Constant(0.1), test[test[TARGET] == 0], TARGET, 0.5)
     with pytest.raises(ValueError, match="not in the test data"):
-        ev.evaluate(Constant(0.1), test, "nope", 0.5)
+        evaluate(Constant(0.1), test, "nope", 0.5)
 
 
 def test_report_is_self_contained_html_with_plots_and_tables(model, data, result):
     # Given a candidate, a (weaker) champion and a decision
     weak = SklearnModel(data[0], ["age"], ["region"])
-    champion = ev.evaluate(weak, data[1], TARGET, 0.3, slice_column="employment")
-    decision = ev.decide(result.metrics, champion.metrics, {"roc_auc": 0.6}, 0.002)
+    champion = evaluate(weak, data[1], TARGET, 0.3, slice_column="employment")
+    decision = decide(result.metrics, champion.metrics, {"roc_auc": 0.6}, 0.002)
     # When the report is rendered
-    page = ev.render_report(result, "Gate <test>", champion=champion, decision=decision)
+    page = render_report(result, "Gate <test>", champion=champion, decision=decision)
     # Then it inlines four PNGs, names the decision and shows both models' numbers and the slices
     assert page.count("src='data:image/png;base64,") == 4
     assert "http://" not in page and "https://" not in page  # nothing to fetch: works offline in KFP's viewer
@@ -181,7 +187,7 @@ def test_report_is_self_contained_html_with_plots_and_tables(model, data, result
     assert f"{result.metrics['roc_auc']:.4f}" in page and f"{champion.metrics['roc_auc']:.4f}" in page
     assert "Slices by employment" in page and "champion ROC AUC" in page
     # And without a champion there is no champion column
-    assert "champion ROC AUC" not in ev.render_report(result, "alone")
+    assert "champion ROC AUC" not in render_report(result, "alone")
 
 
 def _chromium_screenshot(html_file, png, tmp_path):
@@ -199,10 +205,10 @@ def test_report_renders_in_headless_chromium(model, data, result, tmp_path):
         pytest.skip(f"chromium not installed at {CHROMIUM} (apt-get install -y chromium)")
     # Given the report as a file
     weak = SklearnModel(data[0], ["age"], ["region"])
-    champion = ev.evaluate(weak, data[1], TARGET, 0.3, slice_column="employment")
+    champion = evaluate(weak, data[1], TARGET, 0.3, slice_column="employment")
     page = tmp_path / "report.html"
-    page.write_text(ev.render_report(result, "Evaluation report", champion=champion,
-                                     decision=ev.decide(result.metrics, champion.metrics, {"roc_auc": 0.6}, 0.002)))
+    page.write_text(render_report(result, "Evaluation report", champion=champion,
+                                  decision=decide(result.metrics, champion.metrics, {"roc_auc": 0.6}, 0.002)))
     # When headless Chromium screenshots it
     png = tmp_path / "report.png"
     _chromium_screenshot(page, png, tmp_path)
@@ -260,15 +266,15 @@ def test_evaluate_op_through_kfp_local(data, tmp_path):
                 "registered_model": "credit-default-test"}
     evaluation_spec = {"thresholds": {"roc_auc": 0.6}, "decision_threshold": 0.3, "slice_column": "employment",
                        "promotion_margin": 0.002}
-    evaluate = component(evaluate_op, None)
+    evaluate_component = component(evaluate_op, None)
 
     @dsl.pipeline(name="evaluate-only")
     def pipeline(model_uri: str, data_uri: str):
         model = dsl.importer(artifact_uri=model_uri, artifact_class=dsl.Model, reimport=True)
         test_data = dsl.importer(artifact_uri=data_uri, artifact_class=dsl.Dataset, reimport=True,
                                  metadata={"data_hash": "sha256:upstream"})
-        evaluate(model=model.output, test_data=test_data.output, dataset_spec={"target": TARGET},
-                 evaluation_spec=evaluation_spec, tracking=tracking)
+        evaluate_component(model=model.output, test_data=test_data.output, dataset_spec=DATASET_SPEC,
+                           evaluation_spec=evaluation_spec, tracking=tracking)
 
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "root"),
                workspace_root=str(tmp_path / "ws"))
@@ -276,7 +282,7 @@ def test_evaluate_op_through_kfp_local(data, tmp_path):
     pipeline(model_uri=model_dir, data_uri=str(tmp_path / "test.parquet"))
 
     # Then the component's numbers are the plain function's on the same model and data
-    expected = ev.evaluate(ev.load_model(model_dir), test, TARGET, 0.3, "employment")
+    expected = evaluate(load_model(model_dir), test, TARGET, 0.3, "employment")
     outputs = _executor_outputs(tmp_path / "root")
     executor = next(v for k, v in outputs.items() if k.startswith("evaluate"))
     params = executor["parameterValues"]
@@ -287,7 +293,7 @@ def test_evaluate_op_through_kfp_local(data, tmp_path):
     assert kfp_metrics["rows"] == len(test)
     classification = artifacts["classification"]["artifacts"][0]["metadata"]
     assert classification["confusionMatrix"]["rows"][1]["row"] == expected.confusion_matrix[1]
-    assert len(classification["confidenceMetrics"]) == len(expected.roc["fpr"]) <= ev.MAX_CURVE_POINTS
+    assert len(classification["confidenceMetrics"]) == len(expected.roc["fpr"]) <= MAX_CURVE_POINTS
     report_meta = artifacts["report"]["artifacts"][0]["metadata"]
     assert report_meta["mlflow_run_id"] == params["run_id"]
     assert report_meta["test_data_hash"] == content_hash(test)

@@ -18,13 +18,24 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 import numpy as np
 import pytest
 
-from tests import evaluation_api as ev
-from storage.tables import content_hash, write_table
+from model.artifact import feature_columns
+from model.loader import load_model
+from specs import EvaluationSpec
 from stages.dataset import REFERENCE_CATEGORICAL, REFERENCE_NUMERIC, ReferenceTask, split
+from stages.gate import challenge, decide
+from stages.metrics import evaluate
+from stages.registry import Champion, input_example, load_champion, register_model
+from stages.tracking import log_evaluation, mlflow_at
+from storage.tables import content_hash, write_table
 
 TARGET = "default"
 THRESHOLDS = {"roc_auc": 0.60, "pr_auc": 0.15, "f1": 0.0, "brier": 0.16}
 MARGIN = 0.002
+# What the pipeline passes the ops: the env's dataset section (the ops validate it as a DatasetSpec)
+DATASET_SPEC = {"source": "reference", "target": TARGET,
+                "features": {"numeric": REFERENCE_NUMERIC, "categorical": REFERENCE_CATEGORICAL}}
+# The gate's evaluation section, as the pipeline passes it to gate_op
+SPEC = EvaluationSpec(thresholds=THRESHOLDS, decision_threshold=0.3, slice_column="employment", promotion_margin=MARGIN)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -37,27 +48,27 @@ def metrics(roc_auc=0.80, pr_auc=0.40, f1=0.45, brier=0.10):
 
 
 def test_no_champion_yet_promotes_a_candidate_that_passes_thresholds():
-    decision = ev.decide(metrics(), None, THRESHOLDS, MARGIN)
+    decision = decide(metrics(), None, THRESHOLDS, MARGIN)
     assert decision.promote and decision.label == "promote"
     assert decision.reason.startswith("no champion yet") and "roc_auc 0.8000 >= 0.6" in decision.reason
     assert decision.champion is None
 
 
 def test_challenger_wins_by_more_than_the_margin():
-    decision = ev.decide(metrics(roc_auc=0.805), metrics(roc_auc=0.80), THRESHOLDS, MARGIN)
+    decision = decide(metrics(roc_auc=0.805), metrics(roc_auc=0.80), THRESHOLDS, MARGIN)
     assert decision.promote and decision.reason.startswith("challenger wins")
     assert "0.8050 vs champion 0.8000" in decision.reason
 
 
 def test_champion_wins_when_the_candidate_is_worse():
-    decision = ev.decide(metrics(roc_auc=0.78), metrics(roc_auc=0.80), THRESHOLDS, MARGIN)
+    decision = decide(metrics(roc_auc=0.78), metrics(roc_auc=0.80), THRESHOLDS, MARGIN)
     assert not decision.promote and decision.label == "reject"
     assert decision.reason.startswith("champion wins") and "gain -0.0200" in decision.reason
 
 
 @pytest.mark.parametrize("candidate", [0.8015, 0.80, 0.7985, 0.802])
 def test_tie_within_margin_keeps_the_champion(candidate):
-    decision = ev.decide(metrics(roc_auc=candidate), metrics(roc_auc=0.80), THRESHOLDS, MARGIN)
+    decision = decide(metrics(roc_auc=candidate), metrics(roc_auc=0.80), THRESHOLDS, MARGIN)
     assert not decision.promote and decision.reason.startswith("tie within margin")
 
 
@@ -72,22 +83,22 @@ def test_tie_within_margin_keeps_the_champion(candidate):
 )
 def test_candidate_below_absolute_thresholds_is_rejected_even_without_champion(candidate, named):
     for champion in (None, metrics(roc_auc=0.5)):
-        decision = ev.decide(candidate, champion, THRESHOLDS, MARGIN)
+        decision = decide(candidate, champion, THRESHOLDS, MARGIN)
         assert not decision.promote
         assert decision.reason.startswith("candidate below absolute thresholds") and named in decision.reason
 
 
 def test_champion_unreadable_is_judged_on_thresholds_alone_and_says_so():
     error = "credit-default v3 could not be loaded: OSError: no model.pt"
-    decision = ev.decide(metrics(), None, THRESHOLDS, MARGIN, champion_error=error)
+    decision = decide(metrics(), None, THRESHOLDS, MARGIN, champion_error=error)
     assert decision.promote and "champion unreadable" in decision.reason and error in decision.reason
-    rejected = ev.decide(metrics(roc_auc=0.5), None, THRESHOLDS, MARGIN, champion_error=error)
+    rejected = decide(metrics(roc_auc=0.5), None, THRESHOLDS, MARGIN, champion_error=error)
     assert not rejected.promote and "below absolute thresholds" in rejected.reason
 
 
 def test_lower_is_better_primary_metric():
-    assert ev.decide(metrics(brier=0.090), metrics(brier=0.100), THRESHOLDS, MARGIN, primary="brier").promote
-    assert not ev.decide(metrics(brier=0.110), metrics(brier=0.100), THRESHOLDS, MARGIN, primary="brier").promote
+    assert decide(metrics(brier=0.090), metrics(brier=0.100), THRESHOLDS, MARGIN, primary="brier").promote
+    assert not decide(metrics(brier=0.110), metrics(brier=0.100), THRESHOLDS, MARGIN, primary="brier").promote
 
 
 # ---------------------------------------------------------------------------------------------
@@ -111,7 +122,7 @@ def world(tmp_path_factory):
     """The reference task split once, and three real models trained on it: all features (strong),
     two strong features (medium) and two useless ones (weak)."""
     root = tmp_path_factory.mktemp("gate")
-    train, test = split(ReferenceTask(rows=6000, seed=11).generate(), 0.3, seed=11, stratify=TARGET)
+    train, test = split(ReferenceTask(rows=6000, seed=11).generate(), 0.3, seed=11)
     write_table(train, root / "train.parquet")
     write_table(test, root / "test.parquet")
     data_hash = content_hash(train)
@@ -126,27 +137,22 @@ def world(tmp_path_factory):
 
 
 def judge(world, name, tracking_uri, registered_model):
-    """The gate as gate_op runs it: evaluate candidate and champion on the same data, decide."""
-    test = world["test"]
-    candidate = ev.evaluate(ev.load_model(world["models"][name]), test, TARGET, 0.3, "employment")
-    champion = ev.load_champion(tracking_uri, registered_model)
-    champion_metrics = None
-    if champion is not None and champion.readable:
-        champion_metrics = ev.evaluate(champion.model, test, TARGET, 0.3, "employment").metrics
-    decision = ev.decide(candidate.metrics, champion_metrics, THRESHOLDS, MARGIN,
-                         champion_error=champion.error if champion else None)
-    return candidate, champion, decision
+    """The gate as gate_op runs it: load the registry's champion, then `challenge` evaluates
+    candidate and champion on the same data and decides."""
+    champion = load_champion(tracking_uri, registered_model)
+    outcome = challenge(load_model(world["models"][name]), champion, world["test"], TARGET, SPEC)
+    return outcome.candidate, champion, outcome.decision
 
 
 def register(world, name, tracking_uri, registered_model, experiment="gate-test"):
-    candidate = ev.evaluate(ev.load_model(world["models"][name]), world["test"], TARGET, 0.3)
-    run_id = ev.log_evaluation(tracking_uri, experiment, f"evaluate-{name}", {"model": name}, candidate.metrics,
-                               {"evaluation.json": candidate.to_dict()}, {"data_hash": world["data_hash"]})
-    metadata = ev.load_model(world["models"][name]).metadata
+    candidate = evaluate(load_model(world["models"][name]), world["test"], TARGET, 0.3)
+    run_id = log_evaluation(tracking_uri, experiment, f"evaluate-{name}", {"model": name}, candidate.metrics,
+                            {"evaluation.json": candidate.to_dict()}, {"data_hash": world["data_hash"]})
+    metadata = load_model(world["models"][name]).metadata
     lineage = {"data_hash": world["data_hash"], "kfp.pipeline_job_id": f"job-{name}", "kfp.task_name": "register-op",
                "env": "local", "evaluation_run_id": run_id}
-    example = ev.input_example(world["test"], ev.feature_columns(metadata))
-    return ev.register_model(tracking_uri, registered_model, world["models"][name], run_id, lineage, example), run_id
+    example = input_example(world["test"], feature_columns(metadata))
+    return register_model(tracking_uri, registered_model, world["models"][name], run_id, lineage, example), run_id
 
 
 def aliases(tracking_uri, registered_model):
@@ -157,7 +163,7 @@ def aliases(tracking_uri, registered_model):
 
 def test_the_trained_models_order_as_designed(world):
     """Guards the flows below: strong beats medium by far more than the margin; weak fails the thresholds."""
-    auc = {n: ev.evaluate(ev.load_model(d), world["test"], TARGET, 0.3).metrics["roc_auc"]
+    auc = {n: evaluate(load_model(d), world["test"], TARGET, 0.3).metrics["roc_auc"]
            for n, d in world["models"].items()}
     assert auc["strong"] > auc["medium"] + 10 * MARGIN and auc["medium"] > THRESHOLDS["roc_auc"] > auc["weak"]
 
@@ -180,7 +186,7 @@ def test_flow_through_a_real_sqlite_registry(world, tmp_path):
     assert aliases(uri, name) == {"champion": v2, "previous-champion": v1}
 
     # And the medium model now loses to the champion, the same model ties, the weak one fails thresholds
-    assert ev.decide(*_metrics_pair(world, "medium", uri, name)).reason.startswith("champion wins")
+    assert decide(*_metrics_pair(world, "medium", uri, name)).reason.startswith("champion wins")
     assert judge(world, "strong", uri, name)[2].reason.startswith("tie within margin")
     assert judge(world, "weak", uri, name)[2].reason.startswith("candidate below absolute thresholds: roc_auc")
 
@@ -192,15 +198,15 @@ def test_flow_through_a_real_sqlite_registry(world, tmp_path):
     assert version.run_id == run1
     assert version.tags["data_hash"] == world["data_hash"] and version.tags["kfp.pipeline_job_id"] == "job-medium"
     assert MlflowClient(uri).get_model_version(name, v2).tags["previous_champion"] == v1
-    previous = ev.load_champion(uri, name, alias="previous-champion")
-    direct = ev.load_model(world["models"]["medium"]).predict_proba(world["test"])
+    previous = load_champion(uri, name, alias="previous-champion")
+    direct = load_model(world["models"]["medium"]).predict_proba(world["test"])
     np.testing.assert_allclose(previous.model.predict_proba(world["test"]), direct, rtol=1e-6)
 
 
 def _metrics_pair(world, name, uri, registered_model):
     test = world["test"]
-    candidate = ev.evaluate(ev.load_model(world["models"][name]), test, TARGET, 0.3).metrics
-    champion = ev.evaluate(ev.load_champion(uri, registered_model).model, test, TARGET, 0.3).metrics
+    candidate = evaluate(load_model(world["models"][name]), test, TARGET, 0.3).metrics
+    champion = evaluate(load_champion(uri, registered_model).model, test, TARGET, 0.3).metrics
     return candidate, champion, THRESHOLDS, MARGIN
 
 
@@ -213,7 +219,7 @@ def test_unreadable_champion_is_reported_and_replaced(world, tmp_path):
     # Given a champion whose stored artifacts have been lost
     v1, _ = register(world, "medium", uri, name)
     source = MlflowClient(uri).get_model_version(name, v1).source  # models:/m-...
-    with ev._mlflow_at(uri):
+    with mlflow_at(uri):
         location = mlflow.get_logged_model(source.removeprefix("models:/")).artifact_location
     shutil.rmtree(location.removeprefix("file://"))
     # When the gate looks for it
@@ -227,6 +233,64 @@ def test_unreadable_champion_is_reported_and_replaced(world, tmp_path):
     assert aliases(uri, name) == {"champion": v2, "previous-champion": v1}
 
 
+def test_challenge_scores_the_champion_on_the_candidates_data_and_names_one_that_cannot(world):
+    """gate_op's champion policy as a plain function: the champion is scored on the same rows with
+    the same threshold and slices; an unreadable champion, or one that cannot score this data,
+    is named in the reason and the candidate is judged on the absolute thresholds alone."""
+    test, info = world["test"], {"name": "credit-default", "version": "3"}
+    strong, medium, weak = (load_model(world["models"][n]) for n in ("strong", "medium", "weak"))
+    # Given no champion, Then the candidate is promoted on the thresholds and no champion is reported
+    alone = challenge(strong, None, test, TARGET, SPEC)
+    assert alone.decision.promote and alone.decision.reason.startswith("no champion yet")
+    assert alone.champion is None and (alone.champion_label, alone.champion_version) == ("", "")
+    assert alone.candidate.metrics == pytest.approx(evaluate(strong, test, TARGET, 0.3, "employment").metrics)
+    # Given a readable champion, Then it is scored exactly as the candidate is, and the better one wins
+    outcome = challenge(strong, Champion(info, medium), test, TARGET, SPEC)
+    expected = evaluate(medium, test, TARGET, 0.3, "employment")
+    assert outcome.champion.metrics == pytest.approx(expected.metrics)
+    assert [s["value"] for s in outcome.champion.slices] == [s["value"] for s in expected.slices]
+    assert outcome.decision.reason.startswith("challenger wins")
+    assert (outcome.champion_label, outcome.champion_version) == ("credit-default v3", "3")
+    assert not challenge(medium, Champion(info, strong), test, TARGET, SPEC).decision.promote
+    # Given an unreadable champion, Then its error is the reason's and the candidate is judged on thresholds
+    error = "credit-default v3 could not be loaded: OSError: no model.pt"
+    broken = challenge(strong, Champion(info, None, error), test, TARGET, SPEC)
+    assert broken.champion is None and broken.champion_version == "3"
+    assert broken.decision.promote and broken.decision.reason.startswith("champion unreadable")
+    assert error in broken.decision.reason
+    # Given a champion that needs a column the test data lacks, Then it "could not score" the data:
+    # judged as unreadable, so a candidate that passes the thresholds is promoted and one below is not
+    without_region = test.drop(columns=["region"])
+    cannot = challenge(medium, Champion(info, weak), without_region, TARGET, SPEC)
+    assert cannot.champion is None
+    assert cannot.decision.promote and cannot.decision.reason.startswith("champion unreadable")
+    assert "credit-default v3 could not score the test data: ValueError" in cannot.decision.reason
+    assert "region" in cannot.decision.reason
+    below = challenge(medium, Champion(info, weak), without_region, TARGET,
+                      SPEC.model_copy(update={"thresholds": SPEC.thresholds.model_copy(update={"roc_auc": 0.99})}))
+    assert not below.decision.promote and below.decision.reason.startswith("candidate below absolute thresholds")
+    # And only the thresholds the spec sets are checked
+    unset = SPEC.model_copy(update={"thresholds": SPEC.thresholds.model_copy(
+        update={"roc_auc": None, "pr_auc": None, "f1": None, "brier": None})})
+    assert "none set" in challenge(weak, None, test, TARGET, unset).decision.reason
+
+
+@pytest.mark.slow
+def test_registered_champion_that_cannot_score_the_test_data_is_reported(world, tmp_path):
+    uri, name = f"sqlite:///{tmp_path / 'mlflow.db'}", "credit-default"
+    # Given a registered champion (a models-from-code pyfunc) that needs the region column
+    v1, _ = register(world, "weak", uri, name)
+    champion = load_champion(uri, name)
+    assert champion.readable
+    # When the gate's test data lacks that column
+    outcome = challenge(load_model(world["models"]["medium"]), champion, world["test"].drop(columns=["region"]),
+                        TARGET, SPEC)
+    # Then the champion is reported as unable to score it, and the candidate is judged on thresholds
+    assert outcome.champion is None and outcome.champion_version == v1
+    assert outcome.decision.promote and outcome.decision.reason.startswith("champion unreadable")
+    assert f"{name} v{v1} could not score the test data" in outcome.decision.reason
+
+
 def test_unreachable_registry_raises_instead_of_deciding(monkeypatch):
     # Given a tracking URI where nothing listens (and no retries, to fail fast)
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
@@ -235,7 +299,7 @@ def test_unreachable_registry_raises_instead_of_deciding(monkeypatch):
 
     # When the gate asks for the champion, Then it fails loudly: neither "no champion" nor "unreadable"
     with pytest.raises(MlflowException, match="failed with exception"):
-        ev.load_champion(f"http://127.0.0.1:{free_port()}", "credit-default")
+        load_champion(f"http://127.0.0.1:{free_port()}", "credit-default")
 
 
 def free_port() -> int:
@@ -296,7 +360,7 @@ def test_flow_through_a_real_mlflow_server(world, mlflow_server):
     assert decision.promote and decision.reason.startswith("challenger wins")
     v2, _ = register(world, "strong", uri, name)
     assert aliases(uri, name) == {"champion": v2, "previous-champion": v1}
-    assert ev.load_champion(uri, name).version["tags"]["data_hash"] == world["data_hash"]
+    assert load_champion(uri, name).version["tags"]["data_hash"] == world["data_hash"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -323,15 +387,15 @@ def test_evaluate_gate_register_through_kfp_local(world, tmp_path):
                 "registered_model": "credit-default-kfp"}
     evaluation_spec = {"thresholds": THRESHOLDS, "decision_threshold": 0.3, "slice_column": "employment",
                        "promotion_margin": MARGIN}
-    evaluate, gate, register_component = (component(fn, None) for fn in (evaluate_op, gate_op, register_op))
+    evaluate_component, gate, register_component = (component(fn, None) for fn in (evaluate_op, gate_op, register_op))
 
     @dsl.pipeline(name="gate-and-register")
     def pipeline(model_uri: str, data_uri: str):
         model = dsl.importer(artifact_uri=model_uri, artifact_class=dsl.Model, reimport=True)
         test_data = dsl.importer(artifact_uri=data_uri, artifact_class=dsl.Dataset, reimport=True)
-        evaluated = evaluate(model=model.output, test_data=test_data.output, dataset_spec={"target": TARGET},
-                             evaluation_spec=evaluation_spec, tracking=tracking)
-        decided = gate(model=model.output, test_data=test_data.output, dataset_spec={"target": TARGET},
+        evaluated = evaluate_component(model=model.output, test_data=test_data.output, dataset_spec=DATASET_SPEC,
+                                       evaluation_spec=evaluation_spec, tracking=tracking)
+        decided = gate(model=model.output, test_data=test_data.output, dataset_spec=DATASET_SPEC,
                        evaluation_spec=evaluation_spec, tracking=tracking)
         with dsl.If(decided.outputs["Output"] == "promote"):
             register_component(model=model.output, test_data=test_data.output, tracking=tracking, env="local",
@@ -357,7 +421,7 @@ def test_evaluate_gate_register_through_kfp_local(world, tmp_path):
     gate_meta = first["gate"]["artifacts"]["report"]["artifacts"][0]["metadata"]
     assert gate_meta["reason"].startswith("no champion yet") and gate_meta["champion_version"] == ""
     assert first["register"]["parameterValues"]["version"] == "1"
-    champion = ev.load_champion(tracking["tracking_uri"], tracking["registered_model"])
+    champion = load_champion(tracking["tracking_uri"], tracking["registered_model"])
     assert champion.version["run_id"] == first["evaluate"]["parameterValues"]["run_id"]
     tags = champion.version["tags"]
     assert tags["env"] == "local" and tags["data_hash"] == world["data_hash"]

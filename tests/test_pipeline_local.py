@@ -5,10 +5,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from storage.tables import write_table
-from stages.dataset import ReferenceTask
 from pipelines.config import load_settings
 from pipelines.local import execute
+from stages.dataset import ReferenceTask
+from storage.tables import write_table
 
 FAST = {
     "dataset": {"rows": 3000},

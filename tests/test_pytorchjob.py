@@ -1,5 +1,5 @@
 """The cluster half of training: the PyTorchJob we render per environment holds to the official
-CRD schema and our rules, and the launcher drives the real TrainingClient through a job's life
+CRD schema and our rules, and the backend drives the real TrainingClient through a job's life
 against a fake API server that holds requests to the same schema."""
 import copy
 import json
@@ -15,24 +15,26 @@ import yaml
 from kubeflow.training import TrainingClient
 from typer.testing import CliRunner
 
+import crds
 from pipelines.config import load_settings
+from pipelines.training_pipeline import train_spec
+from specs import TrainSpec
 from tests.fakes.k8s_api import JobScript, crd_schema, fake_k8s, unknown_fields  # noqa: F401 (fixture)
-from training.pytorchjob import (
-    PyTorchJobInvalid,
-    PyTorchJobLauncher,
-    TrainingJobFailed,
-    build_pytorchjob,
-    validate_pytorchjob,
-)
+from training.backends import TrainingJob
+from training.backends.cluster import TrainingJobFailed, TrainingJobInvalid
+from training.backends.pytorchjob import PyTorchJobBackend, build_pytorchjob, validate_pytorchjob
 
 ARGS = ["--data", "s3://bucket/train/data.parquet", "--model-dir", "s3://bucket/train/model", "--spec", "{}"]
 CLUSTER_ENVS = ("dev", "staging", "prod")
 
 
+def spec_for(env: str, **overrides) -> TrainSpec:
+    """What the env's train task receives (image and namespace included), with overrides validated."""
+    return TrainSpec.model_validate(train_spec(load_settings(env)).model_dump() | overrides)
+
+
 def render(env: str, **overrides) -> dict:
-    settings = load_settings(env)
-    spec = settings.training.model_dump() | {"env": env} | overrides
-    return build_pytorchjob(spec, f"flywheel-train-{env}", settings.namespace, settings.image.ref, ARGS)
+    return build_pytorchjob(spec_for(env, **overrides), f"flywheel-train-{env}", ARGS)
 
 
 def replicas(job: dict) -> dict:
@@ -144,7 +146,7 @@ def test_an_invalid_job_is_rejected_with_its_json_path(break_it, expected):
     job = copy.deepcopy(render("dev"))
     break_it(job)
     # When validated / Then the error names the path
-    with pytest.raises(PyTorchJobInvalid) as err:
+    with pytest.raises(TrainingJobInvalid) as err:
         validate_pytorchjob(job)
     assert any(p.startswith(expected) for p in err.value.problems), err.value.problems
 
@@ -154,19 +156,18 @@ def test_the_crd_itself_does_not_constrain_restart_policy():
     job = copy.deepcopy(render("dev"))
     replicas(job)["Master"]["restartPolicy"] = "Sometimes"
     # Then the CRD schema lets it through: the enum check is ours (and this is why it exists)
-    from training.pytorchjob import schema_problems
+    from training.backends.pytorchjob import schema_problems
 
     assert schema_problems(job) == []
 
 
 def test_credentials_and_operator_variables_cannot_be_passed_as_env():
-    settings = load_settings("dev")
-    spec = settings.training.model_dump()
+    spec = spec_for("dev")
     for env in ({"AWS_SECRET_ACCESS_KEY": "x"}, {"MASTER_ADDR": "x"}, {"PET_NNODES": "2"}):
         with pytest.raises(ValueError):
-            build_pytorchjob(spec, "j", settings.namespace, settings.image.ref, ARGS, env)
+            build_pytorchjob(spec, "j", ARGS, env)
     with pytest.raises(ValueError, match="entry point's arguments"):
-        build_pytorchjob(spec, "j", settings.namespace, settings.image.ref, ["python", "-m", "training.train", *ARGS])
+        build_pytorchjob(spec, "j", ["python", "-m", "training.train", *ARGS])
 
 
 def test_crd_dir_can_be_moved_with_an_env_variable(monkeypatch, tmp_path):
@@ -178,17 +179,20 @@ def test_crd_dir_can_be_moved_with_an_env_variable(monkeypatch, tmp_path):
 INSTALLED_CHECK = """
 import json, sys
 from pathlib import Path
-import training.pytorchjob as pj
+import crds
+import training.backends.pytorchjob as pj
+from training.backends.cluster import TrainingJobInvalid
 site = Path(sys.argv[1]).resolve()
-assert Path(pj.__file__).resolve().is_relative_to(site), pj.__file__  # the wheel's copy, not the checkout
-assert not (Path(pj.__file__).resolve().parents[2] / "shared").exists()
+for module in (pj, crds):  # the wheel's copies, not the checkout's
+    assert Path(module.__file__).resolve().is_relative_to(site), module.__file__
+assert not (site.parent / "shared").exists()
 job = json.load(sys.stdin)
 pj.validate_pytorchjob(job)
-assert pj.crd_dir().resolve().is_relative_to(site), pj.crd_dir()
+assert crds.crd_dir().resolve().is_relative_to(site), crds.crd_dir()
 job["spec"]["pytorchReplicaSpecs"]["Master"]["replicas"] = "one"
 try:
     pj.validate_pytorchjob(job)
-except pj.PyTorchJobInvalid as err:
+except TrainingJobInvalid as err:
     print("rejected:", err.problems[0])
 else:
     raise SystemExit("a broken job passed: no schema was checked")
@@ -200,14 +204,16 @@ def test_the_crd_schema_ships_in_the_wheel_and_validation_needs_nothing_else(tmp
     # where neither the repository's ../shared nor FLYWHEEL_CRD_DIR exists
     root = Path(__file__).resolve().parents[1]
     source = tmp_path / "src"
-    shutil.copytree(root / "training", source / "training", ignore=shutil.ignore_patterns("__pycache__"))
+    for package in ("specs", "storage", "crds", "model", "stages", "training", "serving", "monitoring", "components",
+                    "pipelines"):  # what pyproject.toml packages
+        shutil.copytree(root / package, source / package, ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(root / name, source / name)
     build = subprocess.run([sys.executable, "-c", "from setuptools import build_meta as b; print(b.build_wheel('dist'))"],
                            cwd=source, capture_output=True, text=True, timeout=300)
     assert build.returncode == 0, build.stderr[-3000:]
     wheel = source / "dist" / build.stdout.strip().splitlines()[-1]
-    assert "training/crds/kubeflow.org_pytorchjobs.yaml" in zipfile.ZipFile(wheel).namelist()
+    assert f"crds/{crds.PYTORCHJOB}" in zipfile.ZipFile(wheel).namelist(), "the crds package data ships"
     site = tmp_path / "site-packages"
     zipfile.ZipFile(wheel).extractall(site)
     env = {k: v for k, v in os.environ.items() if k != "FLYWHEEL_CRD_DIR"} | {"PYTHONPATH": str(site)}
@@ -220,40 +226,46 @@ def test_the_crd_schema_ships_in_the_wheel_and_validation_needs_nothing_else(tmp
 
 
 def test_validation_defaults_to_the_packaged_crd(monkeypatch):
-    import training.pytorchjob as pj
-
     monkeypatch.delenv("FLYWHEEL_CRD_DIR", raising=False)
-    assert pj.crd_dir() == Path(pj.__file__).resolve().parent / "crds"
+    assert crds.crd_dir() == crds.PACKAGED_CRD_DIR == Path(crds.__file__).resolve().parent
     validate_pytorchjob(render("dev"))
 
 
 def test_the_packaged_crd_is_the_shared_one_byte_for_byte():
     # The package's copy must not drift from the upstream CRD the rest of the repository uses.
-    import training.pytorchjob as pj
-
-    shared = Path(__file__).resolve().parents[2] / "shared" / "crds" / pj.CRD_FILE
+    shared = Path(__file__).resolve().parents[2] / "shared" / "crds" / crds.PYTORCHJOB
     if not shared.is_file():
         pytest.skip(f"{shared} is not here to compare with (outside the monorepo checkout)")
-    packaged = pj.PACKAGED_CRD_DIR / pj.CRD_FILE
+    packaged = crds.PACKAGED_CRD_DIR / crds.PYTORCHJOB
     assert packaged.read_bytes() == shared.read_bytes(), f"{packaged} differs from {shared}: copy it again"
 
 
-# --- the launcher, with the real TrainingClient against the fake API server -----------------
+# --- the backend, with the real TrainingClient against the fake API server ------------------
 
 
-def launcher(api, keep_job="on_failure", **options) -> PyTorchJobLauncher:
-    settings = load_settings("dev")
-    spec = settings.training.model_dump() | {"env": "dev", "keep_job": keep_job}
-    client = TrainingClient(client_configuration=api.configuration(), namespace=settings.namespace)
-    return PyTorchJobLauncher(spec, settings.namespace, settings.image.ref, client,
-                              poll_interval=0.02, log_drain_timeout=10, **options)
+def launcher(api, keep_job="on_failure", **options) -> PyTorchJobBackend:
+    spec = spec_for("dev", keep_job=keep_job)
+    client = TrainingClient(client_configuration=api.configuration(), namespace=spec.namespace)
+    return PyTorchJobBackend(spec, client=client, poll_interval=0.02, log_drain_timeout=10, **options)
+
+
+def run(backend: PyTorchJobBackend, name: str, env: dict | None = None) -> dict:
+    """Build and validate the job for ARGS, then run it through the backend's job life."""
+    obj = build_pytorchjob(backend.spec, name, ARGS, env)
+    validate_pytorchjob(obj)
+    return backend.run(obj)
+
+
+def submit(backend: PyTorchJobBackend, name: str) -> dict:
+    """The whole train path (render, validate, stage, run, collect) for data already in the store."""
+    return backend.train(TrainingJob(name, "s3://bucket/train/data.parquet", "s3://bucket/train/data.parquet", {}))
 
 
 def test_a_successful_job_streams_the_master_log_and_is_deleted(fake_k8s, capsys):
     # Given an operator that takes the job through Created -> Running -> Succeeded
     fake_k8s.scripts["train-ok"] = JobScript(master_log=["epoch 1 val_roc_auc 0.71", "saved model"])
     # When the launcher runs it (keep_job on_failure)
-    status = launcher(fake_k8s).run("train-ok", ARGS, {"FLYWHEEL_RUN": "r1"})
+    status = run(launcher(fake_k8s), "train-ok", {"FLYWHEEL_RUN": "r1"})
     # Then the job was created once, schema-clean, its master log reached our stdout, and it is gone
     (create,) = fake_k8s.calls("POST", "/pytorchjobs$")
     assert create.body["metadata"]["name"] == "train-ok" and fake_k8s.warnings == []
@@ -275,7 +287,7 @@ def test_a_failed_job_raises_the_operators_reason_and_is_kept(fake_k8s, capsys):
         master_log=["Traceback (most recent call last):", "RuntimeError: CUDA out of memory"])
     # When the launcher runs it (keep_job on_failure)
     with pytest.raises(TrainingJobFailed) as err:
-        launcher(fake_k8s).run("train-bad", ARGS)
+        run(launcher(fake_k8s), "train-bad")
     # Then the error carries the operator's reason and message, the log was streamed, the job kept
     assert err.value.reason == "BackoffLimitExceeded" and "backoff limit" in err.value.message
     assert "BackoffLimitExceeded" in str(err.value)
@@ -288,7 +300,7 @@ def test_a_job_that_never_finishes_times_out_and_is_deleted(fake_k8s):
     fake_k8s.scripts["train-stuck"] = JobScript(steps=["Created", "Running"])
     # When the launcher's wait runs out
     with pytest.raises(TrainingJobFailed) as err:
-        launcher(fake_k8s, wait_timeout=0.3).run("train-stuck", ARGS)
+        run(launcher(fake_k8s, wait_timeout=0.3), "train-stuck")
     # Then it says so, and deletes the job so it stops holding GPUs (it did not fail: nothing to read)
     assert err.value.reason == "Timeout"
     assert fake_k8s.calls("DELETE", "/pytorchjobs/train-stuck$") and not fake_k8s.jobs
@@ -301,7 +313,7 @@ def test_a_job_that_never_finishes_times_out_and_is_deleted(fake_k8s):
 def test_keep_job_policy(fake_k8s, keep_job, steps, deleted):
     fake_k8s.scripts["train-policy"] = JobScript(steps=steps, master_log=[])
     try:
-        launcher(fake_k8s, keep_job=keep_job).run("train-policy", ARGS)
+        run(launcher(fake_k8s, keep_job=keep_job), "train-policy")
     except TrainingJobFailed:
         assert steps[-1] == "Failed"
     assert bool(fake_k8s.calls("DELETE")) is deleted
@@ -327,17 +339,17 @@ def test_the_fake_api_server_rejects_what_the_crd_rejects(fake_k8s):
 
 
 def test_an_invalid_job_never_reaches_the_api_server(fake_k8s):
-    with pytest.raises(PyTorchJobInvalid):
-        launcher(fake_k8s).run("Bad_Name", ARGS)
+    with pytest.raises(TrainingJobInvalid):
+        submit(launcher(fake_k8s), "Bad_Name")
     assert fake_k8s.requests == []
 
 
 def test_an_unexpected_error_while_submitting_is_a_one_line_training_failure(fake_k8s, monkeypatch, tmp_path):
-    # Given a launcher that cannot find its CRD schema (any unexpected error while submitting)
+    # Given a backend that cannot find its CRD schema (any unexpected error while submitting)
     monkeypatch.setenv("FLYWHEEL_CRD_DIR", str(tmp_path))
-    # When it runs a job
+    # When it trains a job
     with pytest.raises(TrainingJobFailed) as err:
-        launcher(fake_k8s).run("train-no-crd", ARGS)
+        submit(launcher(fake_k8s), "train-no-crd")
     # Then the failure is a TrainingJobFailed with a one-line reason, and nothing reached the cluster
     assert err.value.reason == "CreateFailed"
     assert err.value.message.startswith("FileNotFoundError: ") and "FLYWHEEL_CRD_DIR" in err.value.message
@@ -352,10 +364,10 @@ def test_an_api_error_on_create_is_a_one_line_training_failure(fake_k8s, monkeyp
     def forbidden(*args, **kwargs):
         raise ApiException(status=403, reason="Forbidden")
 
-    client = launcher(fake_k8s)
-    monkeypatch.setattr(client.backend.client.custom_api, "create_namespaced_custom_object", forbidden)
+    backend = launcher(fake_k8s)
+    monkeypatch.setattr(backend.client.custom_api, "create_namespaced_custom_object", forbidden)
     with pytest.raises(TrainingJobFailed) as err:
-        client.run("train-forbidden", ARGS)
+        run(backend, "train-forbidden")
     assert err.value.reason == "CreateFailed" and "403" in err.value.message and "Forbidden" in err.value.message
     assert "\n" not in str(err.value)
 
@@ -379,8 +391,9 @@ def test_train_dry_run_prints_the_job_for_the_env(env):
     bucket = settings.kfp.pipeline_root.split("/")[2]
     data = container["args"][container["args"].index("--data") + 1]
     model = container["args"][container["args"].index("--model-dir") + 1]
-    assert data.startswith(f"s3://{bucket}/flywheel/train/{job['metadata']['name']}/") and data.endswith(".parquet")
-    assert model.startswith(f"s3://{bucket}/")
+    staging = f"{train_spec(settings).staging_uri}/{job['metadata']['name']}/"  # the job's prefix in the store
+    assert data.startswith(f"s3://{bucket}/") and data.startswith(staging) and data.endswith(".parquet")
+    assert model.startswith(f"s3://{bucket}/") and model.startswith(staging)
 
 
 def test_train_dry_run_refuses_the_local_environment():

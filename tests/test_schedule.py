@@ -3,9 +3,10 @@ import pytest
 from typer.testing import CliRunner
 
 import pipelines.cli as cli
+import pipelines.kfp_client as kfp_client
 import pipelines.submit as flywheel_submit
 from pipelines.config import load_settings
-from pipelines.submit import kfp_cron, reconcile_schedules
+from pipelines.schedule import kfp_cron, reconcile_schedules
 from tests.fakes import tiny_pipeline
 from tests.fakes.kfp_api_server import isolated, robfig_cron_errors, server  # noqa: F401
 
@@ -146,7 +147,7 @@ def test_fake_rejects_concurrency_the_backend_rejects(server, tmp_path):
     import kfp_server_api
 
     settings = staging(server)
-    client = flywheel_submit.make_client(settings)
+    client = kfp_client.make_client(settings)
     experiment = client.create_experiment("e", namespace="flywheel-staging")
     package = tiny_pipeline.compile_pipeline(settings, "training", tmp_path)
     with pytest.raises(kfp_server_api.ApiException) as err:

@@ -19,12 +19,15 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from stages.dataset import ReferenceTask
-from pipelines.config import load_settings
 import storage
-from training import train as entry
 from model.loader import load_model
-from training.launchers import TORCHRUN_ENV, entry_args, torchrun_command, training_spec
+from pipelines.config import load_settings
+from pipelines.training_pipeline import train_spec
+from stages.dataset import ReferenceTask
+from training import train as entry
+from training.backends.base import entry_args, entry_spec
+from training.backends.torchrun import torchrun_command
+from training.pods import TORCHRUN_ENV
 
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "flywheel-test", "AWS_SECRET_ACCESS_KEY": "flywheel-test-secret",
                "AWS_DEFAULT_REGION": "us-east-1"}
@@ -75,7 +78,7 @@ def put_training_table(client, bucket_name: str, key: str, rows: int) -> None:
 
 def make_spec(**hyperparameters) -> dict:
     settings = load_settings("local", overrides={"training": {"hyperparameters": hyperparameters}})
-    return training_spec(settings.training.model_dump(), settings.dataset.model_dump())
+    return entry_spec(train_spec(settings), settings.dataset, None)
 
 
 def test_s3_and_minio_uris_are_the_same_objects(bucket):

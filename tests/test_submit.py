@@ -7,11 +7,13 @@ import yaml
 from typer.testing import CliRunner
 
 import pipelines.cli as cli
+import pipelines.kfp_client as kfp_client
 import pipelines.submit as flywheel_submit
 from tests.fakes import tiny_pipeline
 from tests.fakes.kfp_api_server import FakeKfpServer, isolated, server  # noqa: F401
 from pipelines.config import load_settings
-from pipelines.submit import SubmitError, submit_pipeline
+from pipelines.kfp_client import SubmitError
+from pipelines.submit import submit_pipeline
 
 TOKEN = "test-token-3f9a1c"  # a made-up token; the tests check it is sent and never shown
 
@@ -66,7 +68,7 @@ def compiled_hash(settings):
     from pathlib import Path
 
     with tempfile.TemporaryDirectory() as out:
-        return flywheel_submit.content_hash(tiny_pipeline.compile_pipeline(settings, "training", Path(out)).read_bytes())
+        return kfp_client.content_hash(tiny_pipeline.compile_pipeline(settings, "training", Path(out)).read_bytes())
 
 
 def test_second_submit_adds_a_version_and_reuses_the_experiment(server):
@@ -145,7 +147,7 @@ def test_service_account_token_is_used_and_reread(server, monkeypatch, tmp_path)
     sa.write_text("sa-token-1")
     monkeypatch.setenv("KF_PIPELINES_SA_TOKEN_PATH", str(sa))
     server.bearer_token = "sa-token-1"
-    client = flywheel_submit.make_client(dev_settings(server))
+    client = kfp_client.make_client(dev_settings(server))
     submit(dev_settings(server), client=client)
     # When kubelet rotates the token, then the same client sends the new one
     sa.write_text("sa-token-2")

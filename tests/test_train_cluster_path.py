@@ -1,7 +1,7 @@
 """The cluster path of the train and tuning components, end to end short of a cluster.
 
-`components.train.launch` and `components.tune.trial_op` run with the pytorchjob backend, unpatched
-except for where the launcher finds its API server: the real TrainingClient talks to the fake
+`components.train.train_op` and `components.tune.trial_op` run with the pytorchjob backend, unpatched
+except for where the backend finds its API server: the real TrainingClient talks to the fake
 Kubernetes API (tests/fakes/k8s_api.py, which holds every job to the CRD schema), and the object
 store is a real S3 API server on loopback (moto), reached the way pods and pipeline tasks reach
 MinIO (AWS_ENDPOINT_URL and the AWS_* keys of the object-store Secret).
@@ -27,17 +27,21 @@ from pathlib import Path
 import pytest
 from kfp import dsl
 
-import training.pytorchjob as pytorchjob
+import training.backends.pytorchjob as pytorchjob
 from components import tune
 from components.base import component
-from stages.dataset import ReferenceTask
-from components.train import JOB_NAME_MAX, job_name, launch
+from components.train import train_op
+from model.loader import load_model
 from pipelines.config import load_settings
 from pipelines.training_pipeline import arguments
+from pipelines.training_pipeline import train_spec as env_train_spec
+from stages.dataset import ReferenceTask
 from tests.fakes.k8s_api import JobScript, fake_k8s  # noqa: F401 (fixture)
 from tests.test_storage_s3 import CREDENTIALS, bucket, keys, s3_endpoint, s3_env  # noqa: F401 (fixtures)
-from model.loader import load_model
-from training.pytorchjob import DNS1035, TrainingJobFailed, build_pytorchjob, validate_pytorchjob
+from training.backends.base import JOB_NAME_MAX, job_name
+from training.backends.cluster import TrainingJobFailed
+from training.backends.pytorchjob import build_pytorchjob, validate_pytorchjob
+from training.pods import DNS1035
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL_FILES = {"model.pt", "preprocessor.json", "metadata.json"}
@@ -59,9 +63,9 @@ def test_job_names_are_dns_1035_labels_that_fit_the_operators_pod_names(kind, ru
     name = job_name(kind, run_id, *parts)
     assert DNS1035.match(name) and len(name) <= JOB_NAME_MAX, name
     # The operator's longest pod/service name for a 4-replica job is what the policy checks.
-    spec = load_settings("prod").training.model_dump() | {"env": "prod"}
-    validate_pytorchjob(build_pytorchjob(spec, name, "flywheel-prod", "registry.example/flywheel:1",
-                                         ["--data", "s3://b/d", "--model-dir", "s3://b/m", "--spec", "{}"]))
+    spec = env_train_spec(load_settings("prod")).model_copy(update={"image": "registry.example/flywheel:1"})
+    assert spec.namespace == "flywheel-prod"
+    validate_pytorchjob(build_pytorchjob(spec, name, ["--data", "s3://b/d", "--model-dir", "s3://b/m", "--spec", "{}"]))
 
 
 def test_job_names_differ_per_run_per_part_and_per_attempt():
@@ -134,19 +138,19 @@ class PodRunner:
 
 @pytest.fixture
 def cluster(fake_k8s, s3_env, monkeypatch, tmp_path):
-    """The launcher reaches the fake API server through its documented `client_configuration`
+    """The backend reaches the fake API server through its documented `client_configuration`
     (instead of the in-cluster service account), polling fast; the fake's jobs run real pods."""
-    original = pytorchjob.PyTorchJobLauncher
+    original = pytorchjob.PyTorchJobBackend
 
-    class Launcher(original):
-        def __init__(self, train_spec, namespace, image, client=None, **options):
+    class Backend(original):
+        def __init__(self, spec, log=print, **options):
             options.setdefault("client_configuration", fake_k8s.configuration())
             options.setdefault("poll_interval", 0.05)
             options.setdefault("wait_timeout", 180)
             options.setdefault("log_drain_timeout", 10)
-            super().__init__(train_spec, namespace, image, client, **options)
+            super().__init__(spec, log, **options)
 
-    monkeypatch.setattr(pytorchjob, "PyTorchJobLauncher", Launcher)
+    monkeypatch.setattr(pytorchjob, "PyTorchJobBackend", Backend)  # what backend_for looks up
     (tmp_path / "pods").mkdir()
     runner = PodRunner(fake_k8s, {k: s3_env[k] for k in CREDENTIALS}, tmp_path / "pods")
     monkeypatch.setattr(fake_k8s, "_advance", runner.advance)
@@ -196,7 +200,7 @@ def test_train_collects_the_pods_model_flat_into_the_artifact_and_drops_the_stag
     if model_dir_exists:
         os.makedirs(model.path)
     # When the train task launches its PyTorchJob
-    score = launch(train_data, train_spec, dataset_spec, run_id, model)
+    score = train_op(train_data, train_spec, dataset_spec, run_id, model)
     # Then one schema-clean job with a DNS-1035 name ran, its pod writing to the job's staging prefix
     (job,) = created_jobs(api)
     name = job["metadata"]["name"]
@@ -261,7 +265,7 @@ def test_a_failing_job_raises_the_operators_reason_and_leaves_the_artifact_empty
     model = dsl.Model(uri=str(tmp_path / "model"))
     # When the train task launches its job
     with pytest.raises(TrainingJobFailed) as err:
-        launch(missing, train_spec, dataset_spec, str(uuid.uuid4()), model)
+        train_op(missing, train_spec, dataset_spec, str(uuid.uuid4()), model)
     # Then the error carries the operator's reason, the pod really failed, and the job is kept
     (job,) = created_jobs(api)
     name = job["metadata"]["name"]
@@ -272,8 +276,8 @@ def test_a_failing_job_raises_the_operators_reason_and_leaves_the_artifact_empty
     assert not os.path.exists(model.path) or os.listdir(model.path) == []
     # A re-run of the task (same run id) gets a job of its own instead of a 409 on the kept one.
     with pytest.raises(TrainingJobFailed):
-        launch(missing, train_spec, dataset_spec, "same-run", dsl.Model(uri=str(tmp_path / "again")))
+        train_op(missing, train_spec, dataset_spec, "same-run", dsl.Model(uri=str(tmp_path / "again")))
     with pytest.raises(TrainingJobFailed) as again:
-        launch(missing, train_spec, dataset_spec, "same-run", dsl.Model(uri=str(tmp_path / "again")))
+        train_op(missing, train_spec, dataset_spec, "same-run", dsl.Model(uri=str(tmp_path / "again")))
     assert again.value.reason == "BackoffLimitExceeded", "not CreateFailed (409 AlreadyExists)"
     assert len({job["metadata"]["name"] for job in created_jobs(api)}) == 3

@@ -6,15 +6,26 @@ import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from storage.tables import write_table
-from stages.dataset import ReferenceTask
-from pipelines.config import load_settings
 from model.loader import load_model
-from training.launchers import TrainingFailed, train_model
 from model.preprocessing import UNKNOWN, Preprocessor
+from pipelines.config import load_settings
+from pipelines.training_pipeline import train_spec
+from stages.dataset import ReferenceTask
+from storage.tables import write_table
+from training.backends import TrainingFailed, TrainingJob, backend_for, entry_spec
 
 NUMERIC = ["age", "income"]
 CATEGORICAL = ["housing"]
+
+
+def train_model(settings, data, model_dir, name, lineage=None, labels=None, log=print) -> dict:
+    """Train through the configured backend (torchrun here); the job name is part of the lineage.
+    `labels` is the mapping split saves (None: the entry point infers it from the table)."""
+    spec = train_spec(settings)
+    job = TrainingJob(name, str(data), str(data),
+                      entry_spec(spec, settings.dataset, labels, {**(lineage or {}), "job_name": name}),
+                      model_dir=str(model_dir))
+    return backend_for(spec, log=log).train(job)
 
 
 def test_preprocessor_handles_missing_and_unseen_values():
@@ -61,8 +72,8 @@ def trained(tmp_path_factory):
     settings = load_settings("local", overrides={"training": {"hyperparameters": {"epochs": 4}}})
     data = write_table(ReferenceTask(rows=6000, seed=5).generate(), tmp / "train.parquet")
     lines = []
-    metadata = train_model(settings.training.model_dump(), settings.dataset.model_dump(), str(data),
-                           str(tmp / "model"), "job-test", lineage={"data_hash": "sha256:abc"}, log=lines.append)
+    metadata = train_model(settings, data, tmp / "model", "job-test", lineage={"data_hash": "sha256:abc"},
+                           log=lines.append)
     return tmp / "model", metadata, lines
 
 
@@ -95,9 +106,10 @@ def test_training_failure_surfaces_the_reason(tmp_path):
     settings = load_settings("local", overrides={"training": {"workers": 1, "elastic": {"max_restarts": 0}}})
     frame = ReferenceTask(rows=300).generate().assign(default=0)
     data = write_table(frame, tmp_path / "one_class.parquet")
+    # The mapping split saved for this dataset (0/1): the entry point, not inference, meets one class.
     with pytest.raises(TrainingFailed, match="must hold both classes"):
-        train_model(settings.training.model_dump(), settings.dataset.model_dump(), str(data),
-                    str(tmp_path / "model"), "job-bad", log=lambda _: None)
+        train_model(settings, data, tmp_path / "model", "job-bad", labels={"negative": 0, "positive": 1},
+                    log=lambda _: None)
 
 
 # --- devices: GPUs asked for must be there, one process per GPU (CUDA faked: no GPU here) -----

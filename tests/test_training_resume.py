@@ -18,12 +18,15 @@ import torch
 from sklearn.metrics import roc_auc_score
 from torch.utils.data.distributed import DistributedSampler
 
-from storage.tables import write_table
-from stages.dataset import ReferenceTask
-from pipelines.config import load_settings
-from training import train as entry
 from model.loader import load_model
-from training.launchers import TORCHRUN_ENV, entry_args, torchrun_command, training_spec
+from pipelines.config import load_settings
+from pipelines.training_pipeline import train_spec
+from stages.dataset import ReferenceTask
+from storage.tables import write_table
+from training import train as entry
+from training.backends.base import entry_args, entry_spec
+from training.backends.torchrun import torchrun_command
+from training.pods import TORCHRUN_ENV
 
 CHECKPOINT_LINE = re.compile(r"rank0 checkpoint written after epoch (\d+) ")
 RESUMED_LINE = re.compile(r"rank0 resumed from checkpoint after epoch (\d+) ")
@@ -31,7 +34,7 @@ RESUMED_LINE = re.compile(r"rank0 resumed from checkpoint after epoch (\d+) ")
 
 def make_spec(**hyperparameters) -> dict:
     settings = load_settings("local", overrides={"training": {"hyperparameters": hyperparameters}})
-    return training_spec(settings.training.model_dump(), settings.dataset.model_dump())
+    return entry_spec(train_spec(settings), settings.dataset, None)
 
 
 class Killed(RuntimeError):

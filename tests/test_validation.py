@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import yaml
 
-from storage.tables import write_table
+from pipelines.config import CONFIG_DIR, load_settings
 from stages.dataset import ReferenceTask
 from stages.validation import (
     SuiteError,
@@ -26,7 +26,7 @@ from stages.validation import (
     validate_file,
     validate_frame,
 )
-from pipelines.config import load_settings
+from storage.tables import write_table
 
 ROWS = 2000
 
@@ -38,7 +38,7 @@ def settings():
 
 @pytest.fixture(scope="module")
 def suite(settings):
-    return load_suite(settings.dataset)
+    return load_suite(settings.dataset, CONFIG_DIR)
 
 
 @pytest.fixture(scope="module")
@@ -222,12 +222,12 @@ def test_bad_suite_entries_are_named(tmp_path):
 def test_missing_suite_file_lists_the_available_ones(settings, tmp_path):
     dataset = settings.dataset.model_copy(update={"expectation_suite": "nope"})
     with pytest.raises(SuiteError, match=r"nope.yaml: not found.*credit_default"):
-        load_suite(dataset)
+        load_suite(dataset, CONFIG_DIR)
 
 
 def test_bring_your_own_data_gets_a_derived_schema_suite(settings, clean):
     dataset = settings.dataset.model_copy(update={"expectation_suite": None})
-    suite = load_suite(dataset)
+    suite = load_suite(dataset, CONFIG_DIR)
     assert suite["name"] == "derived"
     assert validate_frame(clean, suite).passed
     failed(validate_frame(clean.drop(columns=["default"]), suite), "expect_column_to_exist", "default")

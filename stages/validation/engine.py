@@ -181,8 +181,6 @@ def file_problem(path: str | Path, err: Exception) -> str:
         return f"file not found: {path}"
     if path.stat().st_size == 0:
         return "empty file (0 bytes): no header, no rows"
-    from components.dataset import table_format
-
     kind = table_format(path)
     text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     if kind == "parquet":

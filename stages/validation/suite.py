@@ -72,7 +72,7 @@ def derive_suite(dataset_cfg: Any) -> dict:
         {"type": "expect_column_to_exist", "column": target, "why": "the label"},
         {"type": "expect_column_values_to_not_be_null", "column": target, "why": "unlabeled rows"},
         {"type": "expect_column_unique_value_count_to_be_between", "column": target, "min_value": 2,
-         "max_value": None, "why": "a single-class label cannot train a classifier"},
+         "max_value": 2, "why": "a binary classifier needs exactly two classes"},
     ]
     entries += [{"type": "expect_column_values_to_be_in_type_list", "column": c, "type_list": "number"} for c in numeric]
     entries += [{"type": "expect_column_values_to_be_in_type_list", "column": c, "type_list": "string"} for c in categorical]

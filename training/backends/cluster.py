@@ -137,7 +137,12 @@ class ClusterBackend(TrainingBackend):
 
     def train(self, job: TrainingJob) -> dict:
         data, model = self.staging(job)
-        obj = self.manifest(job)  # validated before anything reaches the cluster
+        try:
+            obj = self.manifest(job)  # validated before anything reaches the cluster
+        except TrainingJobInvalid:
+            raise
+        except Exception as err:  # a missing CRD schema, a bad env: one line, as a failed create
+            raise TrainingJobFailed(self.kind, job.name, self.namespace, "CreateFailed", one_line(err)) from err
         if data != job.data_uri:
             with open(job.data_path, "rb") as src, storage.open_uri(data, "wb") as dst:
                 shutil.copyfileobj(src, dst, 1 << 20)
