@@ -128,7 +128,8 @@ def torchrun_job(data: Path, spec: dict, workers: int, threads: int) -> dict:
                                 capture_output=True, text=True, cwd=ROOT)
         wall = time.perf_counter() - started
         if result.returncode != 0:
-            raise SystemExit(f"torchrun with {workers} workers failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+            raise SystemExit(f"torchrun with {workers} workers failed:\n"
+                             f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
         metadata = json.loads((Path(tmp) / "metadata.json").read_text())
     rows = metadata["train_rows"]
     return {"loop": loop_throughput(metadata["history"], rows), "job_wall": wall,
@@ -168,7 +169,7 @@ def scaling_rows(data: Path, spec: dict, workers: int, cores: int, gpus: int) ->
 
 def table(header: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(str(c)) for c in column) for column in zip(header, *rows)]
-    line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"
     return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
 
 
@@ -193,7 +194,7 @@ def main() -> None:
         overhead = overhead_rows(data, spec, torch.device("cpu"), args.repeats) if not gpus else []
         if gpus:
             overhead += overhead_rows(data, spec, torch.device("cuda", 0), args.repeats)
-        print("\nFramework overhead (training samples/s, best of %d alternating runs; ratio vs bare)" % args.repeats)
+        print(f"\nFramework overhead (training samples/s, best of {args.repeats} alternating runs; ratio vs bare)")
         print(table(["where", "loop", "samples/s", "ratio"], overhead))
         print("* end to end: the whole train() call (read, preprocess, validation pass and checkpoint "
               "every epoch, model write) against the bare loop's training time alone")

@@ -4,6 +4,7 @@ artifacts and dicts at the boundary and calls one plain stage function."""
 
 def ops() -> dict:
     """Every op by component name, as `flywheel compile` writes them for other teams' pipelines."""
+    from components.deploy import deploy_op
     from components.evaluate import evaluate_op, gate_op, register_op
     from components.ingest import ingest_op, split_op
     from components.train import train_op
@@ -11,5 +12,5 @@ def ops() -> dict:
     from components.validate import validate_op
 
     functions = (ingest_op, validate_op, split_op, propose_op, trial_op, promote_op, select_op, train_op,
-                 evaluate_op, gate_op, register_op)
+                 evaluate_op, gate_op, register_op, deploy_op)
     return {fn.__name__.removesuffix("_op"): fn for fn in functions}

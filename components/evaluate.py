@@ -42,7 +42,8 @@ def evaluate_op(
     from storage.tables import read_table
 
     upstream = test_data.metadata
-    outcome = evaluate_and_log(load_model(model.path), read_table(test_data.path), DatasetSpec.model_validate(dataset_spec),
+    outcome = evaluate_and_log(load_model(model.path), read_table(test_data.path),
+                               DatasetSpec.model_validate(dataset_spec),
                                EvaluationSpec.model_validate(evaluation_spec), TrackingSpec.model_validate(tracking),
                                {"model_uri": model.uri, "test_data_uri": test_data.uri,
                                 "dataset_hash": upstream.get("data_hash") or upstream.get("content_hash"),

@@ -32,8 +32,8 @@ def train_op(train_data: Input[Dataset], train_spec: dict, dataset_spec: dict, r
     name = job_name("train", run_id)
     lineage = {"data_hash": train_data.metadata.get("content_hash", ""),
                "source_hash": train_data.metadata.get("source_hash", ""), "pipeline_run": run_id, "job_name": name}
-    job = TrainingJob(name, train_data.path, train_data.uri, entry_spec(spec, dataset, train_data.metadata.get("labels"),
-                                                                        lineage),
+    job = TrainingJob(name, train_data.path, train_data.uri,
+                      entry_spec(spec, dataset, train_data.metadata.get("labels"), lineage),
                       model_dir=model.path, annotations={"flywheel/pipeline-run": run_id})
     metadata = backend_for(spec).train(job)
     model.metadata.update({"framework": "pytorch", "job_name": name, "data_hash": lineage["data_hash"],

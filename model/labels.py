@@ -47,7 +47,7 @@ class LabelMapping:
         return [self.negative, self.positive]
 
     @classmethod
-    def infer(cls, values: pd.Series, positive_label=None, column: str = "target") -> "LabelMapping":
+    def infer(cls, values: pd.Series, positive_label=None, column: str = "target") -> LabelMapping:
         """The mapping for a target column; `positive_label` (config's `dataset.positive_label`) is
         required unless the values are 0/1, booleans or a yes/no-like pair."""
         if values.isna().any():
@@ -89,6 +89,7 @@ class LabelMapping:
         return {"negative": self.negative, "positive": self.positive}
 
     @classmethod
-    def from_dict(cls, data: dict | None) -> "LabelMapping":
-        """Models saved before labels were mapped were trained on 0/1."""
-        return cls(**data) if data else cls(0, 1)
+    def from_dict(cls, data: dict | None) -> LabelMapping:
+        """Models saved before labels were mapped were trained on 0/1. Integral floats come back as
+        ints: a mapping that travelled through KFP metadata (protobuf Struct) has only doubles."""
+        return cls(_plain(data["negative"]), _plain(data["positive"])) if data else cls(0, 1)

@@ -9,8 +9,15 @@ import pandas as pd
 import torch
 
 import storage
-from model.artifact import MODEL_FILE, METADATA_FILE, PREPROCESSOR_FILE, label_mapping, read_metadata, \
-    read_preprocessor, write_json
+from model.artifact import (
+    METADATA_FILE,
+    MODEL_FILE,
+    PREPROCESSOR_FILE,
+    label_mapping,
+    read_metadata,
+    read_preprocessor,
+    write_json,
+)
 from model.labels import LabelMapping
 from model.network import TabularNet
 from model.preprocessing import Preprocessor

@@ -37,7 +37,7 @@ class Preprocessor:
     nullable: list[str] | None = None
 
     @classmethod
-    def fit(cls, frame: pd.DataFrame, numeric: list[str], categorical: list[str]) -> "Preprocessor":
+    def fit(cls, frame: pd.DataFrame, numeric: list[str], categorical: list[str]) -> Preprocessor:
         missing = [c for c in numeric + categorical if c not in frame.columns]
         if missing:
             raise ValueError(f"columns missing from the training data: {missing}")
@@ -95,5 +95,5 @@ class Preprocessor:
         return json.dumps(asdict(self), indent=1, sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "Preprocessor":
+    def from_json(cls, text: str) -> Preprocessor:
         return cls(**json.loads(text))

@@ -4,6 +4,7 @@ Heavy libraries (torch, mlflow, GX, kfp) load only in the commands that need the
 `flywheel --help` and `flywheel config` stay instant."""
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -15,8 +16,9 @@ import typer
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # downloads of a model directory
 
-from pipelines.config import ConfigError, environments, load_settings  # noqa: E402
+from pipelines.config import ConfigError, environments, load_settings
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n\n")[0])
 
@@ -107,7 +109,7 @@ def train(
         metadata = backend.train(_cli_job(settings, spec, run_dir, stamp, write=True))
     except (TrainingFailed, ValueError) as err:
         fail(str(err))
-    except Exception as err:  # noqa: BLE001 - the CLI boundary: cluster/S3 client errors too, one line each
+    except Exception as err:
         fail(f"{type(err).__name__}: {err}".splitlines()[0])
     typer.echo(f"model: {run_dir / 'model'}")
     typer.echo(f"metrics: {metadata.get('metrics')}")
@@ -216,6 +218,91 @@ def schedule(
 
 
 @app.command()
+def serve(
+    env: str = EnvOption,
+    port: int = typer.Option(8080, help="the transformer's HTTP port (v1 and v2 REST)"),
+) -> None:
+    """Serve ENV's champion on this machine until Ctrl-C: transformer on PORT, predictor beside it."""
+    import signal
+    import tempfile
+    import time
+
+    from pipelines.serving import example_records, local_champion
+    from serving.local import LocalServing, ServingFailed
+
+    settings = settings_or_exit(env)
+    if not settings.embedded:
+        fail(f"env {env!r} serves on a cluster; use `flywheel deploy --env {env}`")
+    with tempfile.TemporaryDirectory(prefix="flywheel-serve-") as tmp:
+        try:
+            version, model_dir = local_champion(settings, tmp)
+        except LookupError as err:
+            fail(str(err))
+        serving = LocalServing(model_dir, settings.mlflow.registered_model, settings.serving, Path("runs") / "serve",
+                               http_port=port, decision_threshold=settings.evaluation.decision_threshold)
+        signal.signal(signal.SIGTERM, _interrupt)  # a supervisor's stop is a Ctrl-C: both servers stop
+        try:
+            serving.start()
+        except ServingFailed as err:
+            fail(str(err))
+        try:
+            name = settings.mlflow.registered_model
+            record = json.dumps({"instances": example_records(settings, rows=1)})
+            ports = serving.ports
+            typer.echo(f"serving {name} v{version}\n"
+                       f"  transformer  {serving.url} (v1, v2 REST), gRPC 127.0.0.1:{ports['transformer_grpc']}\n"
+                       f"  predictor    {serving.predictor_url}, gRPC 127.0.0.1:{ports['predictor_grpc']}\n"
+                       f"  logs         runs/serve/\n"
+                       f"try:\n  curl -s {serving.url}/v1/models/{name}:predict -H 'content-type: application/json' "
+                       f"-d '{record}'\nCtrl-C stops both servers.")
+            while all(process.alive() for process in serving.processes):
+                time.sleep(0.5)
+            fail("a server exited: see runs/serve/*.log")
+        except KeyboardInterrupt:
+            typer.echo("stopping")
+        finally:
+            serving.stop()
+
+
+def _interrupt(*_) -> None:
+    raise KeyboardInterrupt
+
+
+@app.command()
+def deploy(
+    env: str = EnvOption,
+    dry_run: bool = typer.Option(False, "--dry-run", help="print the InferenceService, apply nothing"),
+) -> None:
+    """Deploy ENV's champion: an InferenceService on a cluster (rollout, smoke test), or smoke-tested here."""
+    import yaml
+
+    from pipelines.serving import deploy_champion, plan_champion
+
+    settings = settings_or_exit(env)
+    try:
+        if dry_run:
+            typer.echo(yaml.safe_dump(plan_champion(settings), sort_keys=False), nl=False)
+            return
+        live = deploy_champion(settings)
+    except (LookupError, ValueError, RuntimeError) as err:
+        fail(str(err))
+    typer.echo(f"live: {live['live']} ({live['outcome']}) {live['url']}\n{live['detail']}")
+
+
+@app.command()
+def rollback(env: str = EnvOption) -> None:
+    """Serve ENV's previous champion again and make it the champion in the registry."""
+    from pipelines.serving import roll_back
+
+    settings = settings_or_exit(env)
+    try:
+        live = roll_back(settings)
+    except (LookupError, ValueError, RuntimeError) as err:
+        fail(str(err))
+    typer.echo(f"live: {live['live']} ({live['outcome']}) {live['url']}\n{live['detail']}")
+
+
+@app.command()
 def validate(
     env: str = EnvOption,
     data: Path = typer.Option(..., "--data", help="CSV, CSV.gz or Parquet file to validate"),
@@ -240,7 +327,8 @@ def validate(
     colours = {"passed": "green", "warning": "yellow", "failed": "red"}
     for r in sorted(outcome.results, key=lambda r: (r.success, r.index)):
         unexpected = "" if r.unexpected_count is None else f"{r.unexpected_count:,} ({r.unexpected_percent or 0:.2f}%)"
-        table.add_row(f"[{colours[r.status]}]{r.status}[/]", r.type.removeprefix("expect_"), ", ".join(r.columns), (r.error or r.observed)[:60], unexpected)
+        table.add_row(f"[{colours[r.status]}]{r.status}[/]", r.type.removeprefix("expect_"), ", ".join(r.columns),
+                      (r.error or r.observed)[:60], unexpected)
     Console().print(table)
     json_path, html_path = write_reports(outcome, out_dir, stem=f"{data.name}.validation")
     typer.echo(f"{outcome.summary()}\nreports: {html_path} {json_path}")

@@ -13,8 +13,17 @@ from urllib.parse import urlsplit
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
-from specs import (DatasetSpec, EvaluationSpec, MonitoringSpec, RetrainingSpec, ServingSpec, Strict, TrackingSpec,
-                   TrainingSpec, TuningSpec)
+from specs import (
+    DatasetSpec,
+    EvaluationSpec,
+    MonitoringSpec,
+    RetrainingSpec,
+    ServingSpec,
+    Strict,
+    TrackingSpec,
+    TrainingSpec,
+    TuningSpec,
+)
 
 CONFIG_DIR = Path(os.environ.get("FLYWHEEL_CONFIG_DIR") or Path(__file__).resolve().parent.parent / "config")
 BASE_FILE = "base.yaml"
@@ -92,6 +101,9 @@ class Settings(Strict):
         if not self.training.on_cluster and not self.embedded:
             raise ValueError("training.backend 'torchrun' trains on this machine, but kfp.host sends the pipeline to "
                              "a cluster; use 'pytorchjob' or 'trainjob'")
+        if (self.serving.deployer == "local") != self.embedded:
+            fits = "local (no kfp.host: this machine)" if self.embedded else "inferenceservice (kfp.host: a cluster)"
+            raise ValueError(f"serving.deployer {self.serving.deployer!r} does not fit this environment; use {fits}")
         return self
 
 
@@ -119,9 +131,8 @@ def _read_yaml(path: Path) -> dict:
 
 def _sets_key(data: Any, loc: tuple) -> bool:
     for part in loc:
-        if isinstance(data, dict) and part in data:
-            data = data[part]
-        elif isinstance(data, list) and isinstance(part, int) and part < len(data):
+        if ((isinstance(data, dict) and part in data)
+                or (isinstance(data, list) and isinstance(part, int) and part < len(data))):
             data = data[part]
         else:
             return False

@@ -14,8 +14,8 @@ import logging
 import os
 import re
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from pipelines.config import Settings
 
@@ -42,7 +42,7 @@ def content_hash(package: bytes) -> str:
 
 def default_version_name(package: bytes, now: dt.datetime | None = None) -> str:
     """UTC time sorts versions; the content hash says which ones are the same pipeline."""
-    now = now or dt.datetime.now(dt.timezone.utc)
+    now = now or dt.datetime.now(dt.UTC)
     return f"{now:%Y%m%d-%H%M%S}-{content_hash(package)}"
 
 

@@ -100,8 +100,10 @@ def summary_rows(run: LocalRun) -> list[tuple[str, str]]:
         meta = run.artifact("ingest-op", "dataset")["metadata"]
         add("data", f"{meta.get('source')}  {meta.get('content_hash', '')[:19]}")
     if "split-op" in tasks:
-        train, test = run.artifact("split-op", "train_data")["metadata"], run.artifact("split-op", "test_data")["metadata"]
-        add("rows", f"train {int(train['rows']):,} / test {int(test['rows']):,} (positives {train['positive_rate']:.1%})")
+        train = run.artifact("split-op", "train_data")["metadata"]
+        test = run.artifact("split-op", "test_data")["metadata"]
+        add("rows", f"train {int(train['rows']):,} / test {int(test['rows']):,} "
+                    f"(positives {train['positive_rate']:.1%})")
     if "validate-op" in tasks:
         m = tasks["validate-op"].artifacts.get("metrics", {}).get("metadata", {})
         add("validation", f"passed {int(m.get('expectations_passed', 0))}/{int(m.get('expectations_evaluated', 0))} "
@@ -110,13 +112,15 @@ def summary_rows(run: LocalRun) -> list[tuple[str, str]]:
     if "select-op" in tasks:
         best = tasks["select-op"].parameters.get("best", {})
         trials = sum("/trial-op" in name for name in tasks)  # every rung's trial runs
-        params = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in best.get("params", {}).items())
+        params = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+                           for k, v in best.get("params", {}).items())
         add("tuning", f"{trials} trials, best #{int(best.get('trial', 0))} ({params}) "
             f"val ROC AUC {best.get('val_roc_auc', float('nan')):.4f}")
     if "train-op" in tasks:
         meta = run.artifact("train-op", "model")["metadata"]
         m = meta.get("metrics", {})
-        add("training", f"{meta.get('backend')} x{int(meta.get('world_size', 1))}, best epoch {int(m.get('best_epoch', 0))}"
+        add("training", f"{meta.get('backend')} x{int(meta.get('world_size', 1))}, "
+                        f"best epoch {int(m.get('best_epoch', 0))}"
             f"/{int(m.get('epochs_run', 0))}, val ROC AUC {m.get('val_roc_auc', float('nan')):.4f}, "
             f"{m.get('samples_per_s', 0):,.0f} samples/s")
         add("model", _short(run.artifact("train-op", "model")["uri"], run))
@@ -137,6 +141,9 @@ def summary_rows(run: LocalRun) -> list[tuple[str, str]]:
                 add(f"  {key}", f"candidate {candidate[key]:.4f}{versus}")
     if "register-op" in tasks:
         add("registered", f"version {tasks['register-op'].parameters.get('version')} is now the champion")
+    if "deploy-op" in tasks:
+        live = tasks["deploy-op"].parameters.get("Output", {})
+        add("deployed", f"{live.get('live')} {live.get('outcome')} by {live.get('deployer')}: {live.get('detail')}")
     add("pipeline run", f"{run.directory}  ({run.seconds:.1f} s)")
     return rows
 
@@ -240,5 +247,40 @@ def run_local(settings: Settings, verbose: bool = False) -> LocalRun:
     for label, value in summary_rows(run):
         table.add_row(f"[bold]{label}[/bold]", value)
     console.print(table)
+    show_predictions(settings, console)
     console.print(f"Browse runs: mlflow ui --backend-store-uri {settings.mlflow.tracking_uri}")
     return run
+
+
+def show_predictions(settings: Settings, console) -> None:
+    """Serve the registry's champion on loopback and print a few real predictions through the
+    transformer, over v1 and v2, as a client would see them."""
+    import tempfile
+
+    from rich.table import Table
+
+    from pipelines.serving import example_records, local_champion
+    from serving.local import LocalServing
+
+    name = settings.mlflow.registered_model
+    with tempfile.TemporaryDirectory(prefix="flywheel-serve-") as tmp:
+        try:
+            version, model_dir = local_champion(settings, tmp)
+        except LookupError as err:
+            console.print(f"nothing served: {err}")
+            return
+        records = example_records(settings)
+        with LocalServing(model_dir, name, settings.serving, PIPELINE_ROOT / "serve",
+                          decision_threshold=settings.evaluation.decision_threshold) as serving:
+            v1 = serving.predict_v1(records, request_id="flywheel-run-v1")
+            v2 = {o["name"]: o["data"] for o in serving.predict_v2(records, request_id="flywheel-run-v2")["outputs"]}
+            url = serving.url
+    table = Table(title=f"{name} v{version} served at {url} (transformer -> predictor)")
+    shown = settings.dataset.features.columns[:4]
+    for column in [*shown, "v1 label", "v1 P(positive)", "v2 label", "v2 P(positive)"]:
+        table.add_column(column)
+    for i, record in enumerate(records):
+        table.add_row(*(str(record.get(c)) for c in shown), str(v1["predictions"][i]), f"{v1['probabilities'][i]:.3f}",
+                      str(v2["label"][i]), f"{v2['probability'][i]:.3f}")
+    console.print(table)
+    console.print(f"`flywheel serve --env {settings.env}` keeps it up (Ctrl-C stops it)")

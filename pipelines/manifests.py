@@ -152,7 +152,7 @@ def generate_overlay(settings) -> str:
     # JSON6902 "add" sets a key whether or not the base has it (RFC 6902 4.1).
     quota_ops = [{"op": "add", "path": _pointer("spec", "hard", key), "value": value} for key, value in hard.items()]
     limit_ops = [{"op": "add", "path": "/spec/limits/0/max", "value": {"cpu": v.max_cpu, "memory": v.max_memory}}]
-    dump = lambda ops: yaml.dump(ops, Dumper=_Dumper, sort_keys=False, default_flow_style=False)  # noqa: E731
+    dump = lambda ops: yaml.dump(ops, Dumper=_Dumper, sort_keys=False, default_flow_style=False)
     kustomization = {
         "apiVersion": "kustomize.config.k8s.io/v1beta1",
         "kind": "Kustomization",

@@ -6,10 +6,24 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipelines.config import Settings
-from pipelines.kfp_client import (SubmitError, _compile, _ensure_experiment, _ensure_pipeline_id, _find_experiment,
-                                  _find_pipeline_id, _find_version, _name_filter, _quiet, _require_host, _step,
-                                  content_hash, default_registry, default_version_name, kfp_pipeline_name,
-                                  make_client)
+from pipelines.kfp_client import (
+    SubmitError,
+    _compile,
+    _ensure_experiment,
+    _ensure_pipeline_id,
+    _find_experiment,
+    _find_pipeline_id,
+    _find_version,
+    _name_filter,
+    _quiet,
+    _require_host,
+    _step,
+    content_hash,
+    default_registry,
+    default_version_name,
+    kfp_pipeline_name,
+    make_client,
+)
 
 RETRAIN_PIPELINE = "training"
 # The KFP backend rejects recurring runs outside this range (recurring_run_server.go).

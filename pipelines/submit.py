@@ -7,9 +7,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipelines.config import Settings
-from pipelines.kfp_client import (SubmitError, _compile, _ensure_experiment, _ensure_pipeline_id, _quiet,
-                                  _require_host, _step, _ui_url, default_registry, default_version_name,
-                                  kfp_pipeline_name, make_client)
+from pipelines.kfp_client import (
+    SubmitError,
+    _compile,
+    _ensure_experiment,
+    _ensure_pipeline_id,
+    _quiet,
+    _require_host,
+    _step,
+    _ui_url,
+    default_registry,
+    default_version_name,
+    kfp_pipeline_name,
+    make_client,
+)
 
 
 @dataclass(frozen=True)

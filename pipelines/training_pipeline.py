@@ -15,7 +15,7 @@ from kfp import dsl, kubernetes
 import storage
 from components.base import component
 from pipelines.config import CONFIG_DIR, Settings
-from specs import TrainSpec
+from specs import DeploySpec, TrainSpec
 
 NAME = "training"
 
@@ -44,6 +44,15 @@ def train_spec(settings: Settings) -> TrainSpec:
     })
 
 
+def deploy_spec(settings: Settings) -> DeploySpec:
+    """What the deploy task (and `flywheel deploy`) receives: the env's serving section plus where
+    the model is served."""
+    return DeploySpec(serving=settings.serving, model_name=settings.mlflow.registered_model, image=settings.image.ref,
+                      namespace=settings.namespace, env=settings.env,
+                      object_store_endpoint=settings.kfp.object_store_endpoint,
+                      decision_threshold=settings.evaluation.decision_threshold)
+
+
 def arguments(settings: Settings, config_dir: Path | None = None) -> dict:
     """The pipeline's parameter values for an environment (see `check`)."""
     from stages.validation import load_suite
@@ -56,6 +65,7 @@ def arguments(settings: Settings, config_dir: Path | None = None) -> dict:
         "tuning_spec": as_parameter(settings.tuning),
         "evaluation_spec": as_parameter(settings.evaluation),
         "tracking": as_parameter(settings.mlflow),
+        "deploy_spec": as_parameter(deploy_spec(settings)),
     }
 
 
@@ -66,14 +76,15 @@ def build(settings: Settings):
 
     image = "" if settings.embedded else settings.image.ref
     op = {name: component(fn, image) for name, fn in ops().items()}
-    ingest, validate, split, propose, trial, promote, select, train, evaluate, gate, register = (
+    ingest, validate, split, propose, trial, promote, select, train, evaluate, gate, register, deploy = (
         op[name] for name in ("ingest", "validate", "split", "propose", "trial", "promote", "select", "train",
-                              "evaluate", "gate", "register"))
+                              "evaluate", "gate", "register", "deploy"))
     defaults = arguments(settings)
     run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
 
     @dsl.pipeline(name=f"flywheel-{NAME}",
-                  description="Validate data, tune and train a DDP classifier, gate it against the champion, register.")
+                  description="Validate data, tune and train a DDP classifier, gate it against the champion, "
+                              "register and deploy.")
     def training(
         env: str = defaults["env"],
         dataset_spec: dict = defaults["dataset_spec"],
@@ -82,6 +93,7 @@ def build(settings: Settings):
         tuning_spec: dict = defaults["tuning_spec"],
         evaluation_spec: dict = defaults["evaluation_spec"],
         tracking: dict = defaults["tracking"],
+        deploy_spec: dict = defaults["deploy_spec"],
     ):
         ingested = ingest(dataset_spec=dataset_spec).set_display_name("ingest")
         validated = validate(dataset=ingested.outputs["dataset"], suite=suite).set_display_name("validate")
@@ -128,7 +140,10 @@ def build(settings: Settings):
                                   pipeline_job_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER, pipeline_job_id=run_id,
                                   pipeline_task_name=dsl.PIPELINE_TASK_NAME_PLACEHOLDER,
                                   pipeline_task_id=dsl.PIPELINE_TASK_ID_PLACEHOLDER).set_display_name("register")
-            tasks.append(registered)
+            deployed = deploy(model=trained.outputs["model"], test_data=parts.outputs["test_data"],
+                              version=registered.outputs["version"], deploy_spec=deploy_spec,
+                              tracking=tracking).set_display_name("deploy")
+            tasks += [registered, deployed]
         for task in tasks:
             task.set_cpu_limit(settings.kfp.task_cpu).set_memory_limit(settings.kfp.task_memory)
             # Never cached: ingest reads data that changes behind the same URI, the gate reads the

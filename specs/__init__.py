@@ -7,12 +7,12 @@ from specs.base import Strict
 from specs.data import DatasetSpec, DistributionShift, Features
 from specs.evaluation import EvaluationSpec, Thresholds, TrackingSpec
 from specs.monitoring import MonitoringSpec, RetrainingSpec
-from specs.serving import PayloadLogging, ServingSpec
+from specs.serving import DeploySpec, PayloadLogging, ServingSpec
 from specs.training import Elastic, Gpu, Hyperparameters, Resources, Toleration, TrainingSpec, TrainSpec
 from specs.tuning import TuningSpec
 
 __all__ = [
-    "DatasetSpec", "DistributionShift", "Elastic", "EvaluationSpec", "Features", "Gpu", "Hyperparameters",
-    "MonitoringSpec", "PayloadLogging", "Resources", "RetrainingSpec", "ServingSpec", "Strict", "Thresholds", "Toleration",
-    "TrackingSpec", "TrainSpec", "TrainingSpec", "TuningSpec",
+    "DatasetSpec", "DeploySpec", "DistributionShift", "Elastic", "EvaluationSpec", "Features", "Gpu", "Hyperparameters",
+    "MonitoringSpec", "PayloadLogging", "Resources", "RetrainingSpec", "ServingSpec", "Strict", "Thresholds",
+    "Toleration", "TrackingSpec", "TrainSpec", "TrainingSpec", "TuningSpec",
 ]

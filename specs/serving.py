@@ -19,10 +19,14 @@ class PayloadLogging(Strict):
 
 
 class ServingSpec(Strict):
+    deployer: Literal["local", "inferenceservice"] = Field(
+        "inferenceservice", description="local: predictor and transformer processes on this machine's loopback; "
+                                        "inferenceservice: a KServe InferenceService on the env's cluster")
     min_replicas: Annotated[int, Field(ge=0)] = 1
     max_replicas: Annotated[int, Field(ge=1)] = 1
     canary_percent: Annotated[int, Field(ge=0, le=100)] = Field(
-        0, description="Knative mode: share of traffic the new revision gets until its smoke test passes; 0 = no canary")
+        0, description="Knative mode: share of traffic the new revision gets until its smoke test passes; "
+                       "0 = no canary")
     deployment_mode: Literal["Standard", "Knative"] = Field(
         "Standard", description="KServe deployment mode: Standard (Deployment + HPA) or Knative (revisions, canary)")
     transformer: Literal["collocated", "separate"] = Field(
@@ -43,8 +47,21 @@ class ServingSpec(Strict):
         if self.max_replicas < self.min_replicas:
             raise ValueError("serving.max_replicas must be >= serving.min_replicas")
         if self.canary_percent and self.deployment_mode != "Knative":
-            raise ValueError("serving.canary_percent needs deployment_mode 'Knative' (KServe reads canaryTrafficPercent "
-                             "only there); Standard mode rolls out with a smoke test and rollback")
+            raise ValueError("serving.canary_percent needs deployment_mode 'Knative' (KServe reads "
+                             "canaryTrafficPercent only there); Standard mode rolls out with a smoke test and rollback")
         if self.min_replicas == 0 and self.deployment_mode != "Knative":
             raise ValueError("serving.min_replicas 0 (scale to zero) needs deployment_mode 'Knative'")
         return self
+
+
+class DeploySpec(Strict):
+    """What the deploy task receives: the env's serving section plus where the model is served."""
+
+    serving: ServingSpec
+    model_name: str = Field(description="the registered model's name, also the served model's name")
+    image: str
+    namespace: str
+    env: str
+    object_store_endpoint: str | None = None
+    decision_threshold: Annotated[float, Field(gt=0.0, lt=1.0)] = Field(
+        0.5, description="P(positive) at or above which the transformer answers the positive label (evaluation's)")

@@ -55,7 +55,8 @@ class TrainingSpec(Strict):
         description="torchrun on this machine; pytorchjob (Training Operator v1) or trainjob (Kubeflow Trainer v2) "
                     "on a cluster")
     workers: Annotated[int, Field(ge=1)] = Field(2, description="torchrun processes, or job replicas (nodes)")
-    runtime: str = Field("torch-distributed", description="trainjob: the ClusterTrainingRuntime the TrainJob references")
+    runtime: str = Field("torch-distributed",
+                         description="trainjob: the ClusterTrainingRuntime the TrainJob references")
     resources: Resources = Resources()
     tolerations: list[Toleration] = []
     elastic: Elastic = Elastic()
@@ -83,4 +84,5 @@ class TrainSpec(TrainingSpec):
     namespace: str
     env: str = "local"
     object_store_endpoint: str | None = None
-    staging_uri: str = Field(description="object-store prefix for cluster jobs' outputs before they become KFP artifacts")
+    staging_uri: str = Field(
+        description="object-store prefix for cluster jobs' outputs before they become KFP artifacts")

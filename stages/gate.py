@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from typing import Mapping
 
 from specs import EvaluationSpec
 from stages.metrics import LOWER_IS_BETTER, EvaluationResult, evaluate
@@ -113,7 +113,7 @@ def challenge(candidate_model, champion, frame, target: str, spec: EvaluationSpe
     if champion is not None and champion.readable:
         try:
             champion_result = evaluate(champion.model, frame, target, threshold, slice_column)
-        except Exception as err:  # noqa: BLE001 - whatever stops the champion from scoring this data
+        except Exception as err:
             champion_error = f"{champion.label} could not score the test data: {type(err).__name__}: {str(err)[:300]}"
     elif champion is not None:
         champion_error = champion.error

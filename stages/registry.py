@@ -2,10 +2,12 @@
 `previous-champion` aliases, and loading the champion back for the gate."""
 from __future__ import annotations
 
+import contextlib
 import json
-from pathlib import Path
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -15,8 +17,8 @@ from model.artifact import feature_columns, read_metadata
 from model.loader import load_model
 from specs import TrackingSpec
 from stages.metrics import predict_scores
+from stages.tracking import _client, _mlflow, experiment_id, mlflow_at
 from storage.tables import content_hash
-from stages.tracking import _client, _mlflow, mlflow_at, experiment_id
 
 CHAMPION, PREVIOUS_CHAMPION = "champion", "previous-champion"
 # What the registered pyfunc needs at inference; pinned to what is installed here (letting MLflow
@@ -56,10 +58,8 @@ def pip_requirements() -> list[str]:
 
     pins = []
     for package in RUNTIME_PACKAGES:
-        try:
+        with contextlib.suppress(PackageNotFoundError):
             pins.append(f"{package}=={version(package)}")
-        except PackageNotFoundError:
-            pass
     return pins
 
 
@@ -71,6 +71,20 @@ def _set_champion(client, registered_model: str, version: str) -> str | None:
         client.set_registered_model_alias(registered_model, PREVIOUS_CHAMPION, str(current))
     client.set_registered_model_alias(registered_model, CHAMPION, str(version))
     return None if current is None or str(current) == str(version) else str(current)
+
+
+def roll_back_champion(tracking_uri: str, registered_model: str) -> tuple[str, str]:
+    """Make `previous-champion` the champion again (the abandoned version becomes
+    `previous-champion` and is tagged `rolled_back`); returns (new champion, abandoned)."""
+    client = _client(tracking_uri)
+    aliases = client.get_registered_model(registered_model).aliases
+    previous, current = aliases.get(PREVIOUS_CHAMPION), aliases.get(CHAMPION)
+    if previous is None:
+        raise ValueError(f"{registered_model} has no {PREVIOUS_CHAMPION} to roll back to")
+    _set_champion(client, registered_model, str(previous))
+    if current is not None:
+        client.set_model_version_tag(registered_model, str(current), "rolled_back", "true")
+    return str(previous), str(current)
 
 
 def register_model(tracking_uri: str, registered_model: str, model_dir: str, run_id: str | None,
@@ -108,7 +122,8 @@ def register_model(tracking_uri: str, registered_model: str, model_dir: str, run
         version = mlflow.register_model(info.model_uri, registered_model, tags=tags)
     client = _client(tracking_uri)
     client.update_model_version(registered_model, version.version,
-                                description=f"flywheel model from run {run_id}; lineage: {json.dumps(tags, sort_keys=True)}")
+                                description=f"flywheel model from run {run_id}; "
+                                            f"lineage: {json.dumps(tags, sort_keys=True)}")
     if make_champion:
         previous = _set_champion(client, registered_model, version.version)
         if previous:
@@ -172,40 +187,44 @@ def load_champion(tracking_uri: str, registered_model: str, alias: str = CHAMPIO
         try:
             pyfunc = mlflow.pyfunc.load_model(f"models:/{registered_model}/{mv.version}")
             return Champion(info, _PyfuncScorer(pyfunc))
-        except Exception as err:  # noqa: BLE001 - whatever is wrong with the stored model
+        except Exception as err:
             if _unreachable(err):
                 raise
             return Champion(info, None, f"{registered_model} v{mv.version} could not be loaded: "
                                         f"{type(err).__name__}: {str(err)[:300]}")
 
 
-def champion_version(tracking_uri: str, registered_model: str, alias: str = CHAMPION) -> dict | None:
-    """{name, alias, version, run_id, source} of the version behind `alias`; None if there is none."""
+def version_behind(tracking_uri: str, registered_model: str, alias: str = CHAMPION) -> str | None:
+    """The version number behind `alias` (champion, previous-champion), or None if there is none."""
     from mlflow.exceptions import MlflowException
 
-    client = _client(tracking_uri)
     try:
-        mv = client.get_model_version_by_alias(registered_model, alias)
+        return str(_client(tracking_uri).get_model_version_by_alias(registered_model, alias).version)
     except MlflowException as err:
-        if err.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+        if err.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
             return None
         raise
-    return {"name": registered_model, "alias": alias, "version": str(mv.version), "run_id": mv.run_id,
-            "source": mv.source}
+
+
+def model_dir_uri(tracking_uri: str, registered_model: str, version: str) -> str:
+    """The storage URI of the Flywheel model directory inside a registered version: the pyfunc
+    keeps it as its `model_dir` artifact, and MLmodel says where (artifacts/<directory name>)."""
+    base = _client(tracking_uri).get_model_version_download_uri(registered_model, version)
+    with mlflow_at(tracking_uri) as mlflow:
+        info = mlflow.models.get_model_info(f"models:/{registered_model}/{version}")
+    artifacts = (info.flavors.get("python_function") or {}).get("artifacts") or {}
+    if "model_dir" not in artifacts:
+        raise ValueError(f"{registered_model} v{version} has no model_dir artifact: not a Flywheel model")
+    return base.rstrip("/") + "/" + artifacts["model_dir"]["path"]
 
 
 def download_model_dir(tracking_uri: str, registered_model: str, version: str, dst: str) -> str:
-    """The Flywheel model directory logged with a registered version (the pyfunc's `model_dir`
-    artifact), downloaded under `dst`; returns its local path. Serving loads it directly."""
+    """The Flywheel model directory of a registered version, downloaded under `dst`; its local path."""
     from mlflow.artifacts import download_artifacts
 
+    uri = model_dir_uri(tracking_uri, registered_model, version)
     with mlflow_at(tracking_uri):
-        root = download_artifacts(artifact_uri=f"models:/{registered_model}/{version}", dst_path=dst)
-    path = Path(root) / "artifacts" / "model_dir"
-    if not path.is_dir():
-        raise FileNotFoundError(f"{registered_model} v{version} has no model_dir artifact (found "
-                                f"{sorted(p.name for p in Path(root).iterdir())}); was it registered by Flywheel?")
-    return str(path)
+        return download_artifacts(artifact_uri=uri, dst_path=dst)
 
 
 def _unreachable(err: BaseException) -> bool:

@@ -90,7 +90,8 @@ h1{font-size:22px;margin:0 0 4px} h2{font-size:17px;margin:24px 0 8px;border-bot
 .meta{color:#5a6570;font-size:13px}
 .banner{padding:10px 14px;border-radius:6px;margin:14px 0;font-weight:600}
 .promote{background:#e3f6e8;border:1px solid #54b870} .reject{background:#fde8e8;border:1px solid #d9534f}
-table{border-collapse:collapse;font-size:13px;margin:6px 0} td,th{border:1px solid #ccd;padding:4px 10px;text-align:right}
+table{border-collapse:collapse;font-size:13px;margin:6px 0}
+td,th{border:1px solid #ccd;padding:4px 10px;text-align:right}
 th{background:#f0f3f7} td:first-child,th:first-child{text-align:left}
 .figs{display:flex;flex-wrap:wrap;gap:12px} figure{margin:0} figcaption{font-size:12px;color:#5a6570}
 img{max-width:100%;border:1px solid #e4e7eb}

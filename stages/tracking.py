@@ -149,7 +149,8 @@ def log_evaluation(tracking_uri: str, experiment: str, run_name: str, params: Ma
         client.log_batch(
             run_id,
             metrics=[Metric(metric_name(k), float(v), now, 0) for k, v in metrics.items() if _finite(v)],
-            params=[Param(k, (json.dumps(v) if isinstance(v, (list, dict)) else str(v))[:6000]) for k, v in flat.items()],
+            params=[Param(k, (json.dumps(v) if isinstance(v, (list, dict)) else str(v))[:6000])
+                    for k, v in flat.items()],
             tags=[RunTag("flywheel.stage", "evaluation")],
         )
         for name, value in artifacts.items():

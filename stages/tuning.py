@@ -9,7 +9,6 @@ import random
 
 from specs import Hyperparameters, TrainSpec, TuningSpec
 
-
 HALVING_ETA = 3
 
 

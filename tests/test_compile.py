@@ -3,8 +3,14 @@ import pytest
 import yaml
 
 from pipelines.config import environments, load_settings
-from pipelines.registry import (PIPELINES, check_all, compile_pipeline, load_compiled, pipeline_arguments,
-                                signature_errors)
+from pipelines.registry import (
+    PIPELINES,
+    check_all,
+    compile_pipeline,
+    load_compiled,
+    pipeline_arguments,
+    signature_errors,
+)
 
 ENVIRONMENTS = environments()
 
@@ -38,7 +44,8 @@ def test_compiles_to_kfp_ir_with_the_env_image(compiled, env, name):
 def test_prod_carries_whole_gpus_a100_selector_and_limits(compiled):
     spec = compiled[("prod", "training")]
     train_spec = spec["root"]["inputDefinitions"]["parameters"]["train_spec"]["defaultValue"]
-    assert train_spec["resources"]["gpu"] == {"count": 1, "resource": "nvidia.com/gpu", "product": "NVIDIA-A100-SXM4-80GB"}
+    assert train_spec["resources"]["gpu"] == {"count": 1, "resource": "nvidia.com/gpu",
+                                              "product": "NVIDIA-A100-SXM4-80GB"}
     assert train_spec["workers"] == 4 and train_spec["backend"] == "pytorchjob"
     assert train_spec["image"].startswith("ghcr.io/flywheel-ml/flywheel@sha256:")
     for executor in spec["deploymentSpec"]["executors"].values():
@@ -72,7 +79,8 @@ def test_no_secret_values_in_compiled_pipelines(compiled):
         for needle in ("aws_secret_access_key", "aws_access_key_id", "password", "bearer "):
             assert needle not in text
         assert not re.search(r"akia[0-9a-z]{16}", text), "no AWS access key ids"
-        for executor in spec.get("platforms", {}).get("kubernetes", {}).get("deploymentSpec", {}).get("executors", {}).values():
+        kubernetes = spec.get("platforms", {}).get("kubernetes", {})
+        for executor in kubernetes.get("deploymentSpec", {}).get("executors", {}).values():
             for secret in executor.get("secretAsEnv", []):
                 assert set(secret) <= {"secretName", "secretNameParameter", "keyToEnv", "optional"}
 

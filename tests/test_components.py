@@ -33,7 +33,8 @@ def test_ingest_copies_a_user_csv_byte_for_byte(kfp_local, small_settings, tmp_p
     source = write_table(ReferenceTask(rows=500).generate(), tmp_path / "customers.csv")
     spec = arguments(small_settings)["dataset_spec"] | {"source": "file", "uri": str(source)}
     dataset = ingest(dataset_spec=spec).outputs["dataset"]
-    assert open(dataset.path, "rb").read() == source.read_bytes()
+    with open(dataset.path, "rb") as handle:
+        assert handle.read() == source.read_bytes()
     assert dataset.metadata["source"] == str(source) and dataset.metadata["format"] == "csv"
 
 
@@ -44,7 +45,8 @@ def test_a_user_csv_gz_goes_through_ingest_validation_and_reading(kfp_local, sma
     source = write_table(frame, tmp_path / "customers.csv.gz")
     spec = arguments(small_settings)["dataset_spec"] | {"source": "file", "uri": str(source)}
     dataset = ingest(dataset_spec=spec).outputs["dataset"]
-    assert open(dataset.path, "rb").read() == source.read_bytes(), "still a byte-for-byte copy"
+    with open(dataset.path, "rb") as handle:
+        assert handle.read() == source.read_bytes(), "still a byte-for-byte copy"
     assert dataset.metadata["format"] == "csv.gz"
     outcome = validate_file(dataset.path, load_suite(small_settings.dataset, CONFIG_DIR))  # the extension-less artifact
     assert outcome.passed and outcome.rows == 2000, outcome.failure_message()

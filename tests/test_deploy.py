@@ -263,7 +263,7 @@ def test_rollback_serves_the_previous_champion_again_without_a_canary(fake_kserv
     # When the previous champion (model 1) is rolled back to
     result = rollback(settings, model(1), Smoke(fake_kserve, ns), **options(fake_kserve, log))
     # Then model 1 serves everything at once, no canary step in between
-    assert result.outcome == "rolled_back" and result.live_version == "1"
+    assert result.outcome == "rolled_back" and result.live_version == "1" and result.ok
     assert "canaryTrafficPercent" not in patches(fake_kserve)[-1]["spec"]["predictor"]
     live = fake_kserve.isvc(ns, NAME)
     assert "canaryTrafficPercent" not in live["spec"]["predictor"]
@@ -279,6 +279,7 @@ def test_a_rollback_whose_smoke_test_fails_is_reported_not_undone(fake_kserve):
                       **options(fake_kserve, []))
     # Then model 1 stays (a rollback does not go back to what it replaces) and the result says it failed
     assert result.outcome == "failed" and result.live_version == "1" and "answered 500" in result.reason
+    assert not result.ok
 
 
 def test_changing_the_deployment_mode_in_place_is_refused_before_kserve_refuses_it(fake_kserve):
@@ -442,7 +443,6 @@ def test_the_http_smoke_test_sends_a_real_prediction_request(model_server):
     assert _Predictor.hosts[-1] == (f"latest-{NAME}-predictor.flywheel-prod.example.com", f"/v1/models/{NAME}:predict")
 
 
-@pytest.mark.filterwarnings("ignore:Add type hints")
 def test_the_registry_lookup_finds_the_model_directory_inside_the_registered_version(tmp_path):
     # Given an MLflow registry where version 1 is the previous champion and 2 the champion, each a
     # pyfunc carrying the flywheel model directory as its `model_dir` artifact (as register_model logs it)
@@ -452,7 +452,7 @@ def test_the_registry_lookup_finds_the_model_directory_inside_the_registered_ver
     mlflow = _mlflow()
 
     class Identity(mlflow.pyfunc.PythonModel):
-        def predict(self, context, model_input):
+        def predict(self, context, model_input: list[str]) -> list[str]:  # hinted, or MLflow warns
             return model_input
 
     with mlflow_at(uri):

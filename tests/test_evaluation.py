@@ -300,7 +300,9 @@ def test_evaluate_op_through_kfp_local(data, tmp_path):
     assert report_meta["dataset_hash"] == "sha256:upstream"
     assert report_meta["model_data_hash"] == content_hash(train)
     report_files = glob.glob(str(tmp_path / "root" / "**" / "report"), recursive=True)
-    assert report_files and "data:image/png;base64," in open(report_files[0]).read()
+    assert report_files
+    with open(report_files[0]) as handle:
+        assert "data:image/png;base64," in handle.read()
 
     # And the MLflow run holds the hyperparameters, the metrics, the lineage and the report
     from mlflow import MlflowClient

@@ -317,15 +317,17 @@ def mlflow_server(tmp_path_factory):
                "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
                "--artifacts-destination", str(root / "artifacts"),
                "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
-    log = open(root / "server.log", "wb")
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=root,
-                               env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
+    # The server writes through its own copy of the descriptor, so ours can close once it has started.
+    with open(root / "server.log", "wb") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=root,
+                                   env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     try:
         while True:
             if process.poll() is not None:
-                pytest.skip(f"mlflow server exited with {process.returncode}: {(root / 'server.log').read_text()[-800:]}")
+                pytest.skip(f"mlflow server exited with {process.returncode}: "
+                            f"{(root / 'server.log').read_text()[-800:]}")
             try:
                 with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
                     if response.status == 200:
@@ -343,7 +345,6 @@ def mlflow_server(tmp_path_factory):
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
-        log.close()
 
 
 @pytest.mark.slow
@@ -438,4 +439,4 @@ def test_evaluate_gate_register_through_kfp_local(world, tmp_path):
     assert gate_meta["champion_roc_auc"] == pytest.approx(gate_meta["candidate_roc_auc"])
     assert aliases(tracking["tracking_uri"], tracking["registered_model"]) == {"champion": "1"}
     report = glob.glob(str(tmp_path / "run2" / "**" / "gate-op" / "report"), recursive=True)
-    assert report and "Decision: REJECT" in open(report[0]).read()
+    assert report and "Decision: REJECT" in Path(report[0]).read_text()

@@ -79,6 +79,7 @@ def test_every_environment_renders_a_valid_inferenceservice_in_its_mode(env):
         else:
             assert "canaryTrafficPercent" not in part
         assert ("deploymentStrategy" in part) == (not knative)
+        assert part["automountServiceAccountToken"] is False
         assert part["annotations"]["prometheus.io/path"] == "/metrics"
         for container in part["containers"]:
             # ... our image, requests = limits, non-root, probes on the v2 health endpoints
@@ -88,8 +89,12 @@ def test_every_environment_renders_a_valid_inferenceservice_in_its_mode(env):
             security = container["securityContext"]
             assert security["runAsNonRoot"] is True and security["allowPrivilegeEscalation"] is False
             assert security["readOnlyRootFilesystem"] is True and security["capabilities"] == {"drop": ["ALL"]}
-            assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
-            assert container["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
+            sidecar = knative and len(part["containers"]) > 1 and "ports" not in container
+            if sidecar:  # Knative probes only the serving container (knative/serving#12615)
+                assert "readinessProbe" not in container and "livenessProbe" not in container
+            else:
+                assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+                assert container["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
             assert arg(container, "--model_dir") == MODEL.uri and arg(container, "--model_name") == "credit-default"
             assert container["envFrom"] == [{"secretRef": {"name": "flywheel-object-store"}}]
     if knative and serving.scale_metric in ("cpu", "memory"):
@@ -241,6 +246,34 @@ def test_a_standard_mode_spec_breaking_one_rule_is_rejected_at_that_path(mutate,
         validate_inferenceservice(obj)
     assert any(p.startswith(path + ":") or p.startswith(path + " ") for p in caught.value.problems), \
         caught.value.problems
+
+
+def test_a_knative_collocated_pod_is_ready_through_the_transformer_only():
+    # Given prod (Knative, collocated transformer)
+    obj = rendered("prod")
+    model, transformer = containers(obj, "predictor")
+    # Then the predictor carries no probes (Knative would refuse them) and the transformer's
+    # readiness includes the predictor's
+    assert "readinessProbe" not in model and "--enable_predictor_health_check" in transformer["args"]
+    # ... and putting them back, or dropping the health check, is rejected with the reason
+    broken = copy.deepcopy(obj)
+    broken["spec"]["predictor"]["containers"][0]["readinessProbe"] = transformer["readinessProbe"]
+    broken["spec"]["predictor"]["containers"][1]["args"].remove("--enable_predictor_health_check")
+    with pytest.raises(InferenceServiceInvalid) as caught:
+        validate_inferenceservice(broken)
+    assert caught.value.problems == [
+        "spec.predictor.containers[1].args: a collocated transformer needs --enable_predictor_health_check (else the "
+        "pod is ready while the predictor is not)",
+        "spec.predictor.containers[0].readinessProbe: Knative refuses probes on a container without the serving port "
+        "unless multi-container-probing is enabled (knative/serving#12615)"]
+
+
+def test_a_standard_collocated_pod_probes_both_containers():
+    # Given dev (Standard: a plain Deployment, the kubelet probes every container)
+    model, transformer = containers(rendered("dev"), "predictor")
+    # Then both have readiness on the v2 endpoint, each on its own port
+    assert model["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": 8085}
+    assert transformer["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": 8080}
 
 
 def test_a_separate_transformer_beside_a_collocated_one_is_rejected():

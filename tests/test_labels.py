@@ -102,6 +102,15 @@ def test_a_csv_with_a_text_label_trains_evaluates_and_registers_from_config_alon
     # Then the model carries the mapping, the reports name the classes, and the model is registered
     model = run.artifact("train-op", "model")["metadata"]
     assert model["labels"] == {"negative": "good", "positive": "bad"}
-    report = open(run.artifact("evaluate-op", "report")["uri"], encoding="utf-8").read()
+    with open(run.artifact("evaluate-op", "report")["uri"], encoding="utf-8") as handle:
+        report = handle.read()
     assert "<th>good</th>" in report and "<th>bad</th>" in report
     assert run.tasks["register-op"].parameters["version"] == "1"
+
+
+def test_a_mapping_that_travelled_through_kfp_metadata_keeps_int_labels():
+    # Given the mapping as KFP metadata returns it (protobuf Struct: every number a double)
+    mapping = LabelMapping.from_dict({"negative": 0.0, "positive": 1.0})
+    # Then the labels are the ints the data held, and serving returns 0/1, not 0.0/1.0
+    assert mapping.classes == [0, 1] and all(type(c) is int for c in mapping.classes)
+    assert mapping.decode([1, 0]) == [1, 0]

@@ -28,6 +28,8 @@ CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "CustomResou
 # and training/backends/trainjob.py's TrainJobBackend through kubernetes.client.
 LAUNCHER_NEEDS = {("kubeflow.org", "pytorchjobs"): {"create", "get", "list", "watch", "delete"},
                   ("trainer.kubeflow.org", "trainjobs"): {"create", "get", "list", "watch", "delete"},
+                  ("serving.kserve.io", "inferenceservices"): {"create", "get", "patch"},
+                  ("apps", "deployments"): {"get"},
                   ("", "pods"): {"get", "list"}, ("", "pods/log"): {"get"}, ("", "events"): {"list"}}
 SECRET_KEY = re.compile(r"(password|passwd|token|secret|access[_-]?key|credential|private[_-]?key)", re.I)
 SECRET_VALUE = re.compile(r"(AKIA[0-9A-Z]{16}|-----BEGIN [A-Z ]*PRIVATE KEY-----|eyJ[A-Za-z0-9_-]{20,}\.)")
@@ -276,6 +278,7 @@ def test_runner_gets_what_the_launcher_needs_and_no_more(rendered, env):
     assert granted[("argoproj.io", "workflowtaskresults")] == {"create", "patch"}
     for key in (("kubeflow.org", "pytorchjobs"), ("trainer.kubeflow.org", "trainjobs"), ("", "pods")):
         assert not granted[key] & {"update", "patch", "deletecollection", "escalate", "bind", "impersonate"}
+    assert granted[("serving.kserve.io", "inferenceservices")] == {"create", "get", "patch"}, "never deleted"
     named = [(r["resources"], r["resourceNames"], r["verbs"]) for n in bound for r in roles[n]["rules"]
              if r.get("resourceNames")]
     assert sorted(named) == [(["configmaps"], ["kfp-launcher"], ["get"]),

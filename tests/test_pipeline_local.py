@@ -96,7 +96,8 @@ def test_a_user_csv_named_in_config_trains_and_evaluates_with_no_code_change(con
     assert rung2[0].parameters["Output"]["epochs"] == 3 and rung1[0].parameters["Output"]["epochs"] == 1
     best = run.tasks["select-op"].parameters["best"]
     assert best["trial"] == rung2[0].parameters["Output"]["trial"]
-    assert best["trial"] == max(rung1, key=lambda t: t.parameters["Output"]["val_roc_auc"]).parameters["Output"]["trial"]
+    best_of_rung1 = max(rung1, key=lambda t: t.parameters["Output"]["val_roc_auc"])
+    assert best["trial"] == best_of_rung1.parameters["Output"]["trial"]
     assert run.artifact("ingest-op", "dataset")["metadata"]["format"] == "csv"
     assert run.artifact("evaluate-op", "metrics")["metadata"]["roc_auc"] > 0.65
     model_meta = run.artifact("train-op", "model")["metadata"]
@@ -114,7 +115,8 @@ def test_bad_data_stops_the_pipeline_before_training_with_the_reason_on_record(t
     with pytest.raises(RuntimeError, match="validate-op"):
         execute(settings, pipeline_root=root)
     (run_dir,) = root.iterdir()
-    assert not {"split-op", "train-op", "evaluate-op"} & {p.name for p in run_dir.iterdir()}, "nothing after validate ran"
+    ran = {p.name for p in run_dir.iterdir()}
+    assert not {"split-op", "train-op", "evaluate-op"} & ran, "nothing after validate ran"
     result = json.loads((run_dir / "validate-op" / "result").read_text())
     failed = json.dumps(result)
     assert "employment" in failed and "astronaut" in failed

@@ -90,7 +90,8 @@ def test_dev_asks_for_a_mig_slice():
     assert resources["limits"] == {"cpu": "2", "memory": "8Gi", "nvidia.com/mig-1g.5gb": "1"}
     assert resources["requests"] == {"cpu": "2", "memory": "8Gi"}
     assert "nvidia.com/gpu" not in resources["limits"]
-    assert replicas(job)["Master"]["template"]["spec"]["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-40GB"}
+    assert replicas(job)["Master"]["template"]["spec"]["nodeSelector"] == {
+        "nvidia.com/gpu.product": "NVIDIA-A100-SXM4-40GB"}
     assert replicas(job)["Worker"]["replicas"] == 1
 
 
@@ -102,7 +103,8 @@ def test_prod_asks_for_whole_a100s_on_four_replicas():
     assert {t: r["replicas"] for t, r in replicas(job).items()} == {"Master": 1, "Worker": 3}
     for rtype in ("Master", "Worker"):
         assert pytorch_container(job, rtype)["resources"]["limits"]["nvidia.com/gpu"] == "1"
-        assert replicas(job)[rtype]["template"]["spec"]["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB"}
+        assert replicas(job)[rtype]["template"]["spec"]["nodeSelector"] == {
+            "nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB"}
     assert job["spec"]["nprocPerNode"] == "1"
     assert job["metadata"]["namespace"] == "flywheel-prod"
     assert "@sha256:" in pytorch_container(job)["image"]
@@ -131,9 +133,11 @@ def test_a_single_replica_job_is_not_elastic_but_keeps_its_restarts():
     (lambda j: j["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["env"].append(
         {"name": "HOME", "value": "/root"}),
      "spec.pytorchReplicaSpecs.Master.template.spec.containers[0].env[7]: duplicate entry"),
-    (lambda j: j["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["resources"].pop("limits"),
+    (lambda j: j["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["resources"].pop(
+        "limits"),
      "spec.pytorchReplicaSpecs.Master.template.spec.containers[0].resources.limits: ['cpu', 'memory'] required"),
-    (lambda j: j["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["securityContext"].update(runAsNonRoot=False),
+    (lambda j: j["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["securityContext"].update(
+        runAsNonRoot=False),
      "spec.pytorchReplicaSpecs.Worker.template.spec.securityContext: runAsNonRoot true"),
     (lambda j: j["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0].update(name="main"),
      "spec.pytorchReplicaSpecs.Master.template.spec.containers: needs a container named 'pytorch'"),
@@ -209,7 +213,8 @@ def test_the_crd_schema_ships_in_the_wheel_and_validation_needs_nothing_else(tmp
         shutil.copytree(root / package, source / package, ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(root / name, source / name)
-    build = subprocess.run([sys.executable, "-c", "from setuptools import build_meta as b; print(b.build_wheel('dist'))"],
+    build = subprocess.run([sys.executable, "-c",
+                            "from setuptools import build_meta as b; print(b.build_wheel('dist'))"],
                            cwd=source, capture_output=True, text=True, timeout=300)
     assert build.returncode == 0, build.stderr[-3000:]
     wheel = source / "dist" / build.stdout.strip().splitlines()[-1]

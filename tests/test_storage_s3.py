@@ -119,8 +119,8 @@ def test_entry_point_trains_from_and_into_the_object_store(bucket, s3_env, caplo
 
     assert keys(client, name, "models/run-1/") == {"model.pt", "preprocessor.json", "metadata.json",
                                                    "checkpoints/last.pt"}
-    checkpoint = torch.load(io.BytesIO(client.get_object(Bucket=name, Key="models/run-1/checkpoints/last.pt")["Body"].read()),
-                            weights_only=True)
+    body = client.get_object(Bucket=name, Key="models/run-1/checkpoints/last.pt")["Body"].read()
+    checkpoint = torch.load(io.BytesIO(body), weights_only=True)
     assert checkpoint["state"]["epoch"] == 3
 
     model = load_model(model_uri)

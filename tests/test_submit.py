@@ -9,11 +9,11 @@ from typer.testing import CliRunner
 import pipelines.cli as cli
 import pipelines.kfp_client as kfp_client
 import pipelines.submit as flywheel_submit
-from tests.fakes import tiny_pipeline
-from tests.fakes.kfp_api_server import FakeKfpServer, isolated, server  # noqa: F401
 from pipelines.config import load_settings
 from pipelines.kfp_client import SubmitError
 from pipelines.submit import submit_pipeline
+from tests.fakes import tiny_pipeline
+from tests.fakes.kfp_api_server import FakeKfpServer, isolated, server  # noqa: F401
 
 TOKEN = "test-token-3f9a1c"  # a made-up token; the tests check it is sent and never shown
 

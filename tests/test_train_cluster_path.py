@@ -70,7 +70,7 @@ def test_job_names_are_dns_1035_labels_that_fit_the_operators_pod_names(kind, ru
 
 def test_job_names_differ_per_run_per_part_and_per_attempt():
     run_id = str(uuid.uuid4())  # what KFP passes: the old 52-character cut left "flywheel-trial-<uuid>-"
-    stem = lambda name: name.rsplit("-", 1)[0]  # noqa: E731 (without the attempt suffix)
+    stem = lambda name: name.rsplit("-", 1)[0]
     first, second = job_name("trial", run_id, 0, "r1"), job_name("trial", run_id, 1, "r1")
     assert stem(first) != stem(second) and stem(first) != stem(job_name("trial", run_id, 0, "r3"))
     assert stem(first) != stem(job_name("trial", str(uuid.uuid4()), 0, "r1"))
@@ -121,9 +121,10 @@ class PodRunner:
         self.containers[name] = container
         env = {**os.environ, **{e["name"]: e["value"] for e in container["env"]}, **self.env,  # Secret keys
                "HOME": str(self.log_dir), "XDG_CACHE_HOME": str(self.log_dir / ".cache"), "OMP_NUM_THREADS": "1"}
-        log = open(self.log_dir / f"{name}.log", "w")
-        return subprocess.Popen([sys.executable, "-m", "training.train", *container["args"]], cwd=ROOT, env=env,
-                                stdout=log, stderr=subprocess.STDOUT)
+        # The pod writes through its own copy of the descriptor, so ours can close once it has started.
+        with open(self.log_dir / f"{name}.log", "w") as log:
+            return subprocess.Popen([sys.executable, "-m", "training.train", *container["args"]], cwd=ROOT, env=env,
+                                    stdout=log, stderr=subprocess.STDOUT)
 
     def log(self, name: str) -> str:
         path = self.log_dir / f"{name}.log"
@@ -208,7 +209,8 @@ def test_train_collects_the_pods_model_flat_into_the_artifact_and_drops_the_stag
     assert job["metadata"]["annotations"]["flywheel/pipeline-run"] == run_id, "traceable from kubectl"
     assert api.warnings == []
     staging = f"{train_spec['staging_uri']}/{name}/model"
-    assert arg(pods.containers[name], "--model-dir") == staging and arg(pods.containers[name], "--data") == train_data.uri
+    assert arg(pods.containers[name], "--model-dir") == staging
+    assert arg(pods.containers[name], "--data") == train_data.uri
     assert pods.pods[name].returncode == 0, pods.log(name)
     # ... the model files landed flat in the artifact directory, with the lineage in both metadata
     assert set(os.listdir(model.path)) == MODEL_FILES

@@ -139,7 +139,8 @@ def test_a_job_that_expects_gpus_fails_when_torch_sees_none(single_process):
     fake_cuda(single_process, gpus=0)
     single_process.setenv("LOCAL_WORLD_SIZE", "2")
     # Then a spec that expects GPUs fails, naming the cause, instead of training on CPU
-    with pytest.raises(RuntimeError, match=r"requested 2 GPU\(s\).*torch sees none \(CPU-only torch build or no device plugin\)"):
+    with pytest.raises(RuntimeError,
+                       match=r"requested 2 GPU\(s\).*torch sees none \(CPU-only torch build or no device plugin\)"):
         entry.setup_distributed(expect_gpu=True)
     # ... also when it comes in through the entry point's spec (before any data is read)
     with pytest.raises(RuntimeError, match="torch sees none"):

@@ -55,7 +55,8 @@ def failed(outcome, expectation: str, column: str):
     """Then: the gate failed, on a blocking `expectation` about `column`, and the message says so."""
     assert not outcome.passed, outcome.summary()
     hits = [r for r in outcome.blocking_failures if r.type == expectation and column in r.columns]
-    assert hits, f"no blocking {expectation} on {column!r}; got {[(r.type, r.columns) for r in outcome.blocking_failures]}"
+    assert hits, (f"no blocking {expectation} on {column!r}; "
+                  f"got {[(r.type, r.columns) for r in outcome.blocking_failures]}")
     message = str(ValidationFailed(outcome))
     assert expectation in message and repr(column) in message, message
     return hits[0]
@@ -158,7 +159,8 @@ def test_single_class_label_fails(clean, suite):
 @pytest.mark.parametrize("name, damage, reason", [
     ("empty.csv", lambda p: p.write_bytes(b""), "empty file"),
     ("truncated.csv", lambda p: p.write_bytes(p.read_bytes()[: len(p.read_bytes()) // 2 - 7]), "unreadable CSV"),
-    ("corrupt.csv", lambda p: p.write_bytes(p.read_bytes()[:4000] + bytes(range(128, 256)) * 40 + p.read_bytes()[4000:]),
+    ("corrupt.csv",
+     lambda p: p.write_bytes(p.read_bytes()[:4000] + bytes(range(128, 256)) * 40 + p.read_bytes()[4000:]),
      "unreadable CSV"),
     ("truncated.parquet", lambda p: p.write_bytes(p.read_bytes()[: len(p.read_bytes()) // 2]), "unreadable Parquet"),
     ("corrupt.parquet", lambda p: p.write_bytes(b"PAR1" + os.urandom(3000)), "unreadable Parquet"),
@@ -210,8 +212,9 @@ def test_suite_is_json_and_carries_severity(suite):
 
 def test_bad_suite_entries_are_named(tmp_path):
     with pytest.raises(SuiteError, match=r"expectations\[1\].*severity 'fatal'"):
-        normalize_suite({"expectations": [{"type": "expect_column_to_exist", "column": "a"},
-                                          {"type": "expect_column_to_exist", "column": "b", "severity": "fatal"}]}, "s.yaml")
+        normalize_suite({"expectations": [
+            {"type": "expect_column_to_exist", "column": "a"},
+            {"type": "expect_column_to_exist", "column": "b", "severity": "fatal"}]}, "s.yaml")
     with pytest.raises(SuiteError, match=r"expectations\[0\] \(expect_column_values_to_be_between\).*"):
         check_suite(normalize_suite({"expectations": [
             {"type": "expect_column_values_to_be_between", "column": "a", "min_value": "x", "nonsense": 1}]}))

@@ -264,7 +264,8 @@ def _train(ctx: Context, data_uri: str, model_dir: str, spec: dict) -> dict:
 
             batches = tqdm(batches, desc=f"epoch {epoch + 1}/{hp['epochs']}", leave=False, file=sys.stderr)
         for start in batches:
-            xb_num, xb_cat, yb = e_num[start:start + batch_size], e_cat[start:start + batch_size], e_y[start:start + batch_size]
+            xb_num, xb_cat, yb = (e_num[start:start + batch_size], e_cat[start:start + batch_size],
+                                  e_y[start:start + batch_size])
             with autocast:
                 logits = ddp(xb_num, xb_cat)
             loss = loss_fn(logits.float(), yb)
@@ -324,7 +325,8 @@ def _train(ctx: Context, data_uri: str, model_dir: str, spec: dict) -> dict:
         "features": {"numeric": numeric, "categorical": categorical},
         "hyperparameters": hp,
         "metrics": {"val_loss": best["val_loss"], "val_roc_auc": best["val_roc_auc"], "best_epoch": best["epoch"],
-                    "epochs_run": state["epoch"], "samples_per_s": float(np.mean([h["samples_per_s"] for h in state["history"]]))},
+                    "epochs_run": state["epoch"],
+                    "samples_per_s": float(np.mean([h["samples_per_s"] for h in state["history"]]))},
         "history": state["history"],
         "world_size": ctx.world_size,
         "backend": ctx.backend or "single-process",

@@ -20,9 +20,8 @@ def _gx_engine():
     if not _ENGINE:
         os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
         import great_expectations as gx
-        from great_expectations.data_context.types.base import ProgressBarsConfig
-
         import great_expectations.execution_engine.pandas_execution_engine as pandas_engine
+        from great_expectations.data_context.types.base import ProgressBarsConfig
 
         # GX md5-hashes every frame under 1 GB into a batch marker on each batch load (0.9 s per
         # 1M rows). We never read that marker: lineage uses storage.tables.content_hash.
@@ -66,7 +65,8 @@ def _columns_of(kwargs: dict) -> list[str]:
 
 
 def _expected_text(kwargs: dict) -> str:
-    shown = {k: v for k, v in kwargs.items() if k not in ("column", "column_A", "column_B", "batch_id", "result_format")}
+    shown = {k: v for k, v in kwargs.items()
+             if k not in ("column", "column_A", "column_B", "batch_id", "result_format")}
     if "type_list" in shown and len(shown["type_list"]) > 4:
         shown["type_list"] = shown["type_list"][:4] + ["..."]
     return ", ".join(f"{k}={v}" for k, v in shown.items()) or "true"
@@ -151,7 +151,8 @@ def validate_frame(frame, suite: dict, id_column: str | None = None, source: str
 
     results = []
     for i, entry in enumerate(suite["expectations"]):
-        raw = by_index.get(i, {"success": False, "result": {}, "exception_info": {"exception_message": "not evaluated"}})
+        raw = by_index.get(i, {"success": False, "result": {},
+                               "exception_info": {"exception_message": "not evaluated"}})
         result = raw.get("result") or {}
         exc = raw.get("exception_info") or {}
         error = ""
@@ -171,7 +172,8 @@ def validate_frame(frame, suite: dict, id_column: str | None = None, source: str
     gx_json = first.to_json_dict()
     gx_json["results"] = [by_index[i] for i in sorted(by_index)]
     return ValidationOutcome(suite_name=suite["name"], rows=len(frame), columns=[str(c) for c in frame.columns],
-                             results=results, source=source, gx_result=json.loads(json.dumps(gx_json, default=_json_default)))
+                             results=results, source=source,
+                             gx_result=json.loads(json.dumps(gx_json, default=_json_default)))
 
 
 def file_problem(path: str | Path, err: Exception) -> str:

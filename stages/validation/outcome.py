@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass, field
-
 
 SAMPLE_ROWS = 5
 
@@ -12,7 +10,7 @@ SAMPLE_ROWS = 5
 class ValidationFailed(Exception):
     """Blocking expectations failed; the message names expectations, columns and sample rows."""
 
-    def __init__(self, outcome: "ValidationOutcome"):
+    def __init__(self, outcome: ValidationOutcome):
         self.outcome = outcome
         super().__init__(outcome.failure_message())
 

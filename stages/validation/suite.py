@@ -8,7 +8,6 @@ from typing import Any
 
 import yaml
 
-
 SEVERITIES = ("blocking", "warn")
 RESERVED = ("type", "severity", "why")
 
@@ -74,8 +73,10 @@ def derive_suite(dataset_cfg: Any) -> dict:
         {"type": "expect_column_unique_value_count_to_be_between", "column": target, "min_value": 2,
          "max_value": 2, "why": "a binary classifier needs exactly two classes"},
     ]
-    entries += [{"type": "expect_column_values_to_be_in_type_list", "column": c, "type_list": "number"} for c in numeric]
-    entries += [{"type": "expect_column_values_to_be_in_type_list", "column": c, "type_list": "string"} for c in categorical]
+    entries += [{"type": "expect_column_values_to_be_in_type_list", "column": c, "type_list": "number"}
+                for c in numeric]
+    entries += [{"type": "expect_column_values_to_be_in_type_list", "column": c, "type_list": "string"}
+                for c in categorical]
     if id_column:
         entries += [{"type": "expect_column_values_to_not_be_null", "column": id_column},
                     {"type": "expect_column_values_to_be_unique", "column": id_column}]

@@ -29,7 +29,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from functools import lru_cache
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -152,7 +152,7 @@ def trainjob_pod_template(spec: dict) -> tuple[dict, dict, dict]:
 
 
 def now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def status_object(code: int, reason: str, message: str, details: dict | None = None) -> dict:
@@ -214,7 +214,7 @@ class FakeKubernetesApi:
         config.host = self.url
         return config
 
-    def start(self) -> "FakeKubernetesApi":
+    def start(self) -> FakeKubernetesApi:
         self.thread.start()
         return self
 
@@ -262,8 +262,10 @@ class FakeKubernetesApi:
             for index in range(count):
                 pod_name = f"{name}-{rtype.lower()}-{index}"
                 labels = {**(rspec["template"].get("metadata") or {}).get("labels", {}),
-                          "training.kubeflow.org/job-name": name, "training.kubeflow.org/operator-name": "pytorchjob-controller",
-                          "training.kubeflow.org/replica-type": rtype.lower(), "training.kubeflow.org/replica-index": str(index)}
+                          "training.kubeflow.org/job-name": name,
+                          "training.kubeflow.org/operator-name": "pytorchjob-controller",
+                          "training.kubeflow.org/replica-type": rtype.lower(),
+                          "training.kubeflow.org/replica-index": str(index)}
                 if rtype == "Master":
                     labels["training.kubeflow.org/job-role"] = "master"
                 pod = self.pods.setdefault((ns, pod_name), {
@@ -357,11 +359,11 @@ def _handler(api: FakeKubernetesApi):
                 return self._log(m.group(1), m.group(2), query)
             self._send(404, status_object(404, "NotFound", "the server could not find the requested resource"))
 
-        do_GET = lambda self: self._route("GET")  # noqa: E731
-        do_POST = lambda self: self._route("POST")  # noqa: E731
-        do_DELETE = lambda self: self._route("DELETE")  # noqa: E731
-        do_PUT = lambda self: self._route("PUT")  # noqa: E731
-        do_PATCH = lambda self: self._route("PATCH")  # noqa: E731
+        do_GET = lambda self: self._route("GET")
+        do_POST = lambda self: self._route("POST")
+        do_DELETE = lambda self: self._route("DELETE")
+        do_PUT = lambda self: self._route("PUT")
+        do_PATCH = lambda self: self._route("PATCH")
 
         def _not_found(self, name: str):
             self._send(404, status_object(404, "NotFound", f'{PLURAL}.{GROUP} "{name}" not found',
@@ -384,8 +386,8 @@ def _handler(api: FakeKubernetesApi):
                     return self._send(200, job.obj)
                 if method == "DELETE":
                     del api.jobs[(ns, name)]
-                    for key in [k for k, p in api.pods.items()
-                                if k[0] == ns and p["metadata"]["labels"].get("training.kubeflow.org/job-name") == name]:
+                    for key in [k for k, p in api.pods.items() if k[0] == ns
+                                and p["metadata"]["labels"].get("training.kubeflow.org/job-name") == name]:
                         del api.pods[key]  # garbage collection of the job's pods
                     return self._send(200, {**status_object(200, "", ""), "status": "Success",
                                             "details": {"name": name, "group": GROUP, "kind": PLURAL,
@@ -405,20 +407,24 @@ def _handler(api: FakeKubernetesApi):
                                                                         "not match the namespace sent on the request"))
             causes = []
             if not name:
-                causes.append({"reason": "FieldValueRequired", "message": "Required value: name or generateName is required",
-                               "field": "metadata.name"})
+                causes.append({"reason": "FieldValueRequired",
+                               "message": "Required value: name or generateName is required", "field": "metadata.name"})
             for error in sorted(api.validator.iter_errors(body), key=lambda e: list(map(str, e.absolute_path))):
-                path = ".".join(str(p) if not isinstance(p, int) else f"[{p}]" for p in error.absolute_path).replace(".[", "[")
-                reason = {"required": "FieldValueRequired", "type": "FieldValueTypeInvalid"}.get(error.validator, "FieldValueInvalid")
+                path = ".".join(str(p) if not isinstance(p, int) else f"[{p}]"
+                                for p in error.absolute_path).replace(".[", "[")
+                reason = {"required": "FieldValueRequired",
+                          "type": "FieldValueTypeInvalid"}.get(error.validator, "FieldValueInvalid")
                 causes.append({"reason": reason, "message": f"Invalid value: {error.message}", "field": path})
             if causes:
-                message = f'{KIND}.{GROUP} "{name}" is invalid: ' + ", ".join(f"{c['field']}: {c['message']}" for c in causes)
+                message = f'{KIND}.{GROUP} "{name}" is invalid: ' + ", ".join(
+                    f"{c['field']}: {c['message']}" for c in causes)
                 return self._send(422, status_object(422, "Invalid", message,
                                                      {"name": name, "group": GROUP, "kind": KIND, "causes": causes}))
             warnings = unknown_fields(api.schema, body)
             with api.lock:
                 if (ns, name) in api.jobs:
-                    return self._send(409, status_object(409, "AlreadyExists", f'{PLURAL}.{GROUP} "{name}" already exists',
+                    return self._send(409, status_object(409, "AlreadyExists",
+                                                         f'{PLURAL}.{GROUP} "{name}" already exists',
                                                          {"name": name, "group": GROUP, "kind": PLURAL}))
                 api.warnings += warnings
                 obj = json.loads(json.dumps(body))
@@ -504,7 +510,8 @@ def _handler(api: FakeKubernetesApi):
             with api.lock:
                 items = [json.loads(json.dumps(p)) for (pns, _), p in api.pods.items()
                          if pns == ns and all(p["metadata"]["labels"].get(k) == v for k, v in wanted.items())]
-            self._send(200, {"apiVersion": "v1", "kind": "PodList", "metadata": {"resourceVersion": "1"}, "items": items})
+            self._send(200, {"apiVersion": "v1", "kind": "PodList", "metadata": {"resourceVersion": "1"},
+                             "items": items})
 
         def _log(self, ns: str, pod_name: str, query: dict):
             with api.lock:

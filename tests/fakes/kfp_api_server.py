@@ -17,7 +17,6 @@ runs end (`run_outcome`). Every request is recorded in `requests`.
 """
 from __future__ import annotations
 
-import pytest
 import datetime as dt
 import email.parser
 import email.policy
@@ -31,6 +30,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
 import kfp_server_api
+import pytest
 import yaml
 from google.protobuf import json_format
 from kfp.pipeline_spec import pipeline_spec_pb2
@@ -59,7 +59,7 @@ class ApiError(Exception):
 
 
 def _now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
+    return dt.datetime.now(dt.UTC).replace(microsecond=0)
 
 
 def _to_json(obj) -> dict:
@@ -280,7 +280,7 @@ class FakeKfpServer:
         host, port = self._httpd.server_address[:2]
         return f"http://{host}:{port}"
 
-    def start(self) -> "FakeKfpServer":
+    def start(self) -> FakeKfpServer:
         server = self
 
         class Handler(_Handler):
@@ -320,7 +320,8 @@ class FakeKfpServer:
             raise ApiError(404, "Not Found")
         p = p[len(API):]
         if m == "GET" and p == "/healthz":
-            return 200, _to_json(models.V2beta1GetHealthzResponse(multi_user=self.multi_user, pipeline_store="database"))
+            return 200, _to_json(models.V2beta1GetHealthzResponse(multi_user=self.multi_user,
+                                                                  pipeline_store="database"))
         if m == "POST" and p in ("/pipelines/upload", "/pipelines/upload_version"):
             return self._upload(rec, raw, content_type, version=p.endswith("version"))
         if m == "POST" and p == "/pipelines":
@@ -329,24 +330,23 @@ class FakeKfpServer:
             ns = q.get("namespace") or ""
             found = [x for x in self.pipelines.values() if (x.namespace or "") == ns]
             return self._list(found, q, "pipelines", models.V2beta1ListPipelinesResponse)
-        if match := re.fullmatch(r"/pipelines/([^/]+)/versions", p):
-            if m == "GET":
-                pipeline = self._get(self.pipelines, match[1], "Pipeline")
-                found = [v for v in self.versions.values() if v.pipeline_id == pipeline.pipeline_id]
-                return self._list(found, q, "pipeline_versions", models.V2beta1ListPipelineVersionsResponse)
-        if match := re.fullmatch(r"/pipelines/([^/]+)/versions/([^/]+)", p):
-            if m == "GET":
-                version = self._get(self.versions, match[2], "PipelineVersion")
-                if version.pipeline_id != match[1]:
-                    raise ApiError(404, f"PipelineVersion {match[2]} not found in pipeline {match[1]}")
-                return 200, _to_json(version)
+        if (match := re.fullmatch(r"/pipelines/([^/]+)/versions", p)) and m == "GET":
+            pipeline = self._get(self.pipelines, match[1], "Pipeline")
+            found = [v for v in self.versions.values() if v.pipeline_id == pipeline.pipeline_id]
+            return self._list(found, q, "pipeline_versions", models.V2beta1ListPipelineVersionsResponse)
+        if (match := re.fullmatch(r"/pipelines/([^/]+)/versions/([^/]+)", p)) and m == "GET":
+            version = self._get(self.versions, match[2], "PipelineVersion")
+            if version.pipeline_id != match[1]:
+                raise ApiError(404, f"PipelineVersion {match[2]} not found in pipeline {match[1]}")
+            return 200, _to_json(version)
         if (match := re.fullmatch(r"/pipelines/([^/]+)", p)) and m == "GET":
             return 200, _to_json(self._get(self.pipelines, match[1], "Pipeline"))
         if p == "/experiments" and m == "POST":
             return self._create_experiment(self._json(rec, raw, "V2beta1Experiment"))
         if p == "/experiments" and m == "GET":
             if self.multi_user and not q.get("namespace"):
-                raise ApiError(400, "Invalid input error: In multi-user mode, ListExperiment requires filtering by namespace")
+                raise ApiError(400, "Invalid input error: In multi-user mode, "
+                                    "ListExperiment requires filtering by namespace")
             found = [e for e in self.experiments.values() if (e.namespace or "") == (q.get("namespace") or "")]
             return self._list(found, q, "experiments", models.V2beta1ListExperimentsResponse)
         if (match := re.fullmatch(r"/experiments/([^/]+)", p)) and m == "GET":
@@ -418,7 +418,8 @@ class FakeKfpServer:
         if version:
             pipeline_id = rec.query.get("pipelineid")
             if not pipeline_id:
-                raise ApiError(400, "Failed to create a pipeline version due to error parsing pipeline id: Invalid input error: Pipeline id is empty")
+                raise ApiError(400, "Failed to create a pipeline version due to error parsing pipeline id: "
+                                    "Invalid input error: Pipeline id is empty")
             pipeline = self.pipelines.get(pipeline_id)
             if pipeline is None:
                 raise ApiError(404, f"Failed to create a pipeline version: Pipeline {pipeline_id} not found")
@@ -437,7 +438,8 @@ class FakeKfpServer:
             pass  # shared pipelines are allowed in multi-user mode
         for other in self.pipelines.values():
             if other.display_name == name and (other.namespace or "") == (pipeline.namespace or ""):
-                raise ApiError(409, f"Already exist error: Failed to create a new pipeline. The name {name} already exists. Please specify a new name")
+                raise ApiError(409, "Already exist error: Failed to create a new pipeline. "
+                                    f"The name {name} already exists. Please specify a new name")
         created = models.V2beta1Pipeline(
             pipeline_id=self._new_id(), display_name=name, name=pipeline.name or name,
             description=pipeline.description, namespace=pipeline.namespace, created_at=_now())
@@ -447,7 +449,8 @@ class FakeKfpServer:
     def _add_version(self, pipeline, name: str, description, spec: dict):
         for other in self.versions.values():
             if other.pipeline_id == pipeline.pipeline_id and other.display_name == name:
-                raise ApiError(409, f"Already exist error: Failed to create a new pipeline version. The name {name} already exist. Please specify a new name")
+                raise ApiError(409, "Already exist error: Failed to create a new pipeline version. "
+                                    f"The name {name} already exist. Please specify a new name")
         version = models.V2beta1PipelineVersion(
             pipeline_id=pipeline.pipeline_id, pipeline_version_id=self._new_id(), display_name=name, name=name,
             description=description, created_at=_now(), pipeline_spec=spec)
@@ -472,18 +475,22 @@ class FakeKfpServer:
         """The spec a run or recurring run executes: inline, or a stored pipeline version."""
         ref = job.pipeline_version_reference
         if (job.pipeline_spec is None) == (ref is None):
-            raise ApiError(400, "Invalid input error: exactly one of pipeline_spec or pipeline_version_reference is required")
+            raise ApiError(400, "Invalid input error: exactly one of pipeline_spec or pipeline_version_reference "
+                                "is required")
         if job.pipeline_spec is not None:
             try:
-                json_format.ParseDict(job.pipeline_spec.get("pipeline_spec", job.pipeline_spec), pipeline_spec_pb2.PipelineSpec())
+                json_format.ParseDict(job.pipeline_spec.get("pipeline_spec", job.pipeline_spec),
+                                      pipeline_spec_pb2.PipelineSpec())
             except json_format.ParseError as err:
                 raise ApiError(400, f"Invalid input error: pipeline_spec: {err}") from None
             return job.pipeline_spec.get("pipeline_spec", job.pipeline_spec)
         if not ref.pipeline_id or not ref.pipeline_version_id:
-            raise ApiError(400, "Invalid input error: pipeline_version_reference needs pipeline_id and pipeline_version_id")
+            raise ApiError(400, "Invalid input error: pipeline_version_reference needs pipeline_id and "
+                                "pipeline_version_id")
         version = self._get(self.versions, ref.pipeline_version_id, "PipelineVersion")
         if version.pipeline_id != ref.pipeline_id:
-            raise ApiError(400, f"Invalid input error: version {ref.pipeline_version_id} is not a version of pipeline {ref.pipeline_id}")
+            raise ApiError(400, f"Invalid input error: version {ref.pipeline_version_id} is not a version of "
+                                f"pipeline {ref.pipeline_id}")
         return version.pipeline_spec
 
     def _check_job(self, job) -> None:
@@ -528,14 +535,16 @@ class FakeKfpServer:
         self._check_job(job)
         concurrency = int(job.max_concurrency or 0)
         if not 1 <= concurrency <= 10:
-            raise ApiError(400, f"Invalid input error: The max concurrency of the recurring run is out of range. Support 1-10. Received {concurrency}.")
+            raise ApiError(400, "Invalid input error: The max concurrency of the recurring run is out of range. "
+                                f"Support 1-10. Received {concurrency}.")
         trigger = job.trigger
         if trigger is None or (trigger.cron_schedule is None) == (trigger.periodic_schedule is None):
             raise ApiError(400, "Invalid input error: exactly one of cron_schedule or periodic_schedule is required")
         if trigger.cron_schedule is not None:
             problem = robfig_cron_errors(trigger.cron_schedule.cron or "")
             if problem:
-                raise ApiError(400, f"Invalid input error: Schedule cron is not a supported format(https://godoc.org/github.com/robfig/cron). Error: {problem}")
+                raise ApiError(400, "Invalid input error: Schedule cron is not a supported "
+                                    f"format(https://godoc.org/github.com/robfig/cron). Error: {problem}")
         job.recurring_run_id = self._new_id()
         job.max_concurrency = str(concurrency)
         job.mode = job.mode or "ENABLE"

@@ -12,7 +12,7 @@ import shutil
 import sys
 import threading
 from abc import abstractmethod
-from typing import Callable
+from collections.abc import Callable
 
 import storage
 from model.artifact import METADATA_FILE

@@ -25,7 +25,7 @@ non-elastic and gets PET_MAX_RESTARTS from us. No `metrics` are set, so the oper
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from kubernetes import client as k8s
 
@@ -193,7 +193,8 @@ def policy_problems(obj: dict) -> list[str]:
                 problems.append(f"{cat}.securityContext.allowPrivilegeEscalation: must be false")
             for j, var in enumerate(ct.get("env") or []):
                 if CREDENTIAL_ENV.search(var.get("name", "")) and "value" in var:
-                    problems.append(f"{cat}.env[{j}]: {var['name']} carries a literal credential; use a Secret reference")
+                    problems.append(f"{cat}.env[{j}]: {var['name']} carries a literal credential; "
+                                    "use a Secret reference")
     return problems
 
 

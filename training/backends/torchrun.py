@@ -9,8 +9,14 @@ import subprocess
 import sys
 import tempfile
 
-from training.backends.base import ENTRY_MODULE, TrainingBackend, TrainingFailed, TrainingJob, entry_args, \
-    read_model_metadata
+from training.backends.base import (
+    ENTRY_MODULE,
+    TrainingBackend,
+    TrainingFailed,
+    TrainingJob,
+    entry_args,
+    read_model_metadata,
+)
 from training.pods import TORCHRUN_ENV
 
 ERROR_LINE = re.compile(r"^[A-Za-z_.]*(Error|Exception|Failed)[A-Za-z]*: \S")

@@ -1,0 +1,35 @@
+"""Deploy: serve the newly registered champion with the env's deployer and smoke-test it."""
+
+from kfp.dsl import Dataset, Input, Model
+
+
+def deploy_op(model: Input[Model], test_data: Input[Dataset], version: str, deploy_spec: dict,
+              tracking: dict) -> dict:
+    """Serve the promoted model (locally on loopback, or as a KServe InferenceService) and smoke-test it.
+
+    Args:
+        model: The promoted model directory.
+        test_data: Held-out rows; a few become the smoke test's requests (features only).
+        version: The registered model version now behind the `champion` alias.
+        deploy_spec: The environment's serving section plus image, namespace and model name.
+        tracking: MLflow tracking URI (where a cluster's storage initializer finds the version's files).
+
+    Returns:
+        Output: What is live: {deployer, version, outcome, live, url, detail}.
+    """
+    import json
+
+    from model.artifact import feature_columns, read_metadata
+    from serving.deploy import deploy_model
+    from specs import DeploySpec
+    from stages.registry import input_example, model_dir_uri
+    from storage.tables import read_table
+
+    spec = DeploySpec.model_validate(deploy_spec)
+    columns = feature_columns(read_metadata(model.path))
+    records = json.loads(input_example(read_table(test_data.path), columns, rows=3).to_json(orient="records"))
+    uri = None if spec.serving.deployer == "local" else model_dir_uri(tracking["tracking_uri"], spec.model_name,
+                                                                        version)
+    live = deploy_model(spec, model.path, version, uri, records)
+    print(f"deploy: {live['live']} {live['outcome']} ({live['detail']})")
+    return live

@@ -1,0 +1,208 @@
+"""What the predictor and the transformer share around KServe's ModelServer: the command line
+(KServe's own parser as the parent, so the controller's arguments work), the middlewares and error
+handlers on its FastAPI app, gRPC status mapping, readiness, logging and start-up. Torch-free.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import logging
+import time
+
+from grpc import StatusCode
+from grpc_interceptor.exceptions import GrpcException
+from kserve import InferRequest, Model
+from kserve.model import InferenceVerb
+
+from serving.errors import INTERNAL, RequestError
+from specs.serving import ServingSpec
+
+log = logging.getLogger("flywheel.serving")
+DEFAULTS = ServingSpec()
+GRPC_CODES = {400: StatusCode.INVALID_ARGUMENT, 404: StatusCode.NOT_FOUND, 413: StatusCode.RESOURCE_EXHAUSTED,
+              422: StatusCode.INVALID_ARGUMENT, 503: StatusCode.UNAVAILABLE, 504: StatusCode.DEADLINE_EXCEEDED}
+HTTP_STATUSES = {StatusCode.INVALID_ARGUMENT: 400, StatusCode.NOT_FOUND: 404, StatusCode.RESOURCE_EXHAUSTED: 413,
+                 StatusCode.UNAVAILABLE: 503, StatusCode.DEADLINE_EXCEEDED: 504, StatusCode.UNIMPLEMENTED: 501}
+
+
+class RpcRequestError(RequestError, GrpcException):
+    """A `RequestError` KServe's gRPC interceptor understands: it aborts the call with the gRPC
+    code for the status and the error body (JSON) as details, so a gRPC client (our transformer
+    included) gets the exact status and field back; otherwise it answers INTERNAL for anything
+    that is not a KServe error. REST handles it as the `RequestError` it is."""
+
+    def __init__(self, error: RequestError):
+        RequestError.__init__(self, error.status, error.field, error.message)
+        self.status_code = GRPC_CODES.get(error.status, StatusCode.INTERNAL)
+        self.details = error.json()
+
+
+class ServingModel(Model):
+    """What both servers' models share on top of `kserve.Model`: a `RequestError` leaves as the
+    status it carries on REST and gRPC alike, gRPC inference calls are counted (REST ones are
+    counted by the HTTP middleware), and the payload goes from preprocess to predict untouched
+    (KServe's `validate` expects a dict or an InferRequest there).
+
+    Args:
+        name: The model name on the endpoints.
+        metrics: The server's `ServerMetrics`.
+    """
+
+    def __init__(self, name: str, metrics):
+        super().__init__(name)
+        self.metrics = metrics
+
+    async def __call__(self, body, headers=None, verb=InferenceVerb.PREDICT):
+        over_grpc = isinstance(body, InferRequest) and body.from_grpc
+        started, code = time.perf_counter(), 200
+        try:
+            return await super().__call__(body, headers, verb)
+        except RpcRequestError as error:
+            code = error.status
+            raise
+        except RequestError as error:
+            code = error.status
+            raise RpcRequestError(error) from None
+        except Exception:
+            code = INTERNAL
+            raise
+        finally:
+            if over_grpc:
+                self.metrics.request("grpc", code, time.perf_counter() - started)
+
+    def validate(self, payload):
+        return payload
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    """KServe's ModelServer arguments plus the ones both servers add."""
+    from kserve import model_server
+
+    cli = argparse.ArgumentParser(description=description, parents=[model_server.parser])
+    cli.add_argument("--model_dir", required=True,
+                     help="model directory: a path (/mnt/models), a storage URI or models:/NAME@ALIAS")
+    cli.add_argument("--tracking_uri", default=None, help="MLflow server for models:/ URIs (or MLFLOW_TRACKING_URI)")
+    cli.add_argument("--model_version", default=None, help="version to report (default: registry version, "
+                     "metadata's model_version, else a hash of the weights)")
+    cli.add_argument("--max_batch_rows", type=int, default=DEFAULTS.max_batch_rows, help="rows per request (413 above)")
+    cli.add_argument("--max_body_bytes", type=int, default=DEFAULTS.max_body_bytes, help="body limit (413 above)")
+    # A log line per request costs more than our whole preprocessing; the metrics carry the latencies.
+    cli.set_defaults(enable_latency_logging=False)
+    return cli
+
+
+def serving_spec(args: argparse.Namespace, **fields) -> ServingSpec:
+    """The command line as a validated ServingSpec (the limits, and what `fields` adds)."""
+    return ServingSpec(max_batch_rows=args.max_batch_rows, max_body_bytes=args.max_body_bytes, **fields)
+
+
+def install(app, spec: ServingSpec, metrics, extra=()) -> None:
+    """Put the middlewares and error handlers on KServe's FastAPI app before the server starts.
+
+    Outermost first: request id (every response carries one), metrics (counts what the limits
+    reject too), body limit, `extra` (the transformer's payload logger), error envelope.
+
+    Args:
+        app: `kserve.model_server.app`.
+        spec: The serving limits.
+        metrics: The server's `ServerMetrics`.
+        extra: (middleware class, kwargs) pairs between the body limit and the error envelope.
+    """
+    from fastapi.exceptions import RequestValidationError
+
+    from serving.metrics import HttpMetricsMiddleware
+    from serving.middleware import (
+        BodyLimitMiddleware,
+        ErrorEnvelopeMiddleware,
+        RequestIdMiddleware,
+        request_error_handler,
+        validation_error_handler,
+    )
+
+    app.add_middleware(ErrorEnvelopeMiddleware)  # add_middleware inserts outermost: add inside-out
+    for middleware, options in reversed(list(extra)):
+        app.add_middleware(middleware, **options)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=spec.max_body_bytes)
+    app.add_middleware(HttpMetricsMiddleware, metrics=metrics)
+    app.add_middleware(RequestIdMiddleware)
+    # KServe registers its handlers when the server starts, for its own exception types only;
+    # these two types are ours and FastAPI's, so nothing overwrites them.
+    app.add_exception_handler(RequestError, request_error_handler)
+    app.add_exception_handler(RequestValidationError, validation_error_handler)
+
+
+def drop_timing_middleware(app) -> None:
+    """Leave KServe's `TimingMiddleware` (timing_asgi) out of the app when it is built: it reads
+    the process CPU time twice per request and logs a line, ~25% of a small request's CPU here,
+    for what `request_*_seconds` and our histograms already record. KServe adds it when the server
+    starts, so it is removed where Starlette builds the middleware stack, on the first call."""
+    from timing_asgi import TimingMiddleware
+
+    build = app.build_middleware_stack
+
+    def build_without_timing():
+        app.user_middleware = [m for m in app.user_middleware if m.cls is not TimingMiddleware]
+        return build()
+
+    app.build_middleware_stack = build_without_timing
+
+
+def ready_dataplane(registry):
+    """A DataPlane whose server readiness (`/v2/health/ready`, gRPC ServerReady) is the models'
+    health, and whose model metadata names the model version. KServe's readiness is always true
+    unless `--enable_predictor_health_check`, and then a predictor that is down answers 500
+    instead of 503 (kserve/kserve#4262); its metadata leaves the v2 `versions` field out."""
+    from kserve.protocol.dataplane import DataPlane
+
+    class ReadyDataPlane(DataPlane):
+        async def ready(self) -> bool:
+            for model in self.model_registry.get_models().values():
+                if not await model.healthy():
+                    return False
+            return True
+
+        async def model_metadata(self, model_name: str) -> dict:
+            metadata = await super().model_metadata(model_name)
+            version = getattr(self.get_model_from_registry(model_name), "version", None)
+            # REST returns `versions`; KServe's gRPC servicer builds its reply field by field and drops it.
+            return {**metadata, "platform": "flywheel-pytorch", **({"versions": [version]} if version else {})}
+
+    return ReadyDataPlane(registry)
+
+
+def quiet_request_logs(latency_logging: bool) -> None:
+    """Per-request INFO lines (KServe's timing middleware, its gRPC interceptor's 'grpc method')
+    cost more than a localhost hop; keep them only when latency logging is asked for."""
+    if latency_logging:
+        return
+    logging.getLogger("kserve.trace").setLevel(logging.WARNING)
+    logging.getLogger("kserve").addFilter(lambda record: not str(record.msg).startswith("grpc method:"))
+
+
+def start(model, args: argparse.Namespace, spec: ServingSpec, metrics, predictor_config=None, extra=()) -> None:
+    """Start KServe's ModelServer (REST + gRPC) with `model` and everything above installed."""
+    from kserve import ModelServer, model_server
+
+    if args.workers != 1:
+        # KServe's multi-process REST server spawns workers that import its app afresh, without
+        # these middlewares, handlers and the transformer's predictor config (its multi-worker path
+        # has a history of breakage: kserve/kserve#4266, #2393).
+        raise SystemExit("--workers must be 1: scale with replicas (serving.min_replicas/max_replicas)")
+    install(model_server.app, spec, metrics, extra)
+    if not args.enable_latency_logging:
+        drop_timing_middleware(model_server.app)
+    server = ModelServer(
+        http_port=args.http_port, grpc_port=args.grpc_port, workers=args.workers, max_threads=args.max_threads,
+        max_asyncio_workers=args.max_asyncio_workers, enable_grpc=args.enable_grpc,
+        enable_docs_url=args.enable_docs_url, enable_latency_logging=args.enable_latency_logging,
+        access_log_format=args.access_log_format, event_loop=args.event_loop,
+        timeout_keep_alive=args.timeout_keep_alive, predictor_config=predictor_config,
+        ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile)
+    # RESTServer and GRPCServer take the dataplane when start() runs, so this one answers both.
+    server.dataplane = ready_dataplane(server.registered_models)
+    quiet_request_logs(args.enable_latency_logging)
+    # Everything loaded so far (kserve, fastapi, pandas, the model) lives for the whole process:
+    # out of the collector's sight, a full collection no longer walks it (tens of ms of p99).
+    gc.collect()
+    gc.freeze()
+    server.start([model])

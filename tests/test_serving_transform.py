@@ -1,0 +1,259 @@
+"""Serving's request codec without servers: raw records and v2 column tensors become exactly the
+tensors training's Preprocessor makes, every bad input is one RequestError naming its field, the
+response carries the original labels; and the pieces around it (error bodies, payload events,
+the transformer staying torch-free)."""
+import asyncio
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from model.labels import LabelMapping
+from model.preprocessing import Preprocessor
+from serving.errors import RequestError, from_body
+from serving.middleware import normalise, validation_field
+from serving.transform import FeatureCodec, Tensor
+from stages.dataset import REFERENCE_CATEGORICAL, ReferenceTask
+
+NUMERIC = ["age", "income", "credit_limit", "utilization", "debt_to_income", "late_payments", "months_on_book"]
+COLUMNS = NUMERIC + REFERENCE_CATEGORICAL
+
+
+@pytest.fixture(scope="module")
+def frame():
+    return ReferenceTask(rows=400, seed=11).generate()
+
+
+@pytest.fixture(scope="module")
+def codec(frame):
+    pre = Preprocessor.fit(frame, NUMERIC, REFERENCE_CATEGORICAL)
+    return FeatureCodec(pre, LabelMapping("no", "yes"), max_batch_rows=50, decision_threshold=0.3)
+
+
+def records(frame, n=3) -> list[dict]:
+    """Rows as a JSON client sends them (NaN as null)."""
+    rows = frame[COLUMNS].head(n).astype(object).where(frame[COLUMNS].head(n).notna(), None)
+    return json.loads(json.dumps(rows.to_dict("records")))
+
+
+def tensors(rows: list[dict]) -> list[Tensor]:
+    return [Tensor(c, "FP64" if c in NUMERIC else "BYTES", [len(rows)], [r[c] for r in rows]) for c in COLUMNS]
+
+
+def test_the_nullable_columns_are_those_with_missing_training_values(frame, codec):
+    # Given the reference data (income and employment are self-reported, so sometimes missing)
+    assert codec.preprocessor.nullable == ["income", "employment"]
+    # And a preprocessor saved before `nullable` was recorded reads back as "unknown"
+    old = json.loads(codec.preprocessor.to_json())
+    del old["nullable"]
+    assert Preprocessor.from_json(json.dumps(old)).nullable is None
+
+
+def test_v1_and_v2_encode_exactly_what_the_training_preprocessor_makes(frame, codec):
+    # Given rows with a missing income and an unseen category
+    rows = records(frame, 5)
+    rows[1]["income"], rows[2]["housing"] = None, "castle"
+    expected = codec.preprocessor.transform(pd.DataFrame(rows))
+    # When they come as v1 records and as v2 column tensors
+    for features in (codec.from_v1({"instances": rows}), codec.from_v2(tensors(rows))):
+        # Then both are the Preprocessor's tensors for the same frame, bit for bit
+        assert features.numeric.dtype == np.float32 and features.categorical.dtype == np.int64
+        np.testing.assert_array_equal(features.numeric, expected[0])
+        np.testing.assert_array_equal(features.categorical, expected[1])
+
+
+def test_the_preprocessor_takes_columns_as_well_as_a_frame(frame, codec):
+    # Given a batch with nulls and int-coded categories, as a DataFrame and as plain columns
+    part = frame[COLUMNS].head(20)
+    columns = {c: part[c].astype(object).where(part[c].notna(), None).tolist() for c in COLUMNS}
+    # Then the one transform gives the same tensors for both
+    for a, b in zip(codec.preprocessor.transform(part), codec.preprocessor.transform(columns)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_categories_may_be_strings_or_integer_codes():
+    # Given a model trained on int-coded categories
+    train = pd.DataFrame({"x": [1.0, 2.0, 3.0], "code": [3, 1, 2]})
+    codec = FeatureCodec(Preprocessor.fit(train, ["x"], ["code"]), LabelMapping(0, 1))
+    # Then int codes and their text find the same vocabulary entries
+    by_int = codec.from_v1({"instances": [{"x": 1.0, "code": 3}]}).categorical
+    by_text = codec.from_v1({"instances": [{"x": 1.0, "code": "3"}]}).categorical
+    assert by_int.tolist() == by_text.tolist() == [[3]]
+
+
+V1_CASES = [
+    # (what, change to the first row or the body, status, field)
+    ("not an object", lambda rows: rows, 400, None),
+    ("no instances", lambda rows: {"rows": rows}, 400, "instances"),
+    ("instances not a list", lambda rows: {"instances": rows[0]}, 400, "instances"),
+    ("a row not an object", lambda rows: {"instances": [list(rows[0].values())]}, 400, "instances[0]"),
+    ("missing column", lambda rows: {"instances": [{k: v for k, v in rows[0].items() if k != "age"}]}, 422,
+     "instances[0].age"),
+    ("unknown column", lambda rows: {"instances": [{**rows[0], "shoe_size": 44}]}, 422, "instances[0].shoe_size"),
+    ("string in a numeric column", lambda rows: {"instances": [{**rows[0], "age": "42"}]}, 422, "instances[0].age"),
+    ("'NaN' string", lambda rows: {"instances": [rows[0], {**rows[1], "utilization": "NaN"}]}, 422,
+     "instances[1].utilization"),
+    ("'inf' string", lambda rows: {"instances": [{**rows[0], "credit_limit": "inf"}]}, 422,
+     "instances[0].credit_limit"),
+    ("NaN float", lambda rows: {"instances": [{**rows[0], "income": math.nan}]}, 422, "instances[0].income"),
+    ("infinite float", lambda rows: {"instances": [{**rows[0], "income": -math.inf}]}, 422, "instances[0].income"),
+    ("bool in a numeric column", lambda rows: {"instances": [{**rows[0], "age": True}]}, 422, "instances[0].age"),
+    ("null where training had none", lambda rows: {"instances": [{**rows[0], "age": None}]}, 422,
+     "instances[0].age"),
+    ("float category", lambda rows: {"instances": [{**rows[0], "housing": 1.5}]}, 422, "instances[0].housing"),
+    ("null category where training had none", lambda rows: {"instances": [{**rows[0], "region": None}]}, 422,
+     "instances[0].region"),
+    ("empty batch", lambda rows: {"instances": []}, 422, "instances"),
+    ("too many rows", lambda rows: {"instances": rows[:1] * 51}, 413, "instances"),
+]
+
+
+@pytest.mark.parametrize("what, change, status, field", V1_CASES, ids=[c[0] for c in V1_CASES])
+def test_bad_v1_requests_name_their_status_and_field(frame, codec, what, change, status, field):
+    with pytest.raises(RequestError) as caught:
+        codec.from_v1(change(records(frame)))
+    assert (caught.value.status, caught.value.field) == (status, field), caught.value.message
+
+
+def test_nulls_are_accepted_where_training_had_missing_values(frame, codec):
+    rows = records(frame, 1)
+    features = codec.from_v1({"instances": [{**rows[0], "income": None, "employment": None}]})
+    income = 2 * NUMERIC.index("income")
+    assert features.numeric[0, income + 1] == 1.0  # the missing-indicator the model learnt
+    assert features.categorical[0, REFERENCE_CATEGORICAL.index("employment")] == 0  # the unknown bucket
+
+
+def _set(k, **fields):
+    def change(ts):
+        ts[k] = Tensor(**{**ts[k].__dict__, **fields})
+        return ts
+    return change
+
+
+V2_CASES = [
+    ("data shorter than shape", _set(2, data=[1.0]), 400, "inputs[2].data"),
+    ("shape not sizes", _set(0, shape=["3"]), 400, "inputs[0].shape"),
+    ("matrix shape", _set(0, shape=[3, 2], data=[1.0] * 6), 422, "inputs[0].shape"),
+    ("unknown column", _set(9, name="planet"), 422, "inputs[9].name"),
+    ("BYTES for a numeric column", _set(1, datatype="BYTES"), 422, "inputs[1].datatype"),
+    ("NaN value", _set(3, data=[0.1, math.nan, 0.2]), 422, "inputs[3].data[1]"),
+    ("'inf' string", _set(3, data=[0.1, 0.2, "inf"]), 422, "inputs[3].data[2]"),
+    ("null where training had none", _set(0, data=[30, None, 40]), 422, "inputs[0].data[1]"),
+    ("rows differ between columns", _set(4, shape=[2], data=[0.1, 0.2]), 422, "inputs[4].shape"),
+    ("float category", _set(8, data=["own", 2.5, "rent"]), 422, "inputs[8].data[1]"),
+]
+
+
+@pytest.mark.parametrize("what, change, status, field", V2_CASES, ids=[c[0] for c in V2_CASES])
+def test_bad_v2_requests_name_their_status_and_field(frame, codec, what, change, status, field):
+    with pytest.raises(RequestError) as caught:
+        codec.from_v2(change(tensors(records(frame))))
+    assert (caught.value.status, caught.value.field) == (status, field), caught.value.message
+
+
+def test_v2_batch_limits_and_missing_columns(frame, codec):
+    rows = records(frame)
+    with pytest.raises(RequestError) as caught:
+        codec.from_v2(tensors(rows)[:-1])
+    assert (caught.value.status, caught.value.field) == (422, "inputs") and "region" in caught.value.message
+    with pytest.raises(RequestError) as caught:
+        codec.from_v2([Tensor(t.name, t.datatype, [0], []) for t in tensors(rows)])
+    assert caught.value.status == 422
+    with pytest.raises(RequestError) as caught:
+        codec.from_v2(tensors(rows[:1] * 51))
+    assert caught.value.status == 413
+
+
+def test_responses_carry_original_labels_probabilities_and_version(codec):
+    # Given probabilities around the model's decision threshold (0.3)
+    probabilities = np.array([0.1, 0.3, 0.9], dtype=np.float32)
+    # Then v1 labels them with the original values and keeps the probabilities and the version
+    body = codec.to_v1(probabilities, "credit", "7")
+    assert body["predictions"] == ["no", "yes", "yes"] and body["model_version"] == "7"
+    assert body["probabilities"] == pytest.approx([0.1, 0.3, 0.9])
+    # And v2 answers a label tensor of the label's type beside the probabilities
+    label, probability = codec.to_v2(probabilities)
+    assert (label.name, label.datatype, label.data) == ("label", "BYTES", ["no", "yes", "yes"])
+    assert (probability.name, probability.datatype, probability.shape) == ("probability", "FP32", [3])
+
+
+def test_every_error_renders_to_one_body():
+    error = RequestError(422, "inputs[2].data[5]", "must be a number")
+    assert error.body() == {"error": {"status": 422, "field": "inputs[2].data[5]", "message": "must be a number"}}
+    # And it reads back (the transformer reading its predictor), as do stock KServe bodies
+    assert repr(from_body(error.json(), 400)) == repr(error)
+    assert (from_body(b'{"error": "Model not ready"}', 503).status, from_body(b"oops", 502).message) == (503, "oops")
+    # And KServe's and FastAPI's own error bodies are rewritten into it
+    assert normalise(404, b'{"error": "Model with name x does not exist."}')["error"]["message"].startswith("Model")
+    assert normalise(400, b'{"detail": "There was an error parsing the body"}')["error"]["status"] == 400
+    assert validation_field(("body", "InferenceRequest", "inputs", 0, "shape")) == "inputs[0].shape"
+
+
+def test_payload_events_never_wait_and_are_dropped_when_the_queue_is_full():
+    from serving.metrics import PAYLOAD_EVENTS
+    from serving.payload import REQUEST_TYPE, Event, PayloadLogger
+
+    async def flood():
+        # Given a logger whose sink never answers and a queue of two events
+        logger = PayloadLogger("http://127.0.0.1:9/", queue_size=2, model_name="credit")
+        before = PAYLOAD_EVENTS.labels(outcome="dropped")._value.get()
+        # When five events arrive before the background task runs
+        for i in range(5):
+            logger.put(Event(REQUEST_TYPE, f"id-{i}", "http://x/v1/models/credit:predict", b"{}"))
+        dropped = PAYLOAD_EVENTS.labels(outcome="dropped")._value.get() - before
+        headers = logger.headers(Event(REQUEST_TYPE, "id-0", "src", b"{}"))
+        await logger.close()
+        return dropped, headers
+
+    dropped, headers = asyncio.run(flood())
+    # Then three are dropped and counted, none waited
+    assert dropped == 3
+    assert headers["ce-specversion"] == "1.0" and headers["ce-type"] == REQUEST_TYPE and headers["ce-id"] == "id-0"
+    assert headers["ce-inferenceservicename"] == "credit" and headers["ce-time"].endswith("Z")
+
+
+def test_the_transformer_process_never_imports_torch():
+    # The transformer image carries no torch: importing its module (and what it imports) must not
+    # pull it in; the predictor's does.
+    probe = ("import sys, serving.transformer, serving.payload, serving.hop; "
+             "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
+
+
+class FakeHop:
+    """A predictor connection that answers readiness and metadata as told."""
+
+    def __init__(self, ready=True, inputs=None):
+        self.is_ready, self.inputs, self.probes = ready, inputs, 0
+
+    async def ready(self):
+        self.probes += 1
+        return self.is_ready
+
+    async def metadata(self):
+        return {"inputs": self.inputs}
+
+
+def test_readiness_needs_a_ready_predictor_that_declares_our_tensors(codec):
+    from serving.contract import input_types
+    from serving.readiness import PredictorReadiness
+
+    ours = input_types(codec.preprocessor)
+    other = [{**ours[0], "shape": [-1, ours[0]["shape"][1] + 2]}, ours[1]]  # another model's width
+
+    async def check(hop):
+        readiness = PredictorReadiness(hop, ours, ttl=60)
+        first = await readiness.check()
+        again = await readiness.check()  # cached: no second probe
+        readiness.lost()  # the hop found the predictor unreachable
+        return first, again, hop.probes, await readiness.check(), hop.probes
+
+    assert asyncio.run(check(FakeHop(True, ours))) == (True, True, 1, True, 2)
+    assert asyncio.run(check(FakeHop(True, other)))[0] is False  # ready, but a different contract
+    assert asyncio.run(check(FakeHop(False, ours)))[0] is False
