@@ -239,7 +239,8 @@ def serve(
         except LookupError as err:
             fail(str(err))
         serving = LocalServing(model_dir, settings.mlflow.registered_model, settings.serving, Path("runs") / "serve",
-                               http_port=port, decision_threshold=settings.evaluation.decision_threshold)
+                               http_port=port, decision_threshold=settings.evaluation.decision_threshold,
+                               model_version=version)
         signal.signal(signal.SIGTERM, _interrupt)  # a supervisor's stop is a Ctrl-C: both servers stop
         try:
             serving.start()

@@ -271,7 +271,7 @@ def show_predictions(settings: Settings, console) -> None:
             return
         records = example_records(settings)
         with LocalServing(model_dir, name, settings.serving, PIPELINE_ROOT / "serve",
-                          decision_threshold=settings.evaluation.decision_threshold) as serving:
+                          decision_threshold=settings.evaluation.decision_threshold, model_version=version) as serving:
             v1 = serving.predict_v1(records, request_id="flywheel-run-v1")
             v2 = {o["name"]: o["data"] for o in serving.predict_v2(records, request_id="flywheel-run-v2")["outputs"]}
             url = serving.url

@@ -25,7 +25,7 @@ def _local(spec: DeploySpec, model_dir: str, version: str, records: list[dict], 
     with tempfile.TemporaryDirectory() as scratch:
         logs = Path(log_dir or scratch)
         with LocalServing(model_dir, spec.model_name, spec.serving, logs,
-                          decision_threshold=spec.decision_threshold) as serving:
+                          decision_threshold=spec.decision_threshold, model_version=version) as serving:
             answers = smoke_test(serving, records)
             url = serving.url
     predictions = answers["v1"]["predictions"]

@@ -78,6 +78,7 @@ class LocalServing:
     log_dir: Path
     http_port: int | None = None
     decision_threshold: float = 0.5
+    model_version: str | None = None  # what the servers report; the registry's version number
     processes: list[Process] = field(default_factory=list)
     ports: dict[str, int] = field(default_factory=dict)
 
@@ -93,16 +94,19 @@ class LocalServing:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.ports = {"predictor_http": free_port(), "predictor_grpc": free_port(),
                       "transformer_http": self.http_port or free_port(), "transformer_grpc": free_port()}
+        version = ["--model_version", self.model_version] if self.model_version else []
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
         hop = self.spec.hop_protocol
         predictor_host = (f"127.0.0.1:{self.ports['predictor_grpc']}" if hop == "grpc-v2"
                           else f"127.0.0.1:{self.ports['predictor_http']}")
         predictor = Process("predictor", [
             sys.executable, "-m", "serving.predictor", "--model_name", self.model_name, "--model_dir", self.model_dir,
+            *version,
             "--http_port", str(self.ports["predictor_http"]), "--grpc_port", str(self.ports["predictor_grpc"])],
             self.log_dir / "predictor.log")
         transformer = Process("transformer", [
             sys.executable, "-m", "serving.transformer", "--model_name", self.model_name, "--model_dir", self.model_dir,
+            *version,
             "--predictor_host", predictor_host, "--predictor_protocol", hop,
             "--decision_threshold", f"{self.decision_threshold:g}",
             "--http_port", str(self.ports["transformer_http"]), "--grpc_port", str(self.ports["transformer_grpc"]),

@@ -9,12 +9,8 @@ import os
 import re
 import tempfile
 from dataclasses import dataclass
-from pathlib import Path
-
-import yaml
 
 MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
-MODEL_DIR_ARTIFACT = "model_dir"  # the artifact key stages.registry.register_model logs
 
 
 @dataclass(frozen=True)
@@ -46,32 +42,11 @@ def resolve(uri: str, tracking_uri: str | None = None, download_dir: str | None 
     tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if not tracking_uri:
         raise ValueError(f"{uri!r} needs an MLflow tracking URI (--tracking_uri or MLFLOW_TRACKING_URI)")
-    version = _registry_version(tracking_uri, match["name"], match["alias"], match["version"])
-    local = _download(tracking_uri, f"models:/{match['name']}/{version}", download_dir)
-    return ModelSource(uri, str(_model_dir(local)), version)
+    from stages.registry import download_model_dir, version_behind
 
-
-def _registry_version(tracking_uri: str, name: str, alias: str | None, version: str | None) -> str:
-    from stages.tracking import _client
-
-    client = _client(tracking_uri)
-    found = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
-    return str(found.version)
-
-
-def _download(tracking_uri: str, artifact_uri: str, download_dir: str | None) -> Path:
-    from stages.tracking import mlflow_at
-
+    name = match["name"]
+    version = match["version"] or version_behind(tracking_uri, name, match["alias"])
+    if version is None:
+        raise ValueError(f"{uri!r}: {name} has no alias {match['alias']!r} in {tracking_uri}")
     target = download_dir or tempfile.mkdtemp(prefix="flywheel-model-")
-    with mlflow_at(tracking_uri) as mlflow:
-        return Path(mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri, dst_path=target))
-
-
-def _model_dir(local: Path) -> Path:
-    """The `model_dir` artifact inside a downloaded pyfunc, as its MLmodel file records it."""
-    spec = yaml.safe_load((local / "MLmodel").read_text())
-    artifacts = spec.get("flavors", {}).get("python_function", {}).get("artifacts", {})
-    path = (artifacts.get(MODEL_DIR_ARTIFACT) or {}).get("path")
-    if not path:
-        raise ValueError(f"the registered model at {local} has no {MODEL_DIR_ARTIFACT!r} artifact")
-    return local / path
+    return ModelSource(uri, download_model_dir(tracking_uri, name, version, target), version)

@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from pipelines.config import load_settings
-from pipelines.local import execute
+from pipelines.local import execute, summary_rows
 from stages.dataset import ReferenceTask
 from storage.tables import write_table
 
@@ -65,9 +65,16 @@ def test_first_run_promotes_and_second_is_judged_against_the_champion(lifecycle)
     assert first.tasks["gate-op"].parameters["Output"] == "promote"
     assert "no champion" in first.artifact("gate-op", "report")["metadata"]["reason"]
     assert first.tasks["register-op"].parameters["version"] == "1"
+    # The promoted champion is deployed: served on loopback and smoke-tested; the summary says so
+    live = first.tasks["deploy-op"].parameters["Output"]
+    assert live["deployer"] == "local" and live["live"] == f"{settings.mlflow.registered_model} v1"
+    assert "smoke test passed" in live["detail"]
+    assert any(label == "deployed" and "v1 served" in value for label, value in summary_rows(first))
     gate = second.artifact("gate-op", "report")["metadata"]
     assert gate["champion_version"] == "1"
     assert isinstance(gate["champion_roc_auc"], float)
+    if second.tasks["gate-op"].parameters["Output"] == "reject":  # nothing new to deploy
+        assert "deploy-op" not in second.tasks
 
 
 @pytest.mark.slow

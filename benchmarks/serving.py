@@ -1,0 +1,786 @@
+"""Serving speed under a real load generator: the raw forward pass, stock KServe and ours, in one run.
+
+    .venv/bin/python benchmarks/serving.py [--duration 10] [--clients 1,4,16] [--soak 60] [--quick]
+                                           [--stock-rest-protocol v1|v2]
+
+A model is trained in-process in seconds (the reference task, 2k rows, 2 epochs) and served on
+loopback. Each configuration gets a warm-up, then one closed-loop `wrk` run (Debian's wrk 4, a Lua
+script for the POST body, p50/p99 and non-2xx counts through its `done()` hook) per client count,
+one request = one row:
+
+1. raw model forward: `TrainedModel.predict_arrays` on a 1-row batch in this process, calls/s.
+2. stock KServe predictor (benchmarks/stock_kserve.py): the same forward pass behind a minimal
+   `kserve.Model` with KServe's default handling, v1 JSON tensors in.
+3. stock chain over REST: a minimal KServe transformer (our `FeatureCodec` for pre/postprocess,
+   KServe's default `InferenceRESTClient` hop, v1 by default) in front of the stock predictor.
+4. stock chain over grpc-v2: the same transformer with KServe's `InferenceGRPCClient` hop.
+5. our predictor (`python -m serving.predictor`), the same v1 JSON tensors in.
+6. our chain: `serving.transformer` (grpc-v2 hop, raw tensor contents) in front of our predictor.
+
+Chains take v1 raw records (`{"instances": [row]}`) and answer labels and probabilities; every
+configuration's answer is checked against the raw forward pass before it is measured, so they all
+do the same work. Servers run with OMP_NUM_THREADS=1 and are pinned with taskset to the server
+core(s), wrk (and this process) to the load core(s); with 2 cores a chain's two processes share
+core 0, as a collocated pod with one CPU would. Per run the servers' CPU time per request and
+each core's busy share are recorded too: CPU ms/request does not move when a neighbour takes the
+core, throughput does (the load average is printed for the same reason).
+
+Then a soak at 80% of our chain's peak throughput for --soak seconds: wrk 4 has no fixed-rate
+mode (`-R` is wrk2's), so an open-loop generator (asyncio + aiohttp, one request every 1/rate s
+whatever the answers do, latency from the scheduled send time) drives it while the servers' RSS is
+sampled every second. Pass: zero errors, and memory flat = the last sample within max(10%, 20 MB)
+of the sample after warm-up.
+
+Targets (verdicts printed): our chain's throughput >= 0.7x our predictor alone at 16 clients;
+our chain's p99 <= 20 ms at 16 clients and <= 10 ms at 4; our predictor's throughput not below
+the stock KServe predictor's at any client count. Results go to benchmarks/results/serving.json.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import io
+import json
+import os
+import resource
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+RESULTS = ROOT / "benchmarks" / "results"
+NAME = "credit"
+SOAK_SHARE = 0.8
+WARMUP_SOAK_SECONDS = 10.0  # RSS after this much of the soak is the "after warm-up" reference
+FLAT_SHARE, FLAT_BYTES = 0.10, 20 << 20
+TARGET_CHAIN_RATIO, TARGET_P99_16_MS, TARGET_P99_4_MS = 0.7, 20.0, 10.0
+
+WRK_SCRIPT = r"""
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.body = [==[%(body)s]==]
+
+local threads = {}
+
+function setup(thread)
+  table.insert(threads, thread)
+end
+
+function init(args)
+  non2xx = 0
+  first_status = 0
+end
+
+function response(status, headers, body)
+  if status < 200 or status > 299 then
+    non2xx = non2xx + 1
+    if first_status == 0 then first_status = status end
+  end
+end
+
+function done(summary, latency, requests)
+  local bad, first = 0, 0
+  for _, t in ipairs(threads) do
+    bad = bad + t:get("non2xx")
+    if first == 0 then first = t:get("first_status") end
+  end
+  local e = summary.errors
+  io.write(string.format(
+    'WRK_RESULT {"requests": %%d, "duration_us": %%d, "non2xx": %%d, "first_bad_status": %%d, ' ..
+    '"connect": %%d, "read": %%d, "write": %%d, "status": %%d, "timeout": %%d, ' ..
+    '"p50_us": %%d, "p90_us": %%d, "p99_us": %%d, "p999_us": %%d, "mean_us": %%.1f, "max_us": %%d}\n',
+    summary.requests, summary.duration, bad, first, e.connect, e.read, e.write, e.status, e.timeout,
+    latency:percentile(50), latency:percentile(90), latency:percentile(99), latency:percentile(99.9),
+    latency.mean, latency.max))
+end
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def cpu_list(cpus) -> str:
+    return ",".join(str(c) for c in sorted(cpus))
+
+
+def loadavg() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def core_times() -> dict[int, tuple[int, int]]:
+    """Per core (busy, total) jiffies from /proc/stat."""
+    times = {}
+    with open("/proc/stat") as stat:
+        for line in stat:
+            if line.startswith("cpu") and line[3].isdigit():
+                name, *values = line.split()
+                values = [int(v) for v in values]
+                idle = values[3] + (values[4] if len(values) > 4 else 0)
+                times[int(name[3:])] = (sum(values[:8]) - idle, sum(values[:8]))
+    return times
+
+
+def busy_shares(before: dict, after: dict, cores) -> dict[int, float]:
+    shares = {}
+    for core in sorted(cores):
+        busy = after[core][0] - before[core][0]
+        total = after[core][1] - before[core][1]
+        shares[core] = round(100.0 * busy / total, 1) if total else 0.0
+    return shares
+
+
+# ---- the model and the bodies -----------------------------------------------------------------
+
+def train_model(directory: Path):
+    """A model trained in-process in seconds, as tests/test_serving.py does, and its frame."""
+    from pipelines.config import load_settings
+    from pipelines.training_pipeline import train_spec
+    from stages.dataset import ReferenceTask
+    from storage.tables import write_table
+    from training import train as entry
+    from training.backends.base import entry_spec
+
+    frame = ReferenceTask(rows=2000, seed=3).generate()
+    data = write_table(frame, directory / "train.parquet")
+    settings = load_settings("local", overrides={"training": {"hyperparameters": {"epochs": 2}}})
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "TORCHELASTIC_RESTART_COUNT"):
+        os.environ.pop(name, None)
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        entry.train(str(data), str(directory / "model"), entry_spec(train_spec(settings), settings.dataset, None))
+    return directory / "model", frame
+
+
+def bodies(model_dir: Path, frame):
+    """One raw record (the chains' v1 body), its tensors (the predictors' v1 body) and the tensors."""
+    from serving.transform import FeatureCodec
+
+    codec = FeatureCodec.from_model_dir(str(model_dir))
+    part = frame[codec.columns].dropna().iloc[:1]
+    record = json.loads(json.dumps(part.astype(object).to_dict("records")[0]))
+    features = codec.from_v1({"instances": [record]})
+    chain = json.dumps({"instances": [record]}).encode()
+    predictor = json.dumps({"instances": [{"numeric": features.numeric[0].tolist(),
+                                           "categorical": features.categorical[0].tolist()}]}).encode()
+    return chain, predictor, features
+
+
+# ---- the servers ------------------------------------------------------------------------------
+
+class Server:
+    """One server process, pinned, with its ports and log file."""
+
+    def __init__(self, label: str, command: list[str], log_dir: Path, cpus):
+        self.label, self.cpus = label, set(cpus) if cpus else None
+        self.http_port, self.grpc_port = free_port(), free_port()
+        self.log = log_dir / f"{label.replace(' ', '_')}.log"
+        self.command = [sys.executable, *command, "--model_name", NAME,
+                        "--http_port", str(self.http_port), "--grpc_port", str(self.grpc_port)]
+        self.process: subprocess.Popen | None = None
+        self.ps = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def grpc(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    def pinned_command(self) -> list[str]:
+        if self.cpus and shutil.which("taskset"):
+            return ["taskset", "-c", cpu_list(self.cpus), *self.command]
+        return self.command
+
+    def start(self) -> Server:
+        import psutil
+
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+        preexec = None
+        if self.cpus and not shutil.which("taskset"):
+            cpus = self.cpus
+            preexec = lambda: os.sched_setaffinity(0, cpus)  # noqa: E731
+        with open(self.log, "wb") as out:
+            self.process = subprocess.Popen(self.pinned_command(), cwd=ROOT, env=env, stdout=out,
+                                            stderr=subprocess.STDOUT, preexec_fn=preexec)
+        self.ps = psutil.Process(self.process.pid)  # taskset execs the server: same pid
+        return self
+
+    def wait(self, timeout: float = 120.0) -> Server:
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise SystemExit(f"{self.label} exited {self.process.returncode}:\n{self.tail()}")
+            try:
+                if httpx.get(f"{self.url}/v2/health/ready", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise SystemExit(f"{self.label} not ready after {timeout:.0f} s:\n{self.tail()}")
+
+    def cpu_seconds(self) -> float:
+        times = self.ps.cpu_times()
+        return times.user + times.system
+
+    def rss(self) -> int:
+        return self.ps.memory_info().rss
+
+    def tail(self, chars: int = 3000) -> str:
+        return self.log.read_text(errors="replace")[-chars:] if self.log.exists() else ""
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=10)
+
+
+def check_answer(url: str, body: bytes, want: float, label: str) -> None:
+    """One request: a 200 whose probability is the raw forward pass's (all configs do the same work)."""
+    import httpx
+
+    answer = httpx.post(url, content=body, headers={"content-type": "application/json"}, timeout=30)
+    if answer.status_code != 200:
+        raise SystemExit(f"{label}: {answer.status_code} {answer.text[:500]}")
+    data = answer.json()
+    got = data.get("probabilities", data.get("predictions"))
+    if not got or abs(float(got[0]) - want) > 1e-5:
+        raise SystemExit(f"{label}: answered {str(data)[:300]}, expected probability {want:.6f}")
+
+
+# ---- measurements -----------------------------------------------------------------------------
+
+def raw_forward(model_dir: Path, features, seconds: float, cpus) -> dict:
+    """In-process calls/s of `predict_arrays` on one row, pinned like the servers, one thread."""
+    import numpy as np
+    import torch
+
+    from model.loader import load_model
+
+    torch.set_num_threads(1)
+    model = load_model(str(model_dir))
+    numeric, categorical = features.numeric, features.categorical
+    before = os.sched_getaffinity(0)
+    if cpus:
+        os.sched_setaffinity(0, cpus)
+    try:
+        for _ in range(500):
+            model.predict_arrays(numeric, categorical)
+        durations = []
+        clock = time.perf_counter
+        started = clock()
+        deadline = started + seconds
+        while True:
+            t = clock()
+            if t >= deadline:
+                break
+            model.predict_arrays(numeric, categorical)
+            durations.append(clock() - t)
+        elapsed = clock() - started
+    finally:
+        os.sched_setaffinity(0, before)
+    us = np.asarray(durations) * 1e6
+    return {"calls": len(durations), "calls_per_s": len(durations) / elapsed, "p50_us": float(np.percentile(us, 50)),
+            "p99_us": float(np.percentile(us, 99)), "probability": float(model.predict_arrays(numeric, categorical)[0])}
+
+
+def raw_codec(model_dir: Path, chain_body: bytes, seconds: float, cpus) -> dict:
+    """In-process cost of the transformer's own work on one row: JSON parse, `FeatureCodec.from_v1`
+    (validation + `Preprocessor.transform`), `to_v1` and the JSON answer, pinned like the servers."""
+    import numpy as np
+    import orjson
+
+    from serving.transform import FeatureCodec
+
+    codec = FeatureCodec.from_model_dir(str(model_dir))
+    probabilities = np.asarray([0.25], dtype=np.float32)
+    before = os.sched_getaffinity(0)
+    if cpus:
+        os.sched_setaffinity(0, cpus)
+    try:
+        parts = {"parse": 0.0, "from_v1": 0.0, "to_v1": 0.0, "dump": 0.0}
+        clock, calls = time.perf_counter, 0
+        for _ in range(200):
+            codec.to_v1(probabilities, NAME, "v")
+            codec.from_v1(orjson.loads(chain_body))
+        deadline = clock() + seconds
+        while clock() < deadline:
+            t0 = clock()
+            body = orjson.loads(chain_body)
+            t1 = clock()
+            codec.from_v1(body)
+            t2 = clock()
+            answer = codec.to_v1(probabilities, NAME, "v")
+            t3 = clock()
+            orjson.dumps(answer)
+            t4 = clock()
+            for key, value in (("parse", t1 - t0), ("from_v1", t2 - t1), ("to_v1", t3 - t2), ("dump", t4 - t3)):
+                parts[key] += value
+            calls += 1
+    finally:
+        os.sched_setaffinity(0, before)
+    us = {key: 1e6 * value / calls for key, value in parts.items()}
+    return {"calls": calls, "us_per_row": sum(us.values()), **{f"{key}_us": value for key, value in us.items()}}
+
+
+class Wrk:
+    """wrk runs with a generated Lua script, pinned to the load cores."""
+
+    def __init__(self, script_dir: Path, cpus):
+        self.script_dir, self.cpus = script_dir, set(cpus) if cpus else None
+        self.threads = max(1, len(self.cpus) if self.cpus else 1)
+
+    def command(self, url: str, script: Path, clients: int, seconds: float) -> list[str]:
+        command = ["wrk", "-t", str(min(self.threads, clients)), "-c", str(clients), "-d", f"{max(1, round(seconds))}s",
+                   "--timeout", "10s", "-s", str(script), url]
+        if self.cpus and shutil.which("taskset"):
+            command = ["taskset", "-c", cpu_list(self.cpus), *command]
+        return command
+
+    def run(self, url: str, body: bytes, clients: int, seconds: float, servers: list[Server]) -> dict:
+        script = self.script_dir / f"post-{abs(hash(body))}.lua"
+        if not script.exists():
+            script.write_text(WRK_SCRIPT % {"body": body.decode()})
+        cpu_before = {s.label: s.cpu_seconds() for s in servers}
+        cores_before = core_times()
+        load = loadavg()
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
+        done = subprocess.run(self.command(url, script, clients, seconds), capture_output=True, text=True,
+                              timeout=seconds + 60)
+        children_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cores_after = core_times()
+        by_process = {s.label: s.cpu_seconds() - cpu_before[s.label] for s in servers}
+        cpu = sum(by_process.values())
+        wrk_cpu = (children_after.ru_utime - children.ru_utime) + (children_after.ru_stime - children.ru_stime)
+        line = next((l for l in done.stdout.splitlines() if l.startswith("WRK_RESULT ")), None)
+        if done.returncode != 0 or line is None:
+            raise SystemExit(f"wrk failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
+        raw = json.loads(line[len("WRK_RESULT "):])
+        seconds_run = raw["duration_us"] / 1e6
+        socket_errors = raw["connect"] + raw["read"] + raw["write"] + raw["timeout"]
+        return {"clients": clients, "requests": raw["requests"], "seconds": round(seconds_run, 3),
+                "rps": raw["requests"] / seconds_run, "p50_ms": raw["p50_us"] / 1e3, "p90_ms": raw["p90_us"] / 1e3,
+                "p99_ms": raw["p99_us"] / 1e3, "p999_ms": raw["p999_us"] / 1e3, "mean_ms": raw["mean_us"] / 1e3,
+                "max_ms": raw["max_us"] / 1e3, "non2xx": raw["non2xx"], "first_bad_status": raw["first_bad_status"],
+                "socket_errors": socket_errors, "errors": raw["non2xx"] + socket_errors,
+                "server_cpu_ms_per_request": 1e3 * cpu / raw["requests"] if raw["requests"] else None,
+                "server_cpu_ms_per_request_by_process": {k: 1e3 * v / raw["requests"] if raw["requests"] else None
+                                                         for k, v in by_process.items()},
+                "server_cpu_share": round(100.0 * cpu / seconds_run, 1),
+                "wrk_cpu_share": round(100.0 * wrk_cpu / seconds_run, 1),
+                "core_busy_percent": busy_shares(cores_before, cores_after, cores_after.keys()),
+                "loadavg_before": load}
+
+
+def measure(targets: list[tuple], wrk: Wrk, clients: list[int], seconds: float, warmup: float) -> list[dict]:
+    """Every target at every client count, interleaved: one round per client count, every
+    configuration once per round (order reversed every other round), so a neighbour's burst on the
+    shared cores lands on all configurations alike rather than on whichever ran then.
+
+    Args:
+        targets: (label, url, body, servers whose CPU to count) per configuration.
+    """
+    for label, url, body, procs in targets:
+        wrk.run(url, body, max(clients), warmup, procs)  # warm-up, discarded
+    rows = []
+    for k, n in enumerate(clients):
+        for label, url, body, procs in (targets if k % 2 == 0 else targets[::-1]):
+            row = {"config": label, **wrk.run(url, body, n, seconds, procs)}
+            rows.append(row)
+            print(f"  {label:<34} {n:>3} clients  {row['rps']:8.0f} req/s  p50 {row['p50_ms']:6.2f} ms  "
+                  f"p99 {row['p99_ms']:6.2f} ms  errors {row['errors']}  load {row['loadavg_before'][0]}", flush=True)
+    order = {label: i for i, (label, *_rest) in enumerate(targets)}
+    return sorted(rows, key=lambda r: (order[r["config"]], r["clients"]))
+
+
+# ---- soak -------------------------------------------------------------------------------------
+
+async def open_loop(url: str, body: bytes, rate: float, seconds: float, servers: list[Server],
+                    max_in_flight: int = 512) -> dict:
+    """Requests at a fixed rate whatever the answers do (open loop), latency from the scheduled
+    send time (so a stall counts for every request it delays); RSS of `servers` every second."""
+    import aiohttp
+    import numpy as np
+
+    loop = asyncio.get_running_loop()
+    latencies: list[float] = []
+    errors: dict[str, int] = {}
+    in_flight: set = set()
+    samples: list[dict] = []
+    per_second: dict[int, int] = {}
+    lag_max = 0.0
+    headers = {"content-type": "application/json"}
+
+    def error(kind: str) -> None:
+        errors[kind] = errors.get(kind, 0) + 1
+
+    connector = aiohttp.TCPConnector(limit=64, limit_per_host=64)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=10)) as session:
+        start = loop.time()
+
+        async def one(scheduled: float) -> None:
+            try:
+                async with session.post(url, data=body, headers=headers) as answer:
+                    await answer.read()
+                    if not 200 <= answer.status < 300:
+                        error(f"HTTP {answer.status}")
+                        return
+            except Exception as err:  # noqa: BLE001 - every failure is an error of the soak
+                error(type(err).__name__)
+                return
+            done = loop.time()
+            latencies.append(done - scheduled)
+            second = int(done - start)
+            per_second[second] = per_second.get(second, 0) + 1
+
+        async def sample() -> None:
+            t0 = loop.time()
+            while True:
+                samples.append({"t": round(loop.time() - t0, 2), **{s.label: s.rss() for s in servers},
+                                "cpu": {s.label: s.cpu_seconds() for s in servers}})
+                await asyncio.sleep(1.0)
+
+        sampler = asyncio.create_task(sample())
+        total, i = int(rate * seconds), 0
+        while i < total:
+            due = start + i / rate
+            delay = due - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            now = loop.time()
+            lag_max = max(lag_max, now - due)
+            while i < total and start + i / rate <= now:
+                if len(in_flight) >= max_in_flight:
+                    error("client backlog (request not sent)")
+                else:
+                    task = asyncio.create_task(one(start + i / rate))
+                    in_flight.add(task)
+                    task.add_done_callback(in_flight.discard)
+                i += 1
+        sent_for = loop.time() - start
+        if in_flight:
+            await asyncio.wait(list(in_flight), timeout=15)
+        sampler.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sampler
+        samples.append({"t": round(loop.time() - start, 2), **{s.label: s.rss() for s in servers},
+                        "cpu": {s.label: s.cpu_seconds() for s in servers}})
+    ms = np.asarray(latencies) * 1e3 if latencies else np.zeros(1)
+    full = [per_second[k] for k in sorted(per_second) if k < int(seconds)]
+    return {"rate": rate, "seconds": seconds, "sent": total, "answered": len(latencies),
+            "achieved_rps": total / sent_for if sent_for else 0.0, "errors": errors, "error_count": sum(errors.values()),
+            "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)),
+            "p999_ms": float(np.percentile(ms, 99.9)), "max_ms": float(ms.max()),
+            "per_second_min": min(full) if full else 0, "per_second_max": max(full) if full else 0,
+            "generator_lag_max_ms": lag_max * 1e3, "samples": samples}
+
+
+def memory_verdict(samples: list[dict], label: str, warmup: float) -> dict:
+    import numpy as np
+
+    series = [(s["t"], s[label]) for s in samples]
+    after = next((r for t, r in series if t >= warmup), series[0][1])
+    end = series[-1][1]
+    tolerance = max(FLAT_SHARE * after, FLAT_BYTES)
+    steady = [(t, r) for t, r in series if t >= warmup] or series
+    slope = 0.0
+    if len(steady) >= 3:
+        t, r = np.asarray(steady, dtype=float).T
+        slope = float(np.polyfit(t, r, 1)[0]) * 60 / (1 << 20)
+    mb = 1 << 20
+    return {"start_mb": series[0][1] / mb, "after_warmup_mb": after / mb, "end_mb": end / mb,
+            "max_mb": max(r for _, r in series) / mb, "slope_mb_per_min": slope,
+            "delta_mb": (end - after) / mb, "tolerance_mb": tolerance / mb, "flat": abs(end - after) <= tolerance}
+
+
+def new_loop():
+    try:
+        import uvloop
+
+        return uvloop.new_event_loop()
+    except ImportError:
+        return asyncio.new_event_loop()
+
+
+# ---- report -----------------------------------------------------------------------------------
+
+def at(rows: list[dict], config: str, clients: int) -> dict | None:
+    return next((r for r in rows if r["config"] == config and r["clients"] == clients), None)
+
+
+def print_table(raw: dict, codec: dict, rows: list[dict], server_cores, load_cores) -> None:
+    """The figures; CPU ms/req is the servers' CPU time per request (transformer + predictor for a
+    chain), wrk% the load generator's share of its core, coreN% each core's busy share (anyone's)."""
+    cores = sorted(set(server_cores or ()) | set(load_cores or ()))
+    core_head = "".join(f" core{c}%" for c in cores)
+    head = (f"{'configuration':<30} {'clients':>7} {'req/s':>7} {'p50 ms':>7} {'p99 ms':>7} {'p99.9':>7} "
+            f"{'errors':>6} {'CPU ms/req':>10} {'(T + P)':>11} {'wrk%':>5}{core_head} {'load1':>5}")
+    print("\n" + head)
+    print("-" * len(head))
+    print(f"{'raw model forward (in-process)':<30} {'-':>7} {raw['calls_per_s']:7.0f} {raw['p50_us'] / 1e3:7.3f} "
+          f"{raw['p99_us'] / 1e3:7.3f} {'-':>7} {'-':>6} {1e3 / raw['calls_per_s']:10.3f}")
+    print(f"{'raw transformer work (in-proc)':<30} {'-':>7} {1e6 / codec['us_per_row']:7.0f} {'':>7} {'':>7} {'':>7} "
+          f"{'-':>6} {codec['us_per_row'] / 1e3:10.3f}")
+    last = None
+    for row in rows:
+        if last and last != row["config"]:
+            print()
+        last = row["config"]
+        split = list(row["server_cpu_ms_per_request_by_process"].values())
+        split = f"{split[0]:.2f} + {split[1]:.2f}" if len(split) == 2 else ""
+        busy = "".join(f" {row['core_busy_percent'].get(c, 0):6.0f}" for c in cores)
+        print(f"{row['config']:<30} {row['clients']:>7} {row['rps']:7.0f} {row['p50_ms']:7.2f} {row['p99_ms']:7.2f} "
+              f"{row['p999_ms']:7.2f} {row['errors']:>6} {row['server_cpu_ms_per_request']:10.3f} {split:>11} "
+              f"{row['wrk_cpu_share']:5.0f}{busy} {row['loadavg_before'][0]:5.2f}")
+
+
+def ratio_lines(rows: list[dict], clients: list[int], raw: dict, labels: dict) -> tuple[list[str], dict]:
+    lines, ratios = [], {}
+
+    def pair(name: str, top: str, bottom: str, key: str = "rps") -> None:
+        values = {}
+        for n in clients:
+            a, b = at(rows, top, n), at(rows, bottom, n)
+            if a and b and b[key]:
+                values[n] = a[key] / b[key]
+        ratios[name] = values
+        lines.append(f"  {name:<52} " + "  ".join(f"{n:>2}c {v:5.2f}x" for n, v in values.items()))
+
+    pair("our predictor / stock predictor (req/s)", labels["ours_p"], labels["stock_p"])
+    pair("our chain / our predictor alone (req/s)", labels["ours_c"], labels["ours_p"])
+    pair("our chain / stock chain REST (req/s)", labels["ours_c"], labels["stock_rest"])
+    pair("our chain / stock chain grpc-v2 (req/s)", labels["ours_c"], labels["stock_grpc"])
+    pair("stock chain REST / stock predictor (req/s)", labels["stock_rest"], labels["stock_p"])
+    pair("stock chain grpc-v2 / stock predictor (req/s)", labels["stock_grpc"], labels["stock_p"])
+    pair("stock predictor / our predictor (CPU ms per request)", labels["stock_p"], labels["ours_p"],
+         "server_cpu_ms_per_request")
+    pair("stock chain grpc-v2 / our chain (CPU ms per request)", labels["stock_grpc"], labels["ours_c"],
+         "server_cpu_ms_per_request")
+    one = at(rows, labels["ours_p"], 1)
+    if one:
+        overhead = 1e6 / one["rps"] - 1e6 / raw["calls_per_s"]
+        lines.append(f"  {'raw forward / our predictor at 1 client (req/s)':<52}  1c "
+                     f"{raw['calls_per_s'] / one['rps']:5.1f}x  (serving adds ~{overhead:.0f} us per request)")
+        ratios["raw forward / our predictor @1"] = raw["calls_per_s"] / one["rps"]
+    return lines, ratios
+
+
+def verdicts(rows: list[dict], clients: list[int], labels: dict) -> list[dict]:
+    results = []
+
+    def verdict(name: str, value, target: str, ok, gap: str) -> None:
+        results.append({"target": name, "value": value, "want": target, "pass": ok, "gap": gap})
+
+    chain16, pred16 = at(rows, labels["ours_c"], 16), at(rows, labels["ours_p"], 16)
+    if chain16 and pred16:
+        r = chain16["rps"] / pred16["rps"]
+        verdict("our chain throughput / our predictor alone @16 clients", round(r, 3), f">= {TARGET_CHAIN_RATIO}",
+                r >= TARGET_CHAIN_RATIO, f"{r - TARGET_CHAIN_RATIO:+.2f}x ({chain16['rps']:.0f} vs "
+                f"{pred16['rps']:.0f} req/s; needs {TARGET_CHAIN_RATIO * pred16['rps']:.0f})")
+    for n, limit in ((16, TARGET_P99_16_MS), (4, TARGET_P99_4_MS)):
+        row = at(rows, labels["ours_c"], n)
+        if row:
+            verdict(f"our chain p99 @{n} clients (ms)", round(row["p99_ms"], 2), f"<= {limit}",
+                    row["p99_ms"] <= limit, f"{row['p99_ms'] - limit:+.2f} ms")
+    for n in clients:
+        ours, stock = at(rows, labels["ours_p"], n), at(rows, labels["stock_p"], n)
+        if ours and stock:
+            r = ours["rps"] / stock["rps"]
+            verdict(f"our predictor / stock KServe predictor @{n} clients", round(r, 3), ">= 1.0", r >= 1.0,
+                    f"{r - 1:+.2f}x ({ours['rps']:.0f} vs {stock['rps']:.0f} req/s)")
+    return results
+
+
+def print_soak(soak: dict, memory: dict, generator: str) -> None:
+    print(f"\nsoak: {soak['seconds']:.0f} s at {soak['rate']:.0f} req/s ({SOAK_SHARE:.0%} of our chain's peak), "
+          f"{generator}")
+    print(f"  sent {soak['sent']}, answered {soak['answered']}, achieved {soak['achieved_rps']:.0f} req/s "
+          f"(per-second {soak['per_second_min']}-{soak['per_second_max']}), generator lag max "
+          f"{soak['generator_lag_max_ms']:.1f} ms")
+    print(f"  latency from scheduled send: p50 {soak['p50_ms']:.2f} ms  p99 {soak['p99_ms']:.2f} ms  "
+          f"p99.9 {soak['p999_ms']:.2f} ms  max {soak['max_ms']:.1f} ms")
+    print(f"  errors: {soak['error_count']} {soak['errors'] or ''}".rstrip())
+    for label, m in memory.items():
+        print(f"  RSS {label:<16} start {m['start_mb']:6.1f} MB  after warm-up {m['after_warmup_mb']:6.1f}  end "
+              f"{m['end_mb']:6.1f}  max {m['max_mb']:6.1f}  slope {m['slope_mb_per_min']:+.2f} MB/min  "
+              f"delta {m['delta_mb']:+.1f} MB (tolerance {m['tolerance_mb']:.0f}): "
+              f"{'flat' if m['flat'] else 'NOT FLAT'}")
+
+
+# ---- main -------------------------------------------------------------------------------------
+
+def pinning() -> tuple[set | None, set | None, str]:
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        return None, None, f"1 CPU ({cpus}): no pinning possible, servers and load share it"
+    server, load = {cpus[0]}, set(cpus[1:2]) if len(cpus) < 4 else set(cpus[1:3])
+    note = (f"servers on core {cpu_list(server)} (taskset -c {cpu_list(server)}), wrk and the soak generator on "
+            f"core(s) {cpu_list(load)}; a chain's transformer and predictor share core {cpu_list(server)}")
+    return server, load, note
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per measurement (whole seconds: wrk's unit)")
+    parser.add_argument("--clients", default="1,4,16", help="comma-separated concurrent connections")
+    parser.add_argument("--soak", type=float, default=60.0, help="soak seconds at 80%% of our chain's peak; 0 skips")
+    parser.add_argument("--warmup", type=float, default=2.0, help="seconds of discarded load before each config")
+    parser.add_argument("--stock-rest-protocol", default="v1", choices=["v1", "v2"],
+                        help="the stock chain's REST hop (KServe's default is v1)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 2 s measurements, 1 s warm-ups, 8 s soak")
+    parser.add_argument("--output", default=str(RESULTS / "serving.json"))
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.duration, args.warmup, args.soak = min(args.duration, 2.0), 1.0, min(args.soak, 8.0)
+    clients = sorted({int(c) for c in args.clients.split(",") if c.strip()})
+
+    if not shutil.which("wrk"):
+        print("benchmarks/serving.py needs wrk, the HTTP load generator: apt-get install -y wrk", file=sys.stderr)
+        return 2
+    wrk_version = subprocess.run(["wrk", "-v"], capture_output=True, text=True).stdout.splitlines()[0].strip()
+    usage = subprocess.run(["wrk", "--help"], capture_output=True, text=True)
+    has_rate = "--rate" in usage.stdout + usage.stderr
+    from importlib.metadata import version
+
+    kserve_version = version("kserve")
+    server_cpus, load_cpus, pin_note = pinning()
+    started = time.time()
+    print(f"serving benchmark: {wrk_version}; kserve {kserve_version}; python {sys.version.split()[0]}")
+    print(f"cores: {os.cpu_count()} (this process may use {sorted(os.sched_getaffinity(0))}); pinning: {pin_note}")
+    print(f"load average at start: {loadavg()} (other agents may share these cores)")
+    print(f"per measurement: {args.duration:g} s after a {args.warmup:g} s warm-up; clients {clients}; one row per "
+          f"request; v1 JSON in{' (QUICK: smoke figures, not for verdicts)' if args.quick else ''}", flush=True)
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    log_dir = RESULTS / "serving-logs"
+    log_dir.mkdir(exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix="serving-bench-"))
+    servers: list[Server] = []
+    try:
+        t = time.perf_counter()
+        model_dir, frame = train_model(tmp)
+        chain_body, predictor_body, features = bodies(model_dir, frame)
+        print(f"model trained in {time.perf_counter() - t:.1f} s; chain body {len(chain_body)} B, predictor body "
+              f"{len(predictor_body)} B", flush=True)
+
+        raw = raw_forward(model_dir, features, min(args.duration, 5.0), server_cpus)
+        print(f"  raw model forward: {raw['calls_per_s']:.0f} calls/s (p50 {raw['p50_us']:.0f} us, p99 "
+              f"{raw['p99_us']:.0f} us)", flush=True)
+        codec = raw_codec(model_dir, chain_body, min(args.duration, 3.0), server_cpus)
+        print(f"  raw transformer work (parse + FeatureCodec.from_v1 + to_v1 + dump, in-process): "
+              f"{codec['us_per_row']:.0f} us per row (from_v1 {codec['from_v1_us']:.0f} us)", flush=True)
+        if load_cpus:
+            os.sched_setaffinity(0, load_cpus)  # this process drives the soak: keep it off the server core
+        want = raw["probability"]
+        wrk = Wrk(tmp, load_cpus)
+        rest = args.stock_rest_protocol
+        labels = {"stock_p": "stock KServe predictor", "stock_rest": f"stock chain REST ({rest})",
+                  "stock_grpc": "stock chain grpc-v2", "ours_p": "our predictor", "ours_c": "our chain (grpc-v2)"}
+        stock_script = str(ROOT / "benchmarks" / "stock_kserve.py")
+        model = ["--model_dir", str(model_dir)]
+
+        def start(*new: Server) -> list[Server]:
+            for s in new:
+                command = s.pinned_command()
+                print(f"  start {s.label}: {' '.join(command[:command.index('--model_dir')])} ...", flush=True)
+                servers.append(s.start())
+            for s in new:
+                s.wait()
+            return list(new)
+
+        predict = f"/v1/models/{NAME}:predict"
+        print("\n[servers]")
+        stock_p, ours_p = start(Server("stock predictor", [stock_script, "predictor", *model], log_dir, server_cpus),
+                                Server("our predictor", ["-m", "serving.predictor", *model], log_dir, server_cpus))
+        stock_rest_t, stock_grpc_t, ours_t = start(*(
+            Server(f"stock transformer {protocol}", [stock_script, "transformer", *model, "--predictor_host", host,
+                                                     "--predictor_protocol", protocol], log_dir, server_cpus)
+            for protocol, host in ((rest, f"127.0.0.1:{stock_p.http_port}"), ("grpc-v2", stock_p.grpc))),
+            Server("our transformer", ["-m", "serving.transformer", *model, "--predictor_host", ours_p.grpc,
+                                       "--predictor_protocol", "grpc-v2"], log_dir, server_cpus))
+        targets = [(labels["stock_p"], stock_p.url + predict, predictor_body, [stock_p]),
+                   (labels["ours_p"], ours_p.url + predict, predictor_body, [ours_p]),
+                   (labels["stock_rest"], stock_rest_t.url + predict, chain_body, [stock_rest_t, stock_p]),
+                   (labels["stock_grpc"], stock_grpc_t.url + predict, chain_body, [stock_grpc_t, stock_p]),
+                   (labels["ours_c"], ours_t.url + predict, chain_body, [ours_t, ours_p])]
+        for label, url, body, _ in targets:
+            check_answer(url, body, want, label)
+        print(f"  every configuration answers probability {want:.6f} for the row (the raw forward pass's)\n"
+              f"  idle servers wait on the same core while another configuration is measured\n\n[measure]",
+              flush=True)
+        rows = measure(targets, wrk, clients, args.duration, args.warmup)
+        for stopped in (stock_rest_t, stock_grpc_t, stock_p):
+            stopped.stop()
+
+        soak, memory, generator = None, {}, None
+        if args.soak > 0:
+            peak = max(r["rps"] for r in rows if r["config"] == labels["ours_c"])
+            generator = ("open-loop asyncio+aiohttp generator at a fixed rate, latency from the scheduled send "
+                         "time (" + ("this wrk has -R, but the generator reports errors by kind)" if has_rate else
+                                     "wrk 4 has no fixed-rate mode: -R is wrk2's)"))
+            print(f"\n[soak] {args.soak:g} s at {SOAK_SHARE * peak:.0f} req/s; {generator}", flush=True)
+            warmup = min(WARMUP_SOAK_SECONDS, args.soak / 6)
+            runner = asyncio.Runner(loop_factory=new_loop)
+            with runner:
+                soak = runner.run(open_loop(ours_t.url + predict, chain_body, SOAK_SHARE * peak, args.soak,
+                                            [ours_t, ours_p]))
+            memory = {s.label: memory_verdict(soak["samples"], s.label, warmup) for s in (ours_t, ours_p)}
+            soak["warmup_seconds"] = warmup
+        ours_t.stop()
+        ours_p.stop()
+        load_end = loadavg()
+
+        print_table(raw, codec, rows, server_cpus, load_cpus)
+        lines, ratios = ratio_lines(rows, clients, raw, labels)
+        print("\nratios")
+        print("\n".join(lines))
+        results = verdicts(rows, clients, labels)
+        if soak is not None:
+            results.append({"target": "soak errors", "value": soak["error_count"], "want": "== 0",
+                            "pass": soak["error_count"] == 0, "gap": str(soak["errors"] or "none")})
+            for label, m in memory.items():
+                results.append({"target": f"soak memory flat: {label}", "value": round(m["delta_mb"], 1),
+                                "want": f"|end - after warm-up| <= {m['tolerance_mb']:.0f} MB",
+                                "pass": m["flat"], "gap": f"slope {m['slope_mb_per_min']:+.2f} MB/min"})
+            print_soak(soak, memory, generator)
+        print("\ntargets" + (" (QUICK run: indicative only)" if args.quick else ""))
+        for v in results:
+            print(f"  {'PASS' if v['pass'] else 'FAIL'}  {v['target']:<56} {v['value']!s:>8}  (want {v['want']}; "
+                  f"{v['gap']})")
+        print(f"\nload average: start {rows[0]['loadavg_before'] if rows else '-'}, end {load_end}; "
+              f"{pin_note}; total {time.time() - started:.0f} s")
+
+        output = {"when": time.strftime("%Y-%m-%dT%H:%M:%S"), "quick": args.quick, "wrk": wrk_version,
+                  "kserve": kserve_version, "cores": os.cpu_count(), "pinning": pin_note,
+                  "server_cpus": sorted(server_cpus or []), "load_cpus": sorted(load_cpus or []),
+                  "duration": args.duration, "warmup": args.warmup, "clients": clients,
+                  "stock_rest_protocol": rest, "loadavg_end": load_end, "raw_forward": raw, "raw_codec": codec, "measurements": rows,
+                  "ratios": {k: ({str(n): v for n, v in r.items()} if isinstance(r, dict) else r)
+                             for k, r in ratios.items()},
+                  "targets": results, "soak": soak and {**soak, "generator": generator, "memory": memory}}
+        Path(args.output).write_text(json.dumps(output, indent=2))
+        print(f"results: {args.output}; server logs: {log_dir}")
+        return 0  # a completed run; the verdicts are in the output and the JSON
+    finally:
+        for s in reversed(servers):
+            s.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
