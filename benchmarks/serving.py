@@ -208,7 +208,7 @@ class Server:
         preexec = None
         if self.cpus and not shutil.which("taskset"):
             cpus = self.cpus
-            preexec = lambda: os.sched_setaffinity(0, cpus)  # noqa: E731
+            preexec = lambda: os.sched_setaffinity(0, cpus)
         with open(self.log, "wb") as out:
             self.process = subprocess.Popen(self.pinned_command(), cwd=ROOT, env=env, stdout=out,
                                             stderr=subprocess.STDOUT, preexec_fn=preexec)
@@ -367,7 +367,7 @@ class Wrk:
         by_process = {s.label: s.cpu_seconds() - cpu_before[s.label] for s in servers}
         cpu = sum(by_process.values())
         wrk_cpu = (children_after.ru_utime - children.ru_utime) + (children_after.ru_stime - children.ru_stime)
-        line = next((l for l in done.stdout.splitlines() if l.startswith("WRK_RESULT ")), None)
+        line = next((x for x in done.stdout.splitlines() if x.startswith("WRK_RESULT ")), None)
         if done.returncode != 0 or line is None:
             raise SystemExit(f"wrk failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
         raw = json.loads(line[len("WRK_RESULT "):])
@@ -387,25 +387,40 @@ class Wrk:
                 "loadavg_before": load}
 
 
-def measure(targets: list[tuple], wrk: Wrk, clients: list[int], seconds: float, warmup: float) -> list[dict]:
-    """Every target at every client count, interleaved: one round per client count, every
-    configuration once per round (order reversed every other round), so a neighbour's burst on the
-    shared cores lands on all configurations alike rather than on whichever ran then.
+def measure(targets: list[tuple], wrk: Wrk, clients: list[int], seconds: float, warmup: float,
+            rounds: int = 1) -> list[dict]:
+    """Every target at every client count, interleaved and in rounds: each round runs every client
+    count, each client count every configuration once (the order alternates), so a neighbour's
+    burst on the shared cores lands on all configurations alike rather than on whichever ran then.
+    A configuration's figure is its best round (highest req/s, with that round's latencies): a
+    burst only ever slows a round down, so the best round is the servers' own speed; all rounds
+    stay in the JSON (`rounds`), and the table shows their req/s spread.
 
     Args:
         targets: (label, url, body, servers whose CPU to count) per configuration.
+        seconds: Per round.
     """
-    for label, url, body, procs in targets:
+    for _label, url, body, procs in targets:
         wrk.run(url, body, max(clients), warmup, procs)  # warm-up, discarded
-    rows = []
-    for k, n in enumerate(clients):
-        for label, url, body, procs in (targets if k % 2 == 0 else targets[::-1]):
-            row = {"config": label, **wrk.run(url, body, n, seconds, procs)}
-            rows.append(row)
-            print(f"  {label:<34} {n:>3} clients  {row['rps']:8.0f} req/s  p50 {row['p50_ms']:6.2f} ms  "
-                  f"p99 {row['p99_ms']:6.2f} ms  errors {row['errors']}  load {row['loadavg_before'][0]}", flush=True)
+    runs: dict[tuple[str, int], list[dict]] = {}
+    step = 0
+    for r in range(rounds):
+        for n in clients:
+            for label, url, body, procs in (targets if step % 2 == 0 else targets[::-1]):
+                row = {"config": label, "round": r + 1, **wrk.run(url, body, n, seconds, procs)}
+                runs.setdefault((label, n), []).append(row)
+                print(f"  round {r + 1}/{rounds}  {label:<30} {n:>3} clients  {row['rps']:7.0f} req/s  p50 "
+                      f"{row['p50_ms']:6.2f} ms  p99 {row['p99_ms']:7.2f} ms  errors {row['errors']}  "
+                      f"load {row['loadavg_before'][0]}", flush=True)
+            step += 1
     order = {label: i for i, (label, *_rest) in enumerate(targets)}
-    return sorted(rows, key=lambda r: (order[r["config"]], r["clients"]))
+    rows = []
+    for _key, all_rounds in sorted(runs.items(), key=lambda item: (order[item[0][0]], item[0][1])):
+        best = max(all_rounds, key=lambda row: row["rps"])
+        rows.append({**best, "rps_min": min(x["rps"] for x in all_rounds), "rps_max": best["rps"],
+                     "errors_all_rounds": sum(x["errors"] for x in all_rounds),
+                     "rounds": [{k: v for k, v in x.items() if k != "config"} for x in all_rounds]})
+    return rows
 
 
 # ---- soak -------------------------------------------------------------------------------------
@@ -423,14 +438,15 @@ async def open_loop(url: str, body: bytes, rate: float, seconds: float, servers:
     in_flight: set = set()
     samples: list[dict] = []
     per_second: dict[int, int] = {}
-    lag_max = 0.0
     headers = {"content-type": "application/json"}
 
     def error(kind: str) -> None:
         errors[kind] = errors.get(kind, 0) + 1
 
+    lags: list[float] = []
     connector = aiohttp.TCPConnector(limit=64, limit_per_host=64)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=10)) as session:
+        cores_before, own_before = core_times(), time.process_time()
         start = loop.time()
 
         async def one(scheduled: float) -> None:
@@ -440,7 +456,7 @@ async def open_loop(url: str, body: bytes, rate: float, seconds: float, servers:
                     if not 200 <= answer.status < 300:
                         error(f"HTTP {answer.status}")
                         return
-            except Exception as err:  # noqa: BLE001 - every failure is an error of the soak
+            except Exception as err:
                 error(type(err).__name__)
                 return
             done = loop.time()
@@ -463,16 +479,17 @@ async def open_loop(url: str, body: bytes, rate: float, seconds: float, servers:
             if delay > 0:
                 await asyncio.sleep(delay)
             now = loop.time()
-            lag_max = max(lag_max, now - due)
+            lags.append(now - due)
             while i < total and start + i / rate <= now:
                 if len(in_flight) >= max_in_flight:
-                    error("client backlog (request not sent)")
+                    error(f"not sent: {max_in_flight} requests already in flight (the servers fell behind)")
                 else:
                     task = asyncio.create_task(one(start + i / rate))
                     in_flight.add(task)
                     task.add_done_callback(in_flight.discard)
                 i += 1
         sent_for = loop.time() - start
+        own_cpu, cores_after = time.process_time() - own_before, core_times()
         if in_flight:
             await asyncio.wait(list(in_flight), timeout=15)
         sampler.cancel()
@@ -481,13 +498,20 @@ async def open_loop(url: str, body: bytes, rate: float, seconds: float, servers:
         samples.append({"t": round(loop.time() - start, 2), **{s.label: s.rss() for s in servers},
                         "cpu": {s.label: s.cpu_seconds() for s in servers}})
     ms = np.asarray(latencies) * 1e3 if latencies else np.zeros(1)
+    cpu_ms = {s.label: 1e3 * (samples[-1]["cpu"][s.label] - samples[0]["cpu"][s.label]) / max(1, len(latencies))
+              for s in servers}
     full = [per_second[k] for k in sorted(per_second) if k < int(seconds)]
     return {"rate": rate, "seconds": seconds, "sent": total, "answered": len(latencies),
-            "achieved_rps": total / sent_for if sent_for else 0.0, "errors": errors, "error_count": sum(errors.values()),
+            "achieved_rps": total / sent_for if sent_for else 0.0, "errors": errors,
+            "error_count": sum(errors.values()),
             "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)),
             "p999_ms": float(np.percentile(ms, 99.9)), "max_ms": float(ms.max()),
             "per_second_min": min(full) if full else 0, "per_second_max": max(full) if full else 0,
-            "generator_lag_max_ms": lag_max * 1e3, "samples": samples}
+            "generator_lag_p99_ms": float(np.percentile(lags, 99)) * 1e3 if lags else 0.0,
+            "generator_lag_max_ms": max(lags, default=0.0) * 1e3,
+            "generator_cpu_share": round(100.0 * own_cpu / sent_for, 1) if sent_for else 0.0,
+            "core_busy_percent": busy_shares(cores_before, cores_after, cores_after.keys()),
+            "server_cpu_ms_per_request_by_process": cpu_ms, "samples": samples}
 
 
 def memory_verdict(samples: list[dict], label: str, warmup: float) -> dict:
@@ -524,29 +548,35 @@ def at(rows: list[dict], config: str, clients: int) -> dict | None:
 
 
 def print_table(raw: dict, codec: dict, rows: list[dict], server_cores, load_cores) -> None:
-    """The figures; CPU ms/req is the servers' CPU time per request (transformer + predictor for a
-    chain), wrk% the load generator's share of its core, coreN% each core's busy share (anyone's)."""
+    """The figures. req/s and latencies are the best round's, `rounds` the req/s spread over the
+    rounds; CPU ms/req is the servers' CPU time per request (transformer + predictor for a chain),
+    wrk% the load generator's share of its core, coreN% each core's busy share (anyone's)."""
     cores = sorted(set(server_cores or ()) | set(load_cores or ()))
-    core_head = "".join(f" core{c}%" for c in cores)
-    head = (f"{'configuration':<30} {'clients':>7} {'req/s':>7} {'p50 ms':>7} {'p99 ms':>7} {'p99.9':>7} "
-            f"{'errors':>6} {'CPU ms/req':>10} {'(T + P)':>11} {'wrk%':>5}{core_head} {'load1':>5}")
+    columns = [("configuration", "<30"), ("clients", ">7"), ("req/s", ">7"), ("rounds", ">11"), ("p50 ms", ">7"),
+               ("p99 ms", ">7"), ("p99.9", ">7"), ("errors", ">6"), ("CPU ms/req", ">10"), ("(T + P)", ">11"),
+               ("wrk%", ">5"), *((f"core{c}%", ">6") for c in cores), ("load1", ">5")]
+
+    def line(*values) -> str:
+        return " ".join(f"{v:{fmt}}" for v, (_, fmt) in zip(values, columns))
+
+    head = line(*(name for name, _ in columns))
     print("\n" + head)
     print("-" * len(head))
-    print(f"{'raw model forward (in-process)':<30} {'-':>7} {raw['calls_per_s']:7.0f} {raw['p50_us'] / 1e3:7.3f} "
-          f"{raw['p99_us'] / 1e3:7.3f} {'-':>7} {'-':>6} {1e3 / raw['calls_per_s']:10.3f}")
-    print(f"{'raw transformer work (in-proc)':<30} {'-':>7} {1e6 / codec['us_per_row']:7.0f} {'':>7} {'':>7} {'':>7} "
-          f"{'-':>6} {codec['us_per_row'] / 1e3:10.3f}")
+    print(line("raw model forward (in-process)", "-", f"{raw['calls_per_s']:.0f}", "", f"{raw['p50_us'] / 1e3:.3f}",
+               f"{raw['p99_us'] / 1e3:.3f}", "-", "-", f"{1e3 / raw['calls_per_s']:.3f}"))
+    print(line("raw transformer work (in-proc)", "-", f"{1e6 / codec['us_per_row']:.0f}", "", "", "", "", "-",
+               f"{codec['us_per_row'] / 1e3:.3f}"))
     last = None
     for row in rows:
         if last and last != row["config"]:
             print()
         last = row["config"]
         split = list(row["server_cpu_ms_per_request_by_process"].values())
-        split = f"{split[0]:.2f} + {split[1]:.2f}" if len(split) == 2 else ""
-        busy = "".join(f" {row['core_busy_percent'].get(c, 0):6.0f}" for c in cores)
-        print(f"{row['config']:<30} {row['clients']:>7} {row['rps']:7.0f} {row['p50_ms']:7.2f} {row['p99_ms']:7.2f} "
-              f"{row['p999_ms']:7.2f} {row['errors']:>6} {row['server_cpu_ms_per_request']:10.3f} {split:>11} "
-              f"{row['wrk_cpu_share']:5.0f}{busy} {row['loadavg_before'][0]:5.2f}")
+        print(line(row["config"], row["clients"], f"{row['rps']:.0f}", f"{row.get('rps_min', row['rps']):.0f}-"
+                   f"{row['rps']:.0f}", f"{row['p50_ms']:.2f}", f"{row['p99_ms']:.2f}", f"{row['p999_ms']:.2f}",
+                   row["errors"], f"{row['server_cpu_ms_per_request']:.3f}",
+                   f"{split[0]:.2f} + {split[1]:.2f}" if len(split) == 2 else "", f"{row['wrk_cpu_share']:.0f}",
+                   *(f"{row['core_busy_percent'].get(c, 0):.0f}" for c in cores), f"{row['loadavg_before'][0]:.2f}"))
 
 
 def ratio_lines(rows: list[dict], clients: list[int], raw: dict, labels: dict) -> tuple[list[str], dict]:
@@ -610,11 +640,18 @@ def print_soak(soak: dict, memory: dict, generator: str) -> None:
     print(f"\nsoak: {soak['seconds']:.0f} s at {soak['rate']:.0f} req/s ({SOAK_SHARE:.0%} of our chain's peak), "
           f"{generator}")
     print(f"  sent {soak['sent']}, answered {soak['answered']}, achieved {soak['achieved_rps']:.0f} req/s "
-          f"(per-second {soak['per_second_min']}-{soak['per_second_max']}), generator lag max "
-          f"{soak['generator_lag_max_ms']:.1f} ms")
+          f"(per-second {soak['per_second_min']}-{soak['per_second_max']})")
+    busy = ", ".join(f"core{c} {v:.0f}%" for c, v in soak["core_busy_percent"].items())
+    print(f"  generator: {soak['generator_cpu_share']:.0f}% of its core, send lag p99 "
+          f"{soak['generator_lag_p99_ms']:.1f} ms, max {soak['generator_lag_max_ms']:.1f} ms; "
+          f"cores busy (anyone's) {busy}")
     print(f"  latency from scheduled send: p50 {soak['p50_ms']:.2f} ms  p99 {soak['p99_ms']:.2f} ms  "
           f"p99.9 {soak['p999_ms']:.2f} ms  max {soak['max_ms']:.1f} ms")
-    print(f"  errors: {soak['error_count']} {soak['errors'] or ''}".rstrip())
+    print(f"  errors: {soak['error_count']} {soak['errors'] or ''}".rstrip()
+          + (" (open loop: a server that falls behind the rate shows here and in the latency)"
+             if soak["error_count"] else ""))
+    print("  servers' CPU ms per request: " + ", ".join(f"{k} {v:.2f}" for k, v in
+                                                       soak["server_cpu_ms_per_request_by_process"].items()))
     for label, m in memory.items():
         print(f"  RSS {label:<16} start {m['start_mb']:6.1f} MB  after warm-up {m['after_warmup_mb']:6.1f}  end "
               f"{m['end_mb']:6.1f}  max {m['max_mb']:6.1f}  slope {m['slope_mb_per_min']:+.2f} MB/min  "
@@ -636,7 +673,10 @@ def pinning() -> tuple[set | None, set | None, str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--duration", type=float, default=10.0, help="seconds per measurement (whole seconds: wrk's unit)")
+    parser.add_argument("--duration", type=float, default=10.0,
+                        help="seconds per measurement (whole seconds: wrk's unit)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="interleaved rounds per measurement, --duration split between them; best round counts")
     parser.add_argument("--clients", default="1,4,16", help="comma-separated concurrent connections")
     parser.add_argument("--soak", type=float, default=60.0, help="soak seconds at 80%% of our chain's peak; 0 skips")
     parser.add_argument("--warmup", type=float, default=2.0, help="seconds of discarded load before each config")
@@ -648,6 +688,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.duration, args.warmup, args.soak = min(args.duration, 2.0), 1.0, min(args.soak, 8.0)
     clients = sorted({int(c) for c in args.clients.split(",") if c.strip()})
+    args.rounds = max(1, args.rounds)
+    round_seconds = max(1 if args.quick else 2, round(args.duration / args.rounds))
 
     if not shutil.which("wrk"):
         print("benchmarks/serving.py needs wrk, the HTTP load generator: apt-get install -y wrk", file=sys.stderr)
@@ -663,8 +705,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"serving benchmark: {wrk_version}; kserve {kserve_version}; python {sys.version.split()[0]}")
     print(f"cores: {os.cpu_count()} (this process may use {sorted(os.sched_getaffinity(0))}); pinning: {pin_note}")
     print(f"load average at start: {loadavg()} (other agents may share these cores)")
-    print(f"per measurement: {args.duration:g} s after a {args.warmup:g} s warm-up; clients {clients}; one row per "
-          f"request; v1 JSON in{' (QUICK: smoke figures, not for verdicts)' if args.quick else ''}", flush=True)
+    print(f"per measurement: best of {args.rounds} interleaved round(s) of {round_seconds} s (--duration "
+          f"{args.duration:g}), after a {args.warmup:g} s warm-up; clients {clients}; one row per request; v1 JSON in"
+          f"{' (QUICK: smoke figures, not for verdicts)' if args.quick else ''}", flush=True)
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     log_dir = RESULTS / "serving-logs"
@@ -723,7 +766,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  every configuration answers probability {want:.6f} for the row (the raw forward pass's)\n"
               f"  idle servers wait on the same core while another configuration is measured\n\n[measure]",
               flush=True)
-        rows = measure(targets, wrk, clients, args.duration, args.warmup)
+        rows = measure(targets, wrk, clients, round_seconds, args.warmup, args.rounds)
         for stopped in (stock_rest_t, stock_grpc_t, stock_p):
             stopped.stop()
 
@@ -768,8 +811,10 @@ def main(argv: list[str] | None = None) -> int:
         output = {"when": time.strftime("%Y-%m-%dT%H:%M:%S"), "quick": args.quick, "wrk": wrk_version,
                   "kserve": kserve_version, "cores": os.cpu_count(), "pinning": pin_note,
                   "server_cpus": sorted(server_cpus or []), "load_cpus": sorted(load_cpus or []),
-                  "duration": args.duration, "warmup": args.warmup, "clients": clients,
-                  "stock_rest_protocol": rest, "loadavg_end": load_end, "raw_forward": raw, "raw_codec": codec, "measurements": rows,
+                  "duration": args.duration, "rounds": args.rounds,
+                  "round_seconds": round_seconds, "warmup": args.warmup, "clients": clients,
+                  "stock_rest_protocol": rest, "loadavg_end": load_end, "raw_forward": raw, "raw_codec": codec,
+                  "measurements": rows,
                   "ratios": {k: ({str(n): v for n, v in r.items()} if isinstance(r, dict) else r)
                              for k, r in ratios.items()},
                   "targets": results, "soak": soak and {**soak, "generator": generator, "memory": memory}}

@@ -27,9 +27,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import numpy as np  # noqa: E402
-from kserve import InferInput, InferOutput, InferRequest, InferResponse, Model, ModelServer, model_server  # noqa: E402
-from kserve.predictor_config import PredictorConfig  # noqa: E402
+import numpy as np
+from kserve import InferInput, InferOutput, InferRequest, InferResponse, Model, ModelServer, model_server
+from kserve.predictor_config import PredictorConfig
 
 
 class StockPredictor(Model):

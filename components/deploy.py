@@ -22,7 +22,8 @@ def deploy_op(model: Input[Model], test_data: Input[Dataset], version: str, depl
     from model.artifact import feature_columns, read_metadata
     from serving.deploy import deploy_model
     from specs import DeploySpec
-    from stages.registry import input_example, model_dir_uri
+    from stages.registry import input_example
+    from stages.versions import model_dir_uri
     from storage.tables import read_table
 
     spec = DeploySpec.model_validate(deploy_spec)

@@ -167,15 +167,34 @@ def render(
 def run(
     env: str = typer.Option("local", "--env", "-e", help="an environment that runs on this machine (no kfp.host)"),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="stream every task's output instead of a log file"),
+    loop: bool = typer.Option(True, "--loop/--no-loop",
+                              help="then turn the flywheel: serve, shift the traffic, detect drift, retrain"),
 ) -> None:
-    """Run the whole lifecycle on an embedded environment (kfp.local + torchrun + MLflow)."""
+    """Run the whole lifecycle on an embedded environment (kfp.local + torchrun + MLflow + KServe)."""
     settings = settings_or_exit(env)
     if not settings.embedded:
         fail(f"env {env!r} runs on a cluster (kfp.host is set); use 'flywheel submit training --env {env}'")
+    import time
+
+    from rich.console import Console
+    from rich.table import Table
+
     from pipelines.local import run_local
 
+    started = time.perf_counter()
     try:
         run_local(settings, verbose=verbose)
+        if loop:
+            from pipelines.loop import turn
+
+            console = Console()
+            console.rule("[bold]the flywheel turns: served traffic shifts[/bold]")
+            steps = turn(settings, console)
+            table = Table(title="the loop", show_header=False)
+            for step, what in steps:
+                table.add_row(f"[bold]{step}[/bold]", what)
+            console.print(table)
+        typer.echo(f"make run: {time.perf_counter() - started:.0f} s")
     except RuntimeError as err:
         fail(str(err))
 
@@ -204,7 +223,7 @@ def schedule(
     env: str = EnvOption,
     dry_run: bool = typer.Option(False, "--dry-run", help="print the changes without applying them"),
 ) -> None:
-    """Reconcile ENV's scheduled-retraining KFP recurring run with config (create/update/delete)."""
+    """Reconcile ENV's KFP recurring runs (retraining, monitoring check) with config (create/update/delete)."""
     from pipelines.kfp_client import SubmitError
     from pipelines.schedule import reconcile_schedules
 
@@ -301,6 +320,70 @@ def rollback(env: str = EnvOption) -> None:
     except (LookupError, ValueError, RuntimeError) as err:
         fail(str(err))
     typer.echo(f"live: {live['live']} ({live['outcome']}) {live['url']}\n{live['detail']}")
+
+
+@app.command()
+def monitor(
+    env: str = EnvOption,
+    window: Optional[int] = typer.Option(None, "--window", help="rows to check, the newest (monitoring.window_rows)"),
+    trigger: bool = typer.Option(False, "--trigger", help="start retraining (guarded) when the decision says so"),
+) -> None:
+    """Check ENV's logged traffic against the champion's training profile: drift, quality, decision."""
+    import tempfile
+    import time
+
+    from rich.console import Console
+
+    from model.artifact import label_mapping, read_metadata
+    from monitoring.check import run_check
+    from monitoring.profile import load_profile
+    from monitoring.windows import read_window
+    from pipelines.monitor import drift_table, post_drift, suite_for
+    from pipelines.serving import local_champion
+
+    settings = settings_or_exit(env)
+    spec = settings.monitoring
+    console = Console()
+    with tempfile.TemporaryDirectory(prefix="flywheel-monitor-") as tmp:
+        try:
+            version, model_dir = local_champion(settings, tmp)
+            profile, metadata = load_profile(model_dir), read_metadata(model_dir)
+        except (LookupError, ValueError) as err:
+            fail(str(err))
+    try:
+        frame = read_window(spec.sink.root, model_version=version, rows=window or spec.window_rows)
+        result = run_check(frame, profile, spec, settings.dataset.features, model_version=version,
+                           root=spec.sink.root, suite=suite_for(settings), labels=label_mapping(metadata), env=env)
+    except (OSError, ValueError) as err:
+        fail(f"checking {spec.sink.root}: {err}")
+    console.print(drift_table(result.report, f"{settings.mlflow.registered_model} v{version}: {len(frame):,} rows "
+                                             f"from {spec.sink.root}"))
+    for note in result.report.notes:
+        console.print(f"[dim]note: {note}[/dim]")
+    for breach in result.report.breaches:
+        console.print(f"[red]breach[/red] {breach}")
+    verdict = "[red]RETRAIN[/red]" if result.retrain else "[green]hold[/green]"
+    console.print(f"decision: {verdict}: {'; '.join(result.reasons)}")
+    out = Path("runs") / "monitoring" / f"report-{time.strftime('%Y%m%d-%H%M%S')}.html"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(result.html or "", encoding="utf-8")
+    console.print(f"report: {out}")
+    if spec.sink.url:
+        console.print(post_drift(spec.sink.url, version, result.report.metrics()))
+    if not trigger:
+        return
+    if not result.retrain:
+        console.print("trigger: not fired (the decision is to hold)")
+        return
+    from pipelines.retrain import guarded_trigger
+
+    decision = guarded_trigger(settings, interactive=True).fire(result.reasons, "drift", result.dedup_key)
+    if decision["started"]:
+        console.print(f"trigger: started {decision['run_id']}")
+    else:
+        console.print(f"trigger: refused ({decision['guard']}): {decision['why']}")
+    if decision.get("audit_error"):
+        console.print(f"[yellow]the decision was not audited in MLflow: {decision['audit_error']}[/yellow]")
 
 
 @app.command()

@@ -17,13 +17,17 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
+from components.kfp_api import (  # noqa: F401 (re-exported: the credential variables' names)
+    BEARER_TOKEN_ENV,
+    BEARER_TOKEN_FILE_ENV,
+    COOKIE_ENV,
+    SA_TOKEN_PATH,
+    SA_TOKEN_PATH_ENV,
+    CredentialsError,
+    credentials,
+    name_filter,
+)
 from pipelines.config import Settings
-
-BEARER_TOKEN_ENV = "KFP_BEARER_TOKEN"
-BEARER_TOKEN_FILE_ENV = "KFP_BEARER_TOKEN_FILE"
-COOKIE_ENV = "KFP_COOKIE"
-SA_TOKEN_PATH_ENV = "KF_PIPELINES_SA_TOKEN_PATH"  # kfp.client.KF_PIPELINES_SA_TOKEN_ENV
-SA_TOKEN_PATH = "/var/run/secrets/kubeflow/pipelines/token"  # kfp.client.KF_PIPELINES_SA_TOKEN_PATH
 
 
 class SubmitError(RuntimeError):
@@ -49,29 +53,12 @@ def default_version_name(package: bytes, now: dt.datetime | None = None) -> str:
 # --- the client -------------------------------------------------------------------------------
 
 def _auth() -> tuple[str, dict]:
-    """(description, kfp.Client kwargs) from the first credential source that is set."""
-    token = os.environ.get(BEARER_TOKEN_ENV, "").strip()
-    if token:
-        return f"${BEARER_TOKEN_ENV}", {"existing_token": token}
-    token_file = os.environ.get(BEARER_TOKEN_FILE_ENV)
-    if token_file:
-        try:
-            token = Path(token_file).read_text().strip()
-        except OSError as err:
-            raise SubmitError(f"${BEARER_TOKEN_FILE_ENV}={token_file} cannot be read: {err.strerror}") from None
-        if not token:
-            raise SubmitError(f"${BEARER_TOKEN_FILE_ENV}={token_file} is empty")
-        return f"${BEARER_TOKEN_FILE_ENV} ({token_file})", {"existing_token": token}
-    cookie = os.environ.get(COOKIE_ENV, "").strip()
-    if cookie:
-        return f"${COOKIE_ENV}", {"cookies": cookie}
-    sa_path = os.environ.get(SA_TOKEN_PATH_ENV) or SA_TOKEN_PATH
-    if os.path.isfile(sa_path):
-        from kfp.client.set_volume_credentials import ServiceAccountTokenVolumeCredentials
-
-        # kfp re-reads the file before each request, so kubelet's token rotation is picked up.
-        return f"ServiceAccount token {sa_path}", {"credentials": ServiceAccountTokenVolumeCredentials(sa_path)}
-    return "no credentials", {}
+    """(description, kfp.Client kwargs) from the first credential source that is set
+    (`components.kfp_api.credentials`, shared with the pipeline tasks that start runs)."""
+    try:
+        return credentials()
+    except CredentialsError as err:
+        raise SubmitError(str(err)) from None
 
 
 def _auth_hint() -> str:
@@ -208,7 +195,7 @@ def _compile(registry, settings: Settings, name: str, out_dir: Path) -> tuple[Pa
 # --- KFP lookups ------------------------------------------------------------------------------
 
 def _name_filter(name: str) -> str:
-    return json.dumps({"predicates": [{"operation": "EQUALS", "key": "display_name", "stringValue": name}]})
+    return name_filter(name)
 
 
 def _find_pipeline_id(client, settings: Settings, display_name: str) -> str | None:

@@ -4,10 +4,11 @@ from __future__ import annotations
 from pathlib import Path
 from types import ModuleType
 
-from pipelines import training_pipeline
+from pipelines import monitoring_pipeline, training_pipeline
 from pipelines.config import ConfigError, Settings, environments, load_settings
 
-PIPELINES: dict[str, ModuleType] = {training_pipeline.NAME: training_pipeline}
+PIPELINES: dict[str, ModuleType] = {training_pipeline.NAME: training_pipeline,
+                                    monitoring_pipeline.NAME: monitoring_pipeline}
 
 
 def get(name: str) -> ModuleType:

@@ -21,7 +21,7 @@ def example_records(settings: Settings, rows: int = SMOKE_ROWS) -> list[dict]:
 
 
 def _version(settings: Settings, alias: str) -> str:
-    from stages.registry import version_behind
+    from stages.versions import version_behind
 
     version = version_behind(settings.mlflow.tracking_uri, settings.mlflow.registered_model, alias)
     if version is None:
@@ -32,7 +32,7 @@ def _version(settings: Settings, alias: str) -> str:
 
 def local_champion(settings: Settings, dst: str) -> tuple[str, str]:
     """(version, local model directory) of the registry's champion, downloaded under `dst`."""
-    from stages.registry import CHAMPION, download_model_dir
+    from stages.versions import CHAMPION, download_model_dir
 
     version = _version(settings, CHAMPION)
     return version, download_model_dir(settings.mlflow.tracking_uri, settings.mlflow.registered_model, version, dst)
@@ -40,7 +40,7 @@ def local_champion(settings: Settings, dst: str) -> tuple[str, str]:
 
 def _deploy(settings: Settings, alias: str) -> dict:
     from serving.deploy import deploy_model
-    from stages.registry import download_model_dir, model_dir_uri
+    from stages.versions import download_model_dir, model_dir_uri
 
     tracking, name = settings.mlflow.tracking_uri, settings.mlflow.registered_model
     version = _version(settings, alias)
@@ -54,7 +54,7 @@ def _deploy(settings: Settings, alias: str) -> dict:
 
 def deploy_champion(settings: Settings) -> dict:
     """Serve the champion with the env's deployer and smoke-test it; what is live."""
-    from stages.registry import CHAMPION
+    from stages.versions import CHAMPION
 
     return _deploy(settings, CHAMPION)
 
@@ -75,7 +75,7 @@ def plan_champion(settings: Settings) -> dict:
 def roll_back(settings: Settings) -> dict:
     """Serve the previous champion (smoke-tested; on a cluster at once, no canary: the live model
     is the one being abandoned), then make it the champion in the registry."""
-    from stages.registry import PREVIOUS_CHAMPION, roll_back_champion
+    from stages.versions import PREVIOUS_CHAMPION, roll_back_champion
 
     if settings.serving.deployer == "local":
         live = _deploy(settings, PREVIOUS_CHAMPION)

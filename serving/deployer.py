@@ -658,12 +658,12 @@ def rollback(settings, previous: ServedModel, smoke_test: SmokeTest | None = Non
 def registry_model(tracking_uri: str, registered_model: str, alias: str | None = None) -> ServedModel | None:
     """The model version behind `alias` (default `champion`; `previous-champion` for a rollback)
     and the storage URI of the flywheel model directory inside it, or None when there is none."""
-    from stages import registry
+    from stages import versions
 
-    version = registry.version_behind(tracking_uri, registered_model, alias or registry.CHAMPION)
+    version = versions.version_behind(tracking_uri, registered_model, alias or versions.CHAMPION)
     if version is None:
         return None
-    return ServedModel(registered_model, version, registry.model_dir_uri(tracking_uri, registered_model, version))
+    return ServedModel(registered_model, version, versions.model_dir_uri(tracking_uri, registered_model, version))
 
 
 # --- a smoke test over HTTP -------------------------------------------------------------------

@@ -42,7 +42,7 @@ def resolve(uri: str, tracking_uri: str | None = None, download_dir: str | None 
     tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if not tracking_uri:
         raise ValueError(f"{uri!r} needs an MLflow tracking URI (--tracking_uri or MLFLOW_TRACKING_URI)")
-    from stages.registry import download_model_dir, version_behind
+    from stages.versions import download_model_dir, version_behind
 
     name = match["name"]
     version = match["version"] or version_behind(tracking_uri, name, match["alias"])

@@ -6,13 +6,13 @@ ops re-validate the dicts they receive into them at the boundary.
 from specs.base import Strict
 from specs.data import DatasetSpec, DistributionShift, Features
 from specs.evaluation import EvaluationSpec, Thresholds, TrackingSpec
-from specs.monitoring import MonitoringSpec, RetrainingSpec
+from specs.monitoring import MonitoringSpec, RetrainingSpec, SinkSpec
 from specs.serving import DeploySpec, PayloadLogging, ServingSpec
 from specs.training import Elastic, Gpu, Hyperparameters, Resources, Toleration, TrainingSpec, TrainSpec
 from specs.tuning import TuningSpec
 
 __all__ = [
-    "DatasetSpec", "DeploySpec", "DistributionShift", "Elastic", "EvaluationSpec", "Features", "Gpu", "Hyperparameters",
-    "MonitoringSpec", "PayloadLogging", "Resources", "RetrainingSpec", "ServingSpec", "Strict", "Thresholds",
-    "Toleration", "TrackingSpec", "TrainSpec", "TrainingSpec", "TuningSpec",
+    "DatasetSpec", "DeploySpec", "DistributionShift", "Elastic", "EvaluationSpec", "Features", "Gpu",
+    "Hyperparameters", "MonitoringSpec", "PayloadLogging", "Resources", "RetrainingSpec", "ServingSpec", "SinkSpec",
+    "Strict", "Thresholds", "Toleration", "TrackingSpec", "TrainSpec", "TrainingSpec", "TuningSpec",
 ]

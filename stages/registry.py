@@ -13,14 +13,14 @@ import numpy as np
 import pandas as pd
 
 import model
-from model.artifact import feature_columns, read_metadata
+from model.artifact import PROFILE_KEY, feature_columns, read_metadata, reference_profile
 from model.loader import load_model
 from specs import TrackingSpec
 from stages.metrics import predict_scores
 from stages.tracking import _client, _mlflow, experiment_id, mlflow_at
+from stages.versions import CHAMPION, _set_champion
 from storage.tables import content_hash
 
-CHAMPION, PREVIOUS_CHAMPION = "champion", "previous-champion"
 # What the registered pyfunc needs at inference; pinned to what is installed here (letting MLflow
 # infer requirements costs ~4.8 s per log_model). The flywheel package itself (model.*) comes
 # with the serving image.
@@ -63,30 +63,6 @@ def pip_requirements() -> list[str]:
     return pins
 
 
-def _set_champion(client, registered_model: str, version: str) -> str | None:
-    """Move `champion` to `version`, first parking the old champion under `previous-champion`
-    (so a failure in between never leaves the model without a champion). Returns the old one."""
-    current = client.get_registered_model(registered_model).aliases.get(CHAMPION)
-    if current is not None and str(current) != str(version):
-        client.set_registered_model_alias(registered_model, PREVIOUS_CHAMPION, str(current))
-    client.set_registered_model_alias(registered_model, CHAMPION, str(version))
-    return None if current is None or str(current) == str(version) else str(current)
-
-
-def roll_back_champion(tracking_uri: str, registered_model: str) -> tuple[str, str]:
-    """Make `previous-champion` the champion again (the abandoned version becomes
-    `previous-champion` and is tagged `rolled_back`); returns (new champion, abandoned)."""
-    client = _client(tracking_uri)
-    aliases = client.get_registered_model(registered_model).aliases
-    previous, current = aliases.get(PREVIOUS_CHAMPION), aliases.get(CHAMPION)
-    if previous is None:
-        raise ValueError(f"{registered_model} has no {PREVIOUS_CHAMPION} to roll back to")
-    _set_champion(client, registered_model, str(previous))
-    if current is not None:
-        client.set_model_version_tag(registered_model, str(current), "rolled_back", "true")
-    return str(previous), str(current)
-
-
 def register_model(tracking_uri: str, registered_model: str, model_dir: str, run_id: str | None,
                    lineage: Mapping, input_example: pd.DataFrame, *, experiment: str | None = None,
                    make_champion: bool = True) -> str:
@@ -118,6 +94,8 @@ def register_model(tracking_uri: str, registered_model: str, model_dir: str, run
                 pip_requirements=pip_requirements(),
                 metadata={"flywheel": {"features": feature_columns(model.metadata)}},
             )
+            if reference_profile(model.metadata):  # what monitoring compares this version's traffic with
+                mlflow.log_dict(reference_profile(model.metadata), f"{PROFILE_KEY}.json")
             run_id = run.info.run_id
         version = mlflow.register_model(info.model_uri, registered_model, tags=tags)
     client = _client(tracking_uri)
@@ -192,39 +170,6 @@ def load_champion(tracking_uri: str, registered_model: str, alias: str = CHAMPIO
                 raise
             return Champion(info, None, f"{registered_model} v{mv.version} could not be loaded: "
                                         f"{type(err).__name__}: {str(err)[:300]}")
-
-
-def version_behind(tracking_uri: str, registered_model: str, alias: str = CHAMPION) -> str | None:
-    """The version number behind `alias` (champion, previous-champion), or None if there is none."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return str(_client(tracking_uri).get_model_version_by_alias(registered_model, alias).version)
-    except MlflowException as err:
-        if err.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
-            return None
-        raise
-
-
-def model_dir_uri(tracking_uri: str, registered_model: str, version: str) -> str:
-    """The storage URI of the Flywheel model directory inside a registered version: the pyfunc
-    keeps it as its `model_dir` artifact, and MLmodel says where (artifacts/<directory name>)."""
-    base = _client(tracking_uri).get_model_version_download_uri(registered_model, version)
-    with mlflow_at(tracking_uri) as mlflow:
-        info = mlflow.models.get_model_info(f"models:/{registered_model}/{version}")
-    artifacts = (info.flavors.get("python_function") or {}).get("artifacts") or {}
-    if "model_dir" not in artifacts:
-        raise ValueError(f"{registered_model} v{version} has no model_dir artifact: not a Flywheel model")
-    return base.rstrip("/") + "/" + artifacts["model_dir"]["path"]
-
-
-def download_model_dir(tracking_uri: str, registered_model: str, version: str, dst: str) -> str:
-    """The Flywheel model directory of a registered version, downloaded under `dst`; its local path."""
-    from mlflow.artifacts import download_artifacts
-
-    uri = model_dir_uri(tracking_uri, registered_model, version)
-    with mlflow_at(tracking_uri):
-        return download_artifacts(artifact_uri=uri, dst_path=dst)
 
 
 def _unreachable(err: BaseException) -> bool:

@@ -18,7 +18,8 @@ import pipelines.cli as cli
 from pipelines.config import load_settings
 from pipelines.training_pipeline import train_spec
 from stages.dataset import ReferenceTask
-from stages.registry import CHAMPION, PREVIOUS_CHAMPION, register_model
+from stages.registry import register_model
+from stages.versions import CHAMPION, PREVIOUS_CHAMPION
 from storage.tables import write_table
 from tests.conftest import CONFIG_DIR
 from tests.test_serving import free_port

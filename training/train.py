@@ -40,10 +40,12 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data.distributed import DistributedSampler
 
 import storage
+from model.artifact import PROFILE_KEY
 from model.labels import LabelMapping
 from model.loader import save_model
 from model.network import TabularNet
 from model.preprocessing import Preprocessor
+from model.profile import build_profile
 from storage.tables import read_table
 
 log = logging.getLogger("flywheel.train")
@@ -341,6 +343,13 @@ def _train(ctx: Context, data_uri: str, model_dir: str, spec: dict) -> dict:
                          "check the data for infinities and the learning rate")
     if ctx.is_main:
         model.load_state_dict(state["best_state"])
+        # What monitoring compares live traffic with: the training rows' features and the best
+        # model's scores on the validation split (the last epoch's logits may be another model's).
+        model.eval()
+        with torch.inference_mode():
+            val_scores = torch.sigmoid(model(val_num, val_cat).float()).cpu().numpy()
+        metadata[PROFILE_KEY] = build_profile(frame.iloc[train_idx], numeric, categorical, val_scores,
+                                              val_labels)
         save_model(model_dir, model.cpu(), architecture, preprocessor, metadata)
         if not spec.get("keep_checkpoints", False):
             storage.remove(storage.join(model_dir, "checkpoints"))

@@ -353,6 +353,11 @@ class FakeKfpServer:
             return 200, _to_json(self._get(self.experiments, match[1], "Experiment"))
         if p == "/runs" and m == "POST":
             return self._create_run(self._json(rec, raw, "V2beta1Run"))
+        if p == "/runs" and m == "GET":
+            found = list(self.runs.values())
+            if q.get("experiment_id"):
+                found = [r for r in found if r.experiment_id == q["experiment_id"]]
+            return self._list(found, q, "runs", models.V2beta1ListRunsResponse)
         if (match := re.fullmatch(r"/runs/([^/:]+)", p)) and m == "GET":
             return 200, _to_json(self._poll_run(match[1]))
         if p == "/recurringruns" and m == "POST":
@@ -393,6 +398,10 @@ class FakeKfpServer:
     def _list(self, items: list, q: dict, attr: str, response_class) -> tuple[int, dict]:
         predicates = _filter_predicates(q.get("filter"))
         items = [i for i in items if _matches(i, predicates)]
+        if q.get("sort_by"):  # "created_at desc", "display_name": the backend's sort (stable here)
+            key, _, order = q["sort_by"].partition(" ")
+            items = sorted(items, key=lambda i: (getattr(i, key, None) is None, getattr(i, key, None) or 0),
+                           reverse=order.strip().lower() == "desc")
         size = int(q.get("page_size") or 10)
         start = int(q.get("page_token") or 0)
         page = items[start:start + size]

@@ -1,0 +1,148 @@
+"""The flywheel turns on this machine (`make run`, after the training run): the champion is served
+with payload logging to the monitor service, traffic flows through the transformer while the
+world shifts (the reference task's drift knobs), each window is checked against the champion's
+training profile, and the drift decision fires the guarded trigger, which retrains on fresh data;
+the candidate is gated and deployed if promoted. A second drift inside the cool-down starts nothing.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from pipelines.config import Settings
+from specs import DistributionShift, PayloadLogging
+
+# The world after the shift: incomes down, utilisation up, more unemployment (a recession).
+SHIFT = DistributionShift(income_scale=0.6, utilization_shift=0.25, unemployment_boost=0.15)
+PHASES = (("steady traffic", None), ("the world shifts", SHIFT), ("still shifted", SHIFT))
+BATCH_ROWS = 50
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class MonitorService:
+    """`python -m monitoring.service` on a loopback port, for the length of a `with` block."""
+
+    def __init__(self, root: Path, log: Path):
+        self.root, self.log, self.port = root, log, _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> MonitorService:
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "monitoring.service", "--root", str(self.root),
+                                          "--host", "127.0.0.1", "--port", str(self.port), "--flush-seconds", "0.5",
+                                          "--log-level", "warning"], stdout=log, stderr=subprocess.STDOUT,
+                                         env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"{self.url}/healthz", timeout=1):
+                    return self
+            except OSError:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"the monitor service exited: {self.log.read_text()[-2000:]}") from None
+                time.sleep(0.2)
+        raise RuntimeError(f"the monitor service did not start: {self.log.read_text()[-2000:]}")
+
+    def __exit__(self, *exc) -> None:
+        self.proc.terminate()  # SIGTERM: it flushes every acknowledged event, then exits
+        self.proc.wait(30)
+
+
+def _settings_for_loop(settings: Settings, root: Path, sink_url: str) -> Settings:
+    """The env with its sink on loopback: windows under `root`, payload events to `sink_url`."""
+    monitoring = settings.monitoring.model_copy(update={
+        "sink": settings.monitoring.sink.model_copy(update={"root": str(root), "url": sink_url})})
+    serving = settings.serving.model_copy(update={
+        "payload_logging": PayloadLogging(url=f"{sink_url}/events", mode="all", sample_rate=1.0)})
+    return settings.model_copy(update={"monitoring": monitoring, "serving": serving})
+
+
+def _send(serving, frame, columns: list[str]) -> int:
+    """POST the rows through the transformer in batches, 4 clients at a time; rows answered."""
+    records = json.loads(frame[columns].to_json(orient="records"))
+    batches = [records[i:i + BATCH_ROWS] for i in range(0, len(records), BATCH_ROWS)]
+    with ThreadPoolExecutor(4) as pool:
+        return sum(len(answer["predictions"]) for answer in pool.map(serving.predict_v1, batches))
+
+
+def _wait_for_rows(root: Path, version: str, expected: int, timeout: float = 30.0):
+    from monitoring.windows import read_window
+
+    deadline = time.monotonic() + timeout
+    while True:
+        window = read_window(str(root), model_version=version)
+        if len(window) >= expected or time.monotonic() > deadline:
+            return window
+        time.sleep(0.3)
+
+
+def turn(settings: Settings, console, rows_per_window: int | None = None) -> list[tuple[str, str]]:
+    """Serve, shift, detect, retrain: each step of the loop as (step, what happened)."""
+    from model.artifact import label_mapping, read_metadata
+    from monitoring.check import run_check
+    from monitoring.profile import load_profile
+    from pipelines.local import PIPELINE_ROOT
+    from pipelines.monitor import drift_table, post_drift, suite_for
+    from pipelines.retrain import guarded_trigger
+    from pipelines.serving import local_champion
+    from serving.local import LocalServing
+    from stages.dataset import ReferenceTask
+
+    rows = rows_per_window or max(settings.monitoring.min_samples * 2, 800)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    work = PIPELINE_ROOT / "loop" / stamp
+    work.mkdir(parents=True, exist_ok=True)
+    steps: list[tuple[str, str]] = []
+    columns = settings.dataset.features.columns
+    with tempfile.TemporaryDirectory(prefix="flywheel-loop-") as tmp, \
+            MonitorService(work / "windows", work / "monitor.log") as sink:
+        looped = _settings_for_loop(settings, work / "windows", sink.url)
+        version, model_dir = local_champion(settings, tmp)
+        profile, metadata = load_profile(model_dir), read_metadata(model_dir)
+        steps.append(("served", f"{settings.mlflow.registered_model} v{version}, payload events to {sink.url}/events"))
+        result, sent = None, 0
+        with LocalServing(model_dir, settings.mlflow.registered_model, looped.serving, work / "serve",
+                          decision_threshold=settings.evaluation.decision_threshold, model_version=version) as serving:
+            for number, (phase, shift) in enumerate(PHASES, start=1):
+                frame = ReferenceTask(rows=rows, seed=1000 + number, shift=shift or DistributionShift()).generate()
+                sent += _send(serving, frame, columns)
+                window = _wait_for_rows(work / "windows", version, sent).tail(rows)
+                result = run_check(window, profile, looped.monitoring, settings.dataset.features,
+                                   model_version=version, root=str(work / "windows"), suite=suite_for(settings),
+                                   labels=label_mapping(metadata), env=settings.env)
+                post_drift(sink.url, version, result.report.metrics())
+                (work / f"report-{number}.html").write_text(result.html or "", encoding="utf-8")
+                drifted = [f.feature for f in result.report.features if f.drifted]
+                steps.append((f"window {number}: {phase}",
+                              f"{len(window):,} rows through the transformer; drifted: {', '.join(drifted) or 'none'}; "
+                              f"prediction PSI {result.report.prediction_psi:.3f}; "
+                              f"{'RETRAIN' if result.retrain else 'hold'}: {'; '.join(result.reasons)[:160]}"))
+        console.print(drift_table(result.report, f"window {len(PHASES)} vs the champion's training profile"))
+        steps.append(("drift reports", str(work / f"report-{len(PHASES)}.html")))
+        if not result.retrain:
+            steps.append(("retraining", "not triggered: the decision is to hold"))
+            return steps
+        # Retraining reads fresh data: the world as it is now (the shifted distributions).
+        fresh = looped.model_copy(update={"dataset": settings.dataset.model_copy(update={"shift": SHIFT, "seed": 99})})
+        trigger = guarded_trigger(fresh, interactive=True, state_path=str(work / "trigger.json"))
+        console.rule("[bold]drift detected: the guarded trigger starts a retraining run[/bold]")
+        decision = trigger.fire(result.reasons, "drift", result.dedup_key)
+        steps.append(("trigger", f"started a retraining run ({decision['run_id']})" if decision["started"]
+                      else f"refused ({decision['guard']}): {decision['why']}"))
+        again = trigger.fire(["drift again, minutes later"], "drift", result.dedup_key + "/again")
+        steps.append(("second drift", f"{'started' if again['started'] else 'refused'} ({again['guard']}): "
+                                      f"{again['why']}"))
+    return steps
