@@ -42,9 +42,12 @@ compile: $(STAMP) ## Compile every pipeline for ENV (default local) into dist/EN
 render: $(STAMP) ## Print ENV's Kubernetes manifests (ENV=dev|staging|prod; kubectl kustomize)
 	$(BIN)/flywheel render --env $(ENV)
 
-bench: $(STAMP) ## Run the benchmarks (validation speed, training loop overhead and DDP scaling)
+bench: $(STAMP) ## Run the benchmarks (validation, training, serving under wrk, drift checks, sink ingest)
 	$(BIN)/python benchmarks/validation.py --sizes 10k,100k,1M
 	$(BIN)/python benchmarks/training.py
+	$(BIN)/python benchmarks/serving.py
+	$(BIN)/python benchmarks/monitoring.py
+	$(BIN)/python benchmarks/monitoring_sink.py
 
 clean: ## Remove generated files (keeps .venv)
 	rm -rf dist runs mlruns .pytest_cache

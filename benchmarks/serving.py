@@ -1,12 +1,15 @@
 """Serving speed under a real load generator: the raw forward pass, stock KServe and ours, in one run.
 
-    .venv/bin/python benchmarks/serving.py [--duration 10] [--clients 1,4,16] [--soak 60] [--quick]
-                                           [--stock-rest-protocol v1|v2]
+    .venv/bin/python benchmarks/serving.py [--duration 10] [--rounds 3] [--clients 1,4,16] [--soak 60]
+                                           [--quick] [--stock-rest-protocol v1|v2]
 
 A model is trained in-process in seconds (the reference task, 2k rows, 2 epochs) and served on
-loopback. Each configuration gets a warm-up, then one closed-loop `wrk` run (Debian's wrk 4, a Lua
+loopback. Each configuration gets a warm-up, then closed-loop `wrk` runs (Debian's wrk 4, a Lua
 script for the POST body, p50/p99 and non-2xx counts through its `done()` hook) per client count,
-one request = one row:
+one request = one row. A measurement's --duration is split into --rounds interleaved rounds (every
+configuration and client count once per round, so the configurations see the same neighbours)
+and its best round is reported, as benchmarks/training.py does: on shared cores a neighbour's
+burst only ever slows a round down. Configurations:
 
 1. raw model forward: `TrainedModel.predict_arrays` on a 1-row batch in this process, calls/s.
 2. stock KServe predictor (benchmarks/stock_kserve.py): the same forward pass behind a minimal
@@ -21,9 +24,10 @@ Chains take v1 raw records (`{"instances": [row]}`) and answer labels and probab
 configuration's answer is checked against the raw forward pass before it is measured, so they all
 do the same work. Servers run with OMP_NUM_THREADS=1 and are pinned with taskset to the server
 core(s), wrk (and this process) to the load core(s); with 2 cores a chain's two processes share
-core 0, as a collocated pod with one CPU would. Per run the servers' CPU time per request and
-each core's busy share are recorded too: CPU ms/request does not move when a neighbour takes the
-core, throughput does (the load average is printed for the same reason).
+core 0, as a collocated pod with one CPU would. Per run the servers' CPU time per request (per
+process for a chain), wrk's CPU share and each core's busy share are recorded too: CPU ms/request
+moves far less than throughput when a neighbour takes the core (it still rises when the sibling
+core is busy), so it is the figure to compare across runs; the load average is printed with each.
 
 Then a soak at 80% of our chain's peak throughput for --soak seconds: wrk 4 has no fixed-rate
 mode (`-R` is wrk2's), so an open-loop generator (asyncio + aiohttp, one request every 1/rate s
@@ -45,6 +49,7 @@ import json
 import os
 import resource
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -682,7 +687,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=float, default=2.0, help="seconds of discarded load before each config")
     parser.add_argument("--stock-rest-protocol", default="v1", choices=["v1", "v2"],
                         help="the stock chain's REST hop (KServe's default is v1)")
-    parser.add_argument("--quick", action="store_true", help="smoke run: 2 s measurements, 1 s warm-ups, 8 s soak")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: 2 s per measurement (1 s rounds), 1 s warm-ups, 8 s soak")
     parser.add_argument("--output", default=str(RESULTS / "serving.json"))
     args = parser.parse_args(argv)
     if args.quick:
@@ -714,6 +720,7 @@ def main(argv: list[str] | None = None) -> int:
     log_dir.mkdir(exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix="serving-bench-"))
     servers: list[Server] = []
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the servers below on a kill too
     try:
         t = time.perf_counter()
         model_dir, frame = train_model(tmp)
