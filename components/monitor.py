@@ -126,6 +126,10 @@ def drift_op(
                                   "breaches": len(checked.breaches), "drifted": ", ".join(checked.drifted)})
     for breach in checked.breaches:
         print(f"breach: {breach}")
+    if spec.sink.url:  # the drift gauges the alert rules and the dashboard read
+        from monitoring.publish import post_drift
+
+        print(post_drift(spec.sink.url, reference["model_version"], checked.metrics()))
     return namedtuple("DriftOutputs", ["breaches", "enough_data"])(len(checked.breaches), checked.enough_data)
 
 

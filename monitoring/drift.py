@@ -90,6 +90,10 @@ class DriftReport:
         out: dict[str, float] = {"rows": float(self.rows), "enough_data": float(self.enough_data),
                                  "breaches": float(len(self.breaches)), "features_drifted": float(len(self.drifted)),
                                  "truth_rows": float(self.truth_rows)}
+        if not self.enough_data:
+            # Too few rows to test: publishing their PSI would let an alert rule act on noise
+            # that the decision itself refuses to act on (min_samples).
+            return out
         for name in ("prediction_psi", "live_roc_auc", "live_pr_auc"):
             if getattr(self, name) is not None:
                 out[name] = float(getattr(self, name))

@@ -448,6 +448,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trigger", help="module:callable receiving firing retraining alerts")
     parser.add_argument("--log-level", default="info")
     args = parser.parse_args(argv)
+    if args.config and not args.config.endswith((".yaml", ".yml")):
+        os.environ.setdefault("FLYWHEEL_ENV", args.config)  # the env whose trigger an alert fires
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     spec = sink_spec(args.config)
     overrides = {k: v for k, v in {"buffer_events": args.buffer_events, "flush_events": args.flush_events,

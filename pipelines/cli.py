@@ -337,8 +337,9 @@ def monitor(
     from model.artifact import label_mapping, read_metadata
     from monitoring.check import run_check
     from monitoring.profile import load_profile
+    from monitoring.publish import post_drift
     from monitoring.windows import read_window
-    from pipelines.monitor import drift_table, post_drift, suite_for
+    from pipelines.monitor import drift_table, suite_for
     from pipelines.serving import local_champion
 
     settings = settings_or_exit(env)

@@ -88,7 +88,10 @@ class Settings(Strict):
     def _consistent(self):
         for key, uri in (("kfp.host", self.kfp.host), ("kfp.pipeline_root", self.kfp.pipeline_root),
                          ("kfp.object_store_endpoint", self.kfp.object_store_endpoint),
-                         ("mlflow.tracking_uri", self.mlflow.tracking_uri), ("dataset.uri", self.dataset.uri)):
+                         ("mlflow.tracking_uri", self.mlflow.tracking_uri), ("dataset.uri", self.dataset.uri),
+                         ("monitoring.sink.url", self.monitoring.sink.url),
+                         ("monitoring.sink.root", self.monitoring.sink.root),
+                         ("serving.payload_logging.url", self.serving.payload_logging.url)):
             if uri and "://" in uri and (urlsplit(uri).username or urlsplit(uri).password):
                 raise ValueError(f"{key} embeds credentials; config and compiled pipelines must not hold secrets "
                                  "(use the namespace secret or MLFLOW_TRACKING_TOKEN)")
@@ -101,6 +104,10 @@ class Settings(Strict):
         if not self.training.on_cluster and not self.embedded:
             raise ValueError("training.backend 'torchrun' trains on this machine, but kfp.host sends the pipeline to "
                              "a cluster; use 'pytorchjob' or 'trainjob'")
+        if not self.embedded and "://" not in self.monitoring.sink.root:
+            raise ValueError(f"monitoring.sink.root {self.monitoring.sink.root!r} is a local path, but a cluster's "
+                             "monitoring tasks and the monitor service run in separate pods: use an object store "
+                             "(s3://bucket/monitoring)")
         if (self.serving.deployer == "local") != self.embedded:
             fits = "local (no kfp.host: this machine)" if self.embedded else "inferenceservice (kfp.host: a cluster)"
             raise ValueError(f"serving.deployer {self.serving.deployer!r} does not fit this environment; use {fits}")
@@ -191,6 +198,10 @@ def _resolve_local_paths(settings: Settings, root: Path) -> Settings:
     data_uri = settings.dataset.uri
     if data_uri and "://" not in data_uri and not os.path.isabs(data_uri):
         updates["dataset"] = settings.dataset.model_copy(update={"uri": str((root / data_uri).resolve())})
+    sink = settings.monitoring.sink
+    if "://" not in sink.root and not os.path.isabs(sink.root):
+        resolved = sink.model_copy(update={"root": str((root / sink.root).resolve())})
+        updates["monitoring"] = settings.monitoring.model_copy(update={"sink": resolved})
     return settings.model_copy(update=updates) if updates else settings
 
 

@@ -54,11 +54,16 @@ class MonitorService:
                 if self.proc.poll() is not None:
                     raise RuntimeError(f"the monitor service exited: {self.log.read_text()[-2000:]}") from None
                 time.sleep(0.2)
+        self.__exit__()
         raise RuntimeError(f"the monitor service did not start: {self.log.read_text()[-2000:]}")
 
     def __exit__(self, *exc) -> None:
         self.proc.terminate()  # SIGTERM: it flushes every acknowledged event, then exits
-        self.proc.wait(30)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
 
 
 def _settings_for_loop(settings: Settings, root: Path, sink_url: str) -> Settings:
@@ -94,8 +99,9 @@ def turn(settings: Settings, console, rows_per_window: int | None = None) -> lis
     from model.artifact import label_mapping, read_metadata
     from monitoring.check import run_check
     from monitoring.profile import load_profile
+    from monitoring.publish import post_drift
     from pipelines.local import PIPELINE_ROOT
-    from pipelines.monitor import drift_table, post_drift, suite_for
+    from pipelines.monitor import drift_table, suite_for
     from pipelines.retrain import guarded_trigger
     from pipelines.serving import local_champion
     from serving.local import LocalServing
@@ -137,7 +143,8 @@ def turn(settings: Settings, console, rows_per_window: int | None = None) -> lis
             return steps
         # Retraining reads fresh data: the world as it is now (the shifted distributions).
         fresh = looped.model_copy(update={"dataset": settings.dataset.model_copy(update={"shift": SHIFT, "seed": 99})})
-        trigger = guarded_trigger(fresh, interactive=True, state_path=str(work / "trigger.json"))
+        trigger = guarded_trigger(fresh, interactive=True, state_path=str(work / "trigger.json"),
+                                  lock_path=work / "retraining.lock")
         console.rule("[bold]drift detected: the guarded trigger starts a retraining run[/bold]")
         decision = trigger.fire(result.reasons, "drift", result.dedup_key)
         steps.append(("trigger", f"started a retraining run ({decision['run_id']})" if decision["started"]

@@ -225,7 +225,9 @@ def alerts(payload: dict) -> dict:
     from monitoring.service import alert_trigger
     from pipelines.config import load_settings
 
-    env = os.environ.get(ENV_VARIABLE) or "local"
+    env = os.environ.get(ENV_VARIABLE)
+    if not env:  # never guess: a prod alert must not retrain "local" in-process inside the monitor pod
+        raise RuntimeError(f"${ENV_VARIABLE} names no environment; the monitor service sets it from --config ENV")
     if env not in _TRIGGERS:
         _TRIGGERS[env] = guarded_trigger(load_settings(env))
     return alert_trigger(_TRIGGERS[env].fire)(payload)

@@ -212,7 +212,8 @@ def render(spec: ServingSpec, *, image: str, namespace: str, env: str, model: Se
     logger = (V1beta1LoggerSpec(url=spec.payload_logging.url, mode=spec.payload_logging.mode)
               if spec.payload_logging.url else None)
     common = dict(image=image, spec=spec, env=env_vars, credentials=credentials)
-    model_args = ["--model_name", model.name, "--model_dir", model.uri, "--model_version", model.version]
+    model_args = ["--model_name", model.name, "--model_dir", model.uri, "--model_version", model.version,
+                  "--max_batch_rows", str(spec.max_batch_rows), "--max_body_bytes", str(spec.max_body_bytes)]
     labels_at = ["--decision_threshold", f"{decision_threshold:g}"]  # the transformer turns probabilities into labels
 
     if spec.transformer == "collocated":

@@ -95,6 +95,8 @@ class LocalServing:
         self.ports = {"predictor_http": free_port(), "predictor_grpc": free_port(),
                       "transformer_http": self.http_port or free_port(), "transformer_grpc": free_port()}
         version = ["--model_version", self.model_version] if self.model_version else []
+        version += ["--max_batch_rows", str(self.spec.max_batch_rows),
+                    "--max_body_bytes", str(self.spec.max_body_bytes)]
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
         hop = self.spec.hop_protocol
         predictor_host = (f"127.0.0.1:{self.ports['predictor_grpc']}" if hop == "grpc-v2"
@@ -111,7 +113,8 @@ class LocalServing:
             "--decision_threshold", f"{self.decision_threshold:g}",
             "--http_port", str(self.ports["transformer_http"]), "--grpc_port", str(self.ports["transformer_grpc"]),
             *(["--payload_url", self.spec.payload_logging.url, "--payload_sample_rate",
-                str(self.spec.payload_logging.sample_rate)] if self.spec.payload_logging.url else [])],
+                str(self.spec.payload_logging.sample_rate), "--payload_log_mode", self.spec.payload_logging.mode]
+              if self.spec.payload_logging.url else [])],
             self.log_dir / "transformer.log")
         self.processes = [predictor, transformer]
         try:

@@ -49,6 +49,9 @@ class ServingSpec(Strict):
         if self.canary_percent and self.deployment_mode != "Knative":
             raise ValueError("serving.canary_percent needs deployment_mode 'Knative' (KServe reads "
                              "canaryTrafficPercent only there); Standard mode rolls out with a smoke test and rollback")
+        if self.payload_logging.url and self.payload_logging.mode != "all":
+            raise ValueError("serving.payload_logging.mode must be 'all' when a url is set: the monitor's sink pairs "
+                             "each request with its response, and one half alone records nothing")
         if self.min_replicas == 0 and self.deployment_mode != "Knative":
             raise ValueError("serving.min_replicas 0 (scale to zero) needs deployment_mode 'Knative'")
         return self

@@ -645,7 +645,7 @@ def test_the_monitor_services_alert_hook_fires_the_envs_guarded_trigger(tmp_path
 def test_the_checks_metrics_are_posted_to_the_monitors_drift_endpoint():
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-    from pipelines.monitor import drift_url, post_drift
+    from monitoring.publish import drift_url, post_drift
 
     received = []
 

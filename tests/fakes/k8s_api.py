@@ -4,7 +4,7 @@ PyTorchJobs: create/get/list/delete the custom object, list pods by label select
 
 It stands in only for what cannot run here (a cluster with the Training Operator) and keeps to
 the real contract: every created object is validated against the official CRD schema in
-shared/crds (loaded here on its own, not through the code under test) and rejected with the
+crds/ (loaded here on its own, not through the code under test) and rejected with the
 API server's 422 `Status`; unknown names get a 404 `Status`; unknown fields are reported in a
 `Warning` header as the server does (and recorded). The operator's part is scripted: each GET
 of a job moves it one step along its script (Created -> Running -> Succeeded or Failed), with
@@ -58,7 +58,9 @@ DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 
 
 def crd_schema() -> dict:
-    folder = Path(os.environ.get("FLYWHEEL_CRD_DIR") or Path(__file__).resolve().parents[3] / "shared" / "crds")
+    # The repository's copy of the upstream CRD file, read here on its own (not through crds/,
+    # the code under test), so the fake holds requests to the published schema.
+    folder = Path(os.environ.get("FLYWHEEL_CRD_DIR") or Path(__file__).resolve().parents[2] / "crds")
     return _load_schema(str(folder / "kubeflow.org_pytorchjobs.yaml"))
 
 
