@@ -214,8 +214,9 @@ class TaskWatcher(threading.Thread):
         self.poll()
 
 
-def run_local(settings: Settings, verbose: bool = False) -> LocalRun:
-    """`flywheel run`: the lifecycle on this machine, with progress, ending with a summary table."""
+def run_local(settings: Settings, verbose: bool = False, predictions: bool = True) -> LocalRun:
+    """`flywheel run`: the lifecycle on this machine, with progress, ending with a summary table
+    (and, with `predictions`, the champion served and a few predictions through the transformer)."""
     from rich.console import Console
     from rich.table import Table
 
@@ -247,7 +248,8 @@ def run_local(settings: Settings, verbose: bool = False) -> LocalRun:
     for label, value in summary_rows(run):
         table.add_row(f"[bold]{label}[/bold]", value)
     console.print(table)
-    show_predictions(settings, console)
+    if predictions:
+        show_predictions(settings, console)
     console.print(f"Browse runs: mlflow ui --backend-store-uri {settings.mlflow.tracking_uri}")
     return run
 

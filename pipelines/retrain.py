@@ -197,7 +197,10 @@ def guarded_trigger(settings: Settings, *, client=None, registry=None, audit=Non
         from pipelines.local import run_local
 
         lock = lock_path or PIPELINE_ROOT / LOCK_FILE
-        start = local_start_run(settings, lock, execute=run_local if interactive else None)
+        # Interactive: the run's progress and summary as `flywheel run` shows them (its champion is
+        # already smoke-tested by the run's deploy task: no second round of predictions).
+        execute = (lambda s: run_local(s, predictions=False)) if interactive else None
+        start = local_start_run(settings, lock, execute=execute)
         in_flight = local_runs_in_flight(lock)
     else:
         start, in_flight = cluster_start_run(settings, client, registry=registry), cluster_runs_in_flight(settings,

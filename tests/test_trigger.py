@@ -500,7 +500,7 @@ def test_flywheel_monitor_checks_reports_and_triggers_once(tmp_path, champion, m
     class Run:
         directory = tmp_path / "runs" / "local" / "retrained"
 
-    def run_local(settings, verbose=False):
+    def run_local(settings, verbose=False, predictions=True):
         started.append(settings.env)
         return Run()
 
