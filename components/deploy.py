@@ -23,14 +23,11 @@ def deploy_op(model: Input[Model], test_data: Input[Dataset], version: str, depl
     from serving.deploy import deploy_model
     from specs import DeploySpec
     from stages.registry import input_example
-    from stages.versions import model_dir_uri
     from storage.tables import read_table
 
     spec = DeploySpec.model_validate(deploy_spec)
     columns = feature_columns(read_metadata(model.path))
     records = json.loads(input_example(read_table(test_data.path), columns, rows=3).to_json(orient="records"))
-    uri = None if spec.serving.deployer == "local" else model_dir_uri(tracking["tracking_uri"], spec.model_name,
-                                                                        version)
-    live = deploy_model(spec, model.path, version, uri, records)
+    live = deploy_model(spec, model.path, version, records, tracking_uri=tracking["tracking_uri"])
     print(f"deploy: {live['live']} {live['outcome']} ({live['detail']})")
     return live

@@ -101,7 +101,7 @@ def drift_op(
     import pandas as pd
 
     from model.labels import LabelMapping
-    from monitoring.check import report_dict
+    from monitoring.check import evidence, history_uri, load_history, report_dict
     from monitoring.check import summary as summary_of
     from monitoring.drift import check_window
     from monitoring.report import render_report
@@ -117,7 +117,11 @@ def drift_op(
         metrics.log_metric(name, value)
     with open(report.path, "w", encoding="utf-8") as handle:
         handle.write(render_report(checked, reference["profile"]))
-    entry = summary_of(checked, window.metadata.get("window", ""))
+    key = window.metadata.get("window", "")
+    # How much of the window is newer than the checks before it (a window can share most of its rows
+    # with the last one): decide_op counts it towards the streak only with min_samples new rows.
+    before = load_history(history_uri(spec.sink.root, reference["model_version"]))
+    entry = {**summary_of(checked, key), **evidence(before, frame, key, spec.min_samples)}
     with open(summary.path, "w", encoding="utf-8") as handle:
         json.dump({"entry": entry, "report": report_dict(checked), "model_version": reference["model_version"]},
                   handle)

@@ -9,6 +9,12 @@ The history of checks is kept per model version beside the sink's windows:
 A summary is what `decide` needs of a report (breaches, enough_data, rows) plus the flat metrics
 and the window it was computed on; checking the same window twice (no new traffic between two
 scheduled checks) replaces its entry instead of counting twice towards `consecutive_windows`.
+
+A window is the newest `window_rows` rows, so two checks can share most of their rows. A check is
+new evidence only when at least `min_samples` of its rows are newer than the newest event of the
+last check that was (`evidence`): one that is not is recorded with `new_evidence: false`, and
+`monitoring.drift.decide` neither counts it towards the streak nor lets it break one, nor decides
+on it.
 """
 from __future__ import annotations
 
@@ -87,12 +93,32 @@ def load_history(uri: str) -> list[dict]:
     return data if isinstance(data, list) else []
 
 
+def _before(history: list[dict], key: str) -> list[dict]:
+    """The history `record` adds an entry for window `key` to: a last entry of the same window goes."""
+    history = [h for h in history if isinstance(h, dict)]
+    if history and history[-1].get("window") == key:
+        history = history[:-1]
+    return history
+
+
+def evidence(history: list[dict], window: pd.DataFrame, key: str, min_samples: int) -> dict:
+    """What of `window` (to be recorded as `key`) is new: {newest, since, new_rows, new_evidence}.
+
+    `since` is the newest event of the last check in `history` that had enough data and was new
+    evidence; `new_rows` are the window's rows after it (all of them when there is none). Fewer
+    than `min_samples`: the window overlaps the checks before it, `new_evidence` is False."""
+    if window.empty or EVENT_TIME not in window.columns:
+        return {"newest": None, "since": None, "new_rows": 0, "new_evidence": False}
+    times = pd.to_datetime(window[EVENT_TIME], utc=True)
+    since = next((h["newest"] for h in reversed(_before(history, key))
+                  if h.get("enough_data") and h.get("new_evidence", True) and h.get("newest")), None)
+    new = len(times) if since is None else int((times > pd.Timestamp(since)).sum())
+    return {"newest": times.max().isoformat(), "since": since, "new_rows": new, "new_evidence": new >= min_samples}
+
+
 def record(history: list[dict], entry: dict) -> list[dict]:
     """The history with `entry` appended, or replacing the last entry when it saw the same window."""
-    history = [h for h in history if isinstance(h, dict)]
-    if history and history[-1].get("window") == entry["window"]:
-        history = history[:-1]
-    return [*history, entry][-KEEP_HISTORY:]
+    return [*_before(history, entry["window"]), entry][-KEEP_HISTORY:]
 
 
 def save_history(uri: str, history: list[dict]) -> None:
@@ -139,9 +165,11 @@ def run_check(window: pd.DataFrame, profile: dict, spec: MonitoringSpec, feature
     from monitoring.drift import check_window
 
     report = check_window(window, profile, spec, features, suite=suite, labels=labels)
-    entry = summary(report, window_key(window, model_version), now)
+    key = window_key(window, model_version)
     uri = history_uri(root, model_version) if root else None
-    history = record(load_history(uri) if uri else [], entry)
+    before = load_history(uri) if uri else []
+    entry = {**summary(report, key, now), **evidence(before, window, key, spec.min_samples)}
+    history = record(before, entry)
     if uri:
         save_history(uri, history)
     retrain, reasons, key = decide_on(history, spec, env)

@@ -427,16 +427,27 @@ def _get(report: DriftReport | dict, name: str, default=None):
 
 def decide(history: Sequence[DriftReport | dict], spec: MonitoringSpec) -> Decision:
     """Retrain when each of the last `spec.consecutive_windows` checks (oldest first in `history`)
-    had enough data and breached; otherwise say why not."""
+    had enough data and breached; otherwise say why not. A check recorded with `new_evidence`
+    False (fewer than min_samples rows newer than the checks before it: see monitoring.check)
+    neither adds to the streak nor breaks it, and no decision is made on it."""
     need = spec.consecutive_windows
     if not history:
         return Decision(False, ["no window checked yet"])
     streak = 0
     for report in reversed(history):
-        if not _get(report, "enough_data") or not _get(report, "breaches"):
+        if not _get(report, "enough_data"):
+            break
+        if _get(report, "new_evidence") is False:
+            continue  # mostly the rows of the checks before it: not new evidence either way
+        if not _get(report, "breaches"):
             break
         streak += 1
     latest = history[-1]
+    if _get(latest, "enough_data") and _get(latest, "new_evidence") is False:
+        return Decision(False, [f"{streak} of {need} consecutive breaching windows: the latest window has "
+                                f"{_get(latest, 'new_rows', 0):,} rows newer than the last check that counted "
+                                f"(< min_samples {spec.min_samples}): it overlaps the checks before it, so it is "
+                                "not new evidence"], streak)
     if streak >= need:
         reasons = [f"{need} consecutive breaching windows ({streak} in a row)"]
         reasons += [f"latest window ({_get(latest, 'rows', 0):,} rows): {b}" for b in _get(latest, "breaches")]

@@ -1,6 +1,12 @@
-"""Deploy a promoted model with the deployer `serving.deployer` names: served on this machine's
-loopback by `serving.local`, or as an InferenceService by `serving.deployer`. Either way a real
-prediction (v1 and v2 through the transformer) is the smoke test, and the result says what is live."""
+"""Deploy a promoted model with the deployer `serving.deployer` (the setting) names: served on this
+machine's loopback by `serving.local`, or as an InferenceService by `serving.deployer` (the module).
+Either way a real prediction is the smoke test, and the result says what is live. This is the one
+place that knows the deployers' names: callers pass a DeploySpec and get the same result dict.
+
+    deploy_model(spec, model_dir, version, records, tracking_uri=...)   serve `version`, smoke-tested
+    roll_back_model(spec, version, records, tracking_uri=...)           serve the previous champion again
+    plan_model(spec, version, tracking_uri)                             what a deploy would apply (--dry-run)
+"""
 from __future__ import annotations
 
 import tempfile
@@ -8,15 +14,88 @@ from pathlib import Path
 
 from specs import DeploySpec
 
+LOCAL, INFERENCESERVICE = "local", "inferenceservice"
 
-def deploy_model(spec: DeploySpec, model_dir: str, version: str, model_uri: str | None, records: list[dict],
-                 log_dir: str | None = None) -> dict:
-    """Serve `model_dir` (registered as `version`; `model_uri` is where a cluster's storage
-    initializer finds it) and smoke-test it with `records`. Returns {deployer, version, outcome,
-    live, url, detail}; raises when the model could not be served."""
-    if spec.serving.deployer == "local":
-        return _local(spec, model_dir, version, records, log_dir)
-    return _inferenceservice(spec, version, model_uri, records)
+
+def deploy_model(spec: DeploySpec, model_dir: str | None, version: str, records: list[dict], *,
+                 tracking_uri: str | None = None, log_dir: str | None = None, ingress: str | None = None,
+                 **options) -> dict:
+    """Serve registered version `version` of `spec.model_name` and smoke-test it with `records`.
+
+    Where the model comes from is the deployer's business: locally, `model_dir` (or, when None, the
+    version's model directory downloaded from the registry at `tracking_uri`); as an
+    InferenceService, the version's storage URI in the registry at `tracking_uri`, where the
+    cluster's storage initializer finds it (`model_dir` is not used). `ingress` and `options`
+    (client_configuration, timeout, poll_interval, log) are the InferenceService deployer's.
+    Returns {deployer, version, outcome, live, url, detail}; raises when the model could not be served."""
+    if _deployer_name(spec) == LOCAL:
+        if model_dir is not None:
+            return _local(spec, model_dir, version, records, log_dir)
+        from stages.versions import download_model_dir
+
+        with tempfile.TemporaryDirectory(prefix="flywheel-deploy-") as tmp:
+            local_dir = download_model_dir(_required(tracking_uri), spec.model_name, version, tmp)
+            return _local(spec, local_dir, version, records, log_dir)
+    from serving import deployer
+
+    result = deployer.deploy(spec, _served_model(spec, version, tracking_uri),
+                             deployer.http_smoke_test(records, ingress=ingress), **options)
+    return _cluster_result(spec, version, result, "deploy")
+
+
+def roll_back_model(spec: DeploySpec, version: str, records: list[dict], *, tracking_uri: str,
+                    ingress: str | None = None, **options) -> dict:
+    """Serve `version` (the registry's previous champion) again, smoke-tested: locally as any
+    deploy; on a cluster at once, no canary (the live model is the one being abandoned).
+    The registry's aliases are the caller's to move."""
+    if _deployer_name(spec) == LOCAL:
+        return deploy_model(spec, None, version, records, tracking_uri=tracking_uri)
+    from serving import deployer
+
+    result = deployer.rollback(spec, _served_model(spec, version, tracking_uri),
+                               deployer.http_smoke_test(records, ingress=ingress), **options)
+    return _cluster_result(spec, version, result, "rollback")
+
+
+def plan_model(spec: DeploySpec, version: str, tracking_uri: str) -> dict:
+    """The validated InferenceService `deploy_model` would apply for `version`, as a dict; a local
+    deployer has nothing to print (ValueError)."""
+    if _deployer_name(spec) == LOCAL:
+        raise ValueError(f"env {spec.env!r} serves on this machine (serving.deployer local): nothing to print; "
+                         f"`flywheel serve --env {spec.env}` serves the champion")
+    from serving.deployer import plan
+
+    return plan(spec, _served_model(spec, version, tracking_uri))
+
+
+def _deployer_name(spec: DeploySpec) -> str:
+    name = spec.serving.deployer
+    if name not in (LOCAL, INFERENCESERVICE):
+        raise ValueError(f"unknown serving.deployer {name!r}: {LOCAL} or {INFERENCESERVICE}")
+    return name
+
+
+def _required(tracking_uri: str | None) -> str:
+    if not tracking_uri:
+        raise ValueError("the registry's tracking_uri is needed to find the registered version's model directory")
+    return tracking_uri
+
+
+def _served_model(spec: DeploySpec, version: str, tracking_uri: str | None):
+    """The version as an InferenceService serves it: its model directory's storage URI in the registry."""
+    from serving.inferenceservice import ServedModel
+    from stages import versions
+
+    return ServedModel(spec.model_name, version, versions.model_dir_uri(_required(tracking_uri), spec.model_name,
+                                                                       version))
+
+
+def _cluster_result(spec: DeploySpec, version: str, result, action: str) -> dict:
+    if not result.ok:
+        verb = "rollback to" if action == "rollback" else "deploy of"
+        raise RuntimeError(f"{verb} {spec.model_name} v{version} failed: {result.summary()}")
+    return {"deployer": INFERENCESERVICE, "version": version, "outcome": result.outcome,
+            "live": f"{spec.model_name} v{result.live_version}", "url": result.url or "", "detail": result.summary()}
 
 
 def _local(spec: DeploySpec, model_dir: str, version: str, records: list[dict], log_dir: str | None) -> dict:
@@ -29,23 +108,6 @@ def _local(spec: DeploySpec, model_dir: str, version: str, records: list[dict], 
             answers = smoke_test(serving, records)
             url = serving.url
     predictions = answers["v1"]["predictions"]
-    return {"deployer": "local", "version": version, "outcome": "served", "live": f"{spec.model_name} v{version}",
+    return {"deployer": LOCAL, "version": version, "outcome": "served", "live": f"{spec.model_name} v{version}",
             "url": url, "detail": f"smoke test passed on loopback (v1 and v2, {len(predictions)} rows); "
                                   f"`flywheel serve --env {spec.env}` keeps the champion up"}
-
-
-def _inferenceservice(spec: DeploySpec, version: str, model_uri: str | None, records: list[dict]) -> dict:
-    from serving.deployer import InferenceServiceDeployer, http_smoke_test
-    from serving.inferenceservice import ServedModel, render
-
-    if not model_uri:
-        raise ValueError("an InferenceService needs the model's storage URI (the registered version's model_dir)")
-    model = ServedModel(spec.model_name, version, model_uri)
-    isvc = render(spec.serving, image=spec.image, namespace=spec.namespace, env=spec.env, model=model,
-                  object_store_endpoint=spec.object_store_endpoint, decision_threshold=spec.decision_threshold)
-    deployer = InferenceServiceDeployer(spec.namespace, timeout=spec.serving.ready_timeout_seconds)
-    result = deployer.deploy(isvc, http_smoke_test(records))
-    if not result.ok:
-        raise RuntimeError(f"deploy of {spec.model_name} v{version} failed: {result.summary()}")
-    return {"deployer": "inferenceservice", "version": version, "outcome": result.outcome,
-            "live": f"{spec.model_name} v{result.live_version}", "url": result.url or "", "detail": result.summary()}

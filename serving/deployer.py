@@ -5,6 +5,9 @@
     plan(settings, model)                 the validated object `deploy` would apply (--dry-run)
     registry_model(tracking_uri, name, alias)  champion / previous-champion from MLflow
 
+`settings` is a pipelines.config Settings or a specs.DeploySpec (what the deploy task receives);
+`serving.deploy` is what picks this deployer or the local one by `serving.deployer`.
+
 Rollouts (KServe docs, "Canary rollout" and "Rollout strategies"):
 
 - Knative with canary_percent > 0: the new spec goes on with `canaryTrafficPercent: N` (N% to the
@@ -41,10 +44,12 @@ from serving.inferenceservice import (
     MANAGED_PREFIXES,
     MODEL_VERSION,
     ServedModel,
+    render,
     render_for,
     steady_state,
     validate_inferenceservice,
 )
+from specs import DeploySpec
 
 GROUP, VERSION, PLURAL = "serving.kserve.io", "v1beta1", "inferenceservices"
 # The names before KServe 0.15; an object created then still carries them in status.deploymentMode.
@@ -627,10 +632,20 @@ def _changed_components(live: dict, desired: dict) -> list[str]:
 # --- what the CLI calls -----------------------------------------------------------------------
 
 
+def _render(settings, model: ServedModel, *, canary: bool = True):
+    """`render_for(settings, ...)`; a `specs.DeploySpec` (what the deploy task receives) carries
+    the same pieces under its own names and renders through `render` directly."""
+    if isinstance(settings, DeploySpec):
+        return render(settings.serving, image=settings.image, namespace=settings.namespace, env=settings.env,
+                      model=model, object_store_endpoint=settings.object_store_endpoint, canary=canary,
+                      decision_threshold=settings.decision_threshold)
+    return render_for(settings, model, canary=canary)
+
+
 def plan(settings, model: ServedModel, *, canary: bool = True) -> dict:
     """The validated InferenceService `deploy` would apply for `settings` (a pipelines.config
-    Settings), as a dict: print it for --dry-run. Raises InferenceServiceInvalid."""
-    return validate_inferenceservice(render_for(settings, model, canary=canary))
+    Settings, or a specs.DeploySpec), as a dict: print it for --dry-run. Raises InferenceServiceInvalid."""
+    return validate_inferenceservice(_render(settings, model, canary=canary))
 
 
 def _deployer(settings, options: dict) -> InferenceServiceDeployer:
@@ -642,14 +657,14 @@ def deploy(settings, model: ServedModel, smoke_test: SmokeTest | None = None, **
     """Serve `model` in `settings`' environment: create, or roll out (canary in Knative mode with
     canary_percent > 0, else a rolling update), smoke-test, promote or roll back. `options` go to
     InferenceServiceDeployer (client, client_configuration, timeout, poll_interval, log)."""
-    return _deployer(settings, options).deploy(render_for(settings, model), smoke_test)
+    return _deployer(settings, options).deploy(_render(settings, model), smoke_test)
 
 
 def rollback(settings, previous: ServedModel, smoke_test: SmokeTest | None = None, **options) -> Rollout:
     """Serve `previous` (the registry's previous champion) again, at once: no canary, since the
     live model is the one being abandoned. A failed smoke test is reported, not undone."""
     deployer = _deployer(settings, options)
-    result = deployer.deploy(render_for(settings, previous, canary=False), smoke_test, canary=False, revert=False)
+    result = deployer.deploy(_render(settings, previous, canary=False), smoke_test, canary=False, revert=False)
     if result.outcome == "updated":
         result.outcome = "rolled_back"
     return result

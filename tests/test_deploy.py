@@ -478,3 +478,46 @@ def test_the_registry_lookup_finds_the_model_directory_inside_the_registered_ver
         assert json.load(stored) == {"version": 1}
     assert previous.uri.endswith("/artifacts/trained-1") and champion.uri.endswith("/artifacts/trained-2")
     assert registry_model(uri, "no-such-model") is None
+
+
+def test_deploy_model_serves_a_deploy_spec_as_an_inferenceservice_and_rolls_it_back(fake_kserve, model_server,
+                                                                                  monkeypatch):
+    # Given prod's DeploySpec (what the deploy task receives), a registry whose versions' model
+    # directories are in the object store, and a model server behind the ingress for the smoke test
+    from pipelines.training_pipeline import deploy_spec
+    from serving.deploy import deploy_model, plan_model, roll_back_model
+
+    settings, log = load_settings("prod"), []
+    spec, ns, tracking = deploy_spec(settings), settings.namespace, "sqlite:///registry.db"
+    asked = []
+
+    def model_dir_uri(tracking_uri, registered_model, version):
+        asked.append((tracking_uri, registered_model, version))
+        return model(int(version)).uri
+
+    monkeypatch.setattr("stages.versions.model_dir_uri", model_dir_uri)
+    records = [{"age": 30, "income": 1.0}, {"age": 41, "income": 2.0}]
+    # When version 1 is deployed, then version 2 (a canary in prod), then version 1 is rolled back to
+    first = deploy_model(spec, None, "1", records, tracking_uri=tracking, ingress=model_server,
+                         **options(fake_kserve, log))
+    second = deploy_model(spec, "/ignored/on/a/cluster", "2", records, tracking_uri=tracking, ingress=model_server,
+                          **options(fake_kserve, log))
+    back = roll_back_model(spec, "1", records, tracking_uri=tracking, ingress=model_server,
+                           **options(fake_kserve, log))
+    # Then each says what is live, in the same shape a local deploy has
+    assert set(first) == {"deployer", "version", "outcome", "live", "url", "detail"}
+    assert {k: first[k] for k in ("deployer", "version", "outcome", "live", "url")} == {
+        "deployer": "inferenceservice", "version": "1", "outcome": "created", "live": f"{NAME} v1",
+        "url": f"http://{NAME}.{ns}.example.com"}
+    assert (second["outcome"], second["live"]) == ("promoted", f"{NAME} v2")
+    assert (back["outcome"], back["live"], back["version"]) == ("rolled_back", f"{NAME} v1", "1")
+    assert f"InferenceService {ns}/{NAME} (Knative): created" in first["detail"]
+    # ... the cluster's model came from the registry (model_dir is not used), rendered as plan_model shows it
+    assert asked == [(tracking, NAME, "1"), (tracking, NAME, "2"), (tracking, NAME, "1")]
+    live = fake_kserve.isvc(ns, NAME)
+    assert live["metadata"]["annotations"][MODEL_VERSION] == "1"
+    assert steady_state(plan_model(spec, "1", tracking))["spec"] == live["spec"]
+    # ... and every smoke test was a real prediction through the ingress (the canary's on its latest- URL)
+    assert [host for host, _ in _Predictor.hosts] == [f"{NAME}.{ns}.example.com",
+                                                      f"latest-{NAME}-predictor.{ns}.example.com",
+                                                      f"{NAME}.{ns}.example.com"]
