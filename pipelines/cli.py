@@ -12,7 +12,8 @@ from typing import Optional
 
 import typer
 
-# Telemetry off before any library that phones home is imported (FIELD-NOTES).
+# Telemetry off before any library that phones home is imported (MLflow writes and calls home at
+# import: mlflow/mlflow telemetry docs; GX analytics: GX_ANALYTICS_ENABLED).
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")

@@ -119,7 +119,7 @@ def _env(spec: ServingSpec, object_store_endpoint: str | None, extra: dict[str, 
             raise ValueError(f"env {name} must be a string, got {type(value).__name__}")
     threads = str(max(1, int(float(spec.cpu.removesuffix("m")) / (1000 if spec.cpu.endswith("m") else 1))))
     # The root filesystem is read-only: HOME and caches live on the /tmp emptyDir. Threads are set
-    # through the environment (FIELD-NOTES: ModelServer workers lose torch.set_num_threads).
+    # through the environment: ModelServer worker processes lose a torch.set_num_threads made in load().
     ours = {"HOME": "/tmp", "XDG_CACHE_HOME": "/tmp/.cache", "MPLCONFIGDIR": "/tmp/.matplotlib",
             "PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1", "MLFLOW_DISABLE_TELEMETRY": "true",
             "DO_NOT_TRACK": "1", "OMP_NUM_THREADS": threads}

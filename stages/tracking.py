@@ -37,7 +37,7 @@ def _finite(value) -> bool:
 
 
 def _mlflow():
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # FIELD-NOTES: no phoning home
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # MLflow 3 sends telemetry unless told not to
     import mlflow
 
     return mlflow

@@ -20,7 +20,7 @@ DASHBOARD = MONITORING_DIR / "grafana-dashboard.json"
 
 # Metrics that others export (not this project): where each name comes from.
 EXTERNAL_METRICS = {
-    # KServe ModelServer (kserve/protocol/rest/..., label model_name): FIELD-NOTES "KServe on a cluster"
+    # KServe ModelServer (kserve/protocol/rest/..., label model_name)
     **{f"request_{stage}_seconds{suffix}": "kserve" for stage in ("preprocess", "predict", "postprocess")
        for suffix in ("_bucket", "_count", "_sum")},
     # NVIDIA dcgm-exporter's default counters

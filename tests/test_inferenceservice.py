@@ -129,7 +129,7 @@ def test_the_configured_environments_cover_both_modes_and_both_placements():
 
 
 def test_the_sdk_serialization_leaves_no_empty_names_or_nulls():
-    # Given a rendered InferenceService (FIELD-NOTES: V1beta1ModelSpec emits name '' unless set)
+    # Given a rendered InferenceService (kserve's V1beta1ModelSpec emits name '' unless set)
     obj = rendered("staging")
 
     def walk(value, path="") -> list[str]:
@@ -203,7 +203,7 @@ def test_every_broken_rule_is_reported_with_its_path():
 
 
 def test_the_crd_alone_lets_a_bad_canary_through_and_our_rules_do_not():
-    # Given canaryTrafficPercent 150 (FIELD-NOTES: the CRD does not bound it), and a canary in Standard mode
+    # Given canaryTrafficPercent 150 (the CRD does not bound it), and a canary in Standard mode
     too_much = rendered("prod")
     too_much["spec"]["predictor"]["canaryTrafficPercent"] = 150
     standard = rendered("dev")

@@ -205,7 +205,7 @@ else:
 
 def test_the_crd_schema_ships_in_the_wheel_and_validation_needs_nothing_else(tmp_path):
     # Given the package as the image installs it: a wheel built from pyproject.toml, unpacked
-    # where neither the repository's ../shared nor FLYWHEEL_CRD_DIR exists
+    # where neither the repository's crds/ folder nor FLYWHEEL_CRD_DIR exists
     root = Path(__file__).resolve().parents[1]
     source = tmp_path / "src"
     for package in ("specs", "storage", "crds", "model", "stages", "training", "serving", "monitoring", "components",
