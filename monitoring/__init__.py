@@ -1,1 +1,2 @@
-"""Monitoring: payload sink, drift and data-quality checks, retraining triggers (layer 3)."""
+"""Layer 3, monitoring: reference profile, payload sink service, drift and quality checks, drift
+report, guarded retraining trigger."""

@@ -378,7 +378,7 @@ def sink_spec(config: str | None) -> SinkSpec:
 
 
 def load_trigger(reference: str | None) -> Callable[[dict], dict] | None:
-    """`module:attribute` naming the trigger callable (or a zero-argument factory returning one)."""
+    """`module:attribute` naming the trigger callable (a class is instantiated with no arguments)."""
     if not reference:
         return None
     module, _, attribute = reference.partition(":")

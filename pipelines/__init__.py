@@ -1,1 +1,1 @@
-"""Pipeline definitions, per-environment config, compile, submit, schedule and the CLI."""
+"""Layer 5: environments, pipeline definitions, compile, the local runner, submit, schedule, the CLI."""

@@ -1,1 +1,1 @@
-"""KServe predictor and transformer, local launcher and deployers."""
+"""Layer 3, serving: KServe predictor and transformer, the local deployer, the InferenceService deployer."""

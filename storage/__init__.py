@@ -1,4 +1,4 @@
-"""Read and write through URIs (local paths, s3://, minio://) so PyTorchJob pods never depend
+"""Read and write through URIs (local paths, s3://, minio://) so training pods never depend
 on the KFP launcher pod's filesystem. fsspec does the work; this only normalises URIs.
 
 - `minio://bucket/key` is what KFP calls its in-cluster S3: it is the same object as
