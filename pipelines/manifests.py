@@ -116,17 +116,30 @@ def overlay_values(settings) -> OverlayValues:
     gpu = training.resources.gpu
     task_cpu = quantity(kfp.task_cpu) + quantity(SIDECAR_CPU)
     task_memory = quantity(kfp.task_memory) + quantity(SIDECAR_MEMORY)
-    cpu = training_pods * quantity(training.resources.cpu) + task_pods * task_cpu
-    memory = training_pods * quantity(training.resources.memory) + task_pods * task_memory
+    # The InferenceService lives in the same namespace: at max_replicas, twice during a Knative
+    # canary (both revisions run), predictor and transformer containers (one pod collocated, two
+    # pods otherwise), each pod with a sidecar (Knative's queue-proxy or Istio's).
+    serving = settings.serving
+    revisions = 2 if serving.deployment_mode == "Knative" and serving.canary_percent else 1
+    serving_pods = serving.max_replicas * revisions * (1 if serving.transformer == "collocated" else 2)
+    serving_containers = serving.max_replicas * revisions * 2
+    cpu = (training_pods * quantity(training.resources.cpu) + task_pods * task_cpu
+           + serving_containers * quantity(serving.cpu) + serving_pods * quantity(SIDECAR_CPU))
+    memory = (training_pods * quantity(training.resources.memory) + task_pods * task_memory
+              + serving_containers * quantity(serving.memory) + serving_pods * quantity(SIDECAR_MEMORY))
     sizing = (f"{jobs} concurrent {training.backend} job(s) (tuning.parallelism {jobs_from_tuning} x runs {runs}) "
               f"x {training.workers} pod(s) of {training.resources.cpu} CPU / {training.resources.memory} / "
               f"{gpu.count} {gpu.resource}; {task_pods} KFP task pod(s) of {kfp.task_cpu} CPU / {kfp.task_memory} "
-              f"+ a {SIDECAR_CPU} / {SIDECAR_MEMORY} sidecar; {EXTRA_PODS} spare pod(s) for KFP drivers")
+              f"+ a {SIDECAR_CPU} / {SIDECAR_MEMORY} sidecar; {EXTRA_PODS} spare pod(s) for KFP drivers; "
+              f"serving: {serving_pods} pod(s), {serving_containers} container(s) of {serving.cpu} CPU / "
+              f"{serving.memory} + sidecars")
     return OverlayValues(
         env=env, namespace=settings.namespace, gpu_resource=gpu.resource, gpus=training_pods * gpu.count,
-        cpu=format_cpu(cpu), memory=format_memory(memory), pods=training_pods + task_pods + EXTRA_PODS,
-        max_cpu=format_cpu(max(quantity(training.resources.cpu), quantity(kfp.task_cpu))),
-        max_memory=format_memory(max(quantity(training.resources.memory), quantity(kfp.task_memory))),
+        cpu=format_cpu(cpu), memory=format_memory(memory),
+        pods=training_pods + task_pods + serving_pods + EXTRA_PODS,
+        max_cpu=format_cpu(max(quantity(training.resources.cpu), quantity(kfp.task_cpu), quantity(serving.cpu))),
+        max_memory=format_memory(max(quantity(training.resources.memory), quantity(kfp.task_memory),
+                                     quantity(serving.memory))),
         sizing=sizing,
     )
 
