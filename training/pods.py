@@ -102,6 +102,25 @@ def labels(spec: TrainSpec) -> dict[str, str]:
 POD_ANNOTATIONS = {"sidecar.istio.io/inject": "false"}
 
 
+def identity_problems(obj: dict, api_version: str, kind: str, pod_names: list[str]) -> list[str]:
+    """What every training job must be, whatever its API: the right apiVersion and kind, a DNS-1035
+    name whose pods' names (`pod_names`, the longest each replica set makes) stay within 63
+    characters, and a namespace."""
+    problems = []
+    if obj.get("apiVersion") != api_version or obj.get("kind") != kind:
+        problems.append(f"(root): must be {api_version} {kind}, got {obj.get('apiVersion')} {obj.get('kind')}")
+    meta = obj.get("metadata") or {}
+    name = meta.get("name") or ""
+    if not DNS1035.match(name):
+        problems.append(f"metadata.name: {name!r} must be a DNS-1035 label (lower case, starts with a letter)")
+    for pod in pod_names:
+        if len(pod) > 63:
+            problems.append(f"metadata.name: {name!r} is too long: pod {pod!r} exceeds 63 characters")
+    if not meta.get("namespace"):
+        problems.append("metadata.namespace: required")
+    return problems
+
+
 def to_dict(obj):
     """Serialize an SDK model the way the Kubernetes client sends it (camelCase, no nulls)."""
     return k8s.ApiClient().sanitize_for_serialization(obj)

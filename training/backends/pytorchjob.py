@@ -33,7 +33,7 @@ import crds
 from specs import TrainSpec
 from training import pods
 from training.backends.cluster import ClusterBackend, TrainingJobInvalid
-from training.pods import CREDENTIAL_ENV, DNS1035
+from training.pods import CREDENTIAL_ENV
 
 API_VERSION, KIND = "kubeflow.org/v1", "PyTorchJob"
 CONTAINER_NAME = "pytorch"  # the operator finds the training container by this name
@@ -133,22 +133,12 @@ def schema_problems(obj: dict) -> list[str]:
 def policy_problems(obj: dict) -> list[str]:
     """What the CRD does not check: the operator's admission webhook and our own rules.
     Expects an object that passed `schema_problems`."""
-    problems = []
-    if obj.get("apiVersion") != API_VERSION or obj.get("kind") != KIND:
-        problems.append(f"(root): must be {API_VERSION} {KIND}, got {obj.get('apiVersion')} {obj.get('kind')}")
-    meta = obj.get("metadata") or {}
-    name = meta.get("name") or ""
+    name = (obj.get("metadata") or {}).get("name") or ""
     spec = obj.get("spec") or {}
     replicas = spec.get("pytorchReplicaSpecs") or {}
-    if not DNS1035.match(name):
-        problems.append(f"metadata.name: {name!r} must be a DNS-1035 label (lower case, starts with a letter)")
-    # Pod and Service names are <name>-<type>-<index> and must stay within 63 characters.
-    for rtype, rspec in replicas.items():
-        longest = f"{name}-{rtype.lower()}-{max(int(rspec.get('replicas', 1)) - 1, 0)}"
-        if len(longest) > 63:
-            problems.append(f"metadata.name: {name!r} is too long: pod/service {longest!r} exceeds 63 characters")
-    if not meta.get("namespace"):
-        problems.append("metadata.namespace: required")
+    # Pod and Service names are <name>-<type>-<index>.
+    problems = pods.identity_problems(obj, API_VERSION, KIND, [
+        f"{name}-{rtype.lower()}-{max(int(rspec.get('replicas', 1)) - 1, 0)}" for rtype, rspec in replicas.items()])
     if not replicas:
         problems.append("spec.pytorchReplicaSpecs: required")
     if "Master" in replicas and replicas["Master"].get("replicas") != 1:

@@ -53,7 +53,7 @@ from training import pods
 from training.backends.base import ENTRY_MODULE
 from training.backends.cluster import ClusterBackend, TrainingJobInvalid, one_line
 from training.backends.openapi_models import model_problems
-from training.pods import CREDENTIAL_ENV, DNS1035
+from training.pods import CREDENTIAL_ENV
 
 GROUP, VERSION, PLURAL, KIND = "trainer.kubeflow.org", "v1alpha1", "trainjobs", "TrainJob"
 API_VERSION = f"{GROUP}/{VERSION}"
@@ -201,21 +201,12 @@ def _node_patches(spec: dict):
 def policy_problems(obj: dict) -> list[str]:
     """What the models do not check: the CRD's CEL rules, Trainer's webhook and our own rules.
     Expects an object that passed `schema_problems`."""
-    problems = []
-    if obj.get("apiVersion") != API_VERSION or obj.get("kind") != KIND:
-        problems.append(f"(root): must be {API_VERSION} {KIND}, got {obj.get('apiVersion')} {obj.get('kind')}")
-    meta = obj.get("metadata") or {}
-    name = meta.get("name") or ""
+    name = (obj.get("metadata") or {}).get("name") or ""
     spec = obj.get("spec") or {}
     trainer = spec.get("trainer") or {}
-    if not DNS1035.match(name):
-        problems.append(f"metadata.name: {name!r} must be a DNS-1035 label (lower case, starts with a letter)")
     # Node pods' hostnames are <name>-node-<job index>-<pod index> (one Job per replicated job).
-    longest = f"{name}-{NODE}-0-{max(int(trainer.get('numNodes') or 1) - 1, 0)}"
-    if len(longest) > 63:
-        problems.append(f"metadata.name: {name!r} is too long: pod hostname {longest!r} exceeds 63 characters")
-    if not meta.get("namespace"):
-        problems.append("metadata.namespace: required")
+    problems = pods.identity_problems(obj, API_VERSION, KIND,
+                                      [f"{name}-{NODE}-0-{max(int(trainer.get('numNodes') or 1) - 1, 0)}"])
     ref = spec.get("runtimeRef") or {}
     if not ref.get("name"):
         problems.append("spec.runtimeRef.name: required")
