@@ -15,15 +15,17 @@ import json
 
 BAD_REQUEST = 400  # malformed: not JSON, wrong structure, tensor data that does not fit its shape
 NOT_FOUND = 404
-TOO_LARGE = 413  # body over max_body_bytes, batch over max_batch_rows
+METHOD_NOT_ALLOWED = 405  # an inference path asked with anything but POST
+TOO_LARGE = 413  # body over max_body_bytes (compressed or not), batch over max_batch_rows
+UNSUPPORTED_MEDIA = 415  # a Content-Encoding other than gzip
 UNPROCESSABLE = 422  # well-formed but semantically invalid: columns, types, NaN, empty batch
 INTERNAL = 500
 UNAVAILABLE = 503  # the model (or the predictor behind a transformer) is not ready
 TIMEOUT = 504
 
-REASONS = {BAD_REQUEST: "bad request", NOT_FOUND: "not found", TOO_LARGE: "too large",
-           UNPROCESSABLE: "invalid request", INTERNAL: "internal error", UNAVAILABLE: "unavailable",
-           TIMEOUT: "timeout"}
+REASONS = {BAD_REQUEST: "bad request", NOT_FOUND: "not found", METHOD_NOT_ALLOWED: "method not allowed",
+           TOO_LARGE: "too large", UNSUPPORTED_MEDIA: "unsupported media type", UNPROCESSABLE: "invalid request",
+           INTERNAL: "internal error", UNAVAILABLE: "unavailable", TIMEOUT: "timeout"}
 
 
 class RequestError(Exception):

@@ -1,5 +1,6 @@
 """Pure ASGI middlewares both servers put on KServe's FastAPI app: a request id on every request
-and response, a request body limit, and one error body shape for every error response.
+and response, the inference request's method, encoding and size, and one error body shape for
+every error response.
 
 Pure ASGI (no BaseHTTPMiddleware) because they sit on the hot path: a success passes through
 each with a dict lookup or two.
@@ -7,12 +8,25 @@ each with a dict lookup or two.
 from __future__ import annotations
 
 import json
+import re
 import uuid
+import zlib
 
-from serving.errors import BAD_REQUEST, TOO_LARGE, RequestError, error_body
+from serving.errors import (
+    BAD_REQUEST,
+    METHOD_NOT_ALLOWED,
+    TOO_LARGE,
+    UNSUPPORTED_MEDIA,
+    RequestError,
+    error_body,
+)
 
 REQUEST_ID = "x-request-id"
 BODY_KEY = "flywheel.body"  # the buffered request body, for the payload logger
+# v1 `/v1/models/NAME:predict` (and `:explain`), v2 `/v2/models/NAME[/versions/V]/infer`: the
+# routes KServe serves for POST only (kserve/protocol/rest/server.py).
+INFERENCE_PATH = re.compile(r"/v1/models/[^/]+:(predict|explain)|/v2/models/[^/]+(/versions/[^/]+)?/infer")
+GZIP = (b"gzip", b"x-gzip")  # x-gzip: RFC 9110 section 8.4.1.3 asks recipients to take it as gzip
 
 
 def header(scope, name: bytes) -> bytes | None:
@@ -60,9 +74,18 @@ class RequestIdMiddleware:
 
 
 class BodyLimitMiddleware:
-    """Rejects request bodies over `max_bytes` with a 413 before the app parses them (KServe has no
-    REST body limit: kserve/kserve#2810), and buffers accepted bodies in the scope so the payload
-    logger has the raw request without reading it twice.
+    """The request's method, encoding and size, checked before the app parses it:
+
+    * an inference path asked with anything but POST is a 405 with `Allow: POST` (KServe routes
+      `GET /v1/models/NAME:predict` to its model-status route, a 404 naming "NAME:predict");
+    * `Content-Encoding: gzip` is decompressed here (neither KServe nor Starlette decodes request
+      bodies: the app got the gzip bytes and answered "not valid UTF-8"); any other coding is a 415;
+    * a body over `max_bytes` is a 413, compressed or decompressed, so a small gzip bomb is refused
+      after `max_bytes` of output, not held in memory (KServe has no REST body limit:
+      kserve/kserve#2810).
+
+    Accepted bodies are buffered (decompressed) in the scope, so the payload logger has the raw
+    request without reading it twice.
 
     Args:
         app: The ASGI app it wraps.
@@ -73,7 +96,12 @@ class BodyLimitMiddleware:
         self.app, self.max_bytes = app, int(max_bytes)
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope.get("method") not in ("POST", "PUT", "PATCH"):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        method = scope.get("method")
+        if method != "POST" and INFERENCE_PATH.fullmatch(scope.get("path", "")):
+            return await self._not_allowed(send, method)
+        if method not in ("POST", "PUT", "PATCH"):
             return await self.app(scope, receive, send)
         declared = header(scope, b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
@@ -81,6 +109,10 @@ class BodyLimitMiddleware:
         body = await self._read(receive)
         if body is None:
             return await self._too_large(send, None)
+        try:
+            scope, body = self._decoded(scope, body)
+        except RequestError as error:
+            return await send_json(send, error.status, error.body())
         scope = {**scope, BODY_KEY: body}
         sent = False
 
@@ -108,10 +140,53 @@ class BodyLimitMiddleware:
             if not message.get("more_body", False):
                 return b"".join(chunks)
 
+    def _decoded(self, scope, body: bytes) -> tuple[dict, bytes]:
+        """The scope and body with the Content-Encoding undone (the header dropped, the length the
+        decoded one), or as they are without one."""
+        coding = (header(scope, b"content-encoding") or b"").strip().lower()
+        if coding in (b"", b"identity"):
+            return scope, body
+        if coding not in GZIP:
+            raise RequestError(UNSUPPORTED_MEDIA, None, f"Content-Encoding {coding.decode(errors='replace')!r} is "
+                               "not supported: send the body as it is or gzip-compressed")
+        body = gunzip(body, self.max_bytes)
+        headers = [(k, v) for k, v in scope.get("headers", ()) if k not in (b"content-encoding", b"content-length")]
+        return {**scope, "headers": [*headers, (b"content-length", str(len(body)).encode())]}, body
+
+    @staticmethod
+    async def _not_allowed(send, method: str) -> None:
+        error = RequestError(METHOD_NOT_ALLOWED, None, f"{method} is not allowed on an inference path: use POST")
+        await send_json(send, METHOD_NOT_ALLOWED, error.body(), [(b"allow", b"POST")])
+
     async def _too_large(self, send, size: int | None) -> None:
         what = f"{size} bytes" if size is not None else "the body"
         error = RequestError(TOO_LARGE, None, f"{what} is more than the {self.max_bytes} bytes allowed per request")
         await send_json(send, TOO_LARGE, error.body())
+
+
+def gunzip(data: bytes, limit: int) -> bytes:
+    """A gzip body decompressed to at most `limit` bytes (members concatenated, as RFC 1952 allows).
+
+    Raises:
+        RequestError: 413 past `limit` (decompression stops there), 400 for data that is not gzip.
+    """
+    out, rest = [], data
+    size = 0
+    while rest:
+        stream = zlib.decompressobj(16 + zlib.MAX_WBITS)  # 16+: gzip header and trailer
+        try:
+            chunk = stream.decompress(rest, limit - size + 1)  # at most one byte past the limit
+        except zlib.error as err:
+            raise RequestError(BAD_REQUEST, None, f"the body is not valid gzip: {err}") from None
+        size += len(chunk)
+        if size > limit:
+            raise RequestError(TOO_LARGE, None, f"the decompressed body is more than the {limit} bytes allowed "
+                               "per request")
+        if not stream.eof:
+            raise RequestError(BAD_REQUEST, None, "the gzip body is truncated")
+        out.append(chunk)
+        rest = stream.unused_data
+    return b"".join(out)
 
 
 class ErrorEnvelopeMiddleware:

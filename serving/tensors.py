@@ -64,8 +64,10 @@ def to_output(tensor: Tensor, binary: bool) -> InferOutput:
 def response(request: InferRequest, model_name: str, model_version: str | None, request_id: str | None,
              tensors: list[Tensor]) -> InferResponse:
     """The v2 response to `request`: binary outputs iff the request asked for them (raw gRPC
-    inputs or REST `binary_data_output`), as KServe's own predictors answer."""
+    inputs or REST `binary_data_output`), as KServe's own predictors answer. Its id is the
+    request's own `id` when it has one (the Open Inference Protocol: "if specified this identifier
+    must be returned in the response"), else `request_id` (the `x-request-id` the call went by)."""
     binary = request.use_binary_outputs
     outputs = [to_output(tensor, binary) for tensor in tensors]
-    return InferResponse(request_id or request.id or "", model_name, outputs, model_version=model_version,
+    return InferResponse(request.id or request_id or "", model_name, outputs, model_version=model_version,
                          use_binary_outputs=binary)

@@ -51,13 +51,14 @@ class FlywheelTransformer(server.ServingModel):
         spec: The serving limits.
         decision_threshold: Probability at or above which the positive label is predicted.
         version: The version to report until the predictor says which one answered.
+        id_column: The dataset's id column, accepted and echoed (default: the model's metadata.json).
     """
 
     def __init__(self, name: str, model_dir: str, hop: Hop, spec: ServingSpec, decision_threshold: float = 0.5,
-                 version: str | None = None):
+                 version: str | None = None, id_column: str | None = None):
         super().__init__(name, ServerMetrics("transformer", name))
         self.model_dir, self.hop, self.spec = model_dir, hop, spec
-        self.decision_threshold, self._version = decision_threshold, version
+        self.decision_threshold, self._version, self.id_column = decision_threshold, version, id_column
         self.codec: FeatureCodec | None = None
         self.readiness: PredictorReadiness | None = None
         self.version: str | None = None
@@ -65,7 +66,8 @@ class FlywheelTransformer(server.ServingModel):
     def load(self) -> bool:
         if self.codec is None:  # KServe calls load() again for a request to a model it finds not ready
             self.codec = FeatureCodec.from_model_dir(self.model_dir, max_batch_rows=self.spec.max_batch_rows,
-                                                     decision_threshold=self.decision_threshold)
+                                                     decision_threshold=self.decision_threshold,
+                                                     id_column=self.id_column)
             self.version = model_version(self.model_dir, self.codec.metadata, self._version)
             self.metrics.model_version = self.version
             self.readiness = PredictorReadiness(self.hop, input_types(self.codec.preprocessor))
@@ -107,9 +109,11 @@ class FlywheelTransformer(server.ServingModel):
     def postprocess(self, call: Call, headers=None, response_headers=None):
         with self.metrics.stage("postprocess"):
             probabilities, version = call.prediction.probabilities, call.prediction.model_version or self.version
+            ids = call.features.ids
             if isinstance(call.request, InferRequest):
-                return response(call.request, self.name, version, call.request_id, self.codec.to_v2(probabilities))
-            return self.codec.to_v1(probabilities, self.name, version)
+                return response(call.request, self.name, version, call.request_id,
+                                self.codec.to_v2(probabilities, ids))
+            return self.codec.to_v1(probabilities, self.name, version, ids)
 
     @staticmethod
     def _request_id(payload, headers) -> str:
@@ -131,6 +135,9 @@ def cli():
     payload = PayloadLogging()
     parser.add_argument("--decision_threshold", type=float, default=0.5,
                         help="P(positive) at or above which the positive label is predicted (evaluation's)")
+    parser.add_argument("--id_column", default=None,
+                        help="the dataset's id column (dataset.id_column): accepted in requests, echoed with the "
+                             "predictions, not a feature (default: the model's metadata.json id_column)")
     parser.add_argument("--payload_log_url", "--payload_url", dest="payload_log_url", default=payload.url,
                         help="CloudEvents sink (serving.payload_logging.url); unset = no payload events")
     parser.add_argument("--payload_log_mode", default=payload.mode, choices=["all", "request", "response"])
@@ -150,8 +157,11 @@ def main(argv: list[str] | None = None) -> None:
     hop = hop_for(args.predictor_protocol, args.predictor_host, args.model_name,
                   args.predictor_request_timeout_seconds, args.predictor_use_ssl)
     model = FlywheelTransformer(args.model_name, source.model_dir, hop, spec, args.decision_threshold,
-                                args.model_version or source.version)
-    model.load()
+                                args.model_version or source.version, args.id_column)
+    try:
+        model.load()
+    except ValueError as err:  # an id column that is a feature: a configuration error, not a traceback
+        raise SystemExit(f"--id_column: {err}") from None
     extra = []
     if spec.payload_logging.url:
         extra.append((PayloadMiddleware, {"logger": PayloadLogger(

@@ -257,3 +257,132 @@ def test_readiness_needs_a_ready_predictor_that_declares_our_tensors(codec):
     assert asyncio.run(check(FakeHop(True, ours))) == (True, True, 1, True, 2)
     assert asyncio.run(check(FakeHop(True, other)))[0] is False  # ready, but a different contract
     assert asyncio.run(check(FakeHop(False, ours)))[0] is False
+
+
+# ---- the request contract: id column, categoricals as strings, request id, gzip -------------------
+
+@pytest.fixture(scope="module")
+def id_codec(frame):
+    pre = Preprocessor.fit(frame, NUMERIC, REFERENCE_CATEGORICAL)
+    return FeatureCodec(pre, LabelMapping("no", "yes"), max_batch_rows=50, id_column="customer_id")
+
+
+def test_the_id_column_is_carried_beside_the_features_not_in_them(frame, id_codec):
+    # Given rows that keep their join key, as v1 records and as v2 tensors
+    rows = records(frame, 3)
+    ids = ["C1", 2, "C3"]
+    keyed = [{"customer_id": i, **row} for i, row in zip(ids, rows)]
+    v2 = [Tensor("customer_id", "BYTES", [3], ids), *tensors(rows)]
+    plain = id_codec.from_v1({"instances": rows})
+    for features in (id_codec.from_v1({"instances": keyed}), id_codec.from_v2(v2)):
+        # Then the model's tensors are those of the rows without it, and the ids ride along
+        np.testing.assert_array_equal(features.numeric, plain.numeric)
+        np.testing.assert_array_equal(features.categorical, plain.categorical)
+        assert features.ids == ids and plain.ids is None
+    # And the responses echo them row for row: v1 a list named after the column, v2 a tensor
+    probabilities = np.array([0.1, 0.6, 0.9], dtype=np.float32)
+    assert id_codec.to_v1(probabilities, "credit", "1", ids)["customer_id"] == ids
+    assert "customer_id" not in id_codec.to_v1(probabilities, "credit", "1")
+    echoed = id_codec.to_v2(probabilities, ids)[-1]
+    assert (echoed.name, echoed.datatype, echoed.data) == ("customer_id", "BYTES", ["C1", "2", "C3"])
+    echoed = id_codec.to_v2(probabilities, [7, 8, 9])[-1]
+    assert (echoed.datatype, echoed.data.tolist()) == ("INT64", [7, 8, 9])
+
+
+def test_a_codec_without_an_id_column_still_refuses_it(frame, codec):
+    rows = records(frame, 1)
+    with pytest.raises(RequestError) as caught:
+        codec.from_v1({"instances": [{**rows[0], "customer_id": "C1"}]})
+    assert (caught.value.status, caught.value.field) == (422, "instances[0].customer_id")
+
+
+def test_an_id_column_that_is_a_feature_or_a_response_name_is_refused(frame):
+    pre = Preprocessor.fit(frame, NUMERIC, REFERENCE_CATEGORICAL)
+    for name in ("age", "predictions", "probability"):
+        with pytest.raises(ValueError, match=name):
+            FeatureCodec(pre, LabelMapping("no", "yes"), id_column=name)
+
+
+ID_CASES = [
+    ("only some rows", lambda rows: [{"customer_id": "C1", **rows[0]}, rows[1]], "instances[1].customer_id"),
+    ("a later row only", lambda rows: [rows[0], {"customer_id": "C1", **rows[1]}], "instances[1].customer_id"),
+    ("a float id", lambda rows: [{"customer_id": 1.5, **rows[0]}], "instances[0].customer_id"),
+    ("a null id", lambda rows: [{"customer_id": None, **rows[0]}], "instances[0].customer_id"),
+    ("an id past int64", lambda rows: [{"customer_id": 1 << 64, **rows[0]}], "instances[0].customer_id"),
+]
+
+
+@pytest.mark.parametrize("what, change, field", ID_CASES, ids=[c[0] for c in ID_CASES])
+def test_bad_ids_name_their_field(frame, id_codec, what, change, field):
+    with pytest.raises(RequestError) as caught:
+        id_codec.from_v1({"instances": change(records(frame, 2))})
+    assert (caught.value.status, caught.value.field) == (422, field), caught.value.message
+
+
+def test_a_number_in_a_text_categorical_column_is_refused_in_v1_and_v2(frame, codec):
+    rows = records(frame, 3)
+    k = COLUMNS.index("housing")
+    # v1: the number 3 would otherwise score as an unseen housing
+    with pytest.raises(RequestError) as caught:
+        codec.from_v1({"instances": [{**rows[0], "housing": 3}]})
+    assert (caught.value.status, caught.value.field) == (422, "instances[0].housing")
+    assert '"3"' in caught.value.message  # the message says how to send it
+    # v2: a number inside a BYTES tensor, or an integer tensor for a text column
+    with pytest.raises(RequestError) as caught:
+        codec.from_v2(_set(k, data=["own", 3, "rent"])(tensors(rows)))
+    assert (caught.value.status, caught.value.field) == (422, f"inputs[{k}].data[1]")
+    with pytest.raises(RequestError) as caught:
+        codec.from_v2(_set(k, datatype="INT64", data=[1, 2, 3])(tensors(rows)))
+    assert (caught.value.status, caught.value.field) == (422, f"inputs[{k}].datatype")
+
+
+def test_int_coded_categories_take_integers_in_v1_and_v2():
+    # Given a model trained on int-coded categories (the vocabulary keys are "1", "2", "3")
+    train = pd.DataFrame({"x": [1.0, 2.0, 3.0], "code": [3, 1, 2]})
+    codec = FeatureCodec(Preprocessor.fit(train, ["x"], ["code"]), LabelMapping(0, 1))
+    # Then an INT64 tensor and a BYTES tensor of the same codes encode alike
+    as_ints = codec.from_v2([Tensor("x", "FP64", [2], [1.0, 2.0]), Tensor("code", "INT64", [2], np.array([3, 9]))])
+    as_text = codec.from_v2([Tensor("x", "FP64", [2], [1.0, 2.0]), Tensor("code", "BYTES", [2], ["3", "9"])])
+    assert as_ints.categorical.tolist() == as_text.categorical.tolist() == [[3], [0]]  # 9: unseen, unknown bucket
+    # But a float code stays a 422, as before
+    with pytest.raises(RequestError):
+        codec.from_v1({"instances": [{"x": 1.0, "code": 3.0}]})
+
+
+def test_the_v2_response_carries_the_requests_own_id():
+    from kserve import InferInput, InferRequest
+
+    from serving.tensors import response
+
+    tensor = InferInput("x", [1], "FP64")
+    tensor.set_data_from_numpy(np.array([1.0]), binary_data=False)
+    outputs = [Tensor("probability", "FP32", [1], np.array([0.5], dtype=np.float32))]
+    # The request's id wins over the tracing id (Open Inference Protocol: "must be returned")
+    assert response(InferRequest("m", [tensor], request_id="oip-1"), "m", "1", "trace", outputs).id == "oip-1"
+    # And a request without one gets the id it travelled by
+    assert response(InferRequest("m", [tensor]), "m", "1", "trace", outputs).id == "trace"
+
+
+def test_gzip_bodies_are_decompressed_up_to_the_limit_only():
+    import gzip
+
+    from serving.middleware import gunzip
+
+    assert gunzip(gzip.compress(b"ab") + gzip.compress(b"cd"), 4) == b"abcd"  # members concatenated
+    cases = [(gzip.compress(b"x" * 10_000), 100, 413), (gzip.compress(b"x" * 100)[:-9], 1000, 400),
+             (b'{"instances": []}', 1000, 400)]
+    for data, limit, status in cases:
+        with pytest.raises(RequestError) as caught:
+            gunzip(data, limit)
+        assert caught.value.status == status, caught.value.message
+
+
+def test_the_id_column_comes_from_the_models_metadata_unless_given(frame, tmp_path):
+    from model.artifact import METADATA_FILE, PREPROCESSOR_FILE
+
+    pre = Preprocessor.fit(frame, NUMERIC, REFERENCE_CATEGORICAL)
+    (tmp_path / PREPROCESSOR_FILE).write_text(pre.to_json())
+    (tmp_path / METADATA_FILE).write_text(json.dumps({"labels": LabelMapping("no", "yes").to_dict(),
+                                                      "id_column": "customer_id"}))
+    assert FeatureCodec.from_model_dir(str(tmp_path)).id_column == "customer_id"
+    assert FeatureCodec.from_model_dir(str(tmp_path), id_column="account").id_column == "account"

@@ -323,6 +323,7 @@ def _train(ctx: Context, data_uri: str, model_dir: str, spec: dict) -> dict:
         "framework": "pytorch",
         "torch_version": torch.__version__,
         "target": target,
+        "id_column": dataset.get("id_column"),  # the transformer accepts and echoes it (not a feature)
         "labels": mapping.to_dict(),
         "features": {"numeric": numeric, "categorical": categorical},
         "hyperparameters": hp,

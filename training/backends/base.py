@@ -71,7 +71,8 @@ def entry_spec(spec: TrainSpec, dataset: DatasetSpec, labels: dict | None, linea
     """What the entry point needs: the data's schema and label mapping, hyperparameters and the
     checkpoint policy."""
     return {
-        "dataset": {"target": dataset.target, "features": dataset.features.model_dump(), "labels": labels},
+        "dataset": {"target": dataset.target, "features": dataset.features.model_dump(), "labels": labels,
+                    "id_column": dataset.id_column},
         "hyperparameters": spec.hyperparameters.model_dump(),
         "checkpoint_every_epochs": spec.checkpoint_every_epochs,
         "expect_gpu": spec.resources.gpu.count > 0,
