@@ -28,7 +28,7 @@ def evaluate_op(
     Returns:
         metrics: Scalar metrics (ROC AUC, PR AUC, F1, Brier, ...).
         classification: Confusion matrix and ROC curve for the Kubeflow UI.
-        report: HTML report with ROC, PR, calibration and confusion-matrix plots.
+        report: HTML report (report.html) with ROC, PR, calibration and confusion-matrix plots.
         roc_auc: Test ROC AUC.
         run_id: The MLflow run the evaluation was logged to.
     """
@@ -36,6 +36,7 @@ def evaluate_op(
     from collections import namedtuple
 
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    from components.base import named_file
     from model.loader import load_model
     from specs import DatasetSpec, EvaluationSpec, TrackingSpec
     from stages.evaluation import evaluate_and_log
@@ -53,7 +54,7 @@ def evaluate_op(
         metrics.log_metric(name, value)
     classification.log_confusion_matrix([str(c) for c in result.classes], result.confusion_matrix)
     classification.log_roc_curve(result.roc["fpr"], result.roc["tpr"], result.roc["thresholds"])
-    with open(report.path, "w", encoding="utf-8") as handle:
+    with open(named_file(report, ".html"), "w", encoding="utf-8") as handle:
         handle.write(outcome.html)
     for artifact in (classification, report):
         artifact.metadata.update(outcome.lineage)
@@ -83,12 +84,14 @@ def gate_op(
         tracking: MLflow tracking URI and the registered model's name.
 
     Returns:
-        report: HTML report comparing candidate and champion; its metadata holds the decision and reason.
+        report: HTML report (report.html) comparing candidate and champion; its metadata holds the decision
+            and reason.
         Output: "promote" or "reject".
     """
     import os
 
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    from components.base import named_file
     from model.loader import load_model
     from specs import EvaluationSpec
     from stages.gate import challenge
@@ -103,7 +106,7 @@ def gate_op(
     decision = outcome.decision
     print(f"gate: {decision.label}: {decision.reason}")
     title = f"Champion/challenger gate: {decision.label}" + (f" (vs {outcome.champion_label})" if champion else "")
-    with open(report.path, "w", encoding="utf-8") as handle:
+    with open(named_file(report, ".html"), "w", encoding="utf-8") as handle:
         handle.write(render_report(outcome.candidate, title, champion=outcome.champion, decision=decision))
     report.metadata.update({
         "decision": decision.label, "reason": decision.reason,

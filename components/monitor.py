@@ -100,6 +100,7 @@ def drift_op(
 
     import pandas as pd
 
+    from components.base import named_file
     from model.labels import LabelMapping
     from monitoring.check import evidence, history_uri, load_history, report_dict
     from monitoring.check import summary as summary_of
@@ -115,7 +116,7 @@ def drift_op(
                            suite=suite, labels=LabelMapping.from_dict(reference.get("labels")))
     for name, value in checked.metrics().items():
         metrics.log_metric(name, value)
-    with open(report.path, "w", encoding="utf-8") as handle:
+    with open(named_file(report, ".html"), "w", encoding="utf-8") as handle:
         handle.write(render_report(checked, reference["profile"]))
     key = window.metadata.get("window", "")
     # How much of the window is newer than the checks before it (a window can share most of its rows

@@ -21,23 +21,24 @@ def validate_op(
         suite: The expectation suite, compiled into the pipeline from config/expectations/.
 
     Returns:
-        report: HTML report naming each failed expectation, its columns and sample rows.
-        result: The full validation result as JSON.
+        report: HTML report (report.html) naming each failed expectation, its columns and sample rows.
+        result: The full validation result as JSON (result.json).
         metrics: Expectation counts and the unexpected-value rate.
     """
     import json
     import os
 
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+    from components.base import named_file
     from stages.validation import ValidationFailed, render_html, validate_file
     from storage.tables import file_hash
 
     outcome = validate_file(dataset.path, suite, id_column=suite.get("id_column"))
     lineage = {"dataset_content_hash": dataset.metadata.get("content_hash") or file_hash(dataset.path),
                "dataset_uri": dataset.uri, "suite": outcome.suite_name, "passed": outcome.passed}
-    with open(result.path, "w") as fh:
+    with open(named_file(result, ".json"), "w") as fh:
         json.dump(outcome.to_dict(), fh, indent=1)
-    with open(report.path, "w") as fh:
+    with open(named_file(report, ".html"), "w", encoding="utf-8") as fh:
         fh.write(render_html(outcome))
     result.metadata.update(lineage, **outcome.metrics())
     report.metadata.update(lineage)

@@ -240,7 +240,7 @@ def run_local(settings: Settings, verbose: bool = False, predictions: bool = Tru
                     watcher.join()
     except RuntimeError as err:
         detail = failure_reason(log_path.read_text(errors="replace")) if log_path.exists() else ""
-        reports = [str(p) for d in set(PIPELINE_ROOT.iterdir()) - before if d.is_dir() for p in d.glob("*/report")]
+        reports = [str(p) for d in set(PIPELINE_ROOT.iterdir()) - before if d.is_dir() for p in d.glob("*/report.html")]
         where = f"\nreports: {' '.join(sorted(reports))}" if reports else ""
         raise RuntimeError(f"local pipeline failed: {ANSI.sub('', str(err))}"
                            f"{chr(10) + detail if detail else ''}{where}\n(full log: {log_path})") from None

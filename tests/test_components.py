@@ -163,3 +163,17 @@ def test_tuning_runs_parallel_trials_and_logs_them_to_mlflow(kfp_local, small_se
     assert len(trials) == 2 and len(parent) == 1
     assert set(trials["tags.mlflow.parentRunId"]) == set(parent["run_id"])
     assert sorted(trials["params.hidden"].astype(int)) == [8, 32]
+
+
+def test_named_file_gives_an_output_artifact_a_suffix_on_every_store():
+    from kfp.dsl import HTML
+
+    from components.base import named_file
+
+    local_report = HTML(uri="/runs/local/run-1/validate-op/report")
+    assert named_file(local_report, ".html") == "/runs/local/run-1/validate-op/report.html"
+    assert named_file(local_report, ".html") == "/runs/local/run-1/validate-op/report.html", "only once"
+    # on a cluster the pod writes through KFP's mount of the bucket; the URI the launcher uploads to follows
+    remote = HTML(uri="minio://mlpipeline/v2/artifacts/training/run-1/gate-op/report")
+    assert named_file(remote, ".html") == "/minio/mlpipeline/v2/artifacts/training/run-1/gate-op/report.html"
+    assert remote.uri.endswith("/gate-op/report.html") and remote.schema_title == "system.HTML"

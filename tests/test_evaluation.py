@@ -294,12 +294,13 @@ def test_evaluate_op_through_kfp_local(data, tmp_path):
     classification = artifacts["classification"]["artifacts"][0]["metadata"]
     assert classification["confusionMatrix"]["rows"][1]["row"] == expected.confusion_matrix[1]
     assert len(classification["confidenceMetrics"]) == len(expected.roc["fpr"]) <= MAX_CURVE_POINTS
+    assert artifacts["report"]["artifacts"][0]["uri"].endswith("/evaluate-op/report.html"), "opens in a browser"
     report_meta = artifacts["report"]["artifacts"][0]["metadata"]
     assert report_meta["mlflow_run_id"] == params["run_id"]
     assert report_meta["test_data_hash"] == content_hash(test)
     assert report_meta["dataset_hash"] == "sha256:upstream"
     assert report_meta["model_data_hash"] == content_hash(train)
-    report_files = glob.glob(str(tmp_path / "root" / "**" / "report"), recursive=True)
+    report_files = glob.glob(str(tmp_path / "root" / "**" / "evaluate-op" / "report.html"), recursive=True)
     assert report_files
     with open(report_files[0]) as handle:
         assert "data:image/png;base64," in handle.read()

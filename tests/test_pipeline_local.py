@@ -117,14 +117,17 @@ def test_bad_data_stops_the_pipeline_before_training_with_the_reason_on_record(t
     frame = ReferenceTask(rows=2000, seed=8).generate()
     frame.loc[frame.index[:400], "employment"] = "astronaut"  # unknown category, far above any tolerance
     source = write_table(frame, tmp_path / "customers.csv")
-    settings = load_settings("local", overrides=FAST | {"dataset": {"source": "file", "uri": str(source)}})
+    # the reference task's own suite (a file dataset gets a schema-only suite unless it names one)
+    settings = load_settings("local", overrides=FAST | {"dataset": {"source": "file", "uri": str(source),
+                                                                    "expectation_suite": "credit_default"}})
     root = tmp_path / "root"
     with pytest.raises(RuntimeError, match="validate-op"):
         execute(settings, pipeline_root=root)
     (run_dir,) = root.iterdir()
     ran = {p.name for p in run_dir.iterdir()}
     assert not {"split-op", "train-op", "evaluate-op"} & ran, "nothing after validate ran"
-    result = json.loads((run_dir / "validate-op" / "result").read_text())
+    result = json.loads((run_dir / "validate-op" / "result.json").read_text())
     failed = json.dumps(result)
     assert "employment" in failed and "astronaut" in failed
     assert "expect_column_values_to_be_in_set" in failed
+    assert "astronaut" in (run_dir / "validate-op" / "report.html").read_text(), "a report a browser opens"

@@ -111,6 +111,32 @@ def test_numbers_as_strings_fail_the_type_check(clean, suite, tmp_path):
     assert result.observed == "str"
 
 
+def test_a_type_failure_says_how_many_rows_and_shows_values_that_do_not_convert(clean, suite, tmp_path):
+    # Given an income column with one word among numbers: the CSV reader makes every value a string
+    clean["income"] = clean["income"].astype(object)
+    clean.loc[7, "income"] = "unknown"
+    outcome = validate_file(write_table(clean, tmp_path / "word.csv"), suite, id_column="customer_id")
+    result = failed(outcome, "expect_column_values_to_be_in_type_list", "income")
+    strings = int(clean["income"].notna().sum())
+    assert result.unexpected_count == strings and result.detail.startswith(f"{strings:,} rows (")
+    assert result.sample_rows[0] == {"row": 7, "customer_id": clean.customer_id[7], "income": "unknown"}, \
+        "the value that is not a number comes first"
+    message = str(ValidationFailed(outcome))
+    assert f"{strings:,} rows (" in message and "are str" in message and "row 7 (income='unknown')" in message
+    assert "expected a type in [" in message
+
+
+def test_a_missing_column_is_reported_as_missing_by_every_expectation_on_it(clean, suite):
+    outcome = validate_frame(clean.drop(columns=["income"]), suite)
+    on_income = [r for r in outcome.blocking_failures if r.columns and "income" in r.columns
+                 and r.type != "expect_table_columns_to_match_set"]
+    assert len(on_income) >= 3, [r.type for r in on_income]
+    assert all(r.error.startswith("column 'income' is missing") for r in on_income), [r.error for r in on_income]
+    message = str(ValidationFailed(outcome))
+    assert "list index out of range" not in message and "Traceback" not in message
+    assert "expect_column_values_to_be_in_type_list on 'income': column 'income' is missing" in message
+
+
 def test_nulls_above_the_allowed_rate_fail(clean, suite):
     clean.loc[np.random.default_rng(2).random(ROWS) < 0.25, "income"] = None
     result = failed(validate_frame(clean, suite), "expect_column_values_to_not_be_null", "income")
@@ -249,6 +275,27 @@ def test_suggested_suite_accepts_its_trusted_data_and_catches_defects(clean):
     failed(outcome, "expect_column_values_to_be_in_set", "region")
 
 
+def test_great_expectations_keeps_its_info_lines_to_itself_where_the_root_logger_takes_info(tmp_path):
+    # Given a fresh process whose root logger prints INFO, as kfp's executor and kfp.local's runner set it
+    script = tmp_path / "quiet.py"
+    script.write_text(
+        "import logging, sys\n"
+        "logging.basicConfig(level=logging.INFO, stream=sys.stdout, format='LOG %(name)s %(levelname)s %(message)s')\n"
+        "import pandas as pd\n"
+        "from stages.validation import normalize_suite, validate_frame\n"
+        "suite = normalize_suite({'name': 't', 'expectations': [\n"
+        "    {'type': 'expect_column_values_to_not_be_null', 'column': 'x'}]}, source='t')\n"
+        "logging.getLogger('flywheel').info('ours')\n"
+        "print(validate_frame(pd.DataFrame({'x': [1.0, None]}), suite).summary())\n")
+    done = subprocess.run([os.sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parent.parent)
+    # When it validates a frame, then only its own lines are printed: no GX housekeeping
+    assert done.returncode == 0, done.stderr
+    assert "FAILED: 0/1 expectations passed" in done.stdout
+    assert "LOG flywheel INFO ours" in done.stdout, "the process's own INFO logging still prints"
+    assert "great_expectations" not in done.stdout + done.stderr, (done.stdout + done.stderr)[:2000]
+
+
 # ---------------------------------------------------------------------------- HTML report
 
 
@@ -319,6 +366,8 @@ def test_component_passes_clean_data_with_metrics_and_lineage(run_pipeline, smal
     assert metrics["expectations_failed"] == 0
     assert json.loads(Path(result["uri"]).read_text())["passed"] is True
     assert "PASSED" in Path(report["uri"]).read_text()
+    # a browser opens the files from the artifact store by their names: report.html, result.json
+    assert report["uri"].endswith("/validate-op/report.html") and result["uri"].endswith("/validate-op/result.json")
 
 
 def test_component_writes_reports_then_fails_on_blocking_expectation(kfp_local, small_settings, suite, clean, tmp_path):
@@ -329,8 +378,8 @@ def test_component_writes_reports_then_fails_on_blocking_expectation(kfp_local, 
     spec = arguments(small_settings)["dataset_spec"] | {"source": "file", "uri": str(source)}
     with pytest.raises(RuntimeError):
         _validate_pipeline()(dataset_spec=spec, suite=suite)
-    (result_path,) = kfp_local.glob("*/validate-op/result")
-    (report_path,) = kfp_local.glob("*/validate-op/report")
+    (result_path,) = kfp_local.glob("*/validate-op/result.json")
+    (report_path,) = kfp_local.glob("*/validate-op/report.html")
     result = json.loads(result_path.read_text())
     assert result["passed"] is False and result["gx_result"]["success"] is False
     broken = [r for r in result["results"] if not r["success"]]

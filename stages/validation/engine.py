@@ -4,8 +4,10 @@ imported lazily: it costs ~2 s and must stay off the CLI start path."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 from stages.validation.outcome import SAMPLE_ROWS, ExpectationResult, ValidationOutcome, _json_default
@@ -15,13 +17,36 @@ from storage.tables import read_table, table_format
 _ENGINE: dict = {}
 
 
+@contextmanager
+def _quiet_gx_logs():
+    """Import GX inside this block to keep its INFO housekeeping out of sight.
+
+    GX logs at INFO on import ("Skipping registering function ...", dozens of lines) and when a
+    context starts ("Created temporary directory ... for ephemeral docs site": its
+    `data_context.types.base` module pins its own logger to INFO). Wherever a handler takes INFO
+    (kfp's executor runs `logging.basicConfig(level=INFO)`, kfp.local's runner sets the root
+    logger to INFO) those lines land in front of a person. So GX's loggers start at WARNING; a
+    level someone set on the `great_expectations` logger on purpose is kept."""
+    package = logging.getLogger("great_expectations")
+    quiet = package.level == logging.NOTSET
+    if quiet:
+        package.setLevel(logging.WARNING)
+    yield
+    if quiet:
+        for name, child in list(logging.root.manager.loggerDict.items()):
+            if name.startswith("great_expectations.") and isinstance(child, logging.Logger) \
+                    and logging.NOTSET < child.level < logging.WARNING:
+                child.setLevel(logging.NOTSET)  # inherit WARNING from the package logger
+
+
 def _gx_engine():
     """One ephemeral GX context per process: no files, no $HOME, no analytics, no progress bars."""
     if not _ENGINE:
         os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
-        import great_expectations as gx
-        import great_expectations.execution_engine.pandas_execution_engine as pandas_engine
-        from great_expectations.data_context.types.base import ProgressBarsConfig
+        with _quiet_gx_logs():
+            import great_expectations as gx
+            import great_expectations.execution_engine.pandas_execution_engine as pandas_engine
+            from great_expectations.data_context.types.base import ProgressBarsConfig
 
         # GX md5-hashes every frame under 1 GB into a batch marker on each batch load (0.9 s per
         # 1M rows). We never read that marker: lineage uses storage.tables.content_hash.
@@ -67,8 +92,12 @@ def _columns_of(kwargs: dict) -> list[str]:
 def _expected_text(kwargs: dict) -> str:
     shown = {k: v for k, v in kwargs.items()
              if k not in ("column", "column_A", "column_B", "batch_id", "result_format")}
-    if "type_list" in shown and len(shown["type_list"]) > 4:
-        shown["type_list"] = shown["type_list"][:4] + ["..."]
+    if "type_" in shown:  # expect_column_values_to_be_of_type: "float64"
+        return str(shown.pop("type_")) + "".join(f", {k}={v}" for k, v in shown.items())
+    if "type_list" in shown:  # "a type in [int8, int16, ...]" (the suite's logical kinds expand to many)
+        types = [str(t) for t in shown.pop("type_list")]
+        listed = ", ".join(types[:4]) + (f", ... ({len(types)} types)" if len(types) > 4 else "")
+        return f"a type in [{listed}]" + "".join(f", {k}={v}" for k, v in shown.items())
     return ", ".join(f"{k}={v}" for k, v in shown.items()) or "true"
 
 
@@ -110,6 +139,72 @@ def _samples(frame, indices: list, columns: list[str], id_column: str | None) ->
     return rows
 
 
+TYPE_EXPECTATIONS = ("expect_column_values_to_be_in_type_list", "expect_column_values_to_be_of_type")
+NUMERIC_TYPES = ("int", "uint", "float", "number", "decimal", "double")
+
+
+def _missing_text(missing: list[str], frame) -> str:
+    names = ", ".join(repr(c) for c in missing)
+    shown = ", ".join(map(str, frame.columns[:8])) + (", ..." if len(frame.columns) > 8 else "")
+    return (f"column {names} is missing" if len(missing) == 1 else f"columns {names} are missing") + \
+        f" (the data has {len(frame.columns)}: {shown})"
+
+
+def _type_failure(frame, entry: dict, result: dict, id_column: str | None) -> dict:
+    """A failed type expectation as rows: GX checks a typed (e.g. pyarrow string) column once, by
+    its dtype, and reports only `observed_value: str`; every non-null row then has the wrong type.
+    Sample rows show first the values that would not even convert (`'n/a'` in a number column)."""
+    import pandas as pd
+
+    column = entry["kwargs"]["column"]
+    values = frame[column]
+    wrong = values.notna()
+    wanted = entry["kwargs"].get("type_list") or [entry["kwargs"].get("type_", "")]
+    first = wrong
+    if any(str(t).lower().startswith(NUMERIC_TYPES) for t in wanted):
+        first = wrong & pd.to_numeric(values.where(wrong), errors="coerce").isna()
+    order = list(values.index[first]) + list(values.index[wrong & ~first])
+    count = int(wrong.sum())
+    kind = result.get("observed_value") or "/".join(sorted({type(v).__name__ for v in values[wrong].head(100)}))
+    if "unexpected_count" in result:  # GX checked row by row (object dtype): its rows, our wording
+        count = int(result["unexpected_count"])
+        order = list(result.get("partial_unexpected_index_list") or order)
+    percent = 100.0 * count / len(frame) if len(frame) else 0.0
+    return {"unexpected_count": count, "unexpected_percent": percent,
+            "detail": f"{count:,} rows ({percent:.2f}%) are {kind}",
+            "sample_rows": _samples(frame, order, [column], id_column)}
+
+
+def _flatten(i: int, entry: dict, raw: dict | None, frame, id_column: str | None) -> ExpectationResult:
+    """One GX result as an ExpectationResult: a missing column is named as such (GX would add an
+    internal error such as `list index out of range`), a type failure gets its rows and values."""
+    raw = raw or {"success": False, "result": {}, "exception_info": {"exception_message": "not evaluated"}}
+    result = raw.get("result") or {}
+    success = bool(raw.get("success"))
+    columns = _columns_of(entry["kwargs"])
+    found = {"unexpected_count": result.get("unexpected_count"), "unexpected_percent": result.get("unexpected_percent"),
+             "sample_rows": _samples(frame, result.get("partial_unexpected_index_list") or [], columns, id_column)}
+    error, missing = "", [c for c in columns if c not in frame.columns]
+    if missing and not success:
+        error, found = _missing_text(missing, frame), {}
+    elif not success and _raised(raw):
+        exc = raw.get("exception_info") or {}
+        error = (exc.get("exception_message") or "raised an exception").strip().splitlines()[-1]
+    elif not success and entry["type"] in TYPE_EXPECTATIONS:
+        found = _type_failure(frame, entry, result, id_column)
+    if entry["type"] == "expect_table_columns_to_match_set" and not success:
+        mismatch = (result.get("details") or {}).get("mismatched") or {}
+        columns = sorted(set(mismatch.get("unexpected", [])) | set(mismatch.get("missing", [])))
+    return ExpectationResult(index=i, type=entry["type"], severity=entry["severity"], success=success,
+                             columns=columns, expected=_expected_text(entry["kwargs"]), observed=_observed_text(result),
+                             error=error, why=entry.get("why", ""), **found)
+
+
+def _raised(raw: dict) -> bool:
+    exc = raw.get("exception_info") or {}
+    return bool(exc.get("raised_exception") or exc.get("exception_message"))
+
+
 def _run(validator, suite_obj, result_format):
     # `mode.string_storage=pyarrow` makes GX's "StringDtype" match our pyarrow-backed strings.
     import pandas as pd
@@ -149,26 +244,7 @@ def validate_frame(frame, suite: dict, id_column: str | None = None, source: str
         for res in detail.results:
             by_index[res.expectation_config.meta["index"]] = res.to_json_dict()
 
-    results = []
-    for i, entry in enumerate(suite["expectations"]):
-        raw = by_index.get(i, {"success": False, "result": {},
-                               "exception_info": {"exception_message": "not evaluated"}})
-        result = raw.get("result") or {}
-        exc = raw.get("exception_info") or {}
-        error = ""
-        if exc.get("raised_exception") or (not raw.get("success") and exc.get("exception_message")):
-            error = (exc.get("exception_message") or "raised an exception").strip().splitlines()[-1]
-        columns = _columns_of(entry["kwargs"])
-        if entry["type"] == "expect_table_columns_to_match_set" and not raw.get("success"):
-            mismatch = (result.get("details") or {}).get("mismatched") or {}
-            columns = sorted(set(mismatch.get("unexpected", [])) | set(mismatch.get("missing", [])))
-        results.append(ExpectationResult(
-            index=i, type=entry["type"], severity=entry["severity"], success=bool(raw.get("success")),
-            columns=columns, expected=_expected_text(entry["kwargs"]), observed=_observed_text(result),
-            unexpected_count=result.get("unexpected_count"), unexpected_percent=result.get("unexpected_percent"),
-            sample_rows=_samples(frame, result.get("partial_unexpected_index_list") or [], columns, id_column),
-            error=error, why=entry.get("why", ""),
-        ))
+    results = [_flatten(i, entry, by_index.get(i), frame, id_column) for i, entry in enumerate(suite["expectations"])]
     gx_json = first.to_json_dict()
     gx_json["results"] = [by_index[i] for i in sorted(by_index)]
     return ValidationOutcome(suite_name=suite["name"], rows=len(frame), columns=[str(c) for c in frame.columns],

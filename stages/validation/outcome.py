@@ -31,6 +31,7 @@ class ExpectationResult:
     sample_rows: list[dict] = field(default_factory=list)  # {"row": 0-based data row, col: value, ...}
     error: str = ""
     why: str = ""
+    detail: str = ""  # what was found, in words, where GX's own numbers say less ("12 rows (100.00%) are str")
 
     @property
     def status(self) -> str:
@@ -39,13 +40,16 @@ class ExpectationResult:
         return "failed" if self.severity == "blocking" else "warning"
 
     def describe(self) -> str:
+        """`<expectation> on <columns>: expected <what>; <what was found>; e.g. row 3 (age=-5), ...`,
+        or `<expectation> on <columns>: <error>` when it could not be evaluated (a missing column)."""
         cols = ", ".join(repr(c) for c in self.columns) or "table"
         text = f"{self.type} on {cols}"
-        detail = self.error or (f"observed {self.observed}" if self.observed else "")
-        if self.unexpected_count:
-            detail = f"{self.unexpected_count:,} unexpected rows ({self.unexpected_percent:.2f}%)"
-        if detail:
-            text += f": {detail}; expected {self.expected}"
+        if self.error:
+            return f"{text}: {self.error}"
+        found = self.detail or (f"{self.unexpected_count:,} unexpected rows ({self.unexpected_percent or 0:.2f}%)"
+                                if self.unexpected_count else f"observed {self.observed}" if self.observed else "")
+        if found:
+            text += f": expected {self.expected}; {found}"
         if self.sample_rows:
             text += "; e.g. " + ", ".join(_sample_text(r, self.columns) for r in self.sample_rows[:3])
         return text

@@ -47,7 +47,7 @@ def render_html(outcome: ValidationOutcome) -> str:
                        + "</table>")
         unexpected = ("" if r.unexpected_count is None
                       else f"{r.unexpected_count:,} ({(r.unexpected_percent or 0):.2f}%)")
-        observed = _esc(r.error or r.observed)
+        observed = _esc(r.error or r.detail or r.observed)
         rows.append(
             f"<tr class='{r.status}'><td class='status'>{r.status}</td><td>{_esc(r.severity)}</td>"
             f"<td><code>{_esc(r.type)}</code>" + (f"<div class='why'>{_esc(r.why)}</div>" if r.why else "") + "</td>"
