@@ -6,7 +6,8 @@ Endpoints (errors are `{"error": message}`):
 
 * `POST /events`: one binary-mode CloudEvent from the KServe logger (or `serving/payload.py`):
   202 accepted; 400, 415, 422 refused (why in the message), 413 over `MAX_EVENT_BYTES`; 503 with
-  `Retry-After` while the buffer is full or the service is shutting down (`monitoring.sink`).
+  `Retry-After` while memory is at its bound (the store does not keep up) or the sink is closing
+  (`monitoring.sink`), counted in `flywheel_monitor_rejected_events_total{type, reason}`.
 * `POST /ground_truth`: `[{"request_id", "truth"[, "instance"]}, ...]` (or `{"rows": [...]}`),
   written as one file under `<root>/ground_truth/` (202); dropping Parquet files there works too.
 * `POST /drift`: `{"model_version": v, "metrics": {name: number}}` from the monitoring check;
@@ -16,8 +17,9 @@ Endpoints (errors are `{"error": message}`):
   holding only those alerts; the trigger's decision comes back in a 202. Malformed payloads: 400.
 * `GET /healthz` (503 while draining), `GET /metrics` (Prometheus text).
 
-SIGTERM (or SIGINT): events are refused with 503 at once, the server stops listening, requests in
-flight finish, then every buffered row is written and unpaired halves are kept under `_pending/`;
+SIGTERM (or SIGINT): `/healthz` answers 503 at once, the server stops listening, requests in flight
+(and events already on open connections) finish and are taken, then the flush in flight finishes,
+every buffered row is written and unpaired halves are kept under `_pending/`;
 the process exits 0 (1 when rows could not be written). One worker: the sink's buffer and its
 pairing live in this process, so both events of a call must reach the same replica (run one).
 """
@@ -52,6 +54,7 @@ RETRAIN_LABEL, RETRAIN_VALUE = "flywheel_action", "retrain"
 # Per-feature metric names, as `DriftReport.metrics()` writes them: `<stat>_<feature>`.
 FEATURE_STATS = ("missing_rate", "drifted", "psi", "p_adjusted", "p_value", "statistic")
 ALERT_STATUSES = ("firing", "resolved")
+MAX_INSTANCE = 1 << 31  # window files hold `instance` as int32
 MAX_EVENT_BYTES = 32 << 20  # an event body larger than this is a 413 (KServe itself has no REST body limit)
 
 # Drift gauges: module-level, so the check (or anything in this process) can set them with
@@ -137,8 +140,9 @@ def ground_truth_rows(data) -> pd.DataFrame:
         if not isinstance(row.get("truth"), (str, int, float, bool)):
             raise ValueError(f"rows[{k}].truth must be a label (string or number)")
         instance = row.get("instance")
-        if instance is not None and (not isinstance(instance, int) or isinstance(instance, bool) or instance < 0):
-            raise ValueError(f"rows[{k}].instance must be a row index (an integer >= 0)")
+        if instance is not None and (not isinstance(instance, int) or isinstance(instance, bool)
+                                     or not 0 <= instance < MAX_INSTANCE):
+            raise ValueError(f"rows[{k}].instance must be a row index (an integer from 0 to {MAX_INSTANCE - 1})")
     frame = pd.DataFrame({"request_id": [r["request_id"] for r in rows], "truth": [str(r["truth"]) for r in rows]})
     if any("instance" in r for r in rows):
         frame["instance"] = pd.array([r.get("instance") for r in rows], dtype="Int64")
@@ -392,7 +396,7 @@ def _server_class():
     import uvicorn
 
     class Server(uvicorn.Server):
-        """uvicorn, but the first SIGTERM drains the sink (503s) before the usual graceful stop, and
+        """uvicorn, but the first SIGTERM drains the sink (not ready) before the usual graceful stop, and
         the signal is not re-raised after shutdown (so a clean stop exits 0)."""
 
         sink: PayloadSink

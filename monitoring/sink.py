@@ -16,25 +16,36 @@ inference request or response as the body:
 It answers with an `Outcome` (the HTTP layer's status): 202 accepted; 400 not a readable
 CloudEvent (a required attribute missing, bad `ce-time`, bad JSON, no data); 415 a body that is not
 JSON (binary v2 tensors, structured-mode events); 422 a well-formed event it cannot use (unknown
-`ce-type`, a request or response of a shape it cannot read); 503 busy: the buffer is full, or the
-sink is draining for shutdown (with a Retry-After).
+`ce-type`, a request or response of a shape it cannot read); 503 busy: memory is exhausted (see
+Bounds), or the sink is closing (with a Retry-After). Every 503 is counted in
+`flywheel_monitor_rejected_events_total{type, reason}` (the `FlywheelMonitorRejectingEvents` alert).
 
 Pairing is by `ce-id`, in either order. An unpaired half waits `pending_seconds`, then expires and is
 counted (a refused request has no response: the agent logs responses of 200s only). A pair becomes
 one row per instance (`monitoring.windows` has the columns), buffered until a flush writes it:
-when `flush_events` rows are waiting, when the oldest has waited `flush_seconds`, when the buffer
-is full, and on `close()`. A flush writes one Parquet file per (model version, date, hour)
-partition atomically; a failed write keeps its rows and is retried (backing off), so an accepted
-event is either on disk or still in memory, never dropped. `close()` writes every row, and
-spills the still-unpaired halves to `<root>/_pending/` where the next start picks them up.
+when `flush_events` rows are waiting, when buffered pairs reach a quarter of a bound, when the
+oldest has waited `flush_seconds`, and on `close()`. A flush runs in the background thread, never
+on the path that accepts events: it swaps the buffered pairs out under the lock, then encodes and
+writes them without it, while new events keep filling a fresh buffer. It writes one Parquet file
+per (model version, date, hour) partition atomically; a failed write keeps its rows and is retried
+(backing off), so an accepted event is either on disk or still in memory, never dropped. `close()`
+waits for the flush in flight, writes every row, and spills the still-unpaired halves to
+`<root>/_pending/` where the next start picks them up.
 
-Bounds: `buffer_events` events are held in memory (unpaired halves, and two per buffered pair).
-When it is reached, a flush starts at once, and events that would start a new pair are refused
-with 503, unless the oldest unpaired half has waited `evict_seconds` (then it is evicted, counted,
-to make room: halves that will never pair, such as the requests of refused calls, must not wedge
-a full buffer for a whole TTL). An event that completes a waiting half is always accepted, so memory
-stays under twice the bound and no pair is stalled by its own first half; and the other half of a
-refused event is refused too, so a pair is taken whole or not at all.
+Bounds: memory, not flushing, is what refuses. `buffer_events` events and `buffer_bytes` body bytes
+are held at most, counting unpaired halves, buffered pairs (two events each) AND the pairs a flush
+is writing. As a flush starts at a quarter of a bound, a flush in flight leaves three quarters for
+new events: a 503 means the store does not keep up (or is down), not that a flush is running.
+At a bound, events that would start a new pair are refused with 503, unless the oldest unpaired
+half has waited `evict_seconds` (then it is evicted, counted, to make room: halves that will never
+pair, such as the requests of refused calls, must not wedge a full buffer for a whole TTL). An
+event that completes a waiting half is always accepted, so memory stays under twice the bound and
+no pair is stalled by its own first half; and the other half of a refused event is refused too,
+so a pair is taken whole or not at all.
+
+`drain()` (the first SIGTERM) only marks the sink not ready (`/healthz` 503); events are still
+taken until `close()` starts, since everything taken before then is written by `close()`: a
+503 in the moment between the signal and the server's stop would be an event the agent drops.
 
 Note the KServe agent sends each event once and does not retry on a 5xx (kserve pkg/logger
 worker.go): a 503 from here is an event the agent drops and logs. Senders that do retry (Knative
@@ -77,6 +88,7 @@ CE_ATTRIBUTES = ("ce-specversion", "ce-type", "ce-id", "ce-source", "ce-time", "
                  "ce-namespace", "ce-component", "ce-endpoint", "content-type")
 ACCEPTED, BAD_REQUEST, UNSUPPORTED, UNPROCESSABLE, BUSY = 202, 400, 415, 422, 503
 LABEL_OUTPUT, PROBABILITY_OUTPUT = "label", "probability"
+MAX_VERSION_CHARS = 200
 FLUSH_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
@@ -87,6 +99,7 @@ class Outcome:
     status: int
     message: str
     retry_after: float | None = None
+    reason: str | None = None  # a 503's cause: full, half_refused, closing
 
     @property
     def accepted(self) -> bool:
@@ -126,6 +139,10 @@ class Half:
     headers: dict
     body: bytes
 
+    @property
+    def size(self) -> int:
+        return len(self.body)
+
 
 @dataclass(slots=True)
 class Pair:
@@ -136,6 +153,7 @@ class Pair:
     model_name: str
     model_version: str
     rows: int
+    size: int  # body bytes of its two events
 
 
 @dataclass
@@ -161,8 +179,16 @@ class SinkMetrics:
                                        buckets=FLUSH_BUCKETS, registry=r)
         self.flush_errors = Counter("flywheel_monitor_flush_errors", "Flushes that failed (rows kept, retried)",
                                     registry=r)
-        self.depth = Gauge("flywheel_monitor_buffer_events", "Events held in memory (unpaired + buffered rows)",
+        self.depth = Gauge("flywheel_monitor_buffer_events", "Events held in memory (unpaired halves, buffered "
+                           "pairs and pairs being written)", registry=r)
+        self.bytes = Gauge("flywheel_monitor_buffer_bytes", "Event body bytes held in memory (as buffer_events)",
                            registry=r)
+        self.writing = Gauge("flywheel_monitor_flushing_events", "Events of the pairs a flush is writing now",
+                             registry=r)
+        self.rejected = Counter("flywheel_monitor_rejected_events", "Events refused with 503, by reason (full: "
+                                "memory bound reached; half_refused: the other half of a refused event; "
+                                "closing: the sink is shutting down). The KServe agent drops them.",
+                                ["type", "reason"], registry=r)
         self.pending = Gauge("flywheel_monitor_pending_events", "Unpaired events waiting for their other half",
                              registry=r)
         self.alerts = Counter("flywheel_monitor_alerts", "Alertmanager notifications by outcome "
@@ -274,6 +300,10 @@ def parse_response(data) -> Response:
     name, version = data.get("model_name"), data.get("model_version")
     name = str(name) if name is not None else None
     version = str(version) if version not in (None, "") else None
+    if version is not None and len(windows.partition_name(version)) > MAX_VERSION_CHARS:
+        # a folder name the store refuses (NAME_MAX is 255 bytes) would fail every flush of the buffer
+        raise EventError(UNPROCESSABLE, f"response model_version is over {MAX_VERSION_CHARS} characters "
+                                        "(percent-encoded)")
     if "predictions" in data:
         predictions = _labels(data["predictions"], "'predictions'")
         probabilities = _probabilities(data["probabilities"], "'probabilities'") if "probabilities" in data else None
@@ -285,7 +315,7 @@ def parse_response(data) -> Response:
         outputs = data["outputs"]
         if not isinstance(outputs, list):
             raise EventError(UNPROCESSABLE, "response 'outputs' must be a list of tensors")
-        found = {t.get("name"): t for t in outputs if isinstance(t, dict)}
+        found = {t["name"]: t for t in outputs if isinstance(t, dict) and isinstance(t.get("name"), str)}
         if LABEL_OUTPUT not in found and PROBABILITY_OUTPUT not in found:
             raise EventError(UNPROCESSABLE, f"response outputs have no {LABEL_OUTPUT!r} or {PROBABILITY_OUTPUT!r} "
                                             f"tensor (found {sorted(map(str, found))})")
@@ -306,28 +336,31 @@ def parse_time(value: str | None) -> datetime | None:
         return None
     try:
         when = datetime.fromisoformat(value)
-    except ValueError:
+        when = when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
+    except (ValueError, OverflowError):  # OverflowError: an offset that leaves years 1-9999
         raise EventError(BAD_REQUEST, f"ce-time {value!r:.60} is not an RFC 3339 time") from None
-    return when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
+    if when.year < 1000:  # partitions are named date=YYYY-...: four digits keep them in time order
+        raise EventError(BAD_REQUEST, f"ce-time {value!r:.60} is before the year 1000")
+    return when
 
 
 # ---- rows ----------------------------------------------------------------------------------------
 
-def _column(values: list):
-    """An Arrow column of JSON values as sent; mixed or nested values become text."""
+def _column(values: list, text: bool = False):
+    """An Arrow column of JSON values as sent; mixed or nested values (or all, `text`) become text."""
     import pyarrow as pa
 
     try:
-        array = pa.array(values)
-        if not (pa.types.is_nested(array.type) or pa.types.is_binary(array.type)):
+        array = None if text else pa.array(values)
+        if array is not None and not (pa.types.is_nested(array.type) or pa.types.is_binary(array.type)):
             return array
     except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
         pass
     return pa.array([None if v is None else v if isinstance(v, str) else json.dumps(v) for v in values], pa.string())
 
 
-def rows_table(pairs: list[Pair]):
-    """The window table of `pairs` (one row per instance)."""
+def rows_table(pairs: list[Pair], text: bool = False):
+    """The window table of `pairs` (one row per instance); `text`: every feature column as JSON text."""
     import pyarrow as pa
 
     features: dict[str, None] = {}
@@ -338,7 +371,7 @@ def rows_table(pairs: list[Pair]):
         values = []
         for pair in pairs:
             values.extend(pair.request.columns.get(name) or [None] * pair.rows)
-        table[name] = _column(values)
+        table[name] = _column(values, text)
     ids, instances, times, names, versions, probabilities, predictions = [], [], [], [], [], [], []
     for pair in pairs:
         n = pair.rows
@@ -358,6 +391,16 @@ def rows_table(pairs: list[Pair]):
     table[windows.PREDICTION] = pa.array(predictions, pa.string())
     table[windows.TRUTH] = pa.nulls(len(ids), pa.string())
     return pa.table(table)
+
+
+def encode(pairs: list[Pair]) -> bytes:
+    """The Parquet bytes of `pairs`. Should the features as sent fit no Parquet type (a retry could
+    never write them, and they would hold the buffer forever), they are written as JSON text."""
+    try:
+        return windows.parquet_bytes(rows_table(pairs))
+    except Exception as err:
+        log.warning("payload sink: %d rows written with features as text: %s", sum(p.rows for p in pairs), err)
+        return windows.parquet_bytes(rows_table(pairs, text=True))
 
 
 # ---- the sink ------------------------------------------------------------------------------------
@@ -392,16 +435,21 @@ class PayloadSink:
         self._pairs: list[Pair] = []
         self._rows = 0  # rows in _pairs
         self._writing = 0  # events of the pairs a flush is writing now
+        # body bytes of _pending, of _pairs, and of the pairs a flush is writing
+        self._pending_bytes = self._pairs_bytes = self._writing_bytes = 0
         self._oldest: float | None = None  # monotonic time the oldest buffered pair was made
         self._recent: OrderedDict[str, None] = OrderedDict()  # ids already paired, for duplicates
         self._recent_cap = recent_ids
-        self.totals = {"rows": 0, "kept": 0, "expired": 0, "evicted": 0, "mismatched": 0}  # this process's
+        self.totals = {"rows": 0, "kept": 0, "expired": 0, "evicted": 0, "mismatched": 0,
+                       "rejected": 0}  # this process's
         self._refused: OrderedDict[str, str] = OrderedDict()  # id -> kind refused as busy, for its other half
         self.evict_seconds = min(float(evict_seconds), self.pending_seconds)
         self._draining = self._closing = self._closed = False
         self._retry_at = 0.0
         self._backoff = 0.0
         self.metrics.depth.set_function(lambda: self.depth)
+        self.metrics.bytes.set_function(lambda: self.held_bytes)
+        self.metrics.writing.set_function(lambda: self._writing)
         self.metrics.pending.set_function(lambda: len(self._pending))
         self._restore_pending()
         self._thread = None
@@ -416,6 +464,16 @@ class PayloadSink:
         return len(self._pending) + 2 * len(self._pairs) + self._writing
 
     @property
+    def held_bytes(self) -> int:
+        """Body bytes held in memory, counted as `depth`."""
+        return self._pending_bytes + self._pairs_bytes + self._writing_bytes
+
+    @property
+    def full(self) -> bool:
+        """Memory is at a bound (the lock held): new pairs are refused."""
+        return self.depth >= self.spec.buffer_events or self.held_bytes >= self.spec.buffer_bytes
+
+    @property
     def retry_after(self) -> float:
         return max(1.0, min(self.spec.flush_seconds, 10.0))
 
@@ -427,7 +485,16 @@ class PayloadSink:
         with self._lock:
             return {"pending": len(self._pending), "buffered_pairs": len(self._pairs), "buffered_rows": self._rows,
                     "writing_events": self._writing, "depth": self.depth, "buffer_events": self.spec.buffer_events,
-                    "draining": self._draining}
+                    "bytes": self.held_bytes, "buffer_bytes": self.spec.buffer_bytes, "draining": self._draining}
+
+    def _hold(self, event_id: str, half: Half) -> None:
+        self._pending[event_id] = half
+        self._pending_bytes += half.size
+
+    def _release(self, event_id: str) -> Half:
+        half = self._pending.pop(event_id)
+        self._pending_bytes -= half.size
+        return half
 
     # -- accepting --
     def accept(self, headers: Mapping[str, str], body: bytes) -> Outcome:
@@ -436,11 +503,17 @@ class PayloadSink:
         kind = KINDS.get(headers.get("ce-type") or "", "other")
         outcome = self._accept(kind, headers, body)
         self.metrics.event(kind, outcome.status)
+        if outcome.status == BUSY:
+            self.metrics.rejected.labels(kind, outcome.reason or "full").inc()
+            self.totals["rejected"] += 1
         return outcome
 
+    def _closing_outcome(self) -> Outcome:
+        return Outcome(BUSY, "the sink is shutting down", self.retry_after, "closing")
+
     def _accept(self, kind: str, headers: Mapping[str, str], body: bytes) -> Outcome:
-        if self._draining:
-            return Outcome(BUSY, "the sink is shutting down", self.retry_after)
+        if self._closing:
+            return self._closing_outcome()
         event_id = headers.get("ce-id")
         if event_id and kind != "other":
             with self._lock:  # refuse early, before parsing
@@ -457,7 +530,7 @@ class PayloadSink:
         """Why a new half is refused (the lock held), or None. An event completing a waiting half
         is always taken. The other half of a refused event is refused too, so that a sender that
         does not retry (the KServe agent) leaves no half behind to wait out its TTL, and one that
-        does retry gets both in. When the buffer is full, the oldest half waiting longer than
+        does retry gets both in. When memory is at a bound, the oldest half waiting longer than
         `evict_seconds` makes room (evicted, counted); else the event is refused."""
         other = self._pending.get(event_id)
         if other is not None and other.kind != kind:
@@ -465,12 +538,18 @@ class PayloadSink:
         refused = self._refused.get(event_id)
         if refused is not None and refused != kind:
             return Outcome(BUSY, f"its {refused} was refused: the {kind} is refused too, a retry takes both",
-                           self.retry_after)
-        if self.depth >= self.spec.buffer_events and not self._evict(time.monotonic()):
+                           self.retry_after, "half_refused")
+        while self.full:
+            if not self._evict(time.monotonic()):
+                break
+        if self.full:
             self._refused[event_id] = kind
             if len(self._refused) > self._recent_cap:
                 self._refused.popitem(last=False)
-            return Outcome(BUSY, f"the buffer is full ({self.spec.buffer_events} events)", self.retry_after)
+            self._wake.notify()  # a flush frees what the buffered pairs hold
+            return Outcome(BUSY, f"the buffer is full ({self.depth} of {self.spec.buffer_events} events, "
+                                 f"{self.held_bytes} of {self.spec.buffer_bytes} bytes): the store is not keeping up",
+                           self.retry_after, "full")
         return None
 
     def _evict(self, now: float) -> bool:
@@ -480,7 +559,7 @@ class PayloadSink:
         event_id, half = next(iter(self._pending.items()))
         if now - half.arrived < self.evict_seconds:
             return False
-        del self._pending[event_id]
+        self._release(event_id)
         self.metrics.unpaired.labels(half.kind, "evicted").inc()
         self.totals["evicted"] += 1
         return True
@@ -510,8 +589,8 @@ class PayloadSink:
 
     def _take(self, event_id: str, half: Half, limit: bool) -> Outcome:
         with self._lock:
-            if self._draining and limit:
-                return Outcome(BUSY, "the sink is shutting down", self.retry_after)
+            if self._closing and limit:
+                return self._closing_outcome()
             if event_id in self._recent:
                 self.metrics.duplicates.labels(half.kind).inc()
                 return Outcome(ACCEPTED, f"duplicate {half.kind} for {event_id}: already paired")
@@ -525,10 +604,10 @@ class PayloadSink:
             if other is None or other.kind == half.kind:
                 if other is not None:
                     self.metrics.duplicates.labels(half.kind).inc()
-                    del self._pending[event_id]
-                self._pending[event_id] = half
+                    self._release(event_id)
+                self._hold(event_id, half)
                 return Outcome(ACCEPTED, f"{half.kind} accepted, waiting for its other half")
-            del self._pending[event_id]
+            self._release(event_id)
             request, response = (half, other) if half.kind == "request" else (other, half)
             self._remember(event_id)
             pair = self._pair(event_id, request, response)
@@ -536,9 +615,10 @@ class PayloadSink:
                 return Outcome(ACCEPTED, "accepted; its request and response row counts differ (counted)")
             self._pairs.append(pair)
             self._rows += pair.rows
+            self._pairs_bytes += pair.size
             if self._oldest is None:
                 self._oldest = time.monotonic()
-            if self._rows >= self.spec.flush_events or self.depth >= self.spec.buffer_events:
+            if self._big():
                 self._wake.notify()
             return Outcome(ACCEPTED, "paired")
 
@@ -556,13 +636,21 @@ class PayloadSink:
             return None
         when = request.time or response.time or datetime.now(UTC)
         name = request.model_name or response.model_name or res.model_name or ""
-        return Pair(event_id, req, res, when, name, res.model_version or windows.UNKNOWN_VERSION, req.rows)
+        return Pair(event_id, req, res, when, name, res.model_version or windows.UNKNOWN_VERSION, req.rows,
+                    request.size + response.size)
 
     # -- background work --
+    def _big(self) -> bool:
+        """The buffered pairs are worth a flush now (the lock held): `flush_events` rows, a quarter
+        of a bound (so that the pairs a flush holds leave three quarters to new events), or full."""
+        spec = self.spec
+        return bool(self._rows >= spec.flush_events or 2 * len(self._pairs) >= max(1, spec.buffer_events // 4)
+                    or self._pairs_bytes >= spec.buffer_bytes // 4 or (self._pairs and self.full))
+
     def _due(self, now: float) -> bool:
         if not self._pairs or now < self._retry_at:
             return False
-        return (self._closing or self._rows >= self.spec.flush_events or self.depth >= self.spec.buffer_events
+        return (self._closing or self._big()
                 or (self._oldest is not None and now - self._oldest >= self.spec.flush_seconds))
 
     def _run(self) -> None:
@@ -592,19 +680,23 @@ class PayloadSink:
                 event_id, half = next(iter(self._pending.items()))
                 if now - half.arrived < self.pending_seconds:
                     break
-                del self._pending[event_id]
+                self._release(event_id)
                 self.metrics.unpaired.labels(half.kind, "expired").inc()
                 self.totals["expired"] += 1
                 expired += 1
         return expired
 
     def flush(self) -> int:
-        """Write every buffered row now, one file per partition; returns the rows written. Rows of a
-        failed write stay buffered (and the next background flush waits, backing off)."""
+        """Write every buffered row now, one file per partition; returns the rows written. The
+        pairs are swapped out under the lock and encoded and written without it, so events are
+        accepted meanwhile; they count against the bounds until written. Rows of a failed write go
+        back to the buffer (and the next background flush waits, backing off)."""
         with self._flushing:
             with self._lock:
                 pairs, self._pairs, self._rows, self._oldest = self._pairs, [], 0, None
-                self._writing = 2 * len(pairs)
+                size, self._pairs_bytes = self._pairs_bytes, 0
+                self._writing += 2 * len(pairs)
+                self._writing_bytes += size
             if not pairs:
                 return 0
             started = time.perf_counter()
@@ -614,8 +706,7 @@ class PayloadSink:
             written, failed = 0, []
             for (version, _), group in groups.items():
                 try:
-                    self._write(windows.window_file(self.root, version, group[0].event_time),
-                                windows.parquet_bytes(rows_table(group)))
+                    self._write(windows.window_file(self.root, version, group[0].event_time), encode(group))
                 except Exception as err:
                     log.error("payload sink: writing %d rows of %s failed, kept for a retry: %s",
                               sum(p.rows for p in group), version, err)
@@ -628,12 +719,16 @@ class PayloadSink:
                 self.metrics.files.inc()
                 with self._lock:
                     self._writing -= 2 * len(group)
+                    self._writing_bytes -= sum(p.size for p in group)
             with self._lock:
-                if failed:
+                if failed:  # back to the buffer, in one step: always counted against the bounds
                     self._pairs[:0] = failed
                     self._rows += sum(p.rows for p in failed)
                     self._oldest = time.monotonic() - self.spec.flush_seconds
                     self._writing -= 2 * len(failed)
+                    back = sum(p.size for p in failed)
+                    self._writing_bytes -= back
+                    self._pairs_bytes += back
                     self._backoff = min(max(2 * self._backoff, 0.5), 30.0)
                     self._retry_at = time.monotonic() + self._backoff
                 else:
@@ -645,13 +740,16 @@ class PayloadSink:
 
     # -- shutdown and restart --
     def drain(self) -> None:
-        """Refuse new events (503) from now on; what was accepted is still written. Lock-free: a
-        signal handler calls it, possibly while this very thread holds the lock in `accept`."""
+        """Mark the sink as stopping (`/healthz` answers 503, so no new traffic is routed here).
+        Events are still taken until `close()` starts: `close()` writes all of them, and a 503 now
+        would be an event the KServe agent drops. Lock-free: a signal handler calls it, possibly
+        while this very thread holds the lock in `accept`."""
         self._draining = True
 
     def close(self, timeout: float = 30.0) -> bool:
-        """Stop: refuse new events, write every buffered row (retrying failed writes until
-        `timeout`), and spill unpaired halves to `<root>/_pending/`. True when nothing is left in memory."""
+        """Stop: refuse new events, wait for the flush in flight, write every buffered row (retrying
+        failed writes until `timeout`), and spill unpaired halves to `<root>/_pending/`. True when
+        nothing is left in memory."""
         with self._lock:
             if self._closed:
                 return not self._pairs and not self._pending
@@ -693,7 +791,8 @@ class PayloadSink:
             return False
         with self._lock:
             for event_id, _ in halves:
-                self._pending.pop(event_id, None)
+                if event_id in self._pending:
+                    self._release(event_id)
         self.totals["kept"] += len(records)
         log.info("payload sink: kept %d unpaired events in %s", len(records), uri)
         return True

@@ -3,11 +3,10 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import AfterValidator, Field
 
 from specs.base import Strict
-
-CRON = r"^(\S+\s+){4}\S+$"
+from specs.cron import check_cron
 
 
 class SinkSpec(Strict):
@@ -15,7 +14,11 @@ class SinkSpec(Strict):
 
     url: str | None = Field(None, description="where serving sends payload events (the sink's /events); null: off")
     root: str = Field("runs/monitoring", description="storage URI of the windows (Parquet, by model version and time)")
-    buffer_events: Annotated[int, Field(gt=0)] = Field(10_000, description="events held in memory; full = 503")
+    buffer_events: Annotated[int, Field(gt=0)] = Field(
+        10_000, description="events held in memory (unpaired halves, buffered pairs and the pairs a flush is "
+                            "writing); beyond it new calls get a 503. A flush starts at a quarter of it")
+    buffer_bytes: Annotated[int, Field(gt=0)] = Field(
+        64 << 20, description="event body bytes held in memory, counted as buffer_events; beyond it: 503")
     flush_events: Annotated[int, Field(gt=0)] = Field(2_000, description="flush a window file at this many rows")
     flush_seconds: Annotated[float, Field(gt=0)] = Field(5.0, description="... or after this long")
 
@@ -40,7 +43,8 @@ class MonitoringSpec(Strict):
 
 class RetrainingSpec(Strict):
     enabled: bool = False
-    schedule: Annotated[str, Field(pattern=CRON, description="5-field cron, e.g. '0 3 * * 1'")] = "0 3 * * 1"
+    schedule: Annotated[str, AfterValidator(check_cron),
+                        Field(description="5-field cron, e.g. '0 3 * * 1'")] = "0 3 * * 1"
     max_concurrency: Annotated[int, Field(ge=1, le=10)] = Field(1, description="KFP allows 1-10 concurrent runs")
     cooldown_minutes: Annotated[int, Field(ge=0)] = Field(
         360, description="storm guard: no drift-triggered run within this long of the last one")

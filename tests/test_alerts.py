@@ -109,7 +109,8 @@ def test_the_alerts_cover_drift_errors_latency_traffic_training_and_gpus():
     names = {r["alert"] for r in rules()}
     assert names == {"FlywheelFeatureDrift", "FlywheelPredictionDrift", "FlywheelLiveRocAucLow",
                      "FlywheelServingErrors", "FlywheelServingClientErrors", "FlywheelServingLatencyHigh",
-                     "FlywheelNoTraffic", "FlywheelPayloadsNotRecorded", "FlywheelTrainingJobFailed",
+                     "FlywheelNoTraffic", "FlywheelPayloadsNotRecorded", "FlywheelMonitorRejectingEvents",
+                     "FlywheelTrainingJobFailed",
                      "FlywheelTrainJobFailed", "FlywheelGpuSaturated", "FlywheelGpuMemoryHigh"}
     for rule in rules():
         assert rule["labels"]["severity"] in ("info", "warning", "critical"), rule["alert"]
@@ -257,6 +258,25 @@ def unit_tests() -> list[dict]:
                 alert("FlywheelPayloadsNotRecorded", "50m", None),
                 alert("FlywheelPayloadsNotRecorded", "100m", {"namespace": "flywheel-staging"},
                       "Requests are served in flywheel-staging but the monitor records no rows"),
+            ],
+        },
+        {  # the monitor refuses events (503: memory bound reached) in prod for 10 minutes, then stops;
+            # staging only refuses while shutting down, which is no alert
+            "interval": "1m",
+            "input_series": [
+                series("flywheel_monitor_rejected_events_total", {**PROD, "type": "request", "reason": "full"},
+                       "0x10 0+20x10 200x30"),
+                series("flywheel_monitor_rejected_events_total", {**PROD, "type": "response",
+                                                                  "reason": "half_refused"}, "0x10 0+20x10 200x30"),
+                series("flywheel_monitor_rejected_events_total", {"namespace": "flywheel-staging",
+                                                                  "type": "request", "reason": "closing"},
+                       "0+50x50"),
+            ],
+            "alert_rule_test": [
+                alert("FlywheelMonitorRejectingEvents", "10m", None),
+                alert("FlywheelMonitorRejectingEvents", "15m", PROD,
+                      "The monitor in flywheel-prod refuses payload events (503): its memory bound is reached"),
+                alert("FlywheelMonitorRejectingEvents", "35m", None),  # 5-minute window: it resolves
             ],
         },
         {  # a failed PyTorchJob (Training Operator) and a failed TrainJob node (kube-state-metrics)

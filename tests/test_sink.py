@@ -342,6 +342,8 @@ def test_a_full_buffer_answers_503_with_retry_after_and_nothing_accepted_is_lost
         assert "full" in refused.json()["error"]
         assert monitor.client.get("/healthz").json()["depth"] == 4
         assert monitor.metric("flywheel_monitor_events_total", type="request", code="503") == 1
+        # And the refusal is counted as rejected, by reason, for the FlywheelMonitorRejectingEvents alert
+        assert monitor.metric("flywheel_monitor_rejected_events_total", type="request", reason="full") == 1
         # And once the store writes again, the buffer drains and a retry is accepted
         blocker.unlink()
         deadline = time.monotonic() + 30
@@ -392,6 +394,135 @@ def test_a_blocked_flush_fills_the_buffer_and_accept_says_busy_until_it_finishes
         release.set()
         assert sink.close()
     assert sorted(read_window(str(tmp_path))["request_id"]) == ["call-0", "call-1", "call-2"]
+
+
+def slow_writer(delay: float = 0.0, gate: threading.Event | None = None):
+    """A `write` for the sink that waits `delay` seconds (or until `gate` is set) before writing:
+    a slow or stuck object store. It records when writes are in progress."""
+    from storage import write_atomic
+
+    state = {"writing": threading.Event(), "in_progress": 0, "files": 0}
+
+    def write(uri, data):
+        state["in_progress"] += 1
+        state["writing"].set()
+        try:
+            if gate is not None:
+                assert gate.wait(30)
+            time.sleep(delay)
+            write_atomic(uri, data)
+            state["files"] += 1
+        finally:
+            state["in_progress"] -= 1
+
+    return write, state
+
+
+def test_a_flush_in_progress_never_makes_the_buffer_look_full(tmp_path, traffic):
+    # Given a 100-event sink that flushes by size only (flush_events and flush_seconds out of
+    # reach) and a store that takes 0.2 s per write
+    write, state = slow_writer(delay=0.2)
+    sink = PayloadSink(str(tmp_path), SinkSpec(root=str(tmp_path), buffer_events=100, flush_events=10_000,
+                                               flush_seconds=600), write=write)
+    try:
+        # When 150 calls come at 50 calls/s, about a third of what the store keeps up with
+        statuses, during_writes = [], 0
+        for i in range(150):
+            started = time.monotonic()
+            for event in traffic.call(f"steady-{i}", traffic.records(1, start=i)):
+                statuses.append(sink.accept(*event).status)
+                during_writes += state["in_progress"] > 0
+            time.sleep(max(0.0, 0.02 - (time.monotonic() - started)))
+        # Then every event is accepted, also the many that came while a write was in progress
+        assert statuses == [202] * 300, [s for s in statuses if s != 202][:5]
+        assert during_writes > 50 and state["files"] >= 2
+        assert sink.totals["rejected"] == 0
+    finally:
+        assert sink.close()
+    assert len(read_window(str(tmp_path))) == 150
+
+
+def test_rejections_are_counted_on_metrics_when_memory_is_exhausted(tmp_path, traffic):
+    from starlette.testclient import TestClient
+
+    from monitoring.service import create_app
+
+    # Given a 4-event sink whose store hangs, so the pairs a flush holds stay in memory
+    gate = threading.Event()
+    write, state = slow_writer(gate=gate)
+    sink = PayloadSink(str(tmp_path), SinkSpec(root=str(tmp_path), buffer_events=4, flush_events=1), write=write)
+    with TestClient(create_app(sink)) as client:  # closing the app closes the sink
+        try:
+            calls = [traffic.call(f"mem-{i}", traffic.records(1, start=i)) for i in range(3)]
+            for event in (*calls[0], *calls[1]):
+                assert client.post("/events", content=event[1], headers=event[0]).status_code == 202
+            assert state["writing"].wait(5)
+            # When a third call comes, Then it is refused whole, with a Retry-After
+            request, response = calls[2]
+            refused = client.post("/events", content=request[1], headers=request[0])
+            assert refused.status_code == 503 and "full" in refused.json()["error"]
+            assert int(refused.headers["retry-after"]) >= 1
+            assert client.post("/events", content=response[1], headers=response[0]).status_code == 503
+            # And /metrics counts both as rejected, with the reason, beside the memory held
+            text = client.get("/metrics").text
+            assert 'flywheel_monitor_rejected_events_total{reason="full",type="request"} 1.0' in text
+            assert 'flywheel_monitor_rejected_events_total{reason="half_refused",type="response"} 1.0' in text
+            held = {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
+                    if line.startswith(("flywheel_monitor_flushing_events ", "flywheel_monitor_buffer_bytes "))}
+            assert held["flywheel_monitor_flushing_events"] >= 2 and held["flywheel_monitor_buffer_bytes"] > 0
+        finally:
+            gate.set()
+    assert sink.stats()["depth"] == 0
+    assert sorted(set(read_window(str(tmp_path))["request_id"])) == ["mem-0", "mem-1"]
+
+
+def test_a_byte_bound_refuses_too(tmp_path, traffic):
+    # Given a sink that may hold 600 bytes of event bodies, and a store that hangs
+    gate = threading.Event()
+    write, _ = slow_writer(gate=gate)
+    sink = PayloadSink(str(tmp_path), SinkSpec(root=str(tmp_path), buffer_bytes=600), write=write)
+    try:
+        # When calls of about 340 bytes each come, Then a new call is refused once 600 bytes are held
+        statuses = [sink.accept(*event).status for i in range(3)
+                    for event in traffic.call(f"b-{i}", traffic.records(1, start=i))]
+        assert statuses[:2] == [202, 202] and statuses[-2:] == [503, 503], statuses
+        assert sink.stats()["bytes"] >= 600
+    finally:
+        gate.set()
+        assert sink.close()
+
+
+def test_sigterm_during_an_in_flight_flush_loses_nothing(tmp_path, traffic):
+    # Given a sink whose store hangs while it writes the first pairs
+    gate = threading.Event()
+    write, state = slow_writer(gate=gate)
+    sink = PayloadSink(str(tmp_path), SinkSpec(root=str(tmp_path), flush_events=2), write=write)
+    calls = [traffic.call(f"term-{i}", traffic.records(1 + i % 2, start=i)) for i in range(6)]
+    for event in (*calls[0], *calls[1]):
+        assert sink.accept(*event).status == 202
+    assert state["writing"].wait(5)
+    # When SIGTERM comes (drain) while that flush is in flight, Then events still arriving before
+    # the server stops are taken (a 503 would be an event the KServe agent drops)
+    sink.drain()
+    for request, response in calls[2:5]:
+        assert sink.accept(*request).status == 202 and sink.accept(*response).status == 202
+    assert sink.accept(*calls[5][0]).status == 202  # a lone request: kept for the next start
+    # And close() waits for the flush in flight, then writes the rest
+    closer = threading.Thread(target=lambda: state.update(clean=sink.close()))
+    closer.start()
+    time.sleep(0.3)
+    assert closer.is_alive(), "close() returned with a flush still in flight"
+    assert sink.accept(*calls[0][0]).status == 503  # closing: nothing more is taken
+    gate.set()
+    closer.join(30)
+    assert state["clean"] is True
+    window = read_window(str(tmp_path))
+    assert sorted(set(window["request_id"])) == [f"term-{i}" for i in range(5)]
+    assert len(window) == sum(1 + i % 2 for i in range(5))
+    # And the lone request is spilled, and the next sink pairs it
+    again = PayloadSink(str(tmp_path), SinkSpec(root=str(tmp_path)), start=False)
+    assert again.stats()["pending"] == 1 and again.accept(*calls[5][1]).status == 202
+    assert again.close() and "term-5" in set(read_window(str(tmp_path))["request_id"])
 
 
 def test_no_acknowledged_event_is_lost_across_sigterm(tmp_path, traffic):
