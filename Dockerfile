@@ -10,7 +10,11 @@ ARG TORCH_INDEX=""
 ARG TORCH_CPU_INDEX=https://download.pytorch.org/whl/cpu
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \
     MLFLOW_DISABLE_TELEMETRY=true GX_ANALYTICS_ENABLED=false DO_NOT_TRACK=1 \
-    HOME=/tmp XDG_CACHE_HOME=/tmp/.cache
+    HOME=/tmp XDG_CACHE_HOME=/tmp/.cache \
+    FLYWHEEL_SERVING_HOST=0.0.0.0
+# FLYWHEEL_SERVING_HOST: the predictor and transformer (serving/server.py --host) bind every
+# interface in a pod, where the kubelet's probes and the other pods reach them; run on a machine
+# they bind 127.0.0.1 (the local deployer passes --host 127.0.0.1 even in this image).
 
 WORKDIR /opt/flywheel
 COPY pyproject.toml constraints.txt README.md ./

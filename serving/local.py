@@ -20,9 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from model.artifact import read_metadata
+from serving.ports import port_in_use
 from specs import ServingSpec
 
 READY_PATH = "/v2/health/ready"
+HOST = "127.0.0.1"  # loopback only, whatever $FLYWHEEL_SERVING_HOST says (the image sets it for pods)
 
 
 class ServingFailed(RuntimeError):
@@ -31,7 +33,7 @@ class ServingFailed(RuntimeError):
 
 def free_port() -> int:
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((HOST, 0))
         return sock.getsockname()[1]
 
 
@@ -92,23 +94,27 @@ class LocalServing:
 
     def start(self) -> LocalServing:
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        if self.http_port:  # the one port a user picks: one line when it is taken, no server started
+            problem = port_in_use(HOST, self.http_port)
+            if problem:
+                raise ServingFailed(problem)
         self.ports = {"predictor_http": free_port(), "predictor_grpc": free_port(),
                       "transformer_http": self.http_port or free_port(), "transformer_grpc": free_port()}
-        version = ["--model_version", self.model_version] if self.model_version else []
-        version += ["--max_batch_rows", str(self.spec.max_batch_rows),
-                    "--max_body_bytes", str(self.spec.max_body_bytes)]
+        common = ["--model_version", self.model_version] if self.model_version else []
+        common += ["--host", HOST, "--max_batch_rows", str(self.spec.max_batch_rows),
+                   "--max_body_bytes", str(self.spec.max_body_bytes)]
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
         hop = self.spec.hop_protocol
         predictor_host = (f"127.0.0.1:{self.ports['predictor_grpc']}" if hop == "grpc-v2"
                           else f"127.0.0.1:{self.ports['predictor_http']}")
         predictor = Process("predictor", [
             sys.executable, "-m", "serving.predictor", "--model_name", self.model_name, "--model_dir", self.model_dir,
-            *version,
+            *common,
             "--http_port", str(self.ports["predictor_http"]), "--grpc_port", str(self.ports["predictor_grpc"])],
             self.log_dir / "predictor.log")
         transformer = Process("transformer", [
             sys.executable, "-m", "serving.transformer", "--model_name", self.model_name, "--model_dir", self.model_dir,
-            *version,
+            *common,
             "--predictor_host", predictor_host, "--predictor_protocol", hop,
             "--decision_threshold", f"{self.decision_threshold:g}",
             "--http_port", str(self.ports["transformer_http"]), "--grpc_port", str(self.ports["transformer_grpc"]),

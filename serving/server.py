@@ -1,12 +1,14 @@
 """What the predictor and the transformer share around KServe's ModelServer: the command line
 (KServe's own parser as the parent, so the controller's arguments work), the middlewares and error
-handlers on its FastAPI app, gRPC status mapping, readiness, logging and start-up. Torch-free.
+handlers on its FastAPI app, gRPC status mapping, readiness, logging and start-up on `--host`
+(127.0.0.1 unless told otherwise; `serving.endpoints` has the servers and routes). Torch-free.
 """
 from __future__ import annotations
 
 import argparse
 import gc
 import logging
+import os
 import time
 
 from grpc import StatusCode
@@ -14,11 +16,14 @@ from grpc_interceptor.exceptions import GrpcException
 from kserve import InferRequest, Model
 from kserve.model import InferenceVerb
 
-from serving.errors import INTERNAL, RequestError
+from serving.errors import BAD_REQUEST, INTERNAL, RequestError
+from serving.ports import port_in_use
 from specs.serving import ServingSpec
 
 log = logging.getLogger("flywheel.serving")
 DEFAULTS = ServingSpec()
+LOOPBACK = "127.0.0.1"
+HOST_ENV = "FLYWHEEL_SERVING_HOST"  # the image sets 0.0.0.0 (Dockerfile): a pod is reached from outside
 GRPC_CODES = {400: StatusCode.INVALID_ARGUMENT, 404: StatusCode.NOT_FOUND, 413: StatusCode.RESOURCE_EXHAUSTED,
               422: StatusCode.INVALID_ARGUMENT, 503: StatusCode.UNAVAILABLE, 504: StatusCode.DEADLINE_EXCEEDED}
 HTTP_STATUSES = {StatusCode.INVALID_ARGUMENT: 400, StatusCode.NOT_FOUND: 404, StatusCode.RESOURCE_EXHAUSTED: 413,
@@ -79,6 +84,9 @@ def parser(description: str) -> argparse.ArgumentParser:
     from kserve import model_server
 
     cli = argparse.ArgumentParser(description=description, parents=[model_server.parser])
+    cli.add_argument("--host", default=os.environ.get(HOST_ENV) or LOOPBACK,
+                     help=f"address the REST and gRPC servers bind (default ${HOST_ENV}, else {LOOPBACK}); "
+                          "0.0.0.0 serves every interface, as a container must")
     cli.add_argument("--model_dir", required=True,
                      help="model directory: a path (/mnt/models), a storage URI or models:/NAME@ALIAS")
     cli.add_argument("--tracking_uri", default=None, help="MLflow server for models:/ URIs (or MLFLOW_TRACKING_URI)")
@@ -92,8 +100,26 @@ def parser(description: str) -> argparse.ArgumentParser:
 
 
 def serving_spec(args: argparse.Namespace, **fields) -> ServingSpec:
-    """The command line as a validated ServingSpec (the limits, and what `fields` adds)."""
+    """The command line as a validated ServingSpec (the limits, and what `fields` adds). Both
+    servers call it first, so a taken port also ends the process here, in one line, before the
+    model loads (`check_ports`)."""
+    check_ports(args)
     return ServingSpec(max_batch_rows=args.max_batch_rows, max_body_bytes=args.max_body_bytes, **fields)
+
+
+def host(args: argparse.Namespace) -> str:
+    """The bind address; loopback for an argument namespace not built by `parser`."""
+    return getattr(args, "host", None) or LOOPBACK
+
+
+def check_ports(args: argparse.Namespace) -> None:
+    """Exit with one line when a port the server needs is taken, instead of the start-up log,
+    uvicorn's bind error and the shutdown lines that follow it once the model has loaded."""
+    ports = [args.http_port, *([args.grpc_port] if args.enable_grpc else [])]
+    for port in ports:
+        problem = port_in_use(host(args), port)
+        if problem:
+            raise SystemExit(problem)
 
 
 def install(app, spec: ServingSpec, metrics, extra=()) -> None:
@@ -147,19 +173,50 @@ def drop_timing_middleware(app) -> None:
     app.build_middleware_stack = build_without_timing
 
 
-def ready_dataplane(registry):
-    """A DataPlane whose server readiness (`/v2/health/ready`, gRPC ServerReady) is the models'
-    health, and whose model metadata names the model version. KServe's readiness is always true
-    unless `--enable_predictor_health_check`, and then a predictor that is down answers 500
-    instead of 503 (kserve/kserve#4262); its metadata leaves the v2 `versions` field out."""
+def ready_dataplane(registry, served=()):
+    """A DataPlane whose readiness is whether the served models can answer, and whose model
+    metadata names the model version.
+
+    Server readiness (`/v2/health/ready`, gRPC ServerReady) is every served model's health; a
+    served model missing from the registry (KServe's stop() unloads them all while requests still
+    drain) is not ready, on the server and the model endpoints alike, instead of a vacuous "ready"
+    over no models and a 404 per request. KServe's own readiness is always true unless
+    `--enable_predictor_health_check`, and then a predictor that is down answers 500 instead of
+    503 (kserve/kserve#4262); its metadata leaves the v2 `versions` field out.
+
+    Args:
+        registry: The ModelServer's `ModelRepository`.
+        served: The names the server was started with.
+    """
+    from kserve.errors import InvalidInput
     from kserve.protocol.dataplane import DataPlane
 
     class ReadyDataPlane(DataPlane):
+        def decode(self, body, headers, *args, **kwargs):
+            # KServe 0.21 reads the v2 binary extension (`inference-header-content-length`) with a
+            # bare int() and indexes the JSON it finds without checks: a bad header or a binary
+            # body without `inputs` was a 500 (found by tests/test_serving_fuzz.py).
+            try:
+                return super().decode(body, headers, *args, **kwargs)
+            except InvalidInput:
+                raise
+            except (KeyError, IndexError, TypeError, ValueError, AttributeError) as err:
+                raise RequestError(BAD_REQUEST, None, f"the request cannot be decoded: {type(err).__name__}: "
+                                   f"{err}") from None
+
         async def ready(self) -> bool:
-            for model in self.model_registry.get_models().values():
+            models = self.model_registry.get_models()
+            if any(name not in models for name in served):
+                return False
+            for model in models.values():
                 if not await model.healthy():
                     return False
             return True
+
+        async def model_ready(self, model_name: str, disable_predictor_health_check: bool = False) -> bool:
+            if model_name in served and self.model_registry.get_model(model_name) is None:
+                return False
+            return await super().model_ready(model_name, disable_predictor_health_check)
 
         async def model_metadata(self, model_name: str) -> dict:
             metadata = await super().model_metadata(model_name)
@@ -180,26 +237,29 @@ def quiet_request_logs(latency_logging: bool) -> None:
 
 
 def start(model, args: argparse.Namespace, spec: ServingSpec, metrics, predictor_config=None, extra=()) -> None:
-    """Start KServe's ModelServer (REST + gRPC) with `model` and everything above installed."""
-    from kserve import ModelServer, model_server
+    """Start KServe's ModelServer (REST + gRPC on `--host`) with `model` and everything above installed."""
+    from kserve import model_server
+
+    from serving.endpoints import BoundModelServer
 
     if args.workers != 1:
         # KServe's multi-process REST server spawns workers that import its app afresh, without
         # these middlewares, handlers and the transformer's predictor config (its multi-worker path
         # has a history of breakage: kserve/kserve#4266, #2393).
         raise SystemExit("--workers must be 1: scale with replicas (serving.min_replicas/max_replicas)")
+    check_ports(args)
     install(model_server.app, spec, metrics, extra)
     if not args.enable_latency_logging:
         drop_timing_middleware(model_server.app)
-    server = ModelServer(
-        http_port=args.http_port, grpc_port=args.grpc_port, workers=args.workers, max_threads=args.max_threads,
-        max_asyncio_workers=args.max_asyncio_workers, enable_grpc=args.enable_grpc,
+    server = BoundModelServer(
+        host(args), http_port=args.http_port, grpc_port=args.grpc_port, workers=args.workers,
+        max_threads=args.max_threads, max_asyncio_workers=args.max_asyncio_workers, enable_grpc=args.enable_grpc,
         enable_docs_url=args.enable_docs_url, enable_latency_logging=args.enable_latency_logging,
         access_log_format=args.access_log_format, event_loop=args.event_loop,
         timeout_keep_alive=args.timeout_keep_alive, predictor_config=predictor_config,
         ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile)
     # RESTServer and GRPCServer take the dataplane when start() runs, so this one answers both.
-    server.dataplane = ready_dataplane(server.registered_models)
+    server.dataplane = ready_dataplane(server.registered_models, served=[model.name])
     quiet_request_logs(args.enable_latency_logging)
     # Everything loaded so far (kserve, fastapi, pandas, the model) lives for the whole process:
     # out of the collector's sight, a full collection no longer walks it (tens of ms of p99).
