@@ -418,7 +418,7 @@ def _server_class():
     return Server
 
 
-def serve(root: str, port: int, spec: SinkSpec | None = None, host: str = "0.0.0.0",
+def serve(root: str, port: int, spec: SinkSpec | None = None, host: str = "127.0.0.1",
           trigger: Callable[[dict], dict] | None = None, pending_seconds: float = 60.0,
           log_level: str = "info") -> int:
     """Run the monitor until SIGTERM; returns the exit code (0: everything accepted is written)."""
@@ -442,7 +442,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m monitoring.service", description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", help="storage URI of the windows (default: the config's monitoring.sink.root)")
     parser.add_argument("--port", type=int, default=8080)
-    parser.add_argument("--host", default="0.0.0.0")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="bind address; a pod's container passes 0.0.0.0 (default: loopback only)")
     parser.add_argument("--config", help="environment name (config/<env>.yaml) or a YAML file with monitoring.sink")
     parser.add_argument("--buffer-events", type=int, help="override monitoring.sink.buffer_events")
     parser.add_argument("--flush-events", type=int, help="override monitoring.sink.flush_events")

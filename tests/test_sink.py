@@ -105,7 +105,7 @@ class Monitor:
         with open(log, "ab") as out:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "monitoring.service", "--root", str(root), "--port", str(self.port),
-                 "--host", "127.0.0.1", "--log-level", "warning", *args],
+                 "--log-level", "warning", *args],  # no --host: the default must be loopback
                 cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
         self.client = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=10)
         self.wait()
@@ -264,6 +264,14 @@ def test_malformed_events_get_a_4xx_with_the_reason_and_the_service_stays_up(mon
     while window_of(read_window(str(monitor.root)), good).empty:
         assert time.monotonic() < deadline, monitor.tail()
         time.sleep(0.1)
+
+
+def test_the_monitor_listens_on_loopback_only_by_default(monitor):
+    import psutil
+
+    listening = {c.laddr.ip for c in psutil.Process(monitor.process.pid).connections("inet")
+                 if c.status == psutil.CONN_LISTEN and c.laddr.port == monitor.port}
+    assert listening == {"127.0.0.1"}
 
 
 def test_metrics_count_events_by_type_and_code_rows_written_and_the_buffer(monitor, traffic):
