@@ -6,7 +6,8 @@ the bad key, the key path and what is allowed, all of a file's mistakes at once.
 from __future__ import annotations
 
 import os
-from pathlib import Path
+import re
+from pathlib import Path, PurePosixPath
 from typing import Annotated, Any
 from urllib.parse import urlsplit
 
@@ -14,8 +15,10 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from specs import (
+    Cpu,
     DatasetSpec,
     EvaluationSpec,
+    Memory,
     MonitoringSpec,
     RetrainingSpec,
     ServingSpec,
@@ -59,8 +62,8 @@ class Kfp(Strict):
                           "for tasks and training pods")
     service_account: str | None = Field(
         None, description="ServiceAccount the run's task pods use (manifests/ grants it training-job rights)")
-    task_cpu: str = Field("1", description="CPU limit of each pipeline task's pod")
-    task_memory: str = Field("2G", description="memory limit of each pipeline task's pod")
+    task_cpu: Cpu = Field("1", description="CPU limit of each pipeline task's pod")
+    task_memory: Memory = Field("2G", description="memory limit of each pipeline task's pod")
 
 
 class Settings(Strict):
@@ -124,13 +127,44 @@ def deep_merge(base: dict, override: dict) -> dict:
     return merged
 
 
+def _duplicate_keys(node: yaml.Node, path: tuple = ()) -> list[str]:
+    """'<key path>: duplicate key at line N (first at line M)' for every key given twice in one
+    mapping. PyYAML keeps the last value silently (yaml/pyyaml#165); YAML 1.2 (3.2.1.1) requires
+    unique keys, and a silently dropped block is a setting that never applies."""
+    found: list[str] = []
+    if isinstance(node, yaml.MappingNode):
+        first: dict = {}
+        for key, value in node.value:
+            if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
+                ident = (key.tag, key.value)
+                if ident in first:
+                    found.append(f"{'.'.join((*path, key.value))}: duplicate key at line {key.start_mark.line + 1} "
+                                 f"(first at line {first[ident] + 1}); YAML would keep only the last one")
+                else:
+                    first[ident] = key.start_mark.line
+            found += _duplicate_keys(value, (*path, str(getattr(key, "value", "?"))))
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            found += _duplicate_keys(item, (*path, str(index)))
+    return found
+
+
 def _read_yaml(path: Path) -> dict:
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        text = path.read_text()
     except FileNotFoundError:
         raise ConfigError(f"{path}: file not found") from None
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        duplicates = _duplicate_keys(node) if node is not None else []
+        if duplicates:
+            raise ConfigError("\n".join(f"{path}: {line}" for line in duplicates))
+        data = (loader.construct_document(node) if node is not None else None) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    finally:
+        loader.dispose()
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
     return data
@@ -149,8 +183,6 @@ def _sets_key(data: Any, loc: tuple) -> bool:
 def _describe(err: dict, sources: list[tuple[Path, dict]]) -> str:
     loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith(("function-", "list["))))
     key = ".".join(str(p) for p in loc) or "(top level)"
-    # The file that set the key last is the one to fix; if no file sets it, it is missing from all.
-    origin = next((path for path, data in reversed(sources) if _sets_key(data, loc)), sources[-1][0])
     message = err["msg"]
     if err["type"] == "extra_forbidden":
         message = "unknown key"
@@ -158,7 +190,9 @@ def _describe(err: dict, sources: list[tuple[Path, dict]]) -> str:
         message = f"got {err.get('input')!r}; allowed: {err['ctx']['expected']}"
     elif err["type"] == "missing":
         message = "required key is missing"
-    return f"{origin}: {key}: {message}"
+    elif err["type"] == "value_error" and err.get("ctx", {}).get("error"):
+        message = str(err["ctx"]["error"])  # without pydantic's "Value error, " prefix
+    return f"{origin(sources, loc)}: {key}: {message}"
 
 
 def environments(config_dir: Path | str | None = None) -> list[str]:
@@ -167,9 +201,39 @@ def environments(config_dir: Path | str | None = None) -> list[str]:
     return sorted(p.stem for p in config_dir.glob("*.yaml") if p.name != BASE_FILE)
 
 
-def load_settings(env: str, config_dir: Path | str | None = None, overrides: dict | None = None) -> Settings:
-    """Merge base.yaml and <env>.yaml (and optional overrides), then validate."""
-    config_dir = Path(config_dir or CONFIG_DIR)
+# Defaults that belong to the generated reference task (stages.dataset.ReferenceTask): its slice
+# column, its hand-written suite and its names. A file dataset gets none of them.
+REFERENCE_NAME = "credit-default"
+REFERENCE_DEFAULTS = {"evaluation": {"slice_column": "employment"},
+                      "dataset": {"expectation_suite": "credit_default"}}
+
+
+def dataset_name(uri: str) -> str:
+    """A name for a file dataset: its file name without the table suffix, e.g. 's3://b/loans_2024.parquet'
+    -> 'loans_2024' (characters MLflow and KFP names might trip on become '-')."""
+    name = PurePosixPath(urlsplit(uri).path if "://" in uri else uri.replace(os.sep, "/")).name
+    for suffix in (".csv.gz", ".csv", ".parquet", ".pq"):
+        name = name.removesuffix(suffix)
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-.") or "dataset"
+
+
+def task_defaults(merged: dict, env: str) -> dict:
+    """The defaults that depend on which task the env trains: the reference task's slice column,
+    suite and names, or, for a file dataset, no slice, a suite derived from the features and names
+    derived from the file. Merged under the config, so a value any file sets still wins."""
+    dataset = merged.get("dataset") if isinstance(merged.get("dataset"), dict) else {}
+    uri = dataset.get("uri")
+    if dataset.get("source") == "file" and isinstance(uri, str) and uri:
+        name = dataset_name(uri)
+        task: dict = {"evaluation": {"slice_column": None}, "dataset": {"expectation_suite": None}}
+    else:
+        name, task = REFERENCE_NAME, REFERENCE_DEFAULTS
+    return deep_merge(task, {"mlflow": {"experiment": name, "registered_model": name},
+                             "kfp": {"experiment": f"{name}-{env}"}})
+
+
+def config_sources(env: str, config_dir: Path, overrides: dict | None = None) -> list[tuple[Path, dict]]:
+    """[(file, its data)] in merge order: base.yaml, <env>.yaml, then the overrides."""
     known = environments(config_dir)
     if env not in known:
         raise ConfigError(f"unknown environment {env!r}: no {config_dir / (env + '.yaml')}; "
@@ -178,9 +242,57 @@ def load_settings(env: str, config_dir: Path | str | None = None, overrides: dic
     sources.append((config_dir / f"{env}.yaml", _read_yaml(config_dir / f"{env}.yaml")))
     if overrides:
         sources.append((Path("<overrides>"), overrides))
+    return sources
+
+
+def origin(sources: list[tuple[Path, dict]], loc: tuple) -> Path:
+    """The file that set the key last (the one to fix); the env's file when none sets it."""
+    return next((path for path, data in reversed(sources) if _sets_key(data, loc)), sources[-1][0])
+
+
+def column_problems(settings: Settings, config_dir: Path | str | None = None,
+                    overrides: dict | None = None) -> tuple[list[str], list[str]]:
+    """(problems, notes): every column config names (target, id, features, slice) checked against
+    a file dataset's header, read without the rows; a note instead when the header cannot be read
+    from here (an object store without credentials or network)."""
+    from stages.dataset import read_columns
+
+    dataset = settings.dataset
+    if dataset.source != "file":
+        return [], []
+    try:
+        columns = read_columns(dataset.uri)
+    except FileNotFoundError:
+        sources = config_sources(settings.env, Path(config_dir or CONFIG_DIR), overrides)
+        return [f"{origin(sources, ('dataset', 'uri'))}: dataset.uri: file not found: {dataset.uri}"], []
+    except Exception as err:  # any reader or network error: the run will say more; check must not crash
+        if "://" in dataset.uri:
+            return [], [f"dataset.uri {dataset.uri}: columns not checked, the header could not be read from here "
+                        f"({type(err).__name__})"]
+        sources = config_sources(settings.env, Path(config_dir or CONFIG_DIR), overrides)
+        return [f"{origin(sources, ('dataset', 'uri'))}: dataset.uri: cannot read the header of {dataset.uri}: "
+                f"{err}".splitlines()[0]], []
+    named = [(("dataset", "target"), dataset.target), (("dataset", "id_column"), dataset.id_column),
+             *((("dataset", "features", "numeric"), c) for c in dataset.features.numeric),
+             *((("dataset", "features", "categorical"), c) for c in dataset.features.categorical),
+             (("evaluation", "slice_column"), settings.evaluation.slice_column)]
+    missing = [(loc, column) for loc, column in named if column is not None and column not in columns]
+    if not missing:
+        return [], []
+    sources = config_sources(settings.env, Path(config_dir or CONFIG_DIR), overrides)
+    shown = ", ".join(columns[:30]) + (f", ... ({len(columns)} columns)" if len(columns) > 30 else "")
+    return [f"{origin(sources, loc)}: {'.'.join(loc)}: column {column!r} is not in {dataset.uri} (columns: {shown})"
+            for loc, column in missing], []
+
+
+def load_settings(env: str, config_dir: Path | str | None = None, overrides: dict | None = None) -> Settings:
+    """Merge base.yaml and <env>.yaml (and optional overrides), then validate."""
+    config_dir = Path(config_dir or CONFIG_DIR)
+    sources = config_sources(env, config_dir, overrides)
     merged: dict = {"env": env}
     for _, data in sources:
         merged = deep_merge(merged, data)
+    merged = deep_merge(task_defaults(merged, env), merged)  # what config sets wins
     try:
         settings = Settings.model_validate(merged)
     except ValidationError as err:

@@ -1,8 +1,9 @@
 """The flywheel turns on this machine (`make run`, after the training run): the champion is served
 with payload logging to the monitor service, traffic flows through the transformer while the
-world shifts (the reference task's drift knobs), each window is checked against the champion's
-training profile, and the drift decision fires the guarded trigger, which retrains on fresh data;
-the candidate is gated and deployed if promoted. A second drift inside the cool-down starts nothing.
+world shifts (the reference task's drift knobs, or a file dataset's held-out rows with its
+features shifted), each window is checked against the champion's training profile, and the
+drift decision fires the guarded trigger, which retrains on fresh data; the candidate is gated
+and deployed if promoted. A second drift inside the cool-down starts nothing.
 """
 from __future__ import annotations
 
@@ -22,8 +23,34 @@ from specs import DistributionShift, PayloadLogging
 
 # The world after the shift: incomes down, utilisation up, more unemployment (a recession).
 SHIFT = DistributionShift(income_scale=0.6, utilization_shift=0.25, unemployment_boost=0.15)
-PHASES = (("steady traffic", None), ("the world shifts", SHIFT), ("still shifted", SHIFT))
+# A file dataset's world after the shift, on its own features: numbers up by most of a standard
+# deviation, a third of the rows moved to each categorical column's rarest category.
+FILE_SHIFT = DistributionShift(numeric_scale=1.1, numeric_offset=0.75, category_skew=0.35)
+PHASES = (("steady traffic", False), ("the world shifts", True), ("still shifted", True))
 BATCH_ROWS = 50
+
+
+def world_shift(settings: Settings) -> DistributionShift:
+    """The shift the loop applies: the reference task's recession, or the feature knobs on a file."""
+    return SHIFT if settings.dataset.source == "reference" else FILE_SHIFT
+
+
+def traffic(settings: Settings, rows: int, number: int, shifted: bool):
+    """One window of served rows: the reference task generated afresh (shifted after the first
+    window); for a file dataset, up to `rows` held-out (test split) rows, drawn without replacement
+    (repeated rows would make the drift tests see more evidence than there is), shifted by
+    `FILE_SHIFT` on the configured features after the first window."""
+    from stages.dataset import ReferenceTask, load_dataset, shift_features, split
+
+    dataset = settings.dataset
+    if dataset.source == "reference":
+        return ReferenceTask(rows=rows, seed=1000 + number, shift=SHIFT if shifted else DistributionShift()).generate()
+    held_out = split(load_dataset(dataset.model_copy(update={"shift": DistributionShift()})), dataset.test_fraction,
+                     dataset.seed, id_column=dataset.id_column)[1]
+    if held_out.empty:
+        raise RuntimeError(f"{dataset.uri}: the test split is empty, so there are no held-out rows to serve")
+    frame = held_out.sample(n=min(rows, len(held_out)), random_state=1000 + number).reset_index(drop=True)
+    return shift_features(frame, dataset.features, FILE_SHIFT, seed=1000 + number) if shifted else frame
 
 
 def _free_port() -> int:
@@ -105,7 +132,6 @@ def turn(settings: Settings, console, rows_per_window: int | None = None) -> lis
     from pipelines.retrain import guarded_trigger
     from pipelines.serving import local_champion
     from serving.local import LocalServing
-    from stages.dataset import ReferenceTask
 
     rows = rows_per_window or max(settings.monitoring.min_samples * 2, 800)
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -122,8 +148,8 @@ def turn(settings: Settings, console, rows_per_window: int | None = None) -> lis
         result, sent = None, 0
         with LocalServing(model_dir, settings.mlflow.registered_model, looped.serving, work / "serve",
                           decision_threshold=settings.evaluation.decision_threshold, model_version=version) as serving:
-            for number, (phase, shift) in enumerate(PHASES, start=1):
-                frame = ReferenceTask(rows=rows, seed=1000 + number, shift=shift or DistributionShift()).generate()
+            for number, (phase, shifted) in enumerate(PHASES, start=1):
+                frame = traffic(settings, rows, number, shifted)
                 sent += _send(serving, frame, columns)
                 window = _wait_for_rows(work / "windows", version, sent).tail(rows)
                 result = run_check(window, profile, looped.monitoring, settings.dataset.features,
@@ -141,8 +167,10 @@ def turn(settings: Settings, console, rows_per_window: int | None = None) -> lis
         if not result.retrain:
             steps.append(("retraining", "not triggered: the decision is to hold"))
             return steps
-        # Retraining reads fresh data: the world as it is now (the shifted distributions).
-        fresh = looped.model_copy(update={"dataset": settings.dataset.model_copy(update={"shift": SHIFT, "seed": 99})})
+        # Retraining reads fresh data: the world as it is now (the shifted distributions). A file's
+        # rows keep their seed, so their split (and the gate's test set) stays the one they had.
+        fresh_data = {"shift": world_shift(settings)} | ({"seed": 99} if settings.dataset.source == "reference" else {})
+        fresh = looped.model_copy(update={"dataset": settings.dataset.model_copy(update=fresh_data)})
         trigger = guarded_trigger(fresh, interactive=True, state_path=str(work / "trigger.json"),
                                   lock_path=work / "retraining.lock")
         console.rule("[bold]drift detected: the guarded trigger starts a retraining run[/bold]")

@@ -5,7 +5,7 @@ from pathlib import Path
 from types import ModuleType
 
 from pipelines import monitoring_pipeline, training_pipeline
-from pipelines.config import ConfigError, Settings, environments, load_settings
+from pipelines.config import ConfigError, Settings, column_problems, environments, load_settings
 
 PIPELINES: dict[str, ModuleType] = {training_pipeline.NAME: training_pipeline,
                                     monitoring_pipeline.NAME: monitoring_pipeline}
@@ -93,8 +93,10 @@ def signature_errors(pipeline_spec: dict, arguments: dict) -> list[str]:
     return errors
 
 
-def check_all(config_dir: Path | None = None) -> dict[str, list[str]]:
-    """Validate each env's config, then its arguments against every pipeline's compiled signature."""
+def check_all(config_dir: Path | None = None, notes: dict[str, list[str]] | None = None) -> dict[str, list[str]]:
+    """Validate each env's config, the columns it names against a file dataset's header, then its
+    arguments against every pipeline's compiled signature. What could not be checked from here
+    (an unreachable object store) goes to `notes` when given, not to the problems."""
     import tempfile
 
     problems: dict[str, list[str]] = {}
@@ -104,7 +106,9 @@ def check_all(config_dir: Path | None = None) -> dict[str, list[str]]:
         except ConfigError as err:
             problems[env] = str(err).splitlines()
             continue
-        problems[env] = []
+        problems[env], skipped = column_problems(settings, config_dir)
+        if notes is not None and skipped:
+            notes[env] = skipped
         with tempfile.TemporaryDirectory() as tmp:
             for name in PIPELINES:
                 try:

@@ -4,15 +4,18 @@ Environments (`pipelines.config`) are composed of these; plain stage functions t
 ops re-validate the dicts they receive into them at the boundary.
 """
 from specs.base import Strict
+from specs.cron import check_cron
 from specs.data import DatasetSpec, DistributionShift, Features
 from specs.evaluation import EvaluationSpec, Thresholds, TrackingSpec
 from specs.monitoring import MonitoringSpec, RetrainingSpec, SinkSpec
+from specs.quantity import Cpu, Memory
 from specs.serving import DeploySpec, PayloadLogging, ServingSpec
 from specs.training import Elastic, Gpu, Hyperparameters, Resources, Toleration, TrainingSpec, TrainSpec
 from specs.tuning import TuningSpec
 
 __all__ = [
-    "DatasetSpec", "DeploySpec", "DistributionShift", "Elastic", "EvaluationSpec", "Features", "Gpu",
-    "Hyperparameters", "MonitoringSpec", "PayloadLogging", "Resources", "RetrainingSpec", "ServingSpec", "SinkSpec",
-    "Strict", "Thresholds", "Toleration", "TrackingSpec", "TrainSpec", "TrainingSpec", "TuningSpec",
+    "Cpu", "DatasetSpec", "DeploySpec", "DistributionShift", "Elastic", "EvaluationSpec", "Features", "Gpu",
+    "Hyperparameters", "Memory", "MonitoringSpec", "PayloadLogging", "Resources", "RetrainingSpec", "ServingSpec",
+    "SinkSpec", "Strict", "Thresholds", "Toleration", "TrackingSpec", "TrainSpec", "TrainingSpec", "TuningSpec",
+    "check_cron",
 ]

@@ -11,14 +11,24 @@ LabelValue = bool | int | str
 
 
 class DistributionShift(Strict):
-    """Knobs that shift the generated reference task's distributions (1.0 / 0.0 = no shift):
-    how drifted traffic is produced for tests and demos."""
+    """Knobs that shift a dataset's distributions (1.0 / 0.0 = no shift): how drifted traffic is
+    produced for tests and demos. The first five move the generated reference task's own columns;
+    the last three move any dataset's configured features (a file's too)."""
 
     income_scale: float = 1.0
     utilization_shift: float = 0.0
     late_payment_rate: float = 1.0
     unemployment_boost: Annotated[float, Field(ge=0.0)] = 0.0
     missing_rate_scale: Annotated[float, Field(ge=0.0)] = 1.0
+    numeric_scale: float = Field(1.0, description="every numeric feature multiplied by this")
+    numeric_offset: float = Field(0.0, description="... then moved by this many of its standard deviations")
+    category_skew: Annotated[float, Field(ge=0.0, le=1.0)] = Field(
+        0.0, description="share of rows whose categorical features move to the column's rarest category")
+
+    @property
+    def moves_features(self) -> bool:
+        """True when the feature-generic knobs (not only the reference task's) shift anything."""
+        return (self.numeric_scale, self.numeric_offset, self.category_skew) != (1.0, 0.0, 0.0)
 
 
 class Features(Strict):

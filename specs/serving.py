@@ -6,6 +6,7 @@ from typing import Annotated, Literal
 from pydantic import Field, model_validator
 
 from specs.base import Strict
+from specs.quantity import Cpu, Memory
 
 
 class PayloadLogging(Strict):
@@ -35,8 +36,8 @@ class ServingSpec(Strict):
         "grpc-v2", description="how the transformer calls the predictor")
     scale_metric: Literal["cpu", "memory", "concurrency", "rps"] = "cpu"
     scale_target: Annotated[int, Field(gt=0)] = Field(80, description="autoscaling target for scale_metric")
-    cpu: str = "1"
-    memory: str = "1Gi"
+    cpu: Cpu = "1"
+    memory: Memory = "1Gi"
     max_batch_rows: Annotated[int, Field(gt=0)] = Field(1000, description="rows per request; more is a 413")
     max_body_bytes: Annotated[int, Field(gt=0)] = Field(4 << 20, description="request body limit; more is a 413")
     ready_timeout_seconds: Annotated[int, Field(gt=0)] = 300

@@ -6,6 +6,7 @@ from typing import Annotated, Literal
 from pydantic import Field, model_validator
 
 from specs.base import Strict
+from specs.quantity import Cpu, Memory
 
 BACKENDS = ("torchrun", "pytorchjob", "trainjob")
 CLUSTER_BACKENDS = ("pytorchjob", "trainjob")
@@ -25,8 +26,8 @@ class Toleration(Strict):
 
 
 class Resources(Strict):
-    cpu: str = "1"
-    memory: str = "2Gi"
+    cpu: Cpu = "1"
+    memory: Memory = "2Gi"
     gpu: Gpu = Gpu()
 
 

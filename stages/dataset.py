@@ -13,7 +13,7 @@ import pandas as pd
 
 import storage
 from model.labels import LabelError, LabelMapping
-from specs import DatasetSpec, DistributionShift
+from specs import DatasetSpec, DistributionShift, Features
 from storage.tables import content_hash, file_hash, read_table, table_format, write_table
 
 REFERENCE_TARGET = "default"
@@ -144,20 +144,67 @@ def split(frame: pd.DataFrame, test_fraction: float, seed: int, id_column: str |
 def load_dataset(spec: DatasetSpec) -> pd.DataFrame:
     """The env's dataset as a DataFrame: the generated reference task or the configured file,
     read through `storage` (local paths, s3://, minio://) and sniffed by content like the
-    pipeline's artifact (Parquet, CSV or gzip-compressed CSV)."""
+    pipeline's artifact (Parquet, CSV or gzip-compressed CSV); `spec.shift`'s feature knobs applied."""
     if spec.source == "reference":
-        return ReferenceTask(rows=spec.rows, seed=spec.seed, shift=spec.shift).generate()
-    with storage.open_uri(spec.uri) as handle:
-        return read_table(handle)
+        frame = ReferenceTask(rows=spec.rows, seed=spec.seed, shift=spec.shift).generate()
+    else:
+        with storage.open_uri(spec.uri) as handle:
+            frame = read_table(handle)
+    return shift_features(frame, spec.features, spec.shift, spec.seed) if spec.shift.moves_features else frame
+
+
+def shift_features(frame: pd.DataFrame, features: Features, shift: DistributionShift, seed: int) -> pd.DataFrame:
+    """The rows with the world moved, on any schema: each numeric feature scaled by
+    `numeric_scale` and moved by `numeric_offset` of its standard deviations (integer columns stay
+    integers, missing values stay missing); a `category_skew` share of rows (drawn per column)
+    switched to the column's rarest category, so the categories stay ones the model knows."""
+    rng = np.random.default_rng(seed)
+    out = frame.copy()
+    for column in features.numeric:
+        values = pd.to_numeric(out[column], errors="coerce")
+        std = float(values.std()) if values.notna().sum() > 1 else 0.0
+        moved = values * shift.numeric_scale + shift.numeric_offset * (std or 1.0)
+        if pd.api.types.is_integer_dtype(out[column].dtype):
+            moved = moved.round().astype(out[column].dtype)
+        out[column] = moved
+    for column in features.categorical:
+        counts = out[column].value_counts()
+        if shift.category_skew and len(counts) > 1:
+            pick = (rng.random(len(out)) < shift.category_skew) & out[column].notna().to_numpy()
+            out.loc[pick, column] = counts.index[-1]
+    return out
+
+
+def read_columns(uri: str) -> list[str]:
+    """A table's column names from its header alone: the Parquet footer's schema, or a CSV's (or
+    gzip-compressed CSV's) first line; the rows are never read."""
+    import csv
+    import gzip
+    import io
+
+    with storage.open_uri(uri) as handle:
+        fmt = table_format(handle)
+        if fmt == "parquet":
+            import pyarrow.parquet as pq
+
+            return list(pq.read_schema(handle).names)
+        raw = gzip.GzipFile(fileobj=handle) if fmt == "csv.gz" else handle
+        # utf-8-sig: a spreadsheet's byte-order mark is not part of the first column's name (pyarrow drops it too)
+        header = next(csv.reader(io.TextIOWrapper(raw, encoding="utf-8-sig", newline="")), [])
+    return [name.strip() for name in header]
 
 
 def materialise(spec: DatasetSpec, path: str) -> dict:
-    """Write the dataset to `path` (the reference task as Parquet; a user file byte for byte, so a
-    corrupt file reaches validation as it is) and return its lineage metadata."""
-    if spec.source == "reference":
+    """Write the dataset to `path` (the reference task, or a shifted file, as Parquet; a user file
+    byte for byte otherwise, so a corrupt file reaches validation as it is) and return its lineage
+    metadata."""
+    if spec.source == "reference" or spec.shift.moves_features:
         write_table(load_dataset(spec), path + ".parquet")
         shutil.move(path + ".parquet", path)
-        source, fmt = f"reference(rows={spec.rows}, seed={spec.seed})", "parquet"
+        fmt = "parquet"
+        source = f"reference(rows={spec.rows}, seed={spec.seed})" if spec.source == "reference" else spec.uri
+        if spec.shift.moves_features:
+            source += " shifted"
     else:
         with storage.open_uri(spec.uri) as src, open(path, "wb") as dst:
             shutil.copyfileobj(src, dst, 1 << 20)

@@ -204,3 +204,85 @@ def test_every_mistake_in_a_file_is_reported_with_file_and_key_path(config_dir):
     problems = check_all(config_dir)
     assert problems["qa"] == lines
     assert all(problems[env] == [] for env in ("dev", "local", "prod", "staging"))
+
+
+# --------------------------------------------------------------------------------------------
+# `check` catches it first: quantities, cron fields, duplicate keys
+
+
+@pytest.mark.parametrize("key, value, expected", [
+    ("memory", "lots", "not a Kubernetes quantity: 'lots'"),
+    ("memory", "8GB", "not a Kubernetes quantity: '8GB' (Kubernetes has no 'B' suffix: 8Gi or 8G)"),
+    ("memory", "8", "memory '8' is 8 bytes, less than 1Mi; e.g. 8Gi or 8Mi"),
+    ("memory", "1e3Mi", "not a Kubernetes quantity"),
+    ("cpu", "two", "not a Kubernetes quantity: 'two'"),
+    ("cpu", "0.0001", "less than 1m"),
+])
+def test_a_resource_that_is_not_a_kubernetes_quantity_names_file_and_key(config_dir, key, value, expected):
+    patch(config_dir, "dev", {"training": {"resources": {key: value}}})
+    with pytest.raises(ConfigError) as err:
+        load_settings("dev", config_dir)
+    (line,) = str(err.value).splitlines()
+    assert line.startswith(f"{config_dir / 'dev.yaml'}: training.resources.{key}: ") and expected in line, line
+    assert "^(" not in line, "no raw regex"
+
+
+def test_quantities_kubernetes_takes_pass_everywhere_they_are_set(config_dir):
+    patch(config_dir, "dev", {"training": {"resources": {"cpu": 2, "memory": "1.5Gi"}},
+                              "serving": {"cpu": "500m", "memory": "512Mi"},
+                              "kfp": {"task_cpu": "250m", "task_memory": "1G"}})
+    dev = load_settings("dev", config_dir)
+    assert (dev.training.resources.cpu, dev.serving.cpu, dev.kfp.task_memory) == ("2", "500m", "1G")
+    patch(config_dir, "dev", {"serving": {"memory": "lots"}, "kfp": {"task_cpu": "1 core"}})
+    with pytest.raises(ConfigError) as err:
+        load_settings("dev", config_dir)
+    lines = str(err.value).splitlines()
+    assert any(line.startswith(f"{config_dir / 'dev.yaml'}: serving.memory: ") for line in lines), lines
+    assert any(line.startswith(f"{config_dir / 'dev.yaml'}: kfp.task_cpu: ") for line in lines), lines
+
+
+@pytest.mark.parametrize("schedule, expected", [
+    ("99 3 * * 1", "minute 99 is out of range 0-59"),
+    ("0 24 * * 1", "hour 24 is out of range 0-23"),
+    ("0 3 0 * *", "day of month 0 is out of range 1-31"),
+    ("0 3 * 13 *", "month 13 is out of range 1-12"),
+    ("0 3 * * 8", "day of week 8 is out of range 0-7"),
+    ("0 3 * * mon-xyz", "day of week 'xyz' is not a number or a name"),
+    ("*/0 3 * * *", "step '/0' never fires"),
+    ("0 3 * *", "cron needs 5 fields"),
+])
+def test_a_cron_field_out_of_range_names_the_field_and_shows_an_example(config_dir, schedule, expected):
+    patch(config_dir, "prod", {"retraining": {"schedule": schedule}})
+    with pytest.raises(ConfigError) as err:
+        load_settings("prod", config_dir)
+    (line,) = str(err.value).splitlines()
+    assert line.startswith(f"{config_dir / 'prod.yaml'}: retraining.schedule: ") and expected in line, line
+    assert "e.g. '0 3 * * 1'" in line and "\\S" not in line, "an example, not the raw regex"
+
+
+@pytest.mark.parametrize("schedule", ["0 3 * * 1", "*/15 0-6 1,15 jan-jun mon-fri", "30 2 * * 7", "0 0 ? * SUN"])
+def test_valid_cron_expressions_pass(config_dir, schedule):
+    patch(config_dir, "prod", {"retraining": {"schedule": schedule}})
+    assert load_settings("prod", config_dir).retraining.schedule == schedule
+
+
+def test_a_key_given_twice_is_an_error_with_file_line_and_key_path(config_dir):
+    # Given local.yaml with `workers` twice under training, and a second top-level `tuning` block
+    text = (config_dir / "local.yaml").read_text().replace("  workers: 2\n", "  workers: 2\n  workers: 4\n")
+    (config_dir / "local.yaml").write_text(text + "tuning:\n  trials: 9\n")
+    lines = text.splitlines()
+    workers_line = lines.index("  workers: 2") + 1
+    tuning_line = next(i for i, line in enumerate(lines) if line.startswith("tuning:")) + 1
+    with pytest.raises(ConfigError) as err:
+        load_settings("local", config_dir)
+    local = config_dir / "local.yaml"
+    # Then both are reported, each with the file, the key path and both lines, not merged silently
+    assert str(err.value).splitlines() == [
+        f"{local}: training.workers: duplicate key at line {workers_line + 1} (first at line {workers_line}); "
+        "YAML would keep only the last one",
+        f"{local}: tuning: duplicate key at line {len(lines) + 1} (first at line {tuning_line}); "
+        "YAML would keep only the last one",
+    ]
+    from pipelines.registry import check_all
+
+    assert check_all(config_dir)["local"] == str(err.value).splitlines()
