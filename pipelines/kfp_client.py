@@ -28,10 +28,20 @@ from components.kfp_api import (  # noqa: F401 (re-exported: the credential vari
     name_filter,
 )
 from pipelines.config import Settings
+from storage.endpoints import Unreachable, probe
 
 
 class SubmitError(RuntimeError):
     """Submitting or scheduling failed; the message is one line that says why."""
+
+
+class KfpUnreachable(SubmitError, Unreachable):
+    """The KFP API did not answer a connection: `cannot reach KFP at HOST (WHAT): REASON`.
+    A SubmitError (callers that catch those still do), and an `Unreachable`, so that a dry run
+    can tell "no server to compare with" from a server that refused the request."""
+
+    __init__ = Unreachable.__init__  # SubmitError's MRO would otherwise pick RuntimeError's
+    __str__ = Unreachable.__str__
 
 
 # --- naming -----------------------------------------------------------------------------------
@@ -81,6 +91,12 @@ def make_client(settings: Settings):
     """
     host = _require_host(settings)
     _, auth = _auth()
+    # kfp_server_api's urllib3 pool has no connect timeout and ignores $HTTPS_PROXY (kfp.Client
+    # takes `proxy=` instead), so probe the host itself, directly.
+    try:
+        probe("KFP", host, proxy=None)
+    except Unreachable as err:
+        raise KfpUnreachable("KFP", host, err.reason) from None  # what for: the caller's `doing`
     with _quiet(), _step("connecting to KFP", host):
         return _client_class()(host=host, namespace=settings.kfp.namespace or "kubeflow", **auth)
 
@@ -158,14 +174,14 @@ def _step(what: str, host: str) -> Iterator[None]:
         raise
     except kfp_server_api.ApiException as err:
         if not err.status:  # kfp_server_api's wrapper for TLS errors
-            raise SubmitError(f"{what}: cannot reach KFP at {host}: {_unreachable_reason(err)}") from err
+            raise KfpUnreachable("KFP", host, _unreachable_reason(err), what) from err
         status = f"HTTP {err.status} {err.reason or ''}".strip()
         if err.status in (401, 403):
             raise SubmitError(f"{what}: KFP at {host} refused the request ({status}: {_api_message(err)}); "
                               f"{_auth_hint()}") from err
         raise SubmitError(f"{what}: KFP at {host} answered {status}: {_api_message(err)}") from err
     except (urllib3.exceptions.HTTPError, ConnectionError) as err:
-        raise SubmitError(f"{what}: cannot reach KFP at {host}: {_unreachable_reason(err)}") from err
+        raise KfpUnreachable("KFP", host, _unreachable_reason(err), what) from err
     except (ValueError, TimeoutError) as err:  # kfp's own checks, e.g. duplicate names
         raise SubmitError(f"{what}: {' '.join(str(err).split()) or type(err).__name__}") from err
 

@@ -34,6 +34,7 @@ from pipelines.kfp_client import (
     kfp_pipeline_name,
     make_client,
 )
+from storage.endpoints import doing
 
 RETRAIN_PIPELINE = "training"
 MONITOR_PIPELINE = "monitoring"
@@ -47,13 +48,13 @@ MAX_CONCURRENCY_RANGE = (1, 10)
 class Change:
     """One reconcile decision about a recurring run; `applied` is False in a dry run."""
 
-    action: str  # create | update | delete | unchanged
+    action: str  # create | update | delete | unchanged | declared (config's, not compared with the server)
     name: str
     detail: str
     applied: bool
 
     def __str__(self) -> str:
-        verb = self.action if self.applied or self.action == "unchanged" else f"would {self.action}"
+        verb = self.action if self.applied or self.action in ("unchanged", "declared") else f"would {self.action}"
         return f"{verb} {self.name}: {self.detail}"
 
 
@@ -120,6 +121,16 @@ def declared_schedules(settings: Settings) -> list[Declared]:
     return declared
 
 
+def declared_plan(settings: Settings) -> list[Change]:
+    """What config declares, for a dry run with no KFP to compare it with (nothing is read)."""
+    changes = [Change("declared", s.name, f"cron {s.cron!r} ({s.config}), max_concurrency {s.max_concurrency}, "
+                      "no catchup", applied=False) for s in declared_schedules(settings)]
+    if not settings.retraining.enabled:
+        changes.insert(0, Change("declared", recurring_run_name(settings, RETRAIN_PIPELINE),
+                                 "none: retraining is disabled", applied=False))
+    return changes
+
+
 def _existing_recurring_runs(client, experiment_id: str, prefix: str) -> dict[str, list]:
     """The experiment's recurring runs whose names start with PREFIX, by name (oldest first)."""
     found: dict[str, list] = {}
@@ -169,7 +180,8 @@ def reconcile_schedules(
     """
     host = _require_host(settings)
     declared = declared_schedules(settings)
-    client = client or make_client(settings)
+    with doing(f"reading recurring runs {managed_prefix(settings)}*"):
+        client = client or make_client(settings)
     with _quiet(), _step(f"reading recurring runs {managed_prefix(settings)}*", host):
         experiment = _find_experiment(client, settings)
         existing = _existing_recurring_runs(client, experiment.experiment_id, managed_prefix(settings)) \

@@ -21,6 +21,7 @@ from pipelines.kfp_client import (
     kfp_pipeline_name,
     make_client,
 )
+from storage.endpoints import doing
 
 
 @dataclass(frozen=True)
@@ -64,7 +65,8 @@ def submit_pipeline(
     with tempfile.TemporaryDirectory(prefix="flywheel-submit-") as tmp:
         package, arguments = _compile(registry, settings, pipeline_name, Path(tmp))
         version_name = version or default_version_name(package.read_bytes())
-        client = client or make_client(settings)
+        with doing(f"submitting {display_name}"):
+            client = client or make_client(settings)
         with _quiet():
             with _step(f"finding or creating pipeline {display_name!r}", host):
                 pipeline_id = _ensure_pipeline_id(client, settings, pipeline_name)

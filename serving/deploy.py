@@ -6,6 +6,7 @@ place that knows the deployers' names: callers pass a DeploySpec and get the sam
     deploy_model(spec, model_dir, version, records, tracking_uri=...)   serve `version`, smoke-tested
     roll_back_model(spec, version, records, tracking_uri=...)           serve the previous champion again
     plan_model(spec, version, tracking_uri)                             what a deploy would apply (--dry-run)
+    plan_model(spec, version, model_uri=URI)                            the same, offline: no registry
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from pathlib import Path
 from specs import DeploySpec
 
 LOCAL, INFERENCESERVICE = "local", "inferenceservice"
+UNVERSIONED = "unversioned"  # the version a dry run shows for a model directory named by URI alone
 
 
 def deploy_model(spec: DeploySpec, model_dir: str | None, version: str, records: list[dict], *,
@@ -57,14 +59,19 @@ def roll_back_model(spec: DeploySpec, version: str, records: list[dict], *, trac
     return _cluster_result(spec, version, result, "rollback")
 
 
-def plan_model(spec: DeploySpec, version: str, tracking_uri: str) -> dict:
+def plan_model(spec: DeploySpec, version: str, tracking_uri: str | None = None, *,
+               model_uri: str | None = None) -> dict:
     """The validated InferenceService `deploy_model` would apply for `version`, as a dict; a local
-    deployer has nothing to print (ValueError)."""
+    deployer has nothing to print (ValueError). With `model_uri` (the storage URI of a Flywheel
+    model directory) nothing asks the registry: the object renders offline."""
     if _deployer_name(spec) == LOCAL:
         raise ValueError(f"env {spec.env!r} serves on this machine (serving.deployer local): nothing to print; "
                          f"`flywheel serve --env {spec.env}` serves the champion")
     from serving.deployer import plan
+    from serving.inferenceservice import ServedModel
 
+    if model_uri is not None:
+        return plan(spec, ServedModel(spec.model_name, version, model_uri))
     return plan(spec, _served_model(spec, version, tracking_uri))
 
 

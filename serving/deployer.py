@@ -50,10 +50,14 @@ from serving.inferenceservice import (
     validate_inferenceservice,
 )
 from specs import DeploySpec
+from storage.endpoints import doing, one_line, probe
 
 GROUP, VERSION, PLURAL = "serving.kserve.io", "v1beta1", "inferenceservices"
 # The names before KServe 0.15; an object created then still carries them in status.deploymentMode.
 LEGACY_MODES = {"Serverless": "Knative", "RawDeployment": "Standard"}
+# (connect, read) seconds for each API call: the Kubernetes client waits forever by default
+# (`_request_timeout`, kubernetes/client/rest.py); waits for a rollout are our own polling loops.
+REQUEST_TIMEOUT = (5, 60)
 
 
 class DeployError(RuntimeError):
@@ -125,15 +129,24 @@ def kserve_client(client_configuration=None):
     KServeClient's constructor always loads a kubeconfig into the process-wide default, even when
     given a Configuration, so with one it gets API clients of its own instead."""
     from kserve import KServeClient
+    from kubernetes import client as k8s
+    from kubernetes.config import ConfigException
 
     if client_configuration is None:
-        return KServeClient()
-    from kubernetes import client as k8s
-
-    api = k8s.ApiClient(client_configuration)
-    kserve = KServeClient.__new__(KServeClient)
-    kserve.core_api, kserve.app_api = k8s.CoreV1Api(api), k8s.AppsV1Api(api)
-    kserve.api_instance, kserve.hpa_v2_api = k8s.CustomObjectsApi(api), k8s.AutoscalingV2Api(api)
+        try:
+            kserve = KServeClient()
+        except (ConfigException, OSError) as err:  # neither a pod's service account nor a kubeconfig
+            raise DeployError(f"no Kubernetes API configured: {one_line(err)} (run in a pod, or point $KUBECONFIG "
+                              "or ~/.kube/config at the cluster)") from None
+        client_configuration = kserve.api_instance.api_client.configuration
+    else:
+        api = k8s.ApiClient(client_configuration)
+        kserve = KServeClient.__new__(KServeClient)
+        kserve.core_api, kserve.app_api = k8s.CoreV1Api(api), k8s.AppsV1Api(api)
+        kserve.api_instance, kserve.hpa_v2_api = k8s.CustomObjectsApi(api), k8s.AutoscalingV2Api(api)
+    # Before the first call: a server that is not there fails in seconds, not after the client's
+    # retries of connects that have no timeout (storage/endpoints.py).
+    probe("the Kubernetes API", client_configuration.host, proxy=client_configuration.proxy)
     return kserve
 
 
@@ -288,7 +301,8 @@ class InferenceServiceDeployer:
         from kubernetes.client.rest import ApiException
 
         try:
-            return self.client.api_instance.get_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, name)
+            return self.client.api_instance.get_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, name,
+                                                                         _request_timeout=REQUEST_TIMEOUT)
         except ApiException as err:
             if err.status == 404:
                 return None
@@ -299,7 +313,7 @@ class InferenceServiceDeployer:
 
         try:
             return self.client.api_instance.create_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL,
-                                                                            body)
+                                                                            body, _request_timeout=REQUEST_TIMEOUT)
         except ApiException as err:
             raise self._api_error("create", body["metadata"]["name"], err) from None
 
@@ -309,7 +323,7 @@ class InferenceServiceDeployer:
 
         try:
             return self.client.api_instance.patch_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL,
-                                                                           name, body)
+                                                                           name, body, _request_timeout=REQUEST_TIMEOUT)
         except ApiException as err:
             raise self._api_error("patch", name, err) from None
 
@@ -337,7 +351,8 @@ class InferenceServiceDeployer:
         from kubernetes.client.rest import ApiException
 
         try:
-            dep = self.client.app_api.read_namespaced_deployment(f"{name}-{component}", self.namespace)
+            dep = self.client.app_api.read_namespaced_deployment(f"{name}-{component}", self.namespace,
+                                                                 _request_timeout=REQUEST_TIMEOUT)
         except ApiException as err:
             if err.status in (403, 404):
                 return None  # no such Deployment to check (or no right to): the InferenceService status decides
@@ -465,7 +480,8 @@ class InferenceServiceDeployer:
         if desired["metadata"].get("namespace") != self.namespace:
             raise DeployError(f"InferenceService {name} is for namespace {desired['metadata'].get('namespace')!r}, "
                               f"this deployer deploys to {self.namespace!r}")
-        live = self.get(name)
+        with doing(f"reading InferenceService {self.namespace}/{name}"):
+            live = self.get(name)
         if live is None:
             return self._first(desired, mode, candidate, smoke_test)
         live_mode = (live.get("status") or {}).get("deploymentMode")

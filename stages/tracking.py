@@ -49,6 +49,7 @@ def mlflow_at(tracking_uri: str):
     the process's globals and MLFLOW_* variables as they were before, the active experiment
     (`mlflow.set_experiment` in the block) included: a leftover one makes a later
     `start_run(run_id=...)` in another experiment fail."""
+    reach(tracking_uri)
     mlflow = _mlflow()
     from mlflow.tracking import fluent
 
@@ -69,7 +70,17 @@ def mlflow_at(tracking_uri: str):
                 os.environ[key] = value
 
 
+def reach(tracking_uri: str) -> None:
+    """Fail at once, with `storage.endpoints.Unreachable`, when a remote tracking server does not
+    take a connection: MLflow's own HTTP retries would spend about 4 minutes on it first (see
+    storage/endpoints.py). Local stores (sqlite:, file paths) are not probed."""
+    from storage.endpoints import probe
+
+    probe("MLflow", tracking_uri)
+
+
 def _client(tracking_uri: str):
+    reach(tracking_uri)
     from mlflow import MlflowClient
 
     _mlflow()

@@ -4,6 +4,7 @@ the CLI resolve models through here."""
 from __future__ import annotations
 
 from stages.tracking import _client, mlflow_at
+from storage.endpoints import doing
 
 CHAMPION, PREVIOUS_CHAMPION = "champion", "previous-champion"
 
@@ -21,7 +22,8 @@ def _set_champion(client, registered_model: str, version: str) -> str | None:
 def roll_back_champion(tracking_uri: str, registered_model: str) -> tuple[str, str]:
     """Make `previous-champion` the champion again (the abandoned version becomes
     `previous-champion` and is tagged `rolled_back`); returns (new champion, abandoned)."""
-    client = _client(tracking_uri)
+    with doing(f"rolling {registered_model}@{CHAMPION} back"):
+        client = _client(tracking_uri)
     aliases = client.get_registered_model(registered_model).aliases
     previous, current = aliases.get(PREVIOUS_CHAMPION), aliases.get(CHAMPION)
     if previous is None:
@@ -34,10 +36,12 @@ def roll_back_champion(tracking_uri: str, registered_model: str) -> tuple[str, s
 
 def version_behind(tracking_uri: str, registered_model: str, alias: str = CHAMPION) -> str | None:
     """The version number behind `alias` (champion, previous-champion), or None if there is none."""
+    with doing(f"reading {registered_model}@{alias}"):
+        client = _client(tracking_uri)  # probes a remote server before mlflow (seconds) is imported
     from mlflow.exceptions import MlflowException
 
     try:
-        return str(_client(tracking_uri).get_model_version_by_alias(registered_model, alias).version)
+        return str(client.get_model_version_by_alias(registered_model, alias).version)
     except MlflowException as err:
         if err.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
             return None
@@ -47,7 +51,9 @@ def version_behind(tracking_uri: str, registered_model: str, alias: str = CHAMPI
 def model_dir_uri(tracking_uri: str, registered_model: str, version: str) -> str:
     """The storage URI of the Flywheel model directory inside a registered version: the pyfunc
     keeps it as its `model_dir` artifact, and MLmodel says where (artifacts/<directory name>)."""
-    base = _client(tracking_uri).get_model_version_download_uri(registered_model, version)
+    with doing(f"finding where {registered_model} v{version} is stored"):
+        client = _client(tracking_uri)
+    base = client.get_model_version_download_uri(registered_model, version)
     with mlflow_at(tracking_uri) as mlflow:
         info = mlflow.models.get_model_info(f"models:/{registered_model}/{version}")
     artifacts = (info.flavors.get("python_function") or {}).get("artifacts") or {}
@@ -61,5 +67,5 @@ def download_model_dir(tracking_uri: str, registered_model: str, version: str, d
     from mlflow.artifacts import download_artifacts
 
     uri = model_dir_uri(tracking_uri, registered_model, version)
-    with mlflow_at(tracking_uri):
+    with doing(f"downloading {registered_model} v{version}"), mlflow_at(tracking_uri):
         return download_artifacts(artifact_uri=uri, dst_path=dst)

@@ -31,6 +31,7 @@ from kubernetes import client as k8s
 
 import crds
 from specs import TrainSpec
+from storage.endpoints import probe
 from training import pods
 from training.backends.cluster import ClusterBackend, TrainingJobInvalid
 from training.pods import CREDENTIAL_ENV
@@ -212,7 +213,10 @@ class PyTorchJobBackend(ClusterBackend):
         if self._client is None:  # created on first use: a dry run needs no cluster credentials
             from kubeflow.training import TrainingClient
 
-            self._client = TrainingClient(client_configuration=self._configuration, namespace=self.namespace)
+            client = TrainingClient(client_configuration=self._configuration, namespace=self.namespace)
+            configuration = client.custom_api.api_client.configuration
+            probe("the Kubernetes API", configuration.host, proxy=configuration.proxy)  # seconds, not minutes
+            self._client = client
         return self._client
 
     def build(self, name, args, env, annotations):

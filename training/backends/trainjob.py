@@ -49,6 +49,7 @@ from urllib3.exceptions import HTTPError
 
 import storage
 from specs import TrainSpec
+from storage.endpoints import probe
 from training import pods
 from training.backends.base import ENTRY_MODULE
 from training.backends.cluster import ClusterBackend, TrainingJobInvalid, one_line
@@ -317,6 +318,7 @@ class TrainJobBackend(ClusterBackend):
                     config.load_incluster_config(client_configuration=configuration)
                 else:
                     config.load_kube_config(client_configuration=configuration)
+            probe("the Kubernetes API", configuration.host, proxy=configuration.proxy)  # seconds, not minutes
             self._api_client = k8s.ApiClient(configuration)
         return self._api_client
 
