@@ -68,4 +68,7 @@ class DatasetSpec(Strict):
             raise ValueError(f"columns listed as both numeric and categorical: {sorted(overlap)}")
         if self.target in self.features.columns:
             raise ValueError(f"target {self.target!r} is also listed as a feature")
+        if self.id_column and self.id_column in (self.target, *self.features.columns):
+            # serving accepts and echoes the id beside the features: it cannot be one (or the label)
+            raise ValueError(f"id_column {self.id_column!r} is also the target or a feature")
         return self

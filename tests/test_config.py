@@ -100,6 +100,13 @@ def test_file_source_needs_a_table_uri(config_dir):
         load_settings("local", config_dir)
 
 
+def test_the_id_column_cannot_be_a_feature_or_the_target(config_dir):
+    # Serving accepts and echoes the id beside the features; as a feature too it would be both.
+    patch(config_dir, "local", {"dataset": {"id_column": "income"}})
+    with pytest.raises(ConfigError, match="config/local.yaml: dataset: id_column 'income' is also the target or a f"):
+        load_settings("local", config_dir)
+
+
 def test_unknown_env_missing_file_and_broken_yaml(config_dir):
     with pytest.raises(ConfigError, match="unknown environment 'qa': .*; environments: dev, local, prod, staging"):
         load_settings("qa", config_dir)
