@@ -4,7 +4,6 @@ Heavy libraries (torch, mlflow, GX, kfp) load only in the commands that need the
 `flywheel --help` and `flywheel config` stay instant."""
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -18,10 +17,29 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # downloads of a model directory
+# A server that is not there is one line within seconds, not minutes of client retries (storage/endpoints.py).
+os.environ.setdefault("FLYWHEEL_FAIL_FAST", "1")
 
 from pipelines.config import ConfigError, environments, load_settings
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n\n")[0])
+
+class _Commands(typer.core.TyperGroup):
+    """Every command: a server that cannot be reached (MLflow, KFP, the Kubernetes API) is one
+    line, `error: cannot reach MLflow at URL (what for): why`, and exit 1, never a traceback."""
+
+    def invoke(self, ctx):
+        from storage.endpoints import Unreachable
+
+        try:
+            return super().invoke(ctx)
+        except Unreachable as err:
+            fail(str(err))
+
+
+# rich_markup_mode=None: typer 0.29's rich help panel prints every flag's type (`<bool>`, also
+# for --help), its plain formatter leaves flags bare (typer/core.py, TyperOption.get_help_record).
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n\n")[0], cls=_Commands,
+                  context_settings={"help_option_names": ["-h", "--help"]}, rich_markup_mode=None)
 
 EnvOption = typer.Option("local", "--env", "-e", help=f"Environment (config/<env>.yaml): {', '.join(environments())}")
 
@@ -51,11 +69,12 @@ def check() -> None:
     """Validate every environment's config, and its arguments against each pipeline's signature."""
     from pipelines.registry import check_all
 
-    problems = check_all()
+    notes: dict[str, list[str]] = {}
+    problems = check_all(notes=notes)
     for env, errors in problems.items():
         status = typer.style("ok", fg="green") if not errors else typer.style("FAILED", fg="red")
         typer.echo(f"{env:8} {status}")
-        for error in errors:
+        for error in [*errors, *(f"note: {note}" for note in notes.get(env, []))]:
             typer.echo(f"  {error}")
     if any(problems.values()):
         raise typer.Exit(1)
@@ -64,7 +83,7 @@ def check() -> None:
 @app.command()
 def data(
     env: str = EnvOption,
-    rows: Optional[int] = typer.Option(None, help="rows to generate (reference task); default from config"),
+    rows: Optional[int] = typer.Option(None, min=1, help="rows to generate (reference task); default from config"),
     out: Path = typer.Option(..., help="output file: .csv, .csv.gz or .parquet"),
     seed: Optional[int] = typer.Option(None, help="generator seed; default from config"),
 ) -> None:
@@ -93,6 +112,7 @@ def train(
     import time
 
     from pipelines.training_pipeline import train_spec
+    from storage.endpoints import Unreachable
     from training.backends import TrainingFailed, backend_for
 
     settings = settings_or_exit(env)
@@ -108,7 +128,7 @@ def train(
                                       sort_keys=False), nl=False)
             return
         metadata = backend.train(_cli_job(settings, spec, run_dir, stamp, write=True))
-    except (TrainingFailed, ValueError) as err:
+    except (TrainingFailed, ValueError, Unreachable) as err:
         fail(str(err))
     except Exception as err:
         fail(f"{type(err).__name__}: {err}".splitlines()[0])
@@ -175,6 +195,11 @@ def run(
     settings = settings_or_exit(env)
     if not settings.embedded:
         fail(f"env {env!r} runs on a cluster (kfp.host is set); use 'flywheel submit training --env {env}'")
+    from pipelines.config import column_problems
+
+    columns, _ = column_problems(settings)  # before minutes of tuning and training, not after
+    if columns:
+        fail("\n".join(columns))
     import time
 
     from rich.console import Console
@@ -222,67 +247,63 @@ def submit(
 @app.command()
 def schedule(
     env: str = EnvOption,
-    dry_run: bool = typer.Option(False, "--dry-run", help="print the changes without applying them"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="print the changes without applying them (offline: "
+                                                          "what config declares)"),
 ) -> None:
     """Reconcile ENV's KFP recurring runs (retraining, monitoring check) with config (create/update/delete)."""
-    from pipelines.kfp_client import SubmitError
-    from pipelines.schedule import reconcile_schedules
+    from pipelines.kfp_client import KfpUnreachable, SubmitError
+    from pipelines.schedule import declared_plan, reconcile_schedules
 
     settings = settings_or_exit(env)
+    offline = None
     try:
         changes = reconcile_schedules(settings, dry_run=dry_run)
+    except KfpUnreachable as err:
+        if not dry_run:
+            fail(str(err))
+        changes, offline = declared_plan(settings), err
     except SubmitError as err:
         fail(str(err))
     for change in changes:
         typer.echo(str(change))
+    if offline is not None:
+        typer.secho(f"note: not compared with the server: {offline}", fg="yellow", err=True)
 
 
 @app.command()
 def serve(
     env: str = EnvOption,
     port: int = typer.Option(8080, help="the transformer's HTTP port (v1 and v2 REST)"),
+    poll_seconds: float = typer.Option(5.0, "--poll-seconds", min=0.2,
+                                       help="how often the champion alias is read; when it moves, serve the new one"),
+    sink: bool = typer.Option(True, "--sink/--no-sink",
+                              help="log payloads to a monitor sink started beside it (when the env logs none)"),
 ) -> None:
-    """Serve ENV's champion on this machine until Ctrl-C: transformer on PORT, predictor beside it."""
+    """Serve ENV's champion on this machine until Ctrl-C, following the registry's champion alias."""
     import signal
-    import tempfile
-    import time
 
-    from pipelines.serving import example_records, local_champion
-    from serving.local import LocalServing, ServingFailed
+    from pipelines.local_serve import Follower
 
     settings = settings_or_exit(env)
     if not settings.embedded:
         fail(f"env {env!r} serves on a cluster; use `flywheel deploy --env {env}`")
-    with tempfile.TemporaryDirectory(prefix="flywheel-serve-") as tmp:
+    follower = Follower(settings, port, poll_seconds=poll_seconds, sink=sink, echo=typer.echo)
+    signal.signal(signal.SIGTERM, _interrupt)  # a supervisor's stop is a Ctrl-C: every server stops
+    try:
         try:
-            version, model_dir = local_champion(settings, tmp)
-        except LookupError as err:
+            follower.start()
+        except (LookupError, RuntimeError, OSError) as err:  # no champion, a server or the sink did not start
             fail(str(err))
-        serving = LocalServing(model_dir, settings.mlflow.registered_model, settings.serving, Path("runs") / "serve",
-                               http_port=port, decision_threshold=settings.evaluation.decision_threshold,
-                               model_version=version)
-        signal.signal(signal.SIGTERM, _interrupt)  # a supervisor's stop is a Ctrl-C: both servers stop
-        try:
-            serving.start()
-        except ServingFailed as err:
-            fail(str(err))
-        try:
-            name = settings.mlflow.registered_model
-            record = json.dumps({"instances": example_records(settings, rows=1)})
-            ports = serving.ports
-            typer.echo(f"serving {name} v{version}\n"
-                       f"  transformer  {serving.url} (v1, v2 REST), gRPC 127.0.0.1:{ports['transformer_grpc']}\n"
-                       f"  predictor    {serving.predictor_url}, gRPC 127.0.0.1:{ports['predictor_grpc']}\n"
-                       f"  logs         runs/serve/\n"
-                       f"try:\n  curl -s {serving.url}/v1/models/{name}:predict -H 'content-type: application/json' "
-                       f"-d '{record}'\nCtrl-C stops both servers.")
-            while all(process.alive() for process in serving.processes):
-                time.sleep(0.5)
-            fail("a server exited: see runs/serve/*.log")
-        except KeyboardInterrupt:
-            typer.echo("stopping")
-        finally:
-            serving.stop()
+        typer.echo(follower.banner())
+        follower.run()
+    except typer.Exit:  # click's Exit is a RuntimeError: the inner fail() has said it all
+        raise
+    except RuntimeError as err:
+        fail(str(err))
+    except KeyboardInterrupt:
+        typer.echo("stopping")
+    finally:
+        follower.stop()
 
 
 def _interrupt(*_) -> None:
@@ -293,34 +314,52 @@ def _interrupt(*_) -> None:
 def deploy(
     env: str = EnvOption,
     dry_run: bool = typer.Option(False, "--dry-run", help="print the InferenceService, apply nothing"),
+    model_uri: Optional[str] = typer.Option(None, "--model-uri", help="with --dry-run: render for this model "
+                                            "directory (s3://..., no registry needed) instead of the champion"),
+    version: Optional[str] = typer.Option(None, "--version", help="with --dry-run: the model version to render "
+                                          "(without --model-uri, read from the registry)"),
 ) -> None:
     """Deploy ENV's champion: an InferenceService on a cluster (rollout, smoke test), or smoke-tested here."""
     import yaml
 
-    from pipelines.serving import deploy_champion, plan_champion
+    from pipelines.serving import deploy_champion, describe, plan_champion
 
     settings = settings_or_exit(env)
+    if (model_uri or version) and not dry_run:
+        fail("--model-uri and --version go with --dry-run: a deploy serves the registry's champion")
     try:
-        if dry_run:
+        if dry_run and not (model_uri or version):
             typer.echo(yaml.safe_dump(plan_champion(settings), sort_keys=False), nl=False)
+            return
+        if dry_run:
+            from pipelines.training_pipeline import deploy_spec
+            from serving.deploy import UNVERSIONED, plan_model
+
+            isvc = plan_model(deploy_spec(settings), version or UNVERSIONED, settings.mlflow.tracking_uri,
+                              model_uri=model_uri)
+            typer.echo(yaml.safe_dump(isvc, sort_keys=False), nl=False)
             return
         live = deploy_champion(settings)
     except (LookupError, ValueError, RuntimeError) as err:
         fail(str(err))
-    typer.echo(f"live: {live['live']} ({live['outcome']}) {live['url']}\n{live['detail']}")
+    typer.echo(describe(live))
 
 
 @app.command()
-def rollback(env: str = EnvOption) -> None:
-    """Serve ENV's previous champion again and make it the champion in the registry."""
-    from pipelines.serving import roll_back
+def rollback(
+    env: str = EnvOption,
+    to: Optional[str] = typer.Option(None, "--to", help="serve this version instead (also a newer one: roll "
+                                                       "forward); clears its rolled_back tag"),
+) -> None:
+    """Serve ENV's previous champion again (or version --to) and make it the champion in the registry."""
+    from pipelines.serving import describe, roll_back
 
     settings = settings_or_exit(env)
     try:
-        live = roll_back(settings)
+        live = roll_back(settings, to=to)
     except (LookupError, ValueError, RuntimeError) as err:
         fail(str(err))
-    typer.echo(f"live: {live['live']} ({live['outcome']}) {live['url']}\n{live['detail']}")
+    typer.echo(describe(live))
 
 
 @app.command()
@@ -354,6 +393,9 @@ def monitor(
             fail(str(err))
     try:
         frame = read_window(spec.sink.root, model_version=version, rows=window or spec.window_rows)
+        if frame.empty:  # nothing to compare: every feature would read as 100% missing
+            typer.echo(f"no traffic logged for {settings.mlflow.registered_model} v{version} under {spec.sink.root}")
+            return
         result = run_check(frame, profile, spec, settings.dataset.features, model_version=version,
                            root=spec.sink.root, suite=suite_for(settings), labels=label_mapping(metadata), env=env)
     except (OSError, ValueError) as err:

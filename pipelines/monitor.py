@@ -19,19 +19,28 @@ def _number(value, digits: int = 3) -> str:
 
 
 def drift_table(report, title: str):
-    """A rich Table: one row per feature (PSI, test, adjusted p, missing rates, drifted, why),
-    then the prediction and live-AUC rows."""
+    """A rich renderable that fits 80 columns: the table (one row per feature: PSI, test and its
+    statistic, adjusted p, missing % live/training, drifted; then the prediction and live-AUC
+    rows) and, under it, each flagged feature's reasons as plain lines (a reasons column would
+    wrap into a sliver at 80 columns: rich shrinks the widest column first)."""
+    from rich import box
+    from rich.console import Group
     from rich.table import Table
+    from rich.text import Text
 
-    table = Table(title=title)
-    for column in ("feature", "kind", "PSI", "test", "statistic", "p adj.", "missing live/train", "drifted", "why"):
-        table.add_column(column, overflow="fold")
+    table = Table(title=title, box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False)
+    for column, justify in (("feature", "left"), ("kind", "left"), ("PSI", "right"), ("test", "left"),
+                            ("p adj.", "right"), ("missing %", "right"), ("drift", "left")):
+        table.add_column(column, justify=justify, no_wrap=True, overflow="ellipsis")
     for f in report.features:
-        table.add_row(f.feature, f.kind, _number(f.psi), f.test or "-", _number(f.statistic), _number(f.p_adjusted),
-                      f"{f.missing_rate:.1%} / {f.reference_missing_rate:.1%}",
-                      "[red]yes[/red]" if f.drifted or f.missing_breach else "no", "; ".join(f.reasons))
-    table.add_row("(prediction)", "score", _number(report.prediction_psi), "", "", "", "", "", "")
+        test = f"{f.test} {_number(f.statistic)}" if f.test else "-"
+        table.add_row(f.feature, "num" if f.kind == "numeric" else "cat" if f.kind == "categorical" else f.kind,
+                      _number(f.psi), test, _number(f.p_adjusted),
+                      f"{f.missing_rate * 100:.1f}/{f.reference_missing_rate * 100:.1f}",
+                      "[red]yes[/red]" if f.drifted or f.missing_breach else "no")
+    table.add_row("(prediction)", "score", _number(report.prediction_psi), "", "", "", "")
     if report.live_roc_auc is not None:
-        table.add_row("(live ROC AUC)", f"{report.truth_rows:,} labelled", _number(report.live_roc_auc), "", "", "",
-                      "", "", "")
-    return table
+        table.add_row("(live ROC AUC)", "", _number(report.live_roc_auc), f"n={report.truth_rows:,}", "", "", "")
+    reasons = [Text.assemble((f.feature, "bold"), ": ", "; ".join(f.reasons))
+               for f in report.features if f.reasons]
+    return Group(table, *reasons)

@@ -183,3 +183,92 @@ def _unreachable(err: BaseException) -> bool:
             return True
         err = err.__cause__ or err.__context__
     return False
+
+
+# ---- rollback and roll forward ------------------------------------------------------------------
+# Each version promoted by `register_model` carries a `previous_champion` tag (the champion it
+# replaced): that chain is the champion history. `roll_back` walks it and never re-promotes a
+# version tagged `rolled_back`, so rolling back twice goes further back, never in a circle;
+# `promote_version` (roll forward, or any explicit choice) is the only way to bring such a version
+# back, and it clears the tag.
+
+ROLLED_BACK, PREVIOUS_TAG = "rolled_back", "previous_champion"
+
+
+class NothingToRollBack(ValueError):
+    """The champion has no earlier champion that was not rolled back."""
+
+
+def _versions(client, registered_model: str) -> tuple[dict, dict]:
+    """(aliases, {version: tags}) of a registered model, version numbers as strings."""
+    aliases = {alias: str(v) for alias, v in client.get_registered_model(registered_model).aliases.items()}
+    tags = {str(mv.version): dict(mv.tags) for mv in client.search_model_versions(f"name='{registered_model}'")}
+    return aliases, tags
+
+
+def _earlier(tags: dict, start: str | None, skip: set[str]) -> str | None:
+    """The first version along the `previous_champion` chain from `start` (itself included) that
+    exists, is not rolled back and is not in `skip`; None when the chain ends first."""
+    seen = set(skip)
+    while start is not None and start not in seen:
+        seen.add(start)
+        if start in tags and tags[start].get(ROLLED_BACK) != "true":
+            return start
+        start = (tags.get(start) or {}).get(PREVIOUS_TAG)
+    return None
+
+
+def rollback_target(tracking_uri: str, registered_model: str) -> tuple[str, str]:
+    """(version a rollback would serve, the current champion); NothingToRollBack when there is none."""
+    from stages.versions import PREVIOUS_CHAMPION
+
+    aliases, tags = _versions(_client(tracking_uri), registered_model)
+    current = aliases.get(CHAMPION)
+    if current is None:
+        raise NothingToRollBack(f"{registered_model} has no champion: nothing to roll back")
+    target = _earlier(tags, aliases.get(PREVIOUS_CHAMPION), {current})
+    if target is None:
+        raise NothingToRollBack(
+            f"nothing older to roll back to: {registered_model} v{current} is the champion and no earlier champion "
+            "is left that was not rolled back; `flywheel rollback --to N` serves a version you choose")
+    return target, current
+
+
+def roll_back(tracking_uri: str, registered_model: str, target: str, current: str) -> str | None:
+    """Make `target` the champion instead of `current` (tagged rolled_back); `previous-champion`
+    moves to the next earlier champion along the history, or goes when there is none. Returns it."""
+    from stages.versions import PREVIOUS_CHAMPION
+
+    client = _client(tracking_uri)
+    client.set_registered_model_alias(registered_model, CHAMPION, target)  # never without a champion
+    client.set_model_version_tag(registered_model, current, ROLLED_BACK, "true")
+    _, tags = _versions(client, registered_model)
+    previous = _earlier(tags, tags.get(target, {}).get(PREVIOUS_TAG), {target, current})
+    if previous is None:
+        client.delete_registered_model_alias(registered_model, PREVIOUS_CHAMPION)
+    else:
+        client.set_registered_model_alias(registered_model, PREVIOUS_CHAMPION, previous)
+    return previous
+
+
+def check_version(tracking_uri: str, registered_model: str, version: str) -> str:
+    """`version` as the registry spells it; ValueError naming the versions there are when it is not one."""
+    _, tags = _versions(_client(tracking_uri), registered_model)
+    if str(version) not in tags:
+        known = ", ".join(sorted(tags, key=int)) or "none"
+        raise ValueError(f"{registered_model} has no version {version!r} (versions: {known})")
+    return str(version)
+
+
+def promote_version(tracking_uri: str, registered_model: str, version: str) -> str | None:
+    """Make `version` the champion (roll forward, or back to a version of your choice): the old
+    champion becomes `previous-champion` and the history records it; a `rolled_back` tag on
+    `version` is cleared. Returns the old champion (None when `version` already was)."""
+    client = _client(tracking_uri)
+    version = check_version(tracking_uri, registered_model, version)
+    previous = _set_champion(client, registered_model, version)
+    if previous is not None:
+        client.set_model_version_tag(registered_model, version, PREVIOUS_TAG, previous)
+    if ROLLED_BACK in client.get_model_version(registered_model, version).tags:
+        client.delete_model_version_tag(registered_model, version, ROLLED_BACK)
+    return previous

@@ -123,7 +123,39 @@ def test_run_stops_on_bad_data_with_the_reason_and_the_log_path(config_dir, tmp_
     error = done.stderr
     assert "local pipeline failed" in error and "validate-op" in error
     assert "ValidationFailed" in error and "income" in error, "the reason, not just the task name"
-    assert "validate-op/report" in error, "points at the HTML report"
+    assert "validate-op/report.html" in error, "points at the HTML report"
     log = next((tmp_path / "runs" / "local").glob("run-*.log"))
     assert str(log) in error.replace("\n", "")
     assert "Traceback" not in error
+
+
+def _commands(group, path=()):
+    import typer.main
+
+    command = typer.main.get_command(group) if not hasattr(group, "commands") else group
+    for name, sub in command.commands.items():
+        if hasattr(sub, "commands"):
+            yield from _commands(sub, (*path, name))
+        else:
+            yield (*path, name)
+
+
+def test_every_command_takes_h_and_its_help_shows_no_type_placeholder_for_flags():
+    commands = list(_commands(app))
+    assert ("deploy",) in commands and ("expectations", "suggest") in commands
+    for path in [(), *commands]:
+        short, long = runner.invoke(app, [*path, "-h"]), runner.invoke(app, [*path, "--help"])
+        assert short.exit_code == 0, (path, short.output)
+        assert short.output == long.output
+        assert "<bool>" not in short.output, (path, short.output)
+    deploy_help = runner.invoke(app, ["deploy", "-h"]).output
+    assert "--dry-run " in deploy_help and "--model-uri <str>" in deploy_help
+
+
+def test_data_refuses_zero_or_negative_rows_naming_the_option(tmp_path):
+    for rows in ("0", "-5"):
+        out = tmp_path / "sample.csv"
+        result = runner.invoke(app, ["data", "--env", "local", "--rows", rows, "--out", str(out)])
+        assert result.exit_code != 0
+        assert "Invalid value for '--rows'" in result.output and "greater than or equal to 1" in result.output
+        assert not out.exists()

@@ -438,5 +438,5 @@ def test_evaluate_gate_register_through_kfp_local(world, tmp_path):
     assert gate_meta["reason"].startswith("tie within margin") and gate_meta["champion_version"] == "1"
     assert gate_meta["champion_roc_auc"] == pytest.approx(gate_meta["candidate_roc_auc"])
     assert aliases(tracking["tracking_uri"], tracking["registered_model"]) == {"champion": "1"}
-    report = glob.glob(str(tmp_path / "run2" / "**" / "gate-op" / "report"), recursive=True)
+    report = glob.glob(str(tmp_path / "run2" / "**" / "gate-op" / "report.html"), recursive=True)
     assert report and "Decision: REJECT" in Path(report[0]).read_text()

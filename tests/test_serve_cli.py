@@ -114,21 +114,32 @@ def test_deploy_smoke_tests_the_champion_on_loopback(use_config):
 
 
 @pytest.mark.slow
-def test_rollback_serves_the_previous_champion_and_makes_it_the_champion(use_config):
+def test_rollback_serves_the_previous_champion_and_makes_it_the_champion(use_config, tmp_path, monkeypatch):
     tracking, _ = use_config
+    monkeypatch.chdir(tmp_path)  # no `flywheel serve` state here: nothing serves it afterwards
     assert aliases(tracking) == {CHAMPION: "2", PREVIOUS_CHAMPION: "1"}
     # When the user rolls back
     result = runner.invoke(cli.app, ["rollback", "--env", "local"])
     # Then v1 was served and smoke-tested, and the registry says v1 is the champion again
     assert result.exit_code == 0, result.output
-    assert f"live: {NAME} v1" in result.output
-    assert aliases(tracking) == {CHAMPION: "1", PREVIOUS_CHAMPION: "2"}
+    assert result.output.startswith(f"live: {NAME} v1 (served)\n"), result.output  # no URL of a stopped server
+    assert "nothing serves it here now: `flywheel serve --env local` does" in result.output
+    assert aliases(tracking) == {CHAMPION: "1"}  # v1 has no earlier champion
     from stages.tracking import _client
 
     assert _client(tracking).get_model_version(NAME, "2").tags.get("rolled_back") == "true"
-    # And rolling back again returns to v2 (the aliases swap)
-    assert runner.invoke(cli.app, ["rollback", "--env", "local"]).exit_code == 0
+    # And rolling back again does not flip-flop back to the rolled-back v2
+    again = runner.invoke(cli.app, ["rollback", "--env", "local"])
+    assert again.exit_code == 1 and "nothing older to roll back to" in again.output, again.output
+    assert aliases(tracking) == {CHAMPION: "1"}
+    # And rolling forward to v2 restores it, untagged
+    forward = runner.invoke(cli.app, ["rollback", "--env", "local", "--to", "2"])
+    assert forward.exit_code == 0 and f"live: {NAME} v2 (served)" in forward.output, forward.output
     assert aliases(tracking) == {CHAMPION: "2", PREVIOUS_CHAMPION: "1"}
+    assert "rolled_back" not in _client(tracking).get_model_version(NAME, "2").tags
+    # And a version that does not exist is refused by name
+    unknown = runner.invoke(cli.app, ["rollback", "--env", "local", "--to", "9"])
+    assert unknown.exit_code == 1 and "has no version '9' (versions: 1, 2)" in unknown.output, unknown.output
 
 
 def test_deploy_dry_run_prints_the_inferenceservice_for_the_champion(use_config):
