@@ -29,6 +29,9 @@ run: $(STAMP) ## Run the whole lifecycle on the embedded `local` environment
 test: lint $(STAMP) ## Lint (ruff, layer contracts), then run the test suite
 	$(BIN)/pytest $(PYTEST_ARGS)
 
+test-fast: lint $(STAMP) ## The inner loop: lint, then every test not marked `slow` (no pipelines, no multi-process jobs)
+	$(BIN)/pytest -m "not slow" $(PYTEST_ARGS)
+
 lint: $(STAMP) ## ruff, and the import contracts that keep each layer off the ones above it
 	$(BIN)/ruff check --quiet .
 	$(BIN)/lint-imports --no-cache
@@ -52,4 +55,4 @@ bench: $(STAMP) ## Run the benchmarks (validation, training, serving under wrk, 
 clean: ## Remove generated files (keeps .venv)
 	rm -rf dist runs mlruns .pytest_cache
 
-.PHONY: help venv run test lint check compile bench render clean
+.PHONY: help venv run test test-fast lint check compile bench render clean

@@ -25,24 +25,22 @@ def train_op(train_data: Input[Dataset], train_spec: dict, dataset_spec: dict, r
     """
     from specs import DatasetSpec, TrackingSpec, TrainSpec
     from stages.tracking import DatasetRef, log_training_run, record_run
-    from training.backends import TrainingJob, backend_for, entry_spec, job_name
+    from training.backends import backend_for, build_job
 
     # KFP passes STRUCT parameters through protobuf, where every number is a double: re-validate.
     spec, dataset = TrainSpec.model_validate(train_spec), DatasetSpec.model_validate(dataset_spec)
-    name = job_name("train", run_id)
-    lineage = {"data_hash": train_data.metadata.get("content_hash", ""),
-               "source_hash": train_data.metadata.get("source_hash", ""), "pipeline_run": run_id, "job_name": name}
-    job = TrainingJob(name, train_data.path, train_data.uri,
-                      entry_spec(spec, dataset, train_data.metadata.get("labels"), lineage),
-                      model_dir=model.path, annotations={"flywheel/pipeline-run": run_id})
+    job = build_job(spec, dataset, kind="train", run_id=run_id, data_path=train_data.path, data_uri=train_data.uri,
+                    data_metadata=dict(train_data.metadata), model_dir=model.path)
+    name, lineage = job.name, job.entry_spec["lineage"]
     metadata = backend_for(spec).train(job)
-    model.metadata.update({"framework": "pytorch", "job_name": name, "data_hash": lineage["data_hash"],
+    model.metadata.update({"framework": "pytorch", "job_name": name, "data_hash": lineage.get("data_hash", ""),
                            "hyperparameters": metadata["hyperparameters"], "metrics": metadata["metrics"],
                            "labels": metadata.get("labels"), "world_size": metadata["world_size"],
                            "backend": spec.backend})
     if tracking:
-        data = DatasetRef(train_data.uri, lineage["data_hash"], context="training", name="train", path=train_data.path,
-                          rows=train_data.metadata.get("rows"), source_hash=lineage["source_hash"])
+        data = DatasetRef(train_data.uri, lineage.get("data_hash", ""), context="training", name="train",
+                          path=train_data.path, rows=train_data.metadata.get("rows"),
+                          source_hash=lineage.get("source_hash", ""))
         mlflow_run = log_training_run(TrackingSpec.model_validate(tracking), spec.env, metadata, [data], model.uri,
                                       backend=spec.backend)
         record_run(model.path, mlflow_run)

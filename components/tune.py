@@ -56,17 +56,16 @@ def trial_op(train_data: Input[Dataset], train_spec: dict, dataset_spec: dict, t
     """
     from specs import DatasetSpec, TrainSpec, TuningSpec
     from stages.tuning import trial_spec, typed
-    from training.backends import TrainingJob, backend_for, entry_spec, job_name
+    from training.backends import backend_for, build_job
 
     params = typed(trial["params"])
     spec = trial_spec(TrainSpec.model_validate(train_spec), TuningSpec.model_validate(tuning_spec), params,
                       int(budget_factor))
     number = int(trial["trial"])
-    name = job_name("trial", run_id, number, f"r{int(budget_factor)}")
-    lineage = {"data_hash": train_data.metadata.get("content_hash", ""), "pipeline_run": run_id, "job_name": name}
-    job = TrainingJob(name, train_data.path, train_data.uri,
-                      entry_spec(spec, DatasetSpec.model_validate(dataset_spec), train_data.metadata.get("labels"),
-                                 lineage), annotations={"flywheel/pipeline-run": run_id})
+    # No model_dir: a trial's model is scratch, its metrics are the result.
+    job = build_job(spec, DatasetSpec.model_validate(dataset_spec), kind="trial", run_id=run_id,
+                    data_path=train_data.path, data_uri=train_data.uri, data_metadata=dict(train_data.metadata),
+                    parts=(number, f"r{int(budget_factor)}"))
     metadata = backend_for(spec).train(job)
     return {"trial": number, "params": params, "epochs": spec.hyperparameters.epochs,
             **{k: metadata["metrics"][k] for k in ("val_roc_auc", "val_loss")}, "history": metadata.get("history", [])}

@@ -1,7 +1,8 @@
 """The official CRD schemas Flywheel's cluster objects are held to, and the validator.
 
-The YAML files beside this module are copies of the upstream CRDs (Training Operator v1's
-PyTorchJob, KServe's InferenceService), shipped as package data so validation works in the image.
+The YAML files beside this module are byte-for-byte copies of the upstream CRDs (Training
+Operator v1's PyTorchJob, KServe's InferenceService; `upstream.yaml` records each one's URL,
+version and sha256), shipped as package data so validation works in the image.
 The API server prunes unknown fields silently; here they are errors, so a typo fails at render
 time instead of becoming a missing setting on the cluster.
 """
@@ -18,6 +19,8 @@ INFERENCESERVICE = "serving.kserve.io_inferenceservices.yaml"
 
 
 PACKAGED_CRD_DIR = Path(__file__).resolve().parent  # package data: present wherever flywheel is installed
+# Each copy's upstream URL, version, commit and sha256 (tests/test_crds.py holds the copies to it).
+UPSTREAM_MANIFEST = PACKAGED_CRD_DIR / "upstream.yaml"
 
 
 def crd_dir() -> Path:

@@ -8,11 +8,11 @@ from sklearn.metrics import roc_auc_score
 
 from model.loader import load_model
 from model.preprocessing import UNKNOWN, Preprocessor
+from pipelines.arguments import train_spec
 from pipelines.config import load_settings
-from pipelines.training_pipeline import train_spec
 from stages.dataset import ReferenceTask
 from storage.tables import write_table
-from training.backends import TrainingFailed, TrainingJob, backend_for, entry_spec
+from training.backends import TrainingFailed, TrainingJob, backend_for, build_job, entry_spec, job_name
 
 NUMERIC = ["age", "income"]
 CATEGORICAL = ["housing"]
@@ -26,6 +26,29 @@ def train_model(settings, data, model_dir, name, lineage=None, labels=None, log=
                       entry_spec(spec, settings.dataset, labels, {**(lineage or {}), "job_name": name}),
                       model_dir=str(model_dir))
     return backend_for(spec, log=log).train(job)
+
+
+def test_one_builder_describes_the_train_op_trial_and_cli_jobs():
+    # Given the local env's train spec and a split's Dataset artifact metadata
+    settings = load_settings("local")
+    spec = train_spec(settings)
+    labels = {"negative": 0, "positive": 1}
+    split_meta = {"labels": labels, "content_hash": "sha256:data", "source_hash": "sha256:snapshot", "rows": 10}
+    # When a tuning trial's job is built (scratch model: no model_dir)
+    trial = build_job(spec, settings.dataset, kind="trial", run_id="run-1", data_path="/d/train", data_uri="s3://b/train",
+                      data_metadata=split_meta, parts=(3, "r2"))
+    # Then its name keeps trial and rung apart, and lineage, annotations and labels reach the entry point
+    assert trial.name.startswith("flywheel-trial-") and "-3-r2-" in trial.name and trial.model_dir is None
+    assert (trial.data_path, trial.data_uri) == ("/d/train", "s3://b/train")
+    assert trial.annotations == {"flywheel/pipeline-run": "run-1"}
+    assert trial.entry_spec == entry_spec(spec, settings.dataset, labels, {
+        "data_hash": "sha256:data", "source_hash": "sha256:snapshot", "pipeline_run": "run-1", "job_name": trial.name})
+    # And a table the CLI wrote (labels only, no hashes) records no hashes; its name hashes name_seed
+    cli = build_job(spec, settings.dataset, kind="train", run_id="cli-20240101", data_path="runs/d.parquet",
+                    data_uri="runs/d.parquet", data_metadata={"labels": labels}, model_dir="runs/model",
+                    name_seed="cli-local-20240101")
+    assert cli.entry_spec["lineage"] == {"pipeline_run": "cli-20240101", "job_name": cli.name}
+    assert cli.model_dir == "runs/model" and cli.name[:-6] == job_name("train", "cli-local-20240101")[:-6]
 
 
 def test_preprocessor_handles_missing_and_unseen_values():

@@ -20,13 +20,14 @@ from sklearn.metrics import roc_auc_score
 from torch.utils.data.distributed import DistributedSampler
 
 from model.loader import load_model
+from pipelines.arguments import train_spec
 from pipelines.config import load_settings
-from pipelines.training_pipeline import train_spec
 from stages.dataset import ReferenceTask
 from storage.tables import write_table
 from training import train as entry
 from training.backends.base import entry_args, entry_spec
 from training.backends.torchrun import torchrun_command
+from training.checkpoint import CHECKPOINT
 from training.pods import TORCHRUN_ENV
 
 CHECKPOINT_LINE = re.compile(r"rank0 checkpoint written after epoch (\d+) ")
@@ -106,7 +107,7 @@ def test_crash_after_a_checkpoint_resumes_to_the_same_model(crash_epoch, small_d
         crash_after_checkpoint(patch, crash_epoch)
         with pytest.raises(Killed):
             entry.train(small_data, model_dir, spec)
-    assert os.path.exists(os.path.join(model_dir, entry.CHECKPOINT))
+    assert os.path.exists(os.path.join(model_dir, CHECKPOINT))
     assert not os.path.exists(os.path.join(model_dir, "metadata.json"))
 
     caplog.set_level(logging.INFO, logger="flywheel.train")
@@ -130,7 +131,7 @@ def test_crash_after_a_checkpoint_resumes_to_the_same_model(crash_epoch, small_d
 def test_a_checkpoint_from_another_run_is_not_resumed(small_data, tmp_path, caplog):
     model_dir = str(tmp_path / "model")
     entry.train(small_data, model_dir, {**make_spec(epochs=2), "keep_checkpoints": True})
-    assert os.path.exists(os.path.join(model_dir, entry.CHECKPOINT))
+    assert os.path.exists(os.path.join(model_dir, CHECKPOINT))
     caplog.set_level(logging.INFO, logger="flywheel.train")
     other = entry.train(small_data, model_dir, make_spec(epochs=2, seed=8))
     assert "belongs to another run" in caplog.text and "resumed from" not in caplog.text

@@ -4,7 +4,9 @@
 
 DistributedDataParallel over nccl on GPUs and gloo on CPU (chosen automatically),
 DistributedSampler sharding, bf16 autocast on GPU, early stopping on a validation split,
-deterministic seeds, and checkpoints that a restarted worker group resumes from.
+deterministic seeds, and checkpoints that a restarted worker group resumes from. `train` runs
+four steps: `prepare` (data, split, model), `resume` (a checkpoint of this run, if any), the epochs
+(`EpochLoop`) and `finish` (the best epoch's model and its metadata).
 
 Resuming is exact: a run killed after epoch k and restarted produces the same model as one that
 was never interrupted (bit for bit on CPU with the same world size), because everything an
@@ -24,7 +26,6 @@ epoch depends on is either in the checkpoint or derived from (seed, epoch, rank)
 from __future__ import annotations
 
 import argparse
-import hashlib
 import io
 import json
 import logging
@@ -47,10 +48,9 @@ from model.network import TabularNet
 from model.preprocessing import Preprocessor
 from model.profile import build_profile
 from storage.tables import read_table
+from training.checkpoint import CHECKPOINT, CHECKPOINT_FORMAT, fingerprint, load_checkpoint, save_checkpoint
 
 log = logging.getLogger("flywheel.train")
-CHECKPOINT = "checkpoints/last.pt"
-CHECKPOINT_FORMAT = 1
 
 
 @dataclass
@@ -152,39 +152,49 @@ def epoch_order(sampler: DistributedSampler, epoch: int) -> torch.Tensor:
     return torch.from_numpy(np.fromiter(iter(sampler), dtype=np.int64, count=len(sampler)))
 
 
-def fingerprint(data: bytes, spec: dict) -> str:
-    """What a checkpoint must match to be resumed from: the data's bytes, its schema, hyperparameters."""
-    digest = hashlib.sha256(data)
-    digest.update(json.dumps({k: spec.get(k) for k in ("dataset", "hyperparameters")}, sort_keys=True).encode())
-    return "sha256:" + digest.hexdigest()
-
-
-def load_checkpoint(uri: str, device: torch.device) -> dict | None:
-    if not storage.exists(uri):
-        return None
-    with storage.open_uri(uri) as handle:
-        return torch.load(io.BytesIO(handle.read()), map_location=device, weights_only=True)
-
-
-def save_checkpoint(uri: str, checkpoint: dict) -> None:
-    """Rank 0 only: write atomically, then say so (the log line is what operators and tests watch)."""
-    buffer = io.BytesIO()
-    torch.save(checkpoint, buffer)
-    storage.write_atomic(uri, buffer.getvalue())
-    log.info("checkpoint written after epoch %d (%s)", checkpoint["state"]["epoch"], uri)
-
-
 def train(data_uri: str, model_dir: str, spec: dict) -> dict:
     """Train on `data_uri`, write the model artifact to `model_dir`; returns the metadata."""
     ctx = setup_distributed(expect_gpu=bool(spec.get("expect_gpu", False)))
     try:
-        return _train(ctx, data_uri, model_dir, spec)
+        run = prepare(ctx, data_uri, spec)
+        checkpoint_uri = spec.get("checkpoint_uri") or storage.join(model_dir, CHECKPOINT)
+        state, resumed_from = resume(ctx, run, checkpoint_uri)
+        loop = EpochLoop(ctx, run, checkpoint_uri, spec.get("checkpoint_every_epochs", 1))
+        for epoch in range(state["epoch"], run.hp["epochs"]):
+            if state["stopped"] or loop.run_epoch(epoch, state):
+                break
+        return finish(ctx, run, state, resumed_from, model_dir, spec)
     finally:
         if ctx.backend:
             dist.destroy_process_group()
 
 
-def _train(ctx: Context, data_uri: str, model_dir: str, spec: dict) -> dict:
+@dataclass
+class Prepared:
+    """Everything the epochs read: the data on the device, its split, the model and its optimizer."""
+
+    spec: dict
+    run_id: str  # the checkpoint fingerprint (data bytes, schema, hyperparameters)
+    frame: object  # the training table (pandas), kept for the reference profile
+    mapping: LabelMapping
+    labels: np.ndarray
+    train_idx: np.ndarray
+    val_idx: np.ndarray
+    preprocessor: Preprocessor
+    num: torch.Tensor
+    cat: torch.Tensor
+    y: torch.Tensor
+    architecture: dict
+    model: TabularNet
+    optimizer: torch.optim.Optimizer
+
+    @property
+    def hp(self) -> dict:
+        return self.spec["hyperparameters"]
+
+
+def prepare(ctx: Context, data_uri: str, spec: dict) -> Prepared:
+    """Seed, read and split the data, fit the preprocessing, and build the model on the device."""
     dataset, hp = spec["dataset"], spec["hyperparameters"]
     numeric, categorical = dataset["features"]["numeric"], dataset["features"].get("categorical", [])
     target = dataset["target"]
@@ -216,84 +226,68 @@ def _train(ctx: Context, data_uri: str, model_dir: str, spec: dict) -> dict:
     )
     model = TabularNet(**architecture).to(ctx.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=hp["learning_rate"], weight_decay=hp["weight_decay"])
+    return Prepared(spec, fingerprint(raw, spec), frame, mapping, labels, train_idx, val_idx,
+                    preprocessor, num, cat, y, architecture, model, optimizer)
+
+
+def resume(ctx: Context, run: Prepared, checkpoint_uri: str) -> tuple[dict, int | None]:
+    """The early-stopping state to start from, and the epoch it was saved after (None: a fresh start).
+    A checkpoint of this run restores the model and optimizer in place; another run's is ignored."""
     state = {"epoch": 0, "best_loss": float("inf"), "best_state": None, "bad_epochs": 0, "stopped": False,
              "history": []}
-
-    run_id = fingerprint(raw, spec)
-    checkpoint_uri = spec.get("checkpoint_uri") or storage.join(model_dir, CHECKPOINT)
     saved = load_checkpoint(checkpoint_uri, ctx.device)
-    resumed_from = None
-    if saved is not None and saved.get("fingerprint") != run_id:
+    if saved is not None and saved.get("fingerprint") != run.run_id:
         if ctx.is_main:
             log.warning("ignoring the checkpoint at %s: it belongs to another run (other data or spec)",
                         checkpoint_uri)
         saved = None
-    if saved is not None:
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        state = saved["state"]
-        resumed_from = state["epoch"]
-        if ctx.is_main:
-            log.info("resumed from checkpoint after epoch %d (%s)%s", state["epoch"], checkpoint_uri,
-                     f"; world size {saved['world_size']} -> {ctx.world_size}"
-                     if saved["world_size"] != ctx.world_size else "")
+    if saved is None:
+        return state, None
+    run.model.load_state_dict(saved["model"])
+    run.optimizer.load_state_dict(saved["optimizer"])
+    state = saved["state"]
+    if ctx.is_main:
+        log.info("resumed from checkpoint after epoch %d (%s)%s", state["epoch"], checkpoint_uri,
+                 f"; world size {saved['world_size']} -> {ctx.world_size}"
+                 if saved["world_size"] != ctx.world_size else "")
+    return state, state["epoch"]
 
-    ddp = (DistributedDataParallel(model, device_ids=[ctx.device] if ctx.device.type == "cuda" else None)
-           if ctx.backend else model)
-    sampler = DistributedSampler(train_idx, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=hp["seed"])
-    train_rows = torch.from_numpy(train_idx).to(ctx.device)
-    batch_size = max(1, hp["batch_size"] // ctx.world_size)  # the global batch stays what config says
-    loss_fn = torch.nn.BCEWithLogitsLoss()
-    val_num, val_cat, val_y = num[val_idx], cat[val_idx], y[val_idx]
-    val_labels = labels[val_idx]
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=ctx.device.type == "cuda")
-    show_bar = ctx.is_main and sys.stderr.isatty()
-    every = spec.get("checkpoint_every_epochs", 1)
 
-    for epoch in range(state["epoch"], hp["epochs"]):
-        if state["stopped"]:
-            break
-        torch.manual_seed(epoch_seed(hp["seed"], epoch, ctx.rank))
-        ddp.train()
-        ctx.synchronize()
-        started = time.perf_counter()
-        rows = train_rows[epoch_order(sampler, epoch).to(ctx.device)]
-        e_num, e_cat, e_y = num[rows], cat[rows], y[rows]  # one gather per epoch, then views
-        loss_sum = torch.zeros((), device=ctx.device)
-        batches = range(0, len(rows), batch_size)
-        if show_bar:
-            from tqdm import tqdm
+class EpochLoop:
+    """One epoch at a time: train on this rank's shard, validate, decide on early stopping (rank 0's
+    decision holds) and checkpoint. Built after `resume`: DDP broadcasts rank 0's weights on wrapping."""
 
-            batches = tqdm(batches, desc=f"epoch {epoch + 1}/{hp['epochs']}", leave=False, file=sys.stderr)
-        for start in batches:
-            xb_num, xb_cat, yb = (e_num[start:start + batch_size], e_cat[start:start + batch_size],
-                                  e_y[start:start + batch_size])
-            with autocast:
-                logits = ddp(xb_num, xb_cat)
-            loss = loss_fn(logits.float(), yb)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            loss_sum.add_(loss.detach(), alpha=len(yb))
-        ctx.synchronize()
-        elapsed = time.perf_counter() - started
-        totals = torch.stack([loss_sum, torch.tensor(float(len(rows)), device=ctx.device)])
-        if ctx.backend:
-            dist.all_reduce(totals)
-        train_loss = float(totals[0] / totals[1])
+    def __init__(self, ctx: Context, run: Prepared, checkpoint_uri: str, every: int):
+        self.ctx, self.run, self.checkpoint_uri, self.every = ctx, run, checkpoint_uri, every
+        hp = run.hp
+        self.ddp = (DistributedDataParallel(run.model, device_ids=[ctx.device] if ctx.device.type == "cuda" else None)
+                    if ctx.backend else run.model)
+        self.sampler = DistributedSampler(run.train_idx, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True,
+                                          seed=hp["seed"])
+        self.train_rows = torch.from_numpy(run.train_idx).to(ctx.device)
+        self.batch_size = max(1, hp["batch_size"] // ctx.world_size)  # the global batch stays what config says
+        self.loss_fn = torch.nn.BCEWithLogitsLoss()
+        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=ctx.device.type == "cuda")
+        self.show_bar = ctx.is_main and sys.stderr.isatty()
+        self.val = run.num[run.val_idx], run.cat[run.val_idx], run.y[run.val_idx]  # gathered once
 
-        model.eval()
-        with torch.inference_mode(), autocast:
-            val_logits = model(val_num, val_cat).float()
-        val_loss = float(loss_fn(val_logits, val_y))
-        val_auc = roc_auc(val_labels, val_logits.cpu().numpy())
+    def run_epoch(self, epoch: int, state: dict) -> bool:
+        """Train and validate `epoch`, update `state` and checkpoint when due; True to stop early."""
+        ctx, run, hp = self.ctx, self.run, self.run.hp
+        train_loss, rows, elapsed = self._train_shard(epoch)
+        run.model.eval()
+        val_num, val_cat, val_y = self.val
+        with torch.inference_mode(), self.autocast:
+            val_logits = run.model(val_num, val_cat).float()
+        val_loss = float(self.loss_fn(val_logits, val_y))
+        val_auc = roc_auc(run.labels[run.val_idx], val_logits.cpu().numpy())
         improved = val_loss < state["best_loss"] - 1e-5
         if improved:
             state["best_loss"], state["bad_epochs"] = val_loss, 0
-            state["best_state"] = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+            state["best_state"] = {k: v.detach().to("cpu", copy=True) for k, v in run.model.state_dict().items()}
         else:
             state["bad_epochs"] += 1
-        samples_per_s = len(rows) * ctx.world_size / max(elapsed, 1e-9)
+        samples_per_s = rows * ctx.world_size / max(elapsed, 1e-9)
         state["epoch"] = epoch + 1
         state["history"].append({"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss,
                                  "val_roc_auc": val_auc, "samples_per_s": samples_per_s})
@@ -306,25 +300,60 @@ def _train(ctx: Context, data_uri: str, model_dir: str, spec: dict) -> dict:
         if ctx.is_main:
             log.info("epoch %d/%d train_loss=%.4f val_loss=%.4f val_auc=%.4f samples/s=%.0f%s", epoch + 1,
                      hp["epochs"], train_loss, val_loss, val_auc, samples_per_s, "" if improved else " (no gain)")
-        if (epoch + 1) % every == 0 or stop or epoch + 1 == hp["epochs"]:
+        if (epoch + 1) % self.every == 0 or stop or epoch + 1 == hp["epochs"]:
             if ctx.is_main:
-                save_checkpoint(checkpoint_uri, {
-                    "format": CHECKPOINT_FORMAT, "fingerprint": run_id, "world_size": ctx.world_size,
-                    "model": model.state_dict(), "optimizer": optimizer.state_dict(), "state": state,
+                save_checkpoint(self.checkpoint_uri, {
+                    "format": CHECKPOINT_FORMAT, "fingerprint": run.run_id, "world_size": ctx.world_size,
+                    "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(), "state": state,
                 })
             ctx.barrier()
-        if stop:
-            if ctx.is_main:
-                log.info("early stop: no validation gain for %d epochs", hp["patience"])
-            break
+        if stop and ctx.is_main:
+            log.info("early stop: no validation gain for %d epochs", hp["patience"])
+        return stop
 
+    def _train_shard(self, epoch: int) -> tuple[float, int, float]:
+        """One pass over this rank's rows: (mean train loss over all ranks, rows here, seconds)."""
+        ctx, run, hp, size = self.ctx, self.run, self.run.hp, self.batch_size
+        torch.manual_seed(epoch_seed(hp["seed"], epoch, ctx.rank))
+        self.ddp.train()
+        ctx.synchronize()
+        started = time.perf_counter()
+        rows = self.train_rows[epoch_order(self.sampler, epoch).to(ctx.device)]
+        e_num, e_cat, e_y = run.num[rows], run.cat[rows], run.y[rows]  # one gather per epoch, then views
+        loss_sum = torch.zeros((), device=ctx.device)
+        batches = range(0, len(rows), size)
+        if self.show_bar:
+            from tqdm import tqdm
+
+            batches = tqdm(batches, desc=f"epoch {epoch + 1}/{hp['epochs']}", leave=False, file=sys.stderr)
+        for start in batches:
+            xb_num, xb_cat, yb = e_num[start:start + size], e_cat[start:start + size], e_y[start:start + size]
+            with self.autocast:
+                logits = self.ddp(xb_num, xb_cat)
+            loss = self.loss_fn(logits.float(), yb)
+            run.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            run.optimizer.step()
+            loss_sum.add_(loss.detach(), alpha=len(yb))
+        ctx.synchronize()
+        elapsed = time.perf_counter() - started
+        totals = torch.stack([loss_sum, torch.tensor(float(len(rows)), device=ctx.device)])
+        if ctx.backend:
+            dist.all_reduce(totals)
+        return float(totals[0] / totals[1]), len(rows), elapsed
+
+
+def finish(ctx: Context, run: Prepared, state: dict, resumed_from: int | None, model_dir: str, spec: dict) -> dict:
+    """The best epoch's model with its metadata and reference profile, written by rank 0."""
+    dataset, hp = spec["dataset"], run.hp
+    numeric, categorical = dataset["features"]["numeric"], dataset["features"].get("categorical", [])
     best = state["history"][int(np.argmin([h["val_loss"] for h in state["history"]]))]
     metadata = {
         "framework": "pytorch",
         "torch_version": torch.__version__,
-        "target": target,
+        "target": dataset["target"],
         "id_column": dataset.get("id_column"),  # the transformer accepts and echoes it (not a feature)
-        "labels": mapping.to_dict(),
+        "labels": run.mapping.to_dict(),
         "features": {"numeric": numeric, "categorical": categorical},
         "hyperparameters": hp,
         "metrics": {"val_loss": best["val_loss"], "val_roc_auc": best["val_roc_auc"], "best_epoch": best["epoch"],
@@ -334,8 +363,8 @@ def _train(ctx: Context, data_uri: str, model_dir: str, spec: dict) -> dict:
         "world_size": ctx.world_size,
         "backend": ctx.backend or "single-process",
         "device": ctx.device.type,
-        "train_rows": len(train_idx),
-        "validation_rows": len(val_idx),
+        "train_rows": len(run.train_idx),
+        "validation_rows": len(run.val_idx),
         "resumed_from_epoch": resumed_from,
         **spec.get("lineage", {}),
     }
@@ -343,15 +372,16 @@ def _train(ctx: Context, data_uri: str, model_dir: str, spec: dict) -> dict:
         raise ValueError(f"validation loss was never finite ({[h['val_loss'] for h in state['history']]}): "
                          "check the data for infinities and the learning rate")
     if ctx.is_main:
+        model = run.model
         model.load_state_dict(state["best_state"])
         # What monitoring compares live traffic with: the training rows' features and the best
         # model's scores on the validation split (the last epoch's logits may be another model's).
         model.eval()
         with torch.inference_mode():
-            val_scores = torch.sigmoid(model(val_num, val_cat).float()).cpu().numpy()
-        metadata[PROFILE_KEY] = build_profile(frame.iloc[train_idx], numeric, categorical, val_scores,
-                                              val_labels)
-        save_model(model_dir, model.cpu(), architecture, preprocessor, metadata)
+            val_scores = torch.sigmoid(model(run.num[run.val_idx], run.cat[run.val_idx]).float()).cpu().numpy()
+        metadata[PROFILE_KEY] = build_profile(run.frame.iloc[run.train_idx], numeric, categorical, val_scores,
+                                              run.labels[run.val_idx])
+        save_model(model_dir, model.cpu(), run.architecture, run.preprocessor, metadata)
         if not spec.get("keep_checkpoints", False):
             storage.remove(storage.join(model_dir, "checkpoints"))
         log.info("model written to %s", model_dir)

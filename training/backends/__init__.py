@@ -9,7 +9,7 @@ from __future__ import annotations
 from importlib import import_module
 
 from specs import TrainSpec
-from training.backends.base import TrainingBackend, TrainingFailed, TrainingJob, entry_spec, job_name
+from training.backends.base import TrainingBackend, TrainingFailed, TrainingJob, build_job, entry_spec, job_name
 
 _BACKENDS = {
     "torchrun": ("training.backends.torchrun", "TorchrunBackend"),
@@ -24,4 +24,4 @@ def backend_for(spec: TrainSpec, log=print, **options) -> TrainingBackend:
     return getattr(import_module(module), cls)(spec, log, **options)
 
 
-__all__ = ["TrainingBackend", "TrainingFailed", "TrainingJob", "backend_for", "entry_spec", "job_name"]
+__all__ = ["TrainingBackend", "TrainingFailed", "TrainingJob", "backend_for", "build_job", "entry_spec", "job_name"]

@@ -80,6 +80,24 @@ def entry_spec(spec: TrainSpec, dataset: DatasetSpec, labels: dict | None, linea
     }
 
 
+def build_job(spec: TrainSpec, dataset: DatasetSpec, *, kind: str, run_id: str, data_path: str, data_uri: str,
+              data_metadata: dict, parts: tuple = (), model_dir: str | None = None,
+              name_seed: str | None = None) -> TrainingJob:
+    """The one way a training job is described: the train op, each tuning trial and `flywheel train`.
+
+    `run_id` is the pipeline run (lineage and the `flywheel/pipeline-run` annotation);
+    `name_seed` (default `run_id`) is what the job name's hash is drawn from. `data_metadata` is
+    the training table's artifact metadata: its `labels` (the mapping split saved), and the
+    `content_hash`/`source_hash` recorded as lineage when present (a table the CLI wrote has none).
+    """
+    name = job_name(kind, name_seed or run_id, *parts)
+    hashes = {"data_hash": "content_hash", "source_hash": "source_hash"}
+    lineage = {key: data_metadata[source] for key, source in hashes.items() if source in data_metadata}
+    lineage.update({"pipeline_run": run_id, "job_name": name})
+    return TrainingJob(name, data_path, data_uri, entry_spec(spec, dataset, data_metadata.get("labels"), lineage),
+                       model_dir=model_dir, annotations={"flywheel/pipeline-run": run_id})
+
+
 def entry_args(data_uri: str, model_dir: str, spec: dict) -> list[str]:
     return ["--data", data_uri, "--model-dir", model_dir, "--spec", json.dumps(spec, sort_keys=True)]
 

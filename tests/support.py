@@ -1,0 +1,84 @@
+"""Helpers the tests and the benchmarks share: loopback ports, waiting for a server, headless
+Chromium screenshots, and the reference task's true probability of default.
+
+Plain functions, no fixtures, no pytest: the benchmarks (`python benchmarks/x.py`) import them too.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+
+class NotReady(RuntimeError):
+    """A server exited, or did not answer 200 in time; the message says which, with its log's tail."""
+
+
+def free_port() -> int:
+    """A loopback port free right now (bound, then released): a server started next can take it,
+    and until one does, connections to it are refused."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_url(url: str, process: subprocess.Popen | None = None, *, timeout: float = 60, interval: float = 0.2,
+                 what: str = "server", tail: Callable[[], str] | None = None) -> None:
+    """Poll `url` until it answers 200. Raise NotReady as soon as `process` exits, or at `timeout`,
+    with `tail()` (the server's log) in the message: a server that never started is a failure to
+    read about, not a wait that runs out silently."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never through a proxy
+    deadline = time.monotonic() + timeout
+    while True:
+        if process is not None and process.poll() is not None:
+            raise NotReady(f"{what} exited with {process.returncode}:\n{tail() if tail else ''}")
+        try:
+            with opener.open(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):  # refused while starting, or a 503 until ready
+            pass
+        if time.monotonic() > deadline:
+            raise NotReady(f"{what} not ready at {url} after {timeout:g} s:\n{tail() if tail else ''}")
+        time.sleep(interval)
+
+
+def find_chromium() -> str | None:
+    """The headless browser the report screenshots use (CI: `apt-get install -y chromium`), or None."""
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def chromium_screenshot(chromium: str, page: Path, png: Path, scratch: Path, size: tuple[int, int]) -> Path:
+    """Screenshot the HTML file `page` into `png` at `size` (width, height) with headless Chromium,
+    offline: a profile, HOME and cache of its own under `scratch`, nothing fetched in the background."""
+    subprocess.run(
+        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         f"--user-data-dir={scratch / 'chromium-profile'}", f"--screenshot={png}",
+         f"--window-size={size[0]},{size[1]}", Path(page).resolve().as_uri()],
+        check=True, capture_output=True, timeout=90,
+        env={**os.environ, "HOME": str(scratch), "XDG_CACHE_HOME": str(scratch / "cache")},
+    )
+    return png
+
+
+def reference_probability(frame: pd.DataFrame) -> np.ndarray:
+    """P(default) as `stages.dataset.ReferenceTask.generate` draws the label (same coefficients):
+    a perfectly calibrated model's scores, without training one. Missing incomes take the median."""
+    income = frame["income"].fillna(frame["income"].median())
+    employment = frame["employment"]
+    logit = (-3.2 + 2.4 * frame["utilization"] + 0.55 * frame["late_payments"] + 1.1 * frame["debt_to_income"]
+             - 0.45 * (np.log(income) - 10.8) - 0.012 * (frame["age"] - 45) - 0.003 * frame["months_on_book"]
+             + np.select([employment == "unemployed", employment == "self_employed", employment == "student"],
+                         [1.3, 0.35, 0.5], 0.0)
+             + np.where(frame["housing"] == "rent", 0.3, 0.0))
+    return 1.0 / (1.0 + np.exp(-logit.to_numpy(dtype=np.float64)))
