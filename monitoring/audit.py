@@ -11,17 +11,16 @@ import json
 import time
 from collections.abc import Callable
 
+from gateways import mlflow_api
+from gateways.mlflow_api import Point
 from specs import TrackingSpec
-from stages.tracking import _client, experiment_id
+from stages.tracking import experiment_id
 
 STAGE = "retraining-trigger"
-MAX_TAG, MAX_PARAM = 5000, 6000
 
 
 def log_trigger_decision(tracking_uri: str, experiment: str, decision: dict) -> str:
     """Log one decision of `monitoring.trigger.GuardedTrigger.fire`; the MLflow run id."""
-    from mlflow.entities import Metric, Param, RunTag
-
     reasons = [str(r) for r in decision.get("reasons") or []]
     outcome = "started" if decision.get("started") else f"refused ({decision.get('guard')})"
     tags = {
@@ -33,25 +32,16 @@ def log_trigger_decision(tracking_uri: str, experiment: str, decision: dict) -> 
         "flywheel.trigger.run_id": decision.get("run_id") or "",
         "flywheel.trigger.reasons": "; ".join(reasons),
     }
-    client = _client(tracking_uri)
-    run = client.create_run(experiment_id(tracking_uri, experiment),
-                            run_name=f"{STAGE} {decision.get('source')}: {outcome}",
-                            tags={k: str(v)[:MAX_TAG] for k, v in tags.items() if v is not None})
-    run_id = run.info.run_id
-    try:
+    with mlflow_api.run(tracking_uri, experiment_id(tracking_uri, experiment),
+                        f"{STAGE} {decision.get('source')}: {outcome}", tags) as run:
         params = {"source": decision.get("source"), "dedup_key": decision.get("dedup_key"), "reasons": len(reasons),
                   **{f"reason_{i}": reason for i, reason in enumerate(reasons[:90])}}
-        now = int(float(decision.get("at") or time.time()) * 1000)
-        client.log_batch(run_id, params=[Param(k, str(v)[:MAX_PARAM]) for k, v in params.items()],
-                         metrics=[Metric("started", float(bool(decision.get("started"))), now, 0),
-                                  Metric("runs_in_flight", float(len(decision.get("in_flight") or [])), now, 0)],
-                         tags=[RunTag("flywheel.trigger.in_flight",
-                                      json.dumps(decision.get("in_flight") or [], default=str)[:MAX_TAG])])
-    except BaseException:
-        client.set_terminated(run_id, "FAILED")
-        raise
-    client.set_terminated(run_id, "FINISHED")
-    return run_id
+        at = int(float(decision.get("at") or time.time()) * 1000)
+        run.log(params={k: str(v) for k, v in params.items()},
+                metrics=[Point("started", float(bool(decision.get("started"))), 0, at),
+                         Point("runs_in_flight", float(len(decision.get("in_flight") or [])), 0, at)],
+                tags={"flywheel.trigger.in_flight": json.dumps(decision.get("in_flight") or [], default=str)})
+        return run.run_id
 
 
 def mlflow_audit(tracking: TrackingSpec | dict) -> Callable[[dict], None]:

@@ -13,12 +13,13 @@ import numpy as np
 import pandas as pd
 
 import model
+from gateways.mlflow_api import Registry, is_unreachable, log_pyfunc
 from model.artifact import PROFILE_KEY, feature_columns, read_metadata, reference_profile
 from model.loader import load_model
 from specs import TrackingSpec
 from stages.metrics import predict_scores
-from stages.tracking import _client, _mlflow, experiment_id, mlflow_at
-from stages.versions import CHAMPION, _set_champion
+from stages.tracking import experiment_id
+from stages.versions import CHAMPION, MODEL_DIR_ARTIFACT, PREVIOUS_CHAMPION, set_champion
 from storage.tables import content_hash
 
 # What the registered pyfunc needs at inference; pinned to what is installed here (letting MLflow
@@ -69,44 +70,33 @@ def register_model(tracking_uri: str, registered_model: str, model_dir: str, run
     """Log `model_dir` as an MLflow pyfunc into run `run_id` (a new run in `experiment` when None),
     register it with lineage tags, move `champion` to it (old one -> `previous-champion`), and
     return the new version number."""
-    mlflow = _mlflow()
-    from mlflow.models import infer_signature
-
+    if not run_id and not experiment:
+        raise ValueError("register_model needs run_id or experiment")
     model = load_model(model_dir)
-    signature = infer_signature(input_example, predict_scores(model, input_example))
     tags = {k: str(v)[:5000] for k, v in lineage.items() if v not in (None, "")}
-    with mlflow_at(tracking_uri):
-        if run_id:
-            run = mlflow.start_run(run_id=run_id)
-        else:
-            if not experiment:
-                raise ValueError("register_model needs run_id or experiment")
-            run = mlflow.start_run(experiment_id=experiment_id(tracking_uri, experiment), run_name="register")
-        with run:
-            info = mlflow.pyfunc.log_model(
-                name="model",
-                # Models from code: MLflow stores this file with the version and runs it to load the
-                # model, so a registered version never depends on where an op or class lives.
-                python_model=PYFUNC_CODE,
-                artifacts={"model_dir": str(model_dir)},
-                signature=signature,
-                input_example=input_example,
-                pip_requirements=pip_requirements(),
-                metadata={"flywheel": {"features": feature_columns(model.metadata)}},
-            )
-            if reference_profile(model.metadata):  # what monitoring compares this version's traffic with
-                mlflow.log_dict(reference_profile(model.metadata), f"{PROFILE_KEY}.json")
-            run_id = run.info.run_id
-        version = mlflow.register_model(info.model_uri, registered_model, tags=tags)
-    client = _client(tracking_uri)
-    client.update_model_version(registered_model, version.version,
-                                description=f"flywheel model from run {run_id}; "
-                                            f"lineage: {json.dumps(tags, sort_keys=True)}")
+    profile = reference_profile(model.metadata)  # what monitoring compares this version's traffic with
+    run_id, model_uri = log_pyfunc(
+        tracking_uri,
+        # Models from code: MLflow stores this file with the version and runs it to load the
+        # model, so a registered version never depends on where an op or class lives.
+        python_model=PYFUNC_CODE,
+        artifacts={MODEL_DIR_ARTIFACT: str(model_dir)},
+        input_example=input_example,
+        output_example=predict_scores(model, input_example),
+        pip_requirements=pip_requirements(),
+        metadata={"flywheel": {"features": feature_columns(model.metadata)}},
+        dicts={f"{PROFILE_KEY}.json": profile} if profile else {},
+        run_id=run_id or None,
+        experiment_id=None if run_id else experiment_id(tracking_uri, experiment),
+    )
+    registry = Registry(tracking_uri, registered_model)
+    version = registry.register(model_uri, tags)
+    registry.describe(version, f"flywheel model from run {run_id}; lineage: {json.dumps(tags, sort_keys=True)}")
     if make_champion:
-        previous = _set_champion(client, registered_model, version.version)
+        previous = set_champion(registry, version)
         if previous:
-            client.set_model_version_tag(registered_model, version.version, "previous_champion", previous)
-    return str(version.version)
+            registry.tag(version, PREVIOUS_TAG, previous)
+    return version
 
 
 @dataclass
@@ -145,44 +135,18 @@ def load_champion(tracking_uri: str, registered_model: str, alias: str = CHAMPIO
     that is a property of the registry's content the gate must decide on. A registry that cannot
     be reached raises (MlflowException), so the task fails and nothing is promoted by accident.
     """
-    from mlflow.exceptions import MlflowException
-
-    mlflow = _mlflow()
-    client = _client(tracking_uri)
-    try:
-        registered = client.get_registered_model(registered_model)
-    except MlflowException as err:
-        if err.error_code == "RESOURCE_DOES_NOT_EXIST":
-            return None
-        raise
-    number = registered.aliases.get(alias)
+    registry = Registry(tracking_uri, registered_model)
+    number = (registry.aliases() or {}).get(alias)
     if number is None:
         return None
-    mv = client.get_model_version(registered_model, str(number))
-    info = {"name": registered_model, "alias": alias, "version": str(mv.version), "run_id": mv.run_id,
-            "source": mv.source, "tags": dict(mv.tags), "status": mv.status}
-    with mlflow_at(tracking_uri):
-        try:
-            pyfunc = mlflow.pyfunc.load_model(f"models:/{registered_model}/{mv.version}")
-            return Champion(info, _PyfuncScorer(pyfunc))
-        except Exception as err:
-            if _unreachable(err):
-                raise
-            return Champion(info, None, f"{registered_model} v{mv.version} could not be loaded: "
-                                        f"{type(err).__name__}: {str(err)[:300]}")
-
-
-def _unreachable(err: BaseException) -> bool:
-    """True when a failure (or what caused it) is a network problem, not the champion's content:
-    MLflow wraps requests/urllib3/botocore errors, so walk the chain and look at the types."""
-    seen = set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        name = type(err).__name__
-        if isinstance(err, (ConnectionError, TimeoutError)) or "Connection" in name or "Timeout" in name:
-            return True
-        err = err.__cause__ or err.__context__
-    return False
+    info = {**registry.version(number), "alias": alias}
+    try:
+        return Champion(info, _PyfuncScorer(registry.load_pyfunc(info["version"])))
+    except Exception as err:
+        if is_unreachable(err):
+            raise
+        return Champion(info, None, f"{registered_model} v{info['version']} could not be loaded: "
+                                    f"{type(err).__name__}: {str(err)[:300]}")
 
 
 # ---- rollback and roll forward ------------------------------------------------------------------
@@ -199,13 +163,6 @@ class NothingToRollBack(ValueError):
     """The champion has no earlier champion that was not rolled back."""
 
 
-def _versions(client, registered_model: str) -> tuple[dict, dict]:
-    """(aliases, {version: tags}) of a registered model, version numbers as strings."""
-    aliases = {alias: str(v) for alias, v in client.get_registered_model(registered_model).aliases.items()}
-    tags = {str(mv.version): dict(mv.tags) for mv in client.search_model_versions(f"name='{registered_model}'")}
-    return aliases, tags
-
-
 def _earlier(tags: dict, start: str | None, skip: set[str]) -> str | None:
     """The first version along the `previous_champion` chain from `start` (itself included) that
     exists, is not rolled back and is not in `skip`; None when the chain ends first."""
@@ -220,9 +177,8 @@ def _earlier(tags: dict, start: str | None, skip: set[str]) -> str | None:
 
 def rollback_target(tracking_uri: str, registered_model: str) -> tuple[str, str]:
     """(version a rollback would serve, the current champion); NothingToRollBack when there is none."""
-    from stages.versions import PREVIOUS_CHAMPION
-
-    aliases, tags = _versions(_client(tracking_uri), registered_model)
+    registry = Registry(tracking_uri, registered_model)
+    aliases, tags = registry.aliases() or {}, registry.versions()
     current = aliases.get(CHAMPION)
     if current is None:
         raise NothingToRollBack(f"{registered_model} has no champion: nothing to roll back")
@@ -237,23 +193,21 @@ def rollback_target(tracking_uri: str, registered_model: str) -> tuple[str, str]
 def roll_back(tracking_uri: str, registered_model: str, target: str, current: str) -> str | None:
     """Make `target` the champion instead of `current` (tagged rolled_back); `previous-champion`
     moves to the next earlier champion along the history, or goes when there is none. Returns it."""
-    from stages.versions import PREVIOUS_CHAMPION
-
-    client = _client(tracking_uri)
-    client.set_registered_model_alias(registered_model, CHAMPION, target)  # never without a champion
-    client.set_model_version_tag(registered_model, current, ROLLED_BACK, "true")
-    _, tags = _versions(client, registered_model)
+    registry = Registry(tracking_uri, registered_model)
+    registry.set_alias(CHAMPION, target)  # never without a champion
+    registry.tag(current, ROLLED_BACK, "true")
+    tags = registry.versions()
     previous = _earlier(tags, tags.get(target, {}).get(PREVIOUS_TAG), {target, current})
     if previous is None:
-        client.delete_registered_model_alias(registered_model, PREVIOUS_CHAMPION)
+        registry.delete_alias(PREVIOUS_CHAMPION)
     else:
-        client.set_registered_model_alias(registered_model, PREVIOUS_CHAMPION, previous)
+        registry.set_alias(PREVIOUS_CHAMPION, previous)
     return previous
 
 
 def check_version(tracking_uri: str, registered_model: str, version: str) -> str:
     """`version` as the registry spells it; ValueError naming the versions there are when it is not one."""
-    _, tags = _versions(_client(tracking_uri), registered_model)
+    tags = Registry(tracking_uri, registered_model).versions()
     if str(version) not in tags:
         known = ", ".join(sorted(tags, key=int)) or "none"
         raise ValueError(f"{registered_model} has no version {version!r} (versions: {known})")
@@ -264,11 +218,11 @@ def promote_version(tracking_uri: str, registered_model: str, version: str) -> s
     """Make `version` the champion (roll forward, or back to a version of your choice): the old
     champion becomes `previous-champion` and the history records it; a `rolled_back` tag on
     `version` is cleared. Returns the old champion (None when `version` already was)."""
-    client = _client(tracking_uri)
     version = check_version(tracking_uri, registered_model, version)
-    previous = _set_champion(client, registered_model, version)
+    registry = Registry(tracking_uri, registered_model)
+    previous = set_champion(registry, version)
     if previous is not None:
-        client.set_model_version_tag(registered_model, version, PREVIOUS_TAG, previous)
-    if ROLLED_BACK in client.get_model_version(registered_model, version).tags:
-        client.delete_model_version_tag(registered_model, version, ROLLED_BACK)
+        registry.tag(version, PREVIOUS_TAG, previous)
+    if ROLLED_BACK in registry.version(version)["tags"]:
+        registry.untag(version, ROLLED_BACK)
     return previous

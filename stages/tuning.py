@@ -74,28 +74,29 @@ def with_best(spec: TrainSpec, best: dict) -> TrainSpec:
 
 def log_trials(tracking_uri: str, experiment: str, env: str, run_id: str, rungs: list[list[dict]], best: dict) -> str:
     """One MLflow parent run for the search, a child per trial of every rung; returns the parent's id."""
-    from stages.tracking import experiment_id, mlflow_at
+    from gateways import mlflow_api
+    from gateways.mlflow_api import Point
+    from stages.tracking import experiment_id
 
-    with mlflow_at(tracking_uri) as mlflow:
-        mlflow.set_experiment(experiment_id=experiment_id(tracking_uri, experiment))
-        with mlflow.start_run(run_name=f"tuning-{run_id}", tags={"flywheel.stage": "tuning", "flywheel.env": env,
-                                                                "flywheel.pipeline_run": run_id}) as parent:
-            mlflow.log_params({f"best.{k}": v for k, v in best["params"].items()})
-            mlflow.log_metric("best_val_roc_auc", best["val_roc_auc"])
-            for rung, results in enumerate(rungs, start=1):
-                for result in results:
-                    with mlflow.start_run(run_name=f"trial-{result['trial']}-rung{rung}", nested=True,
-                                          tags={"flywheel.stage": "tuning-trial", "flywheel.rung": str(rung)}):
-                        mlflow.log_params({**result["params"], "epochs": result["epochs"]})
-                        for step, point in enumerate(result.get("history") or [], start=1):
-                            mlflow.log_metrics({k: point[k] for k in ("train_loss", "val_loss", "val_roc_auc")
-                                                if k in point}, step=step)
-                        # The trial's result (its best epoch's) under its own names: logged as
-                        # val_roc_auc at step 0 it would add a point to the curve, and the run
-                        # would still show the last epoch's value (MLflow's latest = highest step).
-                        mlflow.log_metrics({"best_val_roc_auc": result["val_roc_auc"],
-                                            "best_val_loss": result["val_loss"]})
-            return parent.info.run_id
+    experiment = experiment_id(tracking_uri, experiment)
+    with mlflow_api.run(tracking_uri, experiment, f"tuning-{run_id}",
+                        {"flywheel.stage": "tuning", "flywheel.env": env, "flywheel.pipeline_run": run_id}) as parent:
+        parent.log(params={f"best.{k}": v for k, v in best["params"].items()},
+                   metrics=[Point("best_val_roc_auc", best["val_roc_auc"])])
+        for rung, results in enumerate(rungs, start=1):
+            for result in results:
+                with mlflow_api.run(tracking_uri, experiment, f"trial-{result['trial']}-rung{rung}",
+                                    {"flywheel.stage": "tuning-trial", "flywheel.rung": str(rung)},
+                                    parent_run_id=parent.run_id) as trial:
+                    curves = [Point(k, point[k], step) for step, point in enumerate(result.get("history") or [], 1)
+                              for k in ("train_loss", "val_loss", "val_roc_auc") if k in point]
+                    # The trial's result (its best epoch's) under its own names: logged as
+                    # val_roc_auc at step 0 it would add a point to the curve, and the run
+                    # would still show the last epoch's value (MLflow's latest = highest step).
+                    trial.log(params={**result["params"], "epochs": result["epochs"]},
+                              metrics=[*curves, Point("best_val_roc_auc", result["val_roc_auc"]),
+                                       Point("best_val_loss", result["val_loss"])])
+        return parent.run_id
 
 
 def trial_table(rungs: list[list[dict]], best: dict) -> list[str]:

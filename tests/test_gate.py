@@ -18,6 +18,7 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 import numpy as np
 import pytest
 
+from gateways.mlflow_api import mlflow_at
 from model.artifact import feature_columns
 from model.loader import load_model
 from specs import EvaluationSpec
@@ -25,7 +26,7 @@ from stages.dataset import REFERENCE_CATEGORICAL, REFERENCE_NUMERIC, ReferenceTa
 from stages.gate import challenge, decide
 from stages.metrics import evaluate
 from stages.registry import Champion, input_example, load_champion, register_model
-from stages.tracking import log_evaluation, mlflow_at
+from stages.tracking import log_evaluation
 from storage.tables import content_hash, write_table
 
 TARGET = "default"
@@ -326,7 +327,7 @@ def mlflow_server(tmp_path_factory):
     try:
         while True:
             if process.poll() is not None:
-                pytest.skip(f"mlflow server exited with {process.returncode}: "
+                pytest.fail(f"mlflow server exited with {process.returncode}: "
                             f"{(root / 'server.log').read_text()[-800:]}")
             try:
                 with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
@@ -335,7 +336,7 @@ def mlflow_server(tmp_path_factory):
             except OSError:
                 pass
             if time.monotonic() > deadline:
-                pytest.skip(f"mlflow server not healthy within 60 s: {(root / 'server.log').read_text()[-800:]}")
+                pytest.fail(f"mlflow server not healthy within 60 s: {(root / 'server.log').read_text()[-800:]}")
             time.sleep(0.5)
         yield url
     finally:

@@ -10,8 +10,8 @@ import shutil
 import pytest
 
 from model.artifact import read_metadata
+from pipelines.arguments import as_parameter, train_spec
 from pipelines.config import load_settings
-from pipelines.training_pipeline import as_parameter, train_spec
 from specs import TrackingSpec
 from stages.dataset import materialise, split_snapshot
 from stages.tracking import (
@@ -162,6 +162,17 @@ def test_a_dataset_mlflow_cannot_resolve_is_still_recorded_by_its_uri(tracking):
     assert not only.dataset.schema and not only.dataset.profile
 
 
+def test_the_dataset_source_flywheel_implements_is_the_one_mlflow_declares():
+    # gateways/mlflow_api.py records a URI MLflow has no source for (minio://) with a DatasetSource
+    # of its own, implementing the methods MLflow declares abstract (mlflow/data/dataset_source.py),
+    # some named with an underscore: when MLflow changes that list, this fails first.
+    from mlflow.data.dataset_source import DatasetSource
+
+    abstract = sorted(name for name in dir(DatasetSource)
+                      if getattr(getattr(DatasetSource, name), "__isabstractmethod__", False))
+    assert abstract == ["_can_resolve", "_get_source_type", "_resolve", "from_dict", "load", "to_dict"]
+
+
 def test_every_experiment_flywheel_makes_opens_on_runs(tracking):
     # Given an experiment Flywheel creates, one made before it tagged them, one whose kind a person set
     from stages.tuning import log_trials
@@ -229,7 +240,8 @@ def test_logging_trials_leaves_no_active_experiment_behind(trained, tracking):
 
     assert fluent._active_experiment_id is None and "MLFLOW_EXPERIMENT_ID" not in os.environ
 
-    # When tuning logs its trials (mlflow.set_experiment inside), then a model goes into a run of another experiment
+    # When tuning logs its trials, then a model goes into a run of another experiment (MLflow's fluent
+    # start_run(run_id=...) refuses a run outside an experiment set earlier: mlflow/tracking/fluent.py)
     log_trials(tracking.tracking_uri, tracking.experiment, "local", "run-3",
                [[{"trial": 0, "params": {}, "epochs": 1, "val_roc_auc": 0.7, "val_loss": 0.5}]],
                {"trial": 0, "params": {}, "val_roc_auc": 0.7})
