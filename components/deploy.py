@@ -19,8 +19,8 @@ def deploy_op(model: Input[Model], test_data: Input[Dataset], version: str, depl
     """
     import json
 
+    from deployment.deploy import deploy_model
     from model.artifact import feature_columns, read_metadata
-    from serving.deploy import deploy_model
     from specs import DeploySpec
     from stages.registry import input_example
     from storage.tables import read_table

@@ -11,20 +11,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 import crds
+from deployment.deploy import deploy, plan, registry_model, rollback
+from deployment.inferenceservice import MODEL_VERSION, ServedModel, render_for, steady_state
+from deployment.rollout import InferenceServiceDeployer, merge_patch
+from deployment.smoke import DeployError, SmokeFailed, SmokeTarget, http_smoke_test
 from pipelines.config import load_settings
-from serving.deployer import (
-    DeployError,
-    InferenceServiceDeployer,
-    SmokeFailed,
-    SmokeTarget,
-    deploy,
-    http_smoke_test,
-    merge_patch,
-    plan,
-    registry_model,
-    rollback,
-)
-from serving.inferenceservice import MODEL_VERSION, ServedModel, render_for, steady_state
 from tests.fakes.k8s_api import Failure, FakeKServeApi, IsvcScript
 
 NAME = "credit-default"
@@ -389,7 +380,7 @@ def test_plan_is_the_validated_object_for_a_dry_run():
 def test_the_deployer_needs_no_cluster_until_it_calls_one():
     # Given no kubeconfig and no cluster, When a deployer is made, Then it makes no client yet
     deployer = InferenceServiceDeployer("flywheel-dev")
-    assert deployer._client is None
+    assert not deployer.kube.connected
 
 
 class _Predictor(BaseHTTPRequestHandler):
@@ -446,10 +437,10 @@ def test_the_http_smoke_test_sends_a_real_prediction_request(model_server):
 def test_the_registry_lookup_finds_the_model_directory_inside_the_registered_version(tmp_path):
     # Given an MLflow registry where version 1 is the previous champion and 2 the champion, each a
     # pyfunc carrying the flywheel model directory as its `model_dir` artifact (as register_model logs it)
-    from stages.tracking import _mlflow, mlflow_at
+    from gateways.mlflow_api import mlflow_at, mlflow_module
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    mlflow = _mlflow()
+    mlflow = mlflow_module()
 
     class Identity(mlflow.pyfunc.PythonModel):
         def predict(self, context, model_input: list[str]) -> list[str]:  # hinted, or MLflow warns
@@ -484,8 +475,8 @@ def test_deploy_model_serves_a_deploy_spec_as_an_inferenceservice_and_rolls_it_b
                                                                                   monkeypatch):
     # Given prod's DeploySpec (what the deploy task receives), a registry whose versions' model
     # directories are in the object store, and a model server behind the ingress for the smoke test
-    from pipelines.training_pipeline import deploy_spec
-    from serving.deploy import deploy_model, plan_model, roll_back_model
+    from deployment.deploy import deploy_model, plan_model, roll_back_model
+    from pipelines.arguments import deploy_spec
 
     settings, log = load_settings("prod"), []
     spec, ns, tracking = deploy_spec(settings), settings.namespace, "sqlite:///registry.db"

@@ -5,8 +5,7 @@ import copy
 import pytest
 
 import crds
-from pipelines.config import environments, load_settings
-from serving.inferenceservice import (
+from deployment.inferenceservice import (
     DEPLOYMENT_MODE,
     KNATIVE_AUTOSCALER_CLASS,
     KNATIVE_HPA,
@@ -23,6 +22,7 @@ from serving.inferenceservice import (
     to_dict,
     validate_inferenceservice,
 )
+from pipelines.config import environments, load_settings
 
 CLUSTER_ENVS = [env for env in environments() if not load_settings(env).embedded]
 MODEL = ServedModel("credit-default", "7", "s3://flywheel-models/m-7/artifacts/artifacts/model")

@@ -1,6 +1,6 @@
 """The cluster half of training: the PyTorchJob we render per environment holds to the official
-CRD schema and our rules, and the backend drives the real TrainingClient through a job's life
-against a fake API server that holds requests to the same schema."""
+CRD schema and our rules, and the backend drives a job's life through the Kubernetes gateway
+(the calls TrainingClient makes) against a fake API server that holds requests to the same schema."""
 import copy
 import json
 import os
@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-from kubeflow.training import TrainingClient
 from typer.testing import CliRunner
 
 import crds
+from gateways.kube_api import KubeApi
+from pipelines.arguments import train_spec
 from pipelines.config import load_settings
-from pipelines.training_pipeline import train_spec
 from specs import TrainSpec
 from tests.fakes.k8s_api import JobScript, crd_schema, fake_k8s, unknown_fields  # noqa: F401 (fixture)
 from training.backends import TrainingJob
@@ -236,22 +236,13 @@ def test_validation_defaults_to_the_packaged_crd(monkeypatch):
     validate_pytorchjob(render("dev"))
 
 
-def test_the_packaged_crd_is_the_shared_one_byte_for_byte():
-    # The package's copy must not drift from the upstream CRD the rest of the repository uses.
-    shared = Path(__file__).resolve().parents[2] / "shared" / "crds" / crds.PYTORCHJOB
-    if not shared.is_file():
-        pytest.skip(f"{shared} is not here to compare with (outside the monorepo checkout)")
-    packaged = crds.PACKAGED_CRD_DIR / crds.PYTORCHJOB
-    assert packaged.read_bytes() == shared.read_bytes(), f"{packaged} differs from {shared}: copy it again"
-
-
-# --- the backend, with the real TrainingClient against the fake API server ------------------
+# --- the backend, through the Kubernetes gateway against the fake API server ----------------
 
 
 def launcher(api, keep_job="on_failure", **options) -> PyTorchJobBackend:
     spec = spec_for("dev", keep_job=keep_job)
-    client = TrainingClient(client_configuration=api.configuration(), namespace=spec.namespace)
-    return PyTorchJobBackend(spec, client=client, poll_interval=0.02, log_drain_timeout=10, **options)
+    return PyTorchJobBackend(spec, kube=KubeApi(api.configuration()), poll_interval=0.02, log_drain_timeout=10,
+                             **options)
 
 
 def run(backend: PyTorchJobBackend, name: str, env: dict | None = None) -> dict:
@@ -369,8 +360,10 @@ def test_an_api_error_on_create_is_a_one_line_training_failure(fake_k8s, monkeyp
     def forbidden(*args, **kwargs):
         raise ApiException(status=403, reason="Forbidden")
 
+    from kubernetes.client import CustomObjectsApi
+
     backend = launcher(fake_k8s)
-    monkeypatch.setattr(backend.client.custom_api, "create_namespaced_custom_object", forbidden)
+    monkeypatch.setattr(CustomObjectsApi, "create_namespaced_custom_object", forbidden)
     with pytest.raises(TrainingJobFailed) as err:
         run(backend, "train-forbidden")
     assert err.value.reason == "CreateFailed" and "403" in err.value.message and "Forbidden" in err.value.message

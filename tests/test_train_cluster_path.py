@@ -31,17 +31,17 @@ import training.backends.pytorchjob as pytorchjob
 from components import tune
 from components.base import component
 from components.train import train_op
+from crds.hardening import DNS1035
 from model.loader import load_model
+from pipelines.arguments import train_spec as env_train_spec
+from pipelines.arguments import training_arguments as arguments
 from pipelines.config import load_settings
-from pipelines.training_pipeline import arguments
-from pipelines.training_pipeline import train_spec as env_train_spec
 from stages.dataset import ReferenceTask
 from tests.fakes.k8s_api import JobScript, fake_k8s  # noqa: F401 (fixture)
 from tests.test_storage_s3 import CREDENTIALS, bucket, keys, s3_endpoint, s3_env  # noqa: F401 (fixtures)
 from training.backends.base import JOB_NAME_MAX, job_name
 from training.backends.cluster import TrainingJobFailed
 from training.backends.pytorchjob import build_pytorchjob, validate_pytorchjob
-from training.pods import DNS1035
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL_FILES = {"model.pt", "preprocessor.json", "metadata.json"}

@@ -12,8 +12,9 @@ import yaml
 from kubeflow_trainer_api.models import TrainerV1alpha1TrainJob
 from typer.testing import CliRunner
 
+from crds.hardening import RUN_AS_UID
+from pipelines.arguments import train_spec
 from pipelines.config import environments, load_settings
-from pipelines.training_pipeline import train_spec
 from tests.fakes.k8s_api import JobScript, fake_k8s  # noqa: F401 (fixture)
 from tests.test_storage_s3 import CREDENTIALS, s3_endpoint, s3_env  # noqa: F401 (fixtures)
 from training.backends import TrainingJob, backend_for
@@ -26,7 +27,7 @@ from training.backends.trainjob import (
     schema_problems,
     validate_trainjob,
 )
-from training.pods import RUN_AS_UID, TORCHRUN_ENV
+from training.pods import TORCHRUN_ENV
 
 ARGS = ["--data", "s3://bucket/train/data.parquet", "--model-dir", "s3://bucket/train/model", "--spec", "{}"]
 CLUSTER_ENVS = [env for env in environments() if not load_settings(env).embedded]
@@ -264,7 +265,7 @@ def test_the_backend_is_chosen_by_name_and_a_dry_run_needs_no_cluster():
     # Then it is a valid TrainJob and no client was ever created
     assert isinstance(chosen, TrainJobBackend) and chosen.name == "trainjob"
     validate_trainjob(job)
-    assert chosen._api_client is None
+    assert not chosen.kube.connected
 
 
 def test_a_successful_job_streams_node_0s_log_and_is_deleted(fake_k8s, capsys):

@@ -1,7 +1,8 @@
 """What every training pod gets, whichever cluster API runs it (PyTorchJob or TrainJob): the
-container's env, resources (CPU, memory, whole GPUs or MIG slices), non-root security settings,
-writable scratch volumes, GPU node selector and tolerations. Built with the Kubernetes client's
-models, so field names come from the SDK."""
+container's env, resources (CPU, memory, whole GPUs or MIG slices), writable scratch volumes, GPU
+node selector and tolerations; the hardening (non-root, read-only root, requests = limits) is
+`crds.hardening`'s, shared with the serving pods. Built with the Kubernetes client's models, so
+field names come from the SDK."""
 from __future__ import annotations
 
 import re
@@ -9,9 +10,10 @@ import re
 from kubernetes import client as k8s
 
 import storage
+from crds import hardening
+from crds.hardening import DNS1035
 from specs import TrainSpec
 
-RUN_AS_UID = 10001  # the image's non-root user (numeric, so runAsNonRoot can be verified)
 STORAGE_SECRET = storage.CREDENTIALS_SECRET  # AWS_* keys for the object store, by reference only
 GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
 # Every torchrun launch gets this (locally, and in cluster pods). By default torchrun's workers
@@ -21,8 +23,6 @@ GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
 TORCHRUN_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 # Set by the training operators or torchrun; a value of ours would be appended twice or silently lost.
 RESERVED_ENV = re.compile(r"^(MASTER_ADDR|MASTER_PORT|WORLD_SIZE|RANK|LOCAL_RANK|PYTHONUNBUFFERED|PET_.*)$")
-CREDENTIAL_ENV = re.compile(r"(SECRET|PASSWORD|TOKEN|ACCESS_KEY|CREDENTIAL)", re.IGNORECASE)
-DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 
 
 def pod_env(spec: TrainSpec) -> dict[str, str]:
@@ -32,54 +32,34 @@ def pod_env(spec: TrainSpec) -> dict[str, str]:
 
 def env_vars(env: dict[str, str] | None, extra: dict[str, str] | None = None) -> list[k8s.V1EnvVar]:
     user = dict(env or {})
-    for name, value in user.items():
+    for name in user:
         if RESERVED_ENV.match(name):
             raise ValueError(f"env {name} is set by the training operator or torchrun; do not pass it")
-        if CREDENTIAL_ENV.search(name):
-            raise ValueError(f"env {name} looks like a credential; put it in Secret {STORAGE_SECRET!r} instead")
-        if not isinstance(value, str):
-            raise ValueError(f"env {name} must be a string, got {type(value).__name__}")
-    # HOME and caches must point at the writable emptyDir: the root filesystem is read-only.
-    ours = {"HOME": "/tmp", "XDG_CACHE_HOME": "/tmp/.cache", "MPLCONFIGDIR": "/tmp/.matplotlib",
-            "PYTHONDONTWRITEBYTECODE": "1", "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1",
-            **TORCHRUN_ENV, **(extra or {})}
+    hardening.check_plain_env(user, STORAGE_SECRET)
+    ours = {**hardening.READ_ONLY_ROOT_ENV, **TORCHRUN_ENV, **(extra or {})}
     return [k8s.V1EnvVar(name=k, value=v) for k, v in {**ours, **user}.items()]
 
 
 def resources(spec: TrainSpec) -> k8s.V1ResourceRequirements:
     res = spec.resources
-    requests = {"cpu": str(res.cpu), "memory": str(res.memory)}
-    limits = dict(requests)
-    if res.gpu.count > 0:
-        # Extended resources are limits only; Kubernetes sets the request equal to the limit.
-        limits[res.gpu.resource] = str(res.gpu.count)
-    return k8s.V1ResourceRequirements(requests=requests, limits=limits)
-
-
-def container_security() -> k8s.V1SecurityContext:
-    return k8s.V1SecurityContext(allow_privilege_escalation=False, read_only_root_filesystem=True,
-                                 run_as_non_root=True, capabilities=k8s.V1Capabilities(drop=["ALL"]))
-
-
-def pod_security() -> k8s.V1PodSecurityContext:
-    return k8s.V1PodSecurityContext(run_as_non_root=True, run_as_user=RUN_AS_UID, run_as_group=RUN_AS_UID,
-                                    fs_group=RUN_AS_UID, seccomp_profile=k8s.V1SeccompProfile(type="RuntimeDefault"))
+    gpus = {res.gpu.resource: str(res.gpu.count)} if res.gpu.count > 0 else None
+    return hardening.resources(res.cpu, res.memory, gpus)
 
 
 def volume_mounts() -> list[k8s.V1VolumeMount]:
-    return [k8s.V1VolumeMount(name="tmp", mount_path="/tmp"), k8s.V1VolumeMount(name="dshm", mount_path="/dev/shm")]
+    return [hardening.scratch_mount(), k8s.V1VolumeMount(name="dshm", mount_path="/dev/shm")]
 
 
 def volumes() -> list[k8s.V1Volume]:
     return [
-        k8s.V1Volume(name="tmp", empty_dir=k8s.V1EmptyDirVolumeSource(size_limit="4Gi")),
+        hardening.scratch_volume("4Gi"),
         # DataLoader workers and NCCL need more shared memory than the 64Mi default.
         k8s.V1Volume(name="dshm", empty_dir=k8s.V1EmptyDirVolumeSource(medium="Memory", size_limit="1Gi")),
     ]
 
 
 def secret_env(secret: str = STORAGE_SECRET) -> list[k8s.V1EnvFromSource]:
-    return [k8s.V1EnvFromSource(secret_ref=k8s.V1SecretEnvSource(name=secret))]
+    return hardening.secret_env(secret)
 
 
 def tolerations(spec: TrainSpec) -> list[k8s.V1Toleration] | None:
@@ -120,7 +100,3 @@ def identity_problems(obj: dict, api_version: str, kind: str, pod_names: list[st
         problems.append("metadata.namespace: required")
     return problems
 
-
-def to_dict(obj):
-    """Serialize an SDK model the way the Kubernetes client sends it (camelCase, no nulls)."""
-    return k8s.ApiClient().sanitize_for_serialization(obj)

@@ -5,8 +5,8 @@
 - `validate_pytorchjob` checks a rendered job against the official CRD schema (`crds/`, shipped
   with the package) and against the rules the CRD cannot express (the operator's admission
   webhook, our security policy), so a bad job fails here and not half-scheduled on a GPU cluster.
-- `PyTorchJobBackend` submits it through `kubeflow.training.TrainingClient`, streams the master's
-  log, waits for Succeeded/Failed; the rest of the job's life is `ClusterBackend`'s.
+- `PyTorchJobBackend` submits it through the Kubernetes gateway (`gateways.kube_api`), streams
+  the master's log, waits for Succeeded/Failed; the rest of the job's life is `ClusterBackend`'s.
 
 How the pods find each other (Training Operator v1.8+/1.9, `pkg/controller.v1/pytorch`): the
 operator appends env to every container. With a Master replica it sets MASTER_ADDR/PORT,
@@ -30,13 +30,14 @@ from collections.abc import Callable
 from kubernetes import client as k8s
 
 import crds
+from crds import hardening
+from crds.hardening import CREDENTIAL_ENV
+from gateways.kube_api import PYTORCHJOBS, KubeApi, serialize
 from specs import TrainSpec
-from storage.endpoints import probe
 from training import pods
 from training.backends.cluster import ClusterBackend, TrainingJobInvalid
-from training.pods import CREDENTIAL_ENV
 
-API_VERSION, KIND = "kubeflow.org/v1", "PyTorchJob"
+API_VERSION, KIND = PYTORCHJOBS.api_version, PYTORCHJOBS.kind
 CONTAINER_NAME = "pytorch"  # the operator finds the training container by this name
 PORT_NAME = "pytorchjob-port"  # ... and the rendezvous/master port by this one
 PORT = 23456
@@ -58,7 +59,7 @@ def _pod_template(spec: TrainSpec, image: str, args: list[str], env: dict[str, s
         env_from=pods.secret_env(),
         ports=[k8s.V1ContainerPort(name=PORT_NAME, container_port=PORT, protocol="TCP")],
         resources=pods.resources(spec),
-        security_context=pods.container_security(),
+        security_context=hardening.container_security(),
         volume_mounts=pods.volume_mounts(),
     )
     return k8s.V1PodTemplateSpec(
@@ -66,7 +67,7 @@ def _pod_template(spec: TrainSpec, image: str, args: list[str], env: dict[str, s
         spec=k8s.V1PodSpec(
             containers=[container],
             automount_service_account_token=False,  # training never talks to the Kubernetes API
-            security_context=pods.pod_security(),
+            security_context=hardening.pod_security(),
             node_selector=pods.node_selector(spec),
             tolerations=pods.tolerations(spec),
             volumes=pods.volumes(),
@@ -124,7 +125,7 @@ def pytorchjob_model(spec: TrainSpec, job_name: str, args: list[str], env: dict[
 def build_pytorchjob(spec: TrainSpec, job_name: str, args: list[str], env: dict[str, str] | None = None,
                      annotations: dict[str, str] | None = None) -> dict:
     """The PyTorchJob for `spec` as a plain dict (camelCase, no nulls), as the API receives it."""
-    return pods.to_dict(pytorchjob_model(spec, job_name, args, env, annotations))
+    return serialize(pytorchjob_model(spec, job_name, args, env, annotations))
 
 
 def schema_problems(obj: dict) -> list[str]:
@@ -198,26 +199,20 @@ def validate_pytorchjob(obj: dict) -> None:
 
 
 class PyTorchJobBackend(ClusterBackend):
-    """PyTorchJob through `kubeflow.training.TrainingClient` (in-cluster config by default, or a
-    `kubernetes.client.Configuration` whose host is the API server)."""
+    """PyTorchJob through the Kubernetes gateway (`gateways.kube_api`): `kube`, else one on
+    `client_configuration` (a `kubernetes.client.Configuration`), else on the pod's service account
+    or the kubeconfig. The calls are the ones `kubeflow.training.TrainingClient` makes (create the
+    custom object, poll its conditions, follow the master pod's `pytorch` container, delete)."""
 
     name, kind = "pytorchjob", KIND
+    # The Training Operator's pod labels (kubeflow-training 1.9, constants.JOB_NAME_LABEL / JOB_ROLE_LABEL).
+    JOB_NAME_LABEL, JOB_ROLE_LABEL = "training.kubeflow.org/job-name", "training.kubeflow.org/job-role"
 
-    def __init__(self, spec: TrainSpec, log=print, *, client=None,
-                 client_configuration: k8s.Configuration | None = None, **options):
+    def __init__(self, spec: TrainSpec, log=print, *, kube: KubeApi | None = None,
+                 client_configuration=None, **options):
         super().__init__(spec, log, **options)
-        self._client, self._configuration = client, client_configuration
-
-    @property
-    def client(self):
-        if self._client is None:  # created on first use: a dry run needs no cluster credentials
-            from kubeflow.training import TrainingClient
-
-            client = TrainingClient(client_configuration=self._configuration, namespace=self.namespace)
-            configuration = client.custom_api.api_client.configuration
-            probe("the Kubernetes API", configuration.host, proxy=configuration.proxy)  # seconds, not minutes
-            self._client = client
-        return self._client
+        # Connected on first use: a dry run needs no cluster credentials.
+        self.kube = kube or KubeApi(client_configuration)
 
     def build(self, name, args, env, annotations):
         return build_pytorchjob(self.spec, name, args, env, annotations)
@@ -226,30 +221,28 @@ class PyTorchJobBackend(ClusterBackend):
         validate_pytorchjob(obj)
 
     def create(self, obj):
-        # The request TrainingClient.create_job makes, with the body we validated byte for byte
-        # (create_job takes only an SDK model and would re-serialize it).
-        from kubeflow.training.constants import constants as c
-
-        self.client.custom_api.create_namespaced_custom_object(
-            c.GROUP, c.VERSION, self.namespace, c.PYTORCHJOB_PLURAL, obj)
+        self.kube.create(PYTORCHJOBS, self.namespace, obj)  # the body we validated, byte for byte
 
     def wait(self, name, timeout, poll, on_poll: Callable[[dict], None]):
-        from kubeflow.training.constants import constants as c
+        def done(job: dict) -> bool:
+            return any(c.get("type") in (self.SUCCEEDED, self.FAILED) and c.get("status") == "True"
+                       for c in (job.get("status") or {}).get("conditions") or [])
 
-        job = self.client.wait_for_job_conditions(
-            name, self.namespace, self.kind,
-            expected_conditions={c.JOB_CONDITION_SUCCEEDED, c.JOB_CONDITION_FAILED},
-            wait_timeout=timeout, polling_interval=poll,
-            callback=lambda j: on_poll(pods.to_dict(j.status) or {}),
-        )
-        return pods.to_dict(job.status) or {}
+        job = self.kube.wait_for(PYTORCHJOBS, self.namespace, name, done, timeout=timeout, poll=poll,
+                                 on_poll=lambda j: on_poll(j.get("status") or {}))
+        return job.get("status") or {}
 
     def follow_log(self, name):
-        pods_ = self.client.get_job_pods(name, self.namespace, is_master=True)
-        if not any(p.status is not None and p.status.phase not in (None, "Pending") for p in pods_):
+        selector = f"{self.JOB_NAME_LABEL}={name},{self.JOB_ROLE_LABEL}=master"
+        started = [p for p in self.kube.list_pods(self.namespace, selector)
+                   if (p.get("status") or {}).get("phase") not in (None, "Pending")]
+        if not started:
             return False
-        self.client.get_job_logs(name, self.namespace, self.kind, is_master=True, follow=True)
+        for pod in started:
+            pod_name = pod["metadata"]["name"]
+            for line in self.kube.follow_log(self.namespace, pod_name, CONTAINER_NAME):
+                self._say(f"[Pod {pod_name}]: {line}")
         return True
 
     def delete(self, name):
-        self.client.delete_job(name, self.namespace, self.kind)
+        self.kube.delete(PYTORCHJOBS, self.namespace, name)

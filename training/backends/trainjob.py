@@ -5,7 +5,7 @@
 - `validate_trainjob` parses the dict back into those models strictly (`openapi_models`) and
   applies the rules they cannot express: the CRD's CEL rules, Trainer's admission webhook and our
   security policy, so a bad job fails here and not half-scheduled on a GPU cluster.
-- `TrainJobBackend` submits it through the Kubernetes custom-objects API, streams node 0's log,
+- `TrainJobBackend` submits it through the Kubernetes gateway (`gateways.kube_api`), streams node 0's log,
   waits for `Complete`/`Failed`; the rest of the job's life is `ClusterBackend`'s.
 
 How the job becomes pods (API: kubeflow/trainer pkg/apis/trainer/v1alpha1/trainjob_types.go):
@@ -39,25 +39,21 @@ What the PyTorchJob has and a TrainJob does not:
 """
 from __future__ import annotations
 
-import os
-import time
 from collections.abc import Callable
 
 from kubeflow_trainer_api import models as api
-from kubernetes import client as k8s
-from urllib3.exceptions import HTTPError
 
 import storage
+from crds import hardening
+from crds.hardening import CREDENTIAL_ENV
+from gateways.kube_api import TRAINJOBS, KubeApi, serialize
 from specs import TrainSpec
-from storage.endpoints import probe
 from training import pods
 from training.backends.base import ENTRY_MODULE
-from training.backends.cluster import ClusterBackend, TrainingJobInvalid, one_line
+from training.backends.cluster import ClusterBackend, TrainingJobInvalid
 from training.backends.openapi_models import model_problems
-from training.pods import CREDENTIAL_ENV
 
-GROUP, VERSION, PLURAL, KIND = "trainer.kubeflow.org", "v1alpha1", "trainjobs", "TrainJob"
-API_VERSION = f"{GROUP}/{VERSION}"
+GROUP, KIND, API_VERSION = TRAINJOBS.group, TRAINJOBS.kind, TRAINJOBS.api_version
 RUNTIME_KINDS = ("ClusterTrainingRuntime", "TrainingRuntime")
 NODE = "node"  # the torch runtimes' replicated job, and its container, that `spec.trainer` configures
 # Who owns our RuntimePatch: patches are keyed by manager (a list map), at most 16 of them
@@ -80,7 +76,7 @@ COMPLETION_INDEX_LABEL = "batch.kubernetes.io/job-completion-index"
 
 def _typed(model, obj):
     """A Kubernetes client model (what `training.pods` builds) as the trainer API's model of it."""
-    return model.from_dict(pods.to_dict(obj))
+    return model.from_dict(serialize(obj))
 
 
 def _trainer_env(spec: TrainSpec, env: dict[str, str] | None) -> list:
@@ -103,13 +99,13 @@ def _node_pod_patch(spec: TrainSpec):
         metadata=api.IoK8sApimachineryPkgApisMetaV1ObjectMeta(labels=pods.labels(spec),
                                                               annotations=dict(pods.POD_ANNOTATIONS)),
         spec=api.TrainerV1alpha1PodSpecPatch(
-            security_context=_typed(api.IoK8sApiCoreV1PodSecurityContext, pods.pod_security()),
+            security_context=_typed(api.IoK8sApiCoreV1PodSecurityContext, hardening.pod_security()),
             node_selector=pods.node_selector(spec),
             tolerations=[_typed(api.IoK8sApiCoreV1Toleration, t) for t in pods.tolerations(spec) or []] or None,
             volumes=[_typed(api.IoK8sApiCoreV1Volume, v) for v in pods.volumes()],
             containers=[api.TrainerV1alpha1ContainerPatch(
                 name=NODE,
-                security_context=_typed(api.IoK8sApiCoreV1SecurityContext, pods.container_security()),
+                security_context=_typed(api.IoK8sApiCoreV1SecurityContext, hardening.container_security()),
                 volume_mounts=[_typed(api.IoK8sApiCoreV1VolumeMount, v) for v in pods.volume_mounts()],
             )],
         ),
@@ -293,42 +289,19 @@ def validate_trainjob(obj: dict) -> api.TrainerV1alpha1TrainJob:
 
 
 class TrainJobBackend(ClusterBackend):
-    """TrainJob through `kubernetes.client` (CustomObjectsApi for the job, CoreV1Api for its pods'
-    logs). The API server is `api_client`'s, else `client_configuration`'s, else the in-cluster
-    service account's when running in a pod, else the local kubeconfig's (as TrainingClient does)."""
+    """TrainJob through the Kubernetes gateway (`gateways.kube_api`): `kube`, else one on
+    `client_configuration` (a `kubernetes.client.Configuration`), else on the pod's service
+    account or the kubeconfig. The job is a custom object; node 0's log is its pod's."""
 
     name, kind = "trainjob", KIND
     # Trainer v2's terminal condition types (trainjob_types.go: TrainJobComplete, TrainJobFailed).
     SUCCEEDED, FAILED = "Complete", "Failed"
 
-    def __init__(self, spec: TrainSpec, log=print, *, api_client: k8s.ApiClient | None = None,
-                 client_configuration: k8s.Configuration | None = None, **options):
+    def __init__(self, spec: TrainSpec, log=print, *, kube: KubeApi | None = None,
+                 client_configuration=None, **options):
         super().__init__(spec, log, **options)
-        self._api_client, self._configuration = api_client, client_configuration
-
-    @property
-    def api_client(self) -> k8s.ApiClient:
-        if self._api_client is None:  # created on first use: a dry run needs no cluster credentials
-            configuration = self._configuration
-            if configuration is None:
-                from kubernetes import config
-
-                configuration = k8s.Configuration()
-                if os.environ.get("KUBERNETES_SERVICE_HOST"):
-                    config.load_incluster_config(client_configuration=configuration)
-                else:
-                    config.load_kube_config(client_configuration=configuration)
-            probe("the Kubernetes API", configuration.host, proxy=configuration.proxy)  # seconds, not minutes
-            self._api_client = k8s.ApiClient(configuration)
-        return self._api_client
-
-    @property
-    def custom_api(self) -> k8s.CustomObjectsApi:
-        return k8s.CustomObjectsApi(self.api_client)
-
-    @property
-    def core_api(self) -> k8s.CoreV1Api:
-        return k8s.CoreV1Api(self.api_client)
+        # Connected on first use: a dry run needs no cluster credentials.
+        self.kube = kube or KubeApi(client_configuration)
 
     def build(self, name, args, env, annotations):
         return build_trainjob(self.spec, name, args, env, annotations)
@@ -337,39 +310,28 @@ class TrainJobBackend(ClusterBackend):
         validate_trainjob(obj)
 
     def create(self, obj):
-        self.custom_api.create_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, obj)
+        self.kube.create(TRAINJOBS, self.namespace, obj)
 
     def wait(self, name, timeout, poll, on_poll: Callable[[dict], None]):
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                job = self.custom_api.get_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, name)
-            except (k8s.ApiException, HTTPError) as err:  # an error status, or no answer at all
-                raise RuntimeError(f"could not get {KIND} {self.namespace}/{name}: {one_line(err)}") from err
-            status = job.get("status") or {}
-            on_poll(status)
-            if any(c.get("type") in (self.SUCCEEDED, self.FAILED) and c.get("status") == "True"
-                   for c in status.get("conditions") or []):
-                return status
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError(f"{KIND} {self.namespace}/{name} not finished after {timeout:.0f}s")
-            time.sleep(min(poll, left))
+        def done(job: dict) -> bool:
+            return any(c.get("type") in (self.SUCCEEDED, self.FAILED) and c.get("status") == "True"
+                       for c in (job.get("status") or {}).get("conditions") or [])
+
+        job = self.kube.wait_for(TRAINJOBS, self.namespace, name, done, timeout=timeout, poll=poll,
+                                 on_poll=lambda j: on_poll(j.get("status") or {}))
+        return job.get("status") or {}
 
     def follow_log(self, name):
-        from kubernetes import watch
-
         selector = f"{JOBSET_NAME_LABEL}={name},{REPLICATED_JOB_LABEL}={NODE},{COMPLETION_INDEX_LABEL}=0"
-        started = [pod for pod in self.core_api.list_namespaced_pod(self.namespace, label_selector=selector).items
-                   if pod.status is not None and pod.status.phase not in (None, "Pending")]
+        started = [pod for pod in self.kube.list_pods(self.namespace, selector)
+                   if (pod.get("status") or {}).get("phase") not in (None, "Pending")]
         if not started:
             return False
-        # A restarted node 0 is a new pod: follow the newest.
-        pod = max(started, key=lambda p: p.metadata.creation_timestamp)
-        for line in watch.Watch().stream(self.core_api.read_namespaced_pod_log, name=pod.metadata.name,
-                                         namespace=self.namespace, container=NODE):
-            self._say(f"[Pod {pod.metadata.name}]: {line}")
+        # A restarted node 0 is a new pod: follow the newest (RFC 3339 times sort as strings).
+        pod = max(started, key=lambda p: p["metadata"].get("creationTimestamp") or "")["metadata"]["name"]
+        for line in self.kube.follow_log(self.namespace, pod, NODE):
+            self._say(f"[Pod {pod}]: {line}")
         return True
 
     def delete(self, name):
-        self.custom_api.delete_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, name)
+        self.kube.delete(TRAINJOBS, self.namespace, name)

@@ -37,10 +37,12 @@ from kubernetes import client as k8s
 
 import crds
 import storage
+from crds import hardening
+from crds.hardening import CREDENTIAL_ENV, DNS1035
+from gateways.kube_api import INFERENCE_SERVICES, serialize
 from specs import ServingSpec
-from training.pods import CREDENTIAL_ENV, DNS1035, RUN_AS_UID
 
-API_VERSION, KIND = "serving.kserve.io/v1beta1", "InferenceService"
+API_VERSION, KIND = INFERENCE_SERVICES.api_version, INFERENCE_SERVICES.kind
 CRD_VERSION = "v1beta1"
 PREDICTOR_CONTAINER = "kserve-container"        # KServe's name for a component's main container
 TRANSFORMER_CONTAINER = "transformer-container"  # the name KServe collocates in the predictor pod
@@ -105,24 +107,18 @@ def to_dict(obj) -> dict:
     """Serialize an SDK model the way the Kubernetes client sends it (camelCase, no nulls)."""
     if isinstance(obj, dict):
         return copy.deepcopy(obj)
-    return k8s.ApiClient().sanitize_for_serialization(obj)
+    return serialize(obj)
 
 
 # --- rendering --------------------------------------------------------------------------------
 
 
 def _env(spec: ServingSpec, object_store_endpoint: str | None, extra: dict[str, str] | None) -> list[k8s.V1EnvVar]:
-    for name, value in (extra or {}).items():
-        if CREDENTIAL_ENV.search(name):
-            raise ValueError(f"env {name} looks like a credential; put it in Secret {storage.CREDENTIALS_SECRET!r}")
-        if not isinstance(value, str):
-            raise ValueError(f"env {name} must be a string, got {type(value).__name__}")
+    hardening.check_plain_env(extra, storage.CREDENTIALS_SECRET)
     threads = str(max(1, int(float(spec.cpu.removesuffix("m")) / (1000 if spec.cpu.endswith("m") else 1))))
-    # The root filesystem is read-only: HOME and caches live on the /tmp emptyDir. Threads are set
-    # through the environment: ModelServer worker processes lose a torch.set_num_threads made in load().
-    ours = {"HOME": "/tmp", "XDG_CACHE_HOME": "/tmp/.cache", "MPLCONFIGDIR": "/tmp/.matplotlib",
-            "PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1", "MLFLOW_DISABLE_TELEMETRY": "true",
-            "DO_NOT_TRACK": "1", "OMP_NUM_THREADS": threads}
+    # Threads are set through the environment: ModelServer worker processes lose a
+    # torch.set_num_threads made in load().
+    ours = {**hardening.READ_ONLY_ROOT_ENV, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": threads}
     if object_store_endpoint:
         ours["AWS_ENDPOINT_URL"] = object_store_endpoint
     return [k8s.V1EnvVar(name=k, value=v) for k, v in {**ours, **(extra or {})}.items()]
@@ -137,38 +133,22 @@ def _probe(path: str, port: int, *, initial: int, period: int, failures: int) ->
                        period_seconds=period, timeout_seconds=2, failure_threshold=failures)
 
 
-def _security() -> k8s.V1SecurityContext:
-    # Knative accepts only a subset of securityContext fields; these are in it (seccomp at the
-    # container level, fsGroup left out: emptyDir volumes are world-writable anyway).
-    return k8s.V1SecurityContext(allow_privilege_escalation=False, read_only_root_filesystem=True,
-                                 run_as_non_root=True, run_as_user=RUN_AS_UID, run_as_group=RUN_AS_UID,
-                                 capabilities=k8s.V1Capabilities(drop=["ALL"]),
-                                 seccomp_profile=k8s.V1SeccompProfile(type="RuntimeDefault"))
-
-
-def _pod_security() -> k8s.V1PodSecurityContext:
-    return k8s.V1PodSecurityContext(run_as_non_root=True, run_as_user=RUN_AS_UID, run_as_group=RUN_AS_UID)
-
-
 def _container(name: str, module: str, args: list[str], *, image: str, spec: ServingSpec, env: list,
                http_port: int, ports: list[k8s.V1ContainerPort] | None, credentials: bool,
                probes: bool = True) -> k8s.V1Container:
-    amount = {"cpu": spec.cpu, "memory": spec.memory}
     return k8s.V1Container(
         name=name, image=image, command=["python", "-m", module], args=args, env=env,
-        env_from=[k8s.V1EnvFromSource(secret_ref=k8s.V1SecretEnvSource(name=storage.CREDENTIALS_SECRET))]
-        if credentials else None,
+        env_from=hardening.secret_env(storage.CREDENTIALS_SECRET) if credentials else None,
         ports=ports,
-        # Guaranteed QoS: requests = limits.
-        resources=k8s.V1ResourceRequirements(requests=dict(amount), limits=dict(amount)),
+        resources=hardening.resources(spec.cpu, spec.memory),
         readiness_probe=_probe(READY_PATH, http_port, initial=2, period=5, failures=3) if probes else None,
         liveness_probe=_probe(LIVE_PATH, http_port, initial=30, period=10, failures=3) if probes else None,
-        security_context=_security(),
-        volume_mounts=[k8s.V1VolumeMount(name="tmp", mount_path="/tmp")])
+        security_context=hardening.container_security(),
+        volume_mounts=[hardening.scratch_mount()])
 
 
 def _volumes() -> list[k8s.V1Volume]:
-    return [k8s.V1Volume(name="tmp", empty_dir=k8s.V1EmptyDirVolumeSource(size_limit="1Gi"))]
+    return [hardening.scratch_volume("1Gi")]
 
 
 def _scaling(spec: ServingSpec) -> dict[str, Any]:
@@ -190,7 +170,7 @@ def render(spec: ServingSpec, *, image: str, namespace: str, env: str, model: Se
 
     With `canary` (the default) and `spec.canary_percent > 0` every component carries
     `canaryTrafficPercent`: this is the object a rollout applies; the deployer removes the field to
-    promote (see serving.deployer). `canary=False` renders the steady state.
+    promote (see deployment.rollout). `canary=False` renders the steady state.
     """
     from kserve import (
         V1beta1InferenceService,
@@ -237,7 +217,7 @@ def render(spec: ServingSpec, *, image: str, namespace: str, env: str, model: Se
         predictor = V1beta1PredictorSpec(
             containers=[predictor_container, transformer_container], logger=logger,
             canary_traffic_percent=canary_percent, annotations=_pod_annotations(HTTP_PORT),
-            security_context=_pod_security(), volumes=_volumes(), **_scaling(spec))
+            security_context=hardening.pod_security(knative_subset=True), volumes=_volumes(), **_scaling(spec))
         transformer = None
     else:
         # The transformer reaches the predictor through its Service (port 80 -> the one declared
@@ -249,7 +229,7 @@ def render(spec: ServingSpec, *, image: str, namespace: str, env: str, model: Se
                                    [*model_args, "--http_port", str(HTTP_PORT), "--grpc_port", str(GRPC_PORT)],
                                    http_port=HTTP_PORT, ports=[port], **common)],
             canary_traffic_percent=canary_percent, annotations=_pod_annotations(HTTP_PORT),
-            security_context=_pod_security(), volumes=_volumes(), **_scaling(spec))
+            security_context=hardening.pod_security(knative_subset=True), volumes=_volumes(), **_scaling(spec))
         predictor_host = f"{name}-predictor.{namespace}" + (":80" if hop == "grpc-v2" else "")
         transformer = V1beta1TransformerSpec(
             containers=[_container(PREDICTOR_CONTAINER, "serving.transformer",
@@ -259,7 +239,7 @@ def render(spec: ServingSpec, *, image: str, namespace: str, env: str, model: Se
                                    ports=[k8s.V1ContainerPort(name="http1", container_port=HTTP_PORT, protocol="TCP")],
                                    **common)],
             logger=logger, canary_traffic_percent=canary_percent, annotations=_pod_annotations(HTTP_PORT),
-            security_context=_pod_security(), volumes=_volumes(), **_scaling(spec))
+            security_context=hardening.pod_security(knative_subset=True), volumes=_volumes(), **_scaling(spec))
 
     if not knative:
         # Surge first, never below the serving replicas: the old pods serve until the new are ready.
