@@ -1,6 +1,8 @@
-"""One monitoring check, the same in the monitoring pipeline's ops and in `flywheel monitor`:
-a window of logged traffic against the champion's reference profile, then the decision with
-hysteresis over the checks before it.
+"""The monitoring check, in one place: a window of logged traffic against the champion's reference
+profile (`assess`), then the decision with hysteresis over the checks before it (`conclude`).
+`run_check` is both; the monitoring pipeline runs them as two ops (drift, decide), and
+`flywheel monitor`, the loop demo and the monitor service's drift gauges (`POST /drift`, through
+`monitoring.publish`) all read what it returns.
 
 The history of checks is kept per model version beside the sink's windows:
 
@@ -13,8 +15,7 @@ scheduled checks) replaces its entry instead of counting twice towards `consecut
 A window is the newest `window_rows` rows, so two checks can share most of their rows. A check is
 new evidence only when at least `min_samples` of its rows are newer than the newest event of the
 last check that was (`evidence`): one that is not is recorded with `new_evidence: false`, and
-`monitoring.drift.decide` neither counts it towards the streak nor lets it break one, nor decides
-on it.
+`decide` neither counts it towards the streak nor lets it break one, nor decides on it.
 """
 from __future__ import annotations
 
@@ -22,11 +23,14 @@ import dataclasses
 import datetime as dt
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import pandas as pd
 
 import storage
+from model.labels import LabelMapping
+from monitoring.drift import DriftReport, check_window
 from monitoring.windows import EVENT_TIME, partition_name
 from specs import MonitoringSpec
 
@@ -125,6 +129,110 @@ def save_history(uri: str, history: list[dict]) -> None:
     storage.write_atomic(uri, json.dumps(history[-KEEP_HISTORY:], indent=1).encode())
 
 
+# ------------------------------------------------------------------------ the decision (hysteresis)
+
+
+@dataclass
+class Decision:
+    """Whether to retrain, and why (or why not).
+
+    Attributes:
+        retrain: The decision.
+        reasons: Why (the breaches that made it, or why not).
+        streak: Consecutive breaching windows up to the latest.
+        dedup_key: Names this decision for the trigger: same window, same key (set by `conclude`).
+    """
+
+    retrain: bool
+    reasons: list[str]
+    streak: int = 0
+    dedup_key: str = ""
+
+
+def _get(report: DriftReport | dict, name: str, default=None):
+    return report.get(name, default) if isinstance(report, dict) else getattr(report, name, default)
+
+
+def decide(history: Sequence[DriftReport | dict], spec: MonitoringSpec) -> Decision:
+    """Retrain when each of the last `spec.consecutive_windows` checks (oldest first in `history`)
+    had enough data and breached; otherwise say why not. A check recorded with `new_evidence`
+    False (fewer than min_samples rows newer than the checks before it: see `evidence`)
+    neither adds to the streak nor breaks it, and no decision is made on it."""
+    need = spec.consecutive_windows
+    if not history:
+        return Decision(False, ["no window checked yet"])
+    streak = 0
+    for report in reversed(history):
+        if not _get(report, "enough_data"):
+            break
+        if _get(report, "new_evidence") is False:
+            continue  # mostly the rows of the checks before it: not new evidence either way
+        if not _get(report, "breaches"):
+            break
+        streak += 1
+    latest = history[-1]
+    if _get(latest, "enough_data") and _get(latest, "new_evidence") is False:
+        return Decision(False, [f"{streak} of {need} consecutive breaching windows: the latest window has "
+                                f"{_get(latest, 'new_rows', 0):,} rows newer than the last check that counted "
+                                f"(< min_samples {spec.min_samples}): it overlaps the checks before it, so it is "
+                                "not new evidence"], streak)
+    if streak >= need:
+        reasons = [f"{need} consecutive breaching windows ({streak} in a row)"]
+        reasons += [f"latest window ({_get(latest, 'rows', 0):,} rows): {b}" for b in _get(latest, "breaches")]
+        return Decision(True, reasons, streak)
+    why = f"{streak} of {need} consecutive breaching windows"
+    if not _get(latest, "enough_data"):
+        why += (f": the latest window had {_get(latest, 'rows', 0):,} rows (< min_samples {spec.min_samples}), "
+                "no decision on it")
+    elif not _get(latest, "breaches"):
+        why += ": the latest window had no breach"
+    else:
+        why += ": the breach has to persist before retraining"
+    return Decision(False, [why], streak)
+
+
+# ------------------------------------------------------------------------------------ the check
+
+
+@dataclass
+class Reference:
+    """What a check compares live traffic with: the champion's version, its training profile, its
+    label mapping and its features, as saved with the model (and as the champion op's JSON)."""
+
+    model_version: str
+    profile: dict
+    labels: dict | None = None
+    features: dict | None = None
+
+    @classmethod
+    def from_model_dir(cls, model_dir: str, model_version: str) -> Reference:
+        """The reference saved in a model directory (ValueError: a model saved without a profile)."""
+        from model.artifact import read_metadata
+        from monitoring.profile import load_profile
+
+        profile, metadata = load_profile(model_dir), read_metadata(model_dir)
+        return cls(str(model_version), profile, metadata.get("labels"), metadata.get("features"))
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Reference:
+        return cls(str(data["model_version"]), data["profile"], data.get("labels"), data.get("features"))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @property
+    def label_mapping(self) -> LabelMapping:
+        return LabelMapping.from_dict(self.labels)
+
+
+@dataclass
+class Assessment:
+    """A checked window: its DriftReport, and the summary the history records for it."""
+
+    report: DriftReport
+    entry: dict
+
+
 @dataclass
 class CheckResult:
     """A check and its decision.
@@ -139,7 +247,7 @@ class CheckResult:
         html: The drift report page, when rendered.
     """
 
-    report: object
+    report: DriftReport
     entry: dict
     retrain: bool
     reasons: list[str]
@@ -148,34 +256,43 @@ class CheckResult:
     html: str | None = None
 
 
-def decide_on(history: list[dict], spec: MonitoringSpec, env: str = "") -> tuple[bool, list[str], str]:
-    """(retrain, reasons, dedup key) from a history whose last entry is the current check."""
-    from monitoring.drift import decide
+def assess(window: pd.DataFrame, profile: dict, spec: MonitoringSpec, features, *, model_version: str | None,
+           root: str | None = None, suite: dict | None = None, labels: LabelMapping | None = None,
+           now: dt.datetime | None = None) -> Assessment:
+    """Check `window` against `profile` and summarise it for the history under `root` (read, not
+    written: how much of the window is newer than the checks before it; none: all of it)."""
+    report = check_window(window, profile, spec, features, suite=suite, labels=labels)
+    key = window_key(window, model_version)
+    before = load_history(history_uri(root, model_version)) if root else []
+    return Assessment(report, {**summary(report, key, now), **evidence(before, window, key, spec.min_samples)})
 
+
+def conclude(entry: dict, spec: MonitoringSpec, *, model_version: str | None, root: str | None = None,
+             env: str = "") -> tuple[Decision, list[dict]]:
+    """Record `entry` in the history under `root` (none: a history of this check alone) and decide
+    on it: (the decision with its dedup key, the history it was made on)."""
+    uri = history_uri(root, model_version) if root else None
+    history = record(load_history(uri) if uri else [], entry)
+    if uri:
+        save_history(uri, history)
     decision = decide(history, spec)
-    key = f"drift/{env}/{history[-1]['window']}" if history else f"drift/{env}/none"
-    return bool(decision.retrain), [str(r) for r in decision.reasons], key
+    decision.reasons = [str(r) for r in decision.reasons]
+    decision.dedup_key = f"drift/{env}/{history[-1]['window']}"
+    return decision, history
 
 
 def run_check(window: pd.DataFrame, profile: dict, spec: MonitoringSpec, features, *, model_version: str | None,
-              root: str | None = None, suite: dict | None = None, labels=None, env: str = "",
+              root: str | None = None, suite: dict | None = None, labels: LabelMapping | None = None, env: str = "",
               render: bool = True, now: dt.datetime | None = None) -> CheckResult:
     """Check `window`, record it in the history under `root` (none: a history of this check alone),
     decide, and render the report."""
-    from monitoring.drift import check_window
-
-    report = check_window(window, profile, spec, features, suite=suite, labels=labels)
-    key = window_key(window, model_version)
-    uri = history_uri(root, model_version) if root else None
-    before = load_history(uri) if uri else []
-    entry = {**summary(report, key, now), **evidence(before, window, key, spec.min_samples)}
-    history = record(before, entry)
-    if uri:
-        save_history(uri, history)
-    retrain, reasons, key = decide_on(history, spec, env)
+    checked = assess(window, profile, spec, features, model_version=model_version, root=root, suite=suite,
+                     labels=labels, now=now)
+    decision, history = conclude(checked.entry, spec, model_version=model_version, root=root, env=env)
     html = None
     if render:
         from monitoring.report import render_report
 
-        html = render_report(report, profile)
-    return CheckResult(report, entry, retrain, reasons, history, key, html)
+        html = render_report(checked.report, profile)
+    return CheckResult(checked.report, checked.entry, decision.retrain, decision.reasons, history,
+                       decision.dedup_key, html)

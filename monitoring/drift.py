@@ -1,5 +1,5 @@
-"""Drift and data-quality checks of a live window against the model's reference profile, and the
-retraining decision over a history of checks.
+"""Drift and data-quality statistics of a live window against the model's reference profile. The
+retraining decision over a history of checks (the hysteresis) is `monitoring.check`'s.
 
 Per feature: PSI over the profile's bins (numeric: its quantile edges; categorical: its categories,
 "other" and an unseen-category bucket; epsilon-smoothed), a two-sample KS test against the profile's
@@ -115,15 +115,6 @@ class DriftReport:
         names = set(cls.__dataclass_fields__)
         features = [FeatureDrift(**f) for f in data.get("features", [])]
         return cls(**{k: v for k, v in data.items() if k in names and k != "features"}, features=features)
-
-
-@dataclass
-class Decision:
-    """Whether to retrain, and why (or why not)."""
-
-    retrain: bool
-    reasons: list[str]
-    streak: int = 0  # consecutive breaching windows up to the latest
 
 
 # --------------------------------------------------------------------------------------- statistics
@@ -330,6 +321,72 @@ def _fmt(value: float) -> str:
     return f"{value:.3g}" if abs(value) < 1e-3 else f"{value:.3f}"
 
 
+def _feature_breaches(report: DriftReport, spec: MonitoringSpec) -> None:
+    """The p-values adjusted for testing many features (`spec.correction`), then each feature's
+    reasons and breaches (with enough data only)."""
+    tested = [f for f in report.features if f.p_value is not None]
+    for f, p in zip(tested, adjust([f.p_value for f in tested], spec.correction)):
+        f.p_adjusted = float(p)
+    for f in report.features if report.enough_data else []:
+        absent = bool(f.reasons)  # "column absent": no values to compare, only the missing rate
+        if f.psi is not None and f.psi > spec.psi_threshold:
+            f.reasons.append(f"PSI {f.psi:.3f} > {spec.psi_threshold:g}")
+        if f.p_adjusted is not None and f.p_adjusted < spec.alpha:
+            test = "KS D" if f.test == "ks" else "chi-square"
+            f.reasons.append(f"{test} {f.statistic:.4g}, {spec.correction}-adjusted p {_fmt(f.p_adjusted)} "
+                             f"< alpha {spec.alpha:g}")
+        f.drifted = len(f.reasons) > absent
+        if f.unseen:
+            f.reasons.append(f"unseen categories in {_share(f.counts[-1], f.rows):.1%} of values (e.g. "
+                             f"{', '.join(repr(k) for k in list(f.unseen)[:3])})")
+        if f.missing_rate > f.reference_missing_rate + spec.missing_rate_threshold:
+            f.missing_breach = True
+            f.reasons.append(f"missing rate {f.missing_rate:.1%} > training's {f.reference_missing_rate:.1%} "
+                             f"+ {spec.missing_rate_threshold:.1%}")
+        if f.drifted or f.missing_breach:
+            report.breaches.append(f"{f.feature}: " + "; ".join(f.reasons))
+
+
+def _prediction_drift(report: DriftReport, window: pd.DataFrame, profile: dict, spec: MonitoringSpec) -> None:
+    """PSI of the live scores against the held-out scores of the profile."""
+    if PROBABILITY in window.columns and profile.get("score"):
+        scores = np.sort(numeric_values(window[PROBABILITY]))
+        scores = scores[: len(scores) - int(np.isnan(scores).sum())]  # NaN sorts last
+        counts = bin_counts(scores, profile["score"]["edges"])
+        report.prediction_counts = counts.tolist()
+        report.prediction_psi = psi(profile["score"]["counts"], counts)
+        breached = report.prediction_psi is not None and report.prediction_psi > spec.prediction_psi_threshold
+        if report.enough_data and breached:
+            report.breaches.append(f"prediction drift: score PSI {report.prediction_psi:.3f} > "
+                                   f"{spec.prediction_psi_threshold:g}")
+    else:
+        report.notes.append(f"no {PROBABILITY!r} column or no score profile: prediction drift not checked")
+
+
+def _live_auc(report: DriftReport, window: pd.DataFrame, spec: MonitoringSpec, labels: LabelMapping | None) -> None:
+    """Live ROC / PR AUC over the rows whose ground truth has arrived."""
+    if TRUTH in window.columns and PROBABILITY in window.columns:
+        truth, unknown = _truth_codes(window[TRUTH], labels or LabelMapping.from_dict(None))
+        has = truth >= 0
+        report.truth_rows = int(has.sum())
+        if unknown:
+            report.notes.append(f"{unknown:,} truth values are neither class of the model's labels: ignored")
+        score = numeric_values(window[PROBABILITY])
+        has &= ~np.isnan(score)
+        y, score = truth[has], score[has]
+        if report.enough_data and len(y) >= spec.min_samples and 0 < y.sum() < len(y):
+            from sklearn.metrics import average_precision_score, roc_auc_score
+
+            report.live_roc_auc = float(roc_auc_score(y, score))
+            report.live_pr_auc = float(average_precision_score(y, score))
+            if report.live_roc_auc < spec.min_roc_auc:
+                report.breaches.append(f"live ROC AUC {report.live_roc_auc:.3f} < {spec.min_roc_auc:g} over "
+                                       f"{report.truth_rows:,} rows with ground truth")
+        else:
+            report.notes.append(f"{report.truth_rows:,} rows with ground truth (both classes and min_samples "
+                                f"{spec.min_samples} needed): live AUC not computed")
+
+
 def check_window(window: pd.DataFrame, profile: dict, spec: MonitoringSpec, features=None, suite: dict | None = None,
                  labels: LabelMapping | None = None) -> DriftReport:
     """Check one window of logged requests (feature columns, `probability`, optional `truth`)
@@ -355,109 +412,12 @@ def check_window(window: pd.DataFrame, profile: dict, spec: MonitoringSpec, feat
         report.features.append(_categorical(name, window[name] if name in columns else None,
                                             profile["categorical"][name], enough, spec.min_samples))
 
-    tested = [f for f in report.features if f.p_value is not None]
-    for f, p in zip(tested, adjust([f.p_value for f in tested], spec.correction)):
-        f.p_adjusted = float(p)
-    for f in report.features if enough else []:
-        absent = bool(f.reasons)  # "column absent": no values to compare, only the missing rate
-        if f.psi is not None and f.psi > spec.psi_threshold:
-            f.reasons.append(f"PSI {f.psi:.3f} > {spec.psi_threshold:g}")
-        if f.p_adjusted is not None and f.p_adjusted < spec.alpha:
-            test = "KS D" if f.test == "ks" else "chi-square"
-            f.reasons.append(f"{test} {f.statistic:.4g}, {spec.correction}-adjusted p {_fmt(f.p_adjusted)} "
-                             f"< alpha {spec.alpha:g}")
-        f.drifted = len(f.reasons) > absent
-        if f.unseen:
-            f.reasons.append(f"unseen categories in {_share(f.counts[-1], f.rows):.1%} of values (e.g. "
-                             f"{', '.join(repr(k) for k in list(f.unseen)[:3])})")
-        if f.missing_rate > f.reference_missing_rate + spec.missing_rate_threshold:
-            f.missing_breach = True
-            f.reasons.append(f"missing rate {f.missing_rate:.1%} > training's {f.reference_missing_rate:.1%} "
-                             f"+ {spec.missing_rate_threshold:.1%}")
-        if f.drifted or f.missing_breach:
-            report.breaches.append(f"{f.feature}: " + "; ".join(f.reasons))
-
-    if PROBABILITY in columns and profile.get("score"):
-        scores = np.sort(numeric_values(window[PROBABILITY]))
-        scores = scores[: len(scores) - int(np.isnan(scores).sum())]  # NaN sorts last
-        counts = bin_counts(scores, profile["score"]["edges"])
-        report.prediction_counts = counts.tolist()
-        report.prediction_psi = psi(profile["score"]["counts"], counts)
-        if enough and report.prediction_psi is not None and report.prediction_psi > spec.prediction_psi_threshold:
-            report.breaches.append(f"prediction drift: score PSI {report.prediction_psi:.3f} > "
-                                   f"{spec.prediction_psi_threshold:g}")
-    else:
-        report.notes.append(f"no {PROBABILITY!r} column or no score profile: prediction drift not checked")
-
-    if TRUTH in columns and PROBABILITY in columns:
-        truth, unknown = _truth_codes(window[TRUTH], labels or LabelMapping.from_dict(None))
-        has = truth >= 0
-        report.truth_rows = int(has.sum())
-        if unknown:
-            report.notes.append(f"{unknown:,} truth values are neither class of the model's labels: ignored")
-        score = numeric_values(window[PROBABILITY])
-        has &= ~np.isnan(score)
-        y, score = truth[has], score[has]
-        if enough and len(y) >= spec.min_samples and 0 < y.sum() < len(y):
-            from sklearn.metrics import average_precision_score, roc_auc_score
-
-            report.live_roc_auc = float(roc_auc_score(y, score))
-            report.live_pr_auc = float(average_precision_score(y, score))
-            if report.live_roc_auc < spec.min_roc_auc:
-                report.breaches.append(f"live ROC AUC {report.live_roc_auc:.3f} < {spec.min_roc_auc:g} over "
-                                       f"{report.truth_rows:,} rows with ground truth")
-        else:
-            report.notes.append(f"{report.truth_rows:,} rows with ground truth (both classes and min_samples "
-                                f"{spec.min_samples} needed): live AUC not computed")
-
+    _feature_breaches(report, spec)
+    _prediction_drift(report, window, profile, spec)
+    _live_auc(report, window, spec, labels)
     if suite is not None and enough:
         report.quality = check_quality(window, suite, [*numeric, *categorical])
         report.breaches += [f"data quality: {failure}" for failure in report.quality["failures"]]
     elif suite is not None:
         report.notes.append("data quality not checked (too few rows)")
     return report
-
-
-# ------------------------------------------------------------------------------------- the decision
-
-
-def _get(report: DriftReport | dict, name: str, default=None):
-    return report.get(name, default) if isinstance(report, dict) else getattr(report, name, default)
-
-
-def decide(history: Sequence[DriftReport | dict], spec: MonitoringSpec) -> Decision:
-    """Retrain when each of the last `spec.consecutive_windows` checks (oldest first in `history`)
-    had enough data and breached; otherwise say why not. A check recorded with `new_evidence`
-    False (fewer than min_samples rows newer than the checks before it: see monitoring.check)
-    neither adds to the streak nor breaks it, and no decision is made on it."""
-    need = spec.consecutive_windows
-    if not history:
-        return Decision(False, ["no window checked yet"])
-    streak = 0
-    for report in reversed(history):
-        if not _get(report, "enough_data"):
-            break
-        if _get(report, "new_evidence") is False:
-            continue  # mostly the rows of the checks before it: not new evidence either way
-        if not _get(report, "breaches"):
-            break
-        streak += 1
-    latest = history[-1]
-    if _get(latest, "enough_data") and _get(latest, "new_evidence") is False:
-        return Decision(False, [f"{streak} of {need} consecutive breaching windows: the latest window has "
-                                f"{_get(latest, 'new_rows', 0):,} rows newer than the last check that counted "
-                                f"(< min_samples {spec.min_samples}): it overlaps the checks before it, so it is "
-                                "not new evidence"], streak)
-    if streak >= need:
-        reasons = [f"{need} consecutive breaching windows ({streak} in a row)"]
-        reasons += [f"latest window ({_get(latest, 'rows', 0):,} rows): {b}" for b in _get(latest, "breaches")]
-        return Decision(True, reasons, streak)
-    why = f"{streak} of {need} consecutive breaching windows"
-    if not _get(latest, "enough_data"):
-        why += (f": the latest window had {_get(latest, 'rows', 0):,} rows (< min_samples {spec.min_samples}), "
-                "no decision on it")
-    elif not _get(latest, "breaches"):
-        why += ": the latest window had no breach"
-    else:
-        why += ": the breach has to persist before retraining"
-    return Decision(False, [why], streak)

@@ -10,7 +10,7 @@ import io
 
 import numpy as np
 
-from monitoring.drift import Decision, DriftReport, FeatureDrift
+from monitoring.drift import DriftReport, FeatureDrift
 
 TRAINING, LIVE = ("training", "#4c78a8"), ("live", "#f58518")
 
@@ -121,9 +121,47 @@ img{max-width:100%;border:1px solid #e4e7eb}
 """
 
 
-def render_report(report: DriftReport, profile: dict, decision: Decision | None = None,
-                  title: str = "Drift report") -> str:
-    """A self-contained HTML page (images inlined, nothing fetched) for one checked window."""
+def _feature_table(report: DriftReport) -> list[str]:
+    """The per-feature table, drifted rows highlighted."""
+    header = ["feature", "kind", "PSI", "test", "statistic", "p-value", "adjusted p", "missing (live)",
+              "missing (training)", "drifted", "reasons"]
+    body = []
+    for f in report.features:
+        cells = [f.feature, f.kind, _fmt(f.psi), f.test or "–", _fmt(f.statistic), _fmt(f.p_value), _fmt(f.p_adjusted),
+                 f"{f.missing_rate:.2%}", f"{f.reference_missing_rate:.2%}", _fmt(f.drifted),
+                 html.escape("; ".join(f.reasons)) or "–"]
+        css = " class='drifted'" if f.drifted or f.missing_breach else ""
+        body.append(f"<tr{css}>" + "".join(f"<td>{c if i else html.escape(str(c))}</td>" for i, c in enumerate(cells))
+                    + "</tr>")
+    return ["<h2>Features</h2>",
+            "<table><thead><tr>" + "".join(f"<th>{h}</th>" for h in header) + "</tr></thead><tbody>"
+            + "".join(body) + "</tbody></table>"]
+
+
+def _figures(report: DriftReport, profile: dict) -> list[str]:
+    """Training vs live: the scores' and each feature's distribution, one inlined PNG each."""
+    parts = ["<h2>Training vs live</h2><div class='figs'>"]
+    figures: list[tuple[str, str]] = []
+    if report.prediction_counts and profile.get("score"):
+        figures.append(("predicted probability", _score_figure(report, profile["score"])))
+    for f in report.features:
+        if f.rows == 0:
+            continue
+        if f.kind == "numeric":
+            figures.append((f.feature, _numeric_figure(f, profile["numeric"][f.feature])))
+        else:
+            figures.append((f.feature, _categorical_figure(f, profile["categorical"][f.feature])))
+    for caption, data in figures:
+        parts.append(f"<figure><img alt='{html.escape(caption)}' src='data:image/png;base64,{data}'>"
+                     f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+    parts.append("</div>")
+    return parts
+
+
+def render_report(report: DriftReport, profile: dict, decision=None, title: str = "Drift report") -> str:
+    """A self-contained HTML page (images inlined, nothing fetched) for one checked window; with
+    `decision` (a `monitoring.check.Decision`: retrain, reasons; not imported, as the check renders
+    this page) a banner saying it."""
     parts = [f"<h1>{html.escape(title)}</h1>",
              f"<p class='meta'>{report.rows:,} live rows against a profile of {profile.get('rows', 0):,} training "
              f"rows; {len(report.features)} features; p-values {html.escape(report.correction)}-corrected</p>"]
@@ -156,35 +194,8 @@ def render_report(report: DriftReport, profile: dict, decision: Decision | None 
     if report.notes:
         parts.append("<p class='meta'>" + "<br>".join(html.escape(n) for n in report.notes) + "</p>")
 
-    header = ["feature", "kind", "PSI", "test", "statistic", "p-value", "adjusted p", "missing (live)",
-              "missing (training)", "drifted", "reasons"]
-    body = []
-    for f in report.features:
-        cells = [f.feature, f.kind, _fmt(f.psi), f.test or "–", _fmt(f.statistic), _fmt(f.p_value), _fmt(f.p_adjusted),
-                 f"{f.missing_rate:.2%}", f"{f.reference_missing_rate:.2%}", _fmt(f.drifted),
-                 html.escape("; ".join(f.reasons)) or "–"]
-        css = " class='drifted'" if f.drifted or f.missing_breach else ""
-        body.append(f"<tr{css}>" + "".join(f"<td>{c if i else html.escape(str(c))}</td>" for i, c in enumerate(cells))
-                    + "</tr>")
-    parts += ["<h2>Features</h2>",
-              "<table><thead><tr>" + "".join(f"<th>{h}</th>" for h in header) + "</tr></thead><tbody>"
-              + "".join(body) + "</tbody></table>"]
-
-    parts.append("<h2>Training vs live</h2><div class='figs'>")
-    figures: list[tuple[str, str]] = []
-    if report.prediction_counts and profile.get("score"):
-        figures.append(("predicted probability", _score_figure(report, profile["score"])))
-    for f in report.features:
-        if f.rows == 0:
-            continue
-        if f.kind == "numeric":
-            figures.append((f.feature, _numeric_figure(f, profile["numeric"][f.feature])))
-        else:
-            figures.append((f.feature, _categorical_figure(f, profile["categorical"][f.feature])))
-    for caption, data in figures:
-        parts.append(f"<figure><img alt='{html.escape(caption)}' src='data:image/png;base64,{data}'>"
-                     f"<figcaption>{html.escape(caption)}</figcaption></figure>")
-    parts.append("</div>")
+    parts += _feature_table(report)
+    parts += _figures(report, profile)
     if report.quality and (report.quality["failures"] or report.quality["warnings"]):
         parts.append("<h2>Data quality</h2><ul>"
                      + "".join(f"<li>failed: {html.escape(x)}</li>" for x in report.quality["failures"])

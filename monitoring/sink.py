@@ -1,24 +1,10 @@
 """The payload sink: KServe logger CloudEvents in, paired request/response rows out to Parquet windows.
 
-`PayloadSink.accept(headers, body)` takes one binary-mode CloudEvent (the KServe logger agent's
-format, which `serving/payload.py` copies): `ce-specversion` 1.0, `ce-type`
-`org.kubeflow.serving.inference.request` or `.response`, `ce-id` (the request id; both events of one
-call share it), optional `ce-time`, `ce-source` and the agent's extensions (`ce-inferenceservicename`,
-`ce-namespace`, `ce-component`, `ce-endpoint`, `ce-metadata`, `ce-annotations`), and the raw
-inference request or response as the body:
-
-* requests: v1 `{"instances": [{column: value}, ...]}` or v2 `{"inputs": [{"name", "shape", "data"}]}`
-  with one tensor per column;
-* responses: v1 `{"predictions": [...], "probabilities": [...]}` (probabilities optional) or v2
-  `{"outputs": [...]}` with a `label` and/or a `probability` tensor (the transformer's), and the
-  `model_version` that answered (else "unknown").
-
-It answers with an `Outcome` (the HTTP layer's status): 202 accepted; 400 not a readable
-CloudEvent (a required attribute missing, bad `ce-time`, bad JSON, no data); 415 a body that is not
-JSON (binary v2 tensors, structured-mode events); 422 a well-formed event it cannot use (unknown
-`ce-type`, a request or response of a shape it cannot read); 503 busy: memory is exhausted (see
-Bounds), or the sink is closing (with a Retry-After). Every 503 is counted in
-`flywheel_monitor_rejected_events_total{type, reason}` (the `FlywheelMonitorRejectingEvents` alert).
+`PayloadSink.accept(headers, body)` takes one binary-mode CloudEvent (read by
+`monitoring.events.parse_event`, which says what it must hold) and answers with an `Outcome`
+(the HTTP layer's status): 202 accepted; 400, 415 or 422 what `parse_event` refuses; 503 busy:
+memory is exhausted (see Bounds), or the sink is closing (with a Retry-After). Every 503 is counted
+in `flywheel_monitor_rejected_events_total{type, reason}` (the `FlywheelMonitorRejectingEvents` alert).
 
 Pairing is by `ce-id`, in either order. An unpaired half waits `pending_seconds`, then expires and is
 counted (a refused request has no response: the agent logs responses of 200s only). A pair becomes
@@ -53,354 +39,23 @@ Eventing brokers and triggers with a delivery policy) redeliver it.
 """
 from __future__ import annotations
 
-import itertools
 import json
 import logging
-import math
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-
 import storage
-from monitoring import windows
+from monitoring import pending, windows
+from monitoring.events import ACCEPTED, BUSY, KINDS, EventError, Half, Outcome, parse_event
+from monitoring.metrics import SinkMetrics
+from monitoring.rows import Pair, encode, partitions
 from specs.monitoring import SinkSpec
-
-try:
-    import orjson
-
-    loads = orjson.loads
-except ImportError:  # pragma: no cover - orjson comes with kserve
-    loads = json.loads
 
 log = logging.getLogger("flywheel.monitoring")
 
-REQUEST_TYPE = "org.kubeflow.serving.inference.request"
-RESPONSE_TYPE = "org.kubeflow.serving.inference.response"
-KINDS = {REQUEST_TYPE: "request", RESPONSE_TYPE: "response"}
-SPEC_VERSIONS = ("1.0",)
-JSON_TYPES = ("application/json", "text/plain", "application/x-www-form-urlencoded", "")  # curl -d sends form
-CE_ATTRIBUTES = ("ce-specversion", "ce-type", "ce-id", "ce-source", "ce-time", "ce-inferenceservicename",
-                 "ce-namespace", "ce-component", "ce-endpoint", "content-type")
-ACCEPTED, BAD_REQUEST, UNSUPPORTED, UNPROCESSABLE, BUSY = 202, 400, 415, 422, 503
-LABEL_OUTPUT, PROBABILITY_OUTPUT = "label", "probability"
-MAX_VERSION_CHARS = 200
-FLUSH_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """What `accept` decided: the HTTP status, a message, and for a 503 the seconds to wait."""
-
-    status: int
-    message: str
-    retry_after: float | None = None
-    reason: str | None = None  # a 503's cause: full, half_refused, closing
-
-    @property
-    def accepted(self) -> bool:
-        return self.status < 300
-
-
-class EventError(Exception):
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status, self.message = status, message
-
-
-@dataclass(slots=True)
-class Request:
-    columns: dict[str, list]  # feature -> one value per instance
-    rows: int
-
-
-@dataclass(slots=True)
-class Response:
-    predictions: list | None  # labels as text, or None
-    probabilities: list | None  # floats (or None each), or None
-    rows: int
-    model_name: str | None
-    model_version: str | None
-
-
-@dataclass(slots=True)
-class Half:
-    """One accepted event waiting for its other half."""
-
-    kind: str
-    parsed: Request | Response
-    time: datetime | None  # ce-time
-    arrived: float  # time.monotonic()
-    model_name: str
-    headers: dict
-    body: bytes
-
-    @property
-    def size(self) -> int:
-        return len(self.body)
-
-
-@dataclass(slots=True)
-class Pair:
-    request_id: str
-    request: Request
-    response: Response
-    event_time: datetime
-    model_name: str
-    model_version: str
-    rows: int
-    size: int  # body bytes of its two events
-
-
-@dataclass
-class SinkMetrics:
-    """The sink's Prometheus metrics, in a registry of its own (one per sink, so tests can run many)."""
-
-    registry: CollectorRegistry = field(default_factory=lambda: CollectorRegistry(auto_describe=True))
-
-    def __post_init__(self):
-        r = self.registry
-        self.events = Counter("flywheel_monitor_events", "Payload events received, by type and HTTP status",
-                              ["type", "code"], registry=r)
-        self.rows = Counter("flywheel_monitor_rows_written", "Rows written to window files", ["model_version"],
-                            registry=r)
-        self.files = Counter("flywheel_monitor_files_written", "Window files written", registry=r)
-        self.unpaired = Counter("flywheel_monitor_unpaired", "Accepted events that never became rows, by reason "
-                                "(expired: no other half in time; evicted: made room in a full buffer; "
-                                "mismatch: row counts differ)",
-                                ["type", "reason"], registry=r)
-        self.duplicates = Counter("flywheel_monitor_duplicate_events", "Events for an id already held or written",
-                                  ["type"], registry=r)
-        self.flush_seconds = Histogram("flywheel_monitor_flush_seconds", "Latency of one flush (all partitions)",
-                                       buckets=FLUSH_BUCKETS, registry=r)
-        self.flush_errors = Counter("flywheel_monitor_flush_errors", "Flushes that failed (rows kept, retried)",
-                                    registry=r)
-        self.depth = Gauge("flywheel_monitor_buffer_events", "Events held in memory (unpaired halves, buffered "
-                           "pairs and pairs being written)", registry=r)
-        self.bytes = Gauge("flywheel_monitor_buffer_bytes", "Event body bytes held in memory (as buffer_events)",
-                           registry=r)
-        self.writing = Gauge("flywheel_monitor_flushing_events", "Events of the pairs a flush is writing now",
-                             registry=r)
-        self.rejected = Counter("flywheel_monitor_rejected_events", "Events refused with 503, by reason (full: "
-                                "memory bound reached; half_refused: the other half of a refused event; "
-                                "closing: the sink is shutting down). The KServe agent drops them.",
-                                ["type", "reason"], registry=r)
-        self.pending = Gauge("flywheel_monitor_pending_events", "Unpaired events waiting for their other half",
-                             registry=r)
-        self.alerts = Counter("flywheel_monitor_alerts", "Alertmanager notifications by outcome "
-                              "(triggered, ignored, invalid, failed)", ["outcome"], registry=r)
-        self.ground_truth = Counter("flywheel_monitor_ground_truth_rows", "Ground-truth rows written", registry=r)
-        self._event_children: dict[tuple, Counter] = {}
-
-    def event(self, kind: str, code: int) -> None:
-        child = self._event_children.get((kind, code))
-        if child is None:
-            child = self._event_children[(kind, code)] = self.events.labels(kind, str(code))
-        child.inc()
-
-
-# ---- parsing -------------------------------------------------------------------------------------
-
-def _json(body: bytes, content_type: str):
-    media = content_type.split(";", 1)[0].strip().lower()
-    if media == "application/cloudevents+json":
-        raise EventError(UNSUPPORTED, "structured-mode CloudEvents are not read: send binary mode (ce- headers)")
-    if media not in JSON_TYPES and not media.endswith("+json"):
-        raise EventError(UNSUPPORTED, f"content-type {media!r}: the sink reads JSON bodies only "
-                                      "(binary v2 tensors are not logged)")
-    if not body:
-        raise EventError(BAD_REQUEST, "the event has no data")
-    try:
-        return loads(body)
-    except ValueError as err:
-        raise EventError(BAD_REQUEST, f"the data is not JSON: {err}") from None
-
-
-def _flat(data) -> list:
-    if isinstance(data, list) and data and isinstance(data[0], list):
-        return list(itertools.chain.from_iterable(d if isinstance(d, list) else [d] for d in data))
-    return data
-
-
-def parse_request(data) -> Request:
-    """A v1 or v2 inference request's feature columns (EventError 422 when it is neither)."""
-    if not isinstance(data, dict):
-        raise EventError(UNPROCESSABLE, "the request is not a JSON object")
-    if "instances" in data:
-        instances = data["instances"]
-        if not isinstance(instances, list) or not instances:
-            raise EventError(UNPROCESSABLE, "request 'instances' must be a non-empty list")
-        if not all(isinstance(row, dict) for row in instances):
-            raise EventError(UNPROCESSABLE, "request 'instances' must be feature records (JSON objects)")
-        names: dict[str, None] = {}
-        for row in instances:
-            names.update(dict.fromkeys(row))
-        columns = {name: [row.get(name) for row in instances] for name in names}
-        return _checked(Request(columns, len(instances)))
-    if "inputs" in data:
-        inputs = data["inputs"]
-        if not isinstance(inputs, list) or not inputs:
-            raise EventError(UNPROCESSABLE, "request 'inputs' must be a non-empty list of tensors")
-        columns, rows = {}, None
-        for k, tensor in enumerate(inputs):
-            if not isinstance(tensor, dict) or not isinstance(tensor.get("name"), str) or "data" not in tensor:
-                raise EventError(UNPROCESSABLE, f"request inputs[{k}] must be a tensor with a name and data")
-            values = _flat(tensor["data"])
-            if not isinstance(values, list):
-                raise EventError(UNPROCESSABLE, f"request inputs[{k}].data must be a list")
-            shape = tensor.get("shape")
-            if isinstance(shape, list) and len(shape) > 1 and any(d != 1 for d in shape[1:]):
-                raise EventError(UNPROCESSABLE, f"request inputs[{k}] has shape {shape}: one tensor per column "
-                                                "([n] or [n, 1]) is expected")
-            if rows is not None and len(values) != rows:
-                raise EventError(UNPROCESSABLE, f"request inputs[{k}] has {len(values)} values, inputs[0] {rows}")
-            rows = len(values)
-            columns[tensor["name"]] = values
-        if not rows:
-            raise EventError(UNPROCESSABLE, "request tensors are empty")
-        return _checked(Request(columns, rows))
-    raise EventError(UNPROCESSABLE, "not an inference request: no v1 'instances' or v2 'inputs'")
-
-
-def _checked(request: Request) -> Request:
-    clash = set(request.columns) & set(windows.SINK_COLUMNS)
-    if clash:
-        raise EventError(UNPROCESSABLE, f"feature columns {sorted(clash)} clash with the sink's own columns")
-    return request
-
-
-def _labels(values, where: str) -> list:
-    if not isinstance(values, list) or not all(v is None or isinstance(v, (str, int, float, bool)) for v in values):
-        raise EventError(UNPROCESSABLE, f"response {where} must be a list of labels")
-    return [None if v is None else str(v) for v in values]
-
-
-def _probabilities(values, where: str) -> list:
-    if not isinstance(values, list):
-        raise EventError(UNPROCESSABLE, f"response {where} must be a list of numbers")
-    out = []
-    for v in values:
-        if v is None:
-            out.append(None)
-        elif isinstance(v, (int, float)) and not isinstance(v, bool):
-            out.append(float(v) if math.isfinite(v) else None)
-        else:
-            raise EventError(UNPROCESSABLE, f"response {where} must be a list of numbers, found {v!r:.40}")
-    return out
-
-
-def parse_response(data) -> Response:
-    """A v1 or v2 inference response's labels, probabilities and model (EventError 422 when unreadable)."""
-    if not isinstance(data, dict):
-        raise EventError(UNPROCESSABLE, "the response is not a JSON object")
-    name, version = data.get("model_name"), data.get("model_version")
-    name = str(name) if name is not None else None
-    version = str(version) if version not in (None, "") else None
-    if version is not None and len(windows.partition_name(version)) > MAX_VERSION_CHARS:
-        # a folder name the store refuses (NAME_MAX is 255 bytes) would fail every flush of the buffer
-        raise EventError(UNPROCESSABLE, f"response model_version is over {MAX_VERSION_CHARS} characters "
-                                        "(percent-encoded)")
-    if "predictions" in data:
-        predictions = _labels(data["predictions"], "'predictions'")
-        probabilities = _probabilities(data["probabilities"], "'probabilities'") if "probabilities" in data else None
-        if probabilities is not None and len(probabilities) != len(predictions):
-            raise EventError(UNPROCESSABLE, f"response has {len(predictions)} predictions and "
-                                            f"{len(probabilities)} probabilities")
-        return Response(predictions, probabilities, len(predictions), name, version)
-    if "outputs" in data:
-        outputs = data["outputs"]
-        if not isinstance(outputs, list):
-            raise EventError(UNPROCESSABLE, "response 'outputs' must be a list of tensors")
-        found = {t["name"]: t for t in outputs if isinstance(t, dict) and isinstance(t.get("name"), str)}
-        if LABEL_OUTPUT not in found and PROBABILITY_OUTPUT not in found:
-            raise EventError(UNPROCESSABLE, f"response outputs have no {LABEL_OUTPUT!r} or {PROBABILITY_OUTPUT!r} "
-                                            f"tensor (found {sorted(map(str, found))})")
-        labels = probabilities = None
-        if LABEL_OUTPUT in found:
-            labels = _labels(_flat(found[LABEL_OUTPUT].get("data")), "outputs 'label'.data")
-        if PROBABILITY_OUTPUT in found:
-            probabilities = _probabilities(_flat(found[PROBABILITY_OUTPUT].get("data")), "outputs 'probability'.data")
-        if labels is not None and probabilities is not None and len(labels) != len(probabilities):
-            raise EventError(UNPROCESSABLE, f"response has {len(labels)} labels and {len(probabilities)} probabilities")
-        rows = len(labels if labels is not None else probabilities)
-        return Response(labels, probabilities, rows, name, version)
-    raise EventError(UNPROCESSABLE, "not an inference response: no v1 'predictions' or v2 'outputs'")
-
-
-def parse_time(value: str | None) -> datetime | None:
-    if not value:
-        return None
-    try:
-        when = datetime.fromisoformat(value)
-        when = when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
-    except (ValueError, OverflowError):  # OverflowError: an offset that leaves years 1-9999
-        raise EventError(BAD_REQUEST, f"ce-time {value!r:.60} is not an RFC 3339 time") from None
-    if when.year < 1000:  # partitions are named date=YYYY-...: four digits keep them in time order
-        raise EventError(BAD_REQUEST, f"ce-time {value!r:.60} is before the year 1000")
-    return when
-
-
-# ---- rows ----------------------------------------------------------------------------------------
-
-def _column(values: list, text: bool = False):
-    """An Arrow column of JSON values as sent; mixed or nested values (or all, `text`) become text."""
-    import pyarrow as pa
-
-    try:
-        array = None if text else pa.array(values)
-        if array is not None and not (pa.types.is_nested(array.type) or pa.types.is_binary(array.type)):
-            return array
-    except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
-        pass
-    return pa.array([None if v is None else v if isinstance(v, str) else json.dumps(v) for v in values], pa.string())
-
-
-def rows_table(pairs: list[Pair], text: bool = False):
-    """The window table of `pairs` (one row per instance); `text`: every feature column as JSON text."""
-    import pyarrow as pa
-
-    features: dict[str, None] = {}
-    for pair in pairs:
-        features.update(dict.fromkeys(pair.request.columns))
-    table = {}
-    for name in features:
-        values = []
-        for pair in pairs:
-            values.extend(pair.request.columns.get(name) or [None] * pair.rows)
-        table[name] = _column(values, text)
-    ids, instances, times, names, versions, probabilities, predictions = [], [], [], [], [], [], []
-    for pair in pairs:
-        n = pair.rows
-        ids.extend([pair.request_id] * n)
-        instances.extend(range(n))
-        times.extend([pair.event_time] * n)
-        names.extend([pair.model_name] * n)
-        versions.extend([pair.model_version] * n)
-        probabilities.extend(pair.response.probabilities or [None] * n)
-        predictions.extend(pair.response.predictions or [None] * n)
-    table[windows.REQUEST_ID] = pa.array(ids, pa.string())
-    table[windows.INSTANCE] = pa.array(instances, pa.int32())
-    table[windows.EVENT_TIME] = pa.array(times, pa.timestamp("us", tz="UTC"))
-    table[windows.MODEL_NAME] = pa.array(names, pa.string())
-    table[windows.MODEL_VERSION] = pa.array(versions, pa.string())
-    table[windows.PROBABILITY] = pa.array(probabilities, pa.float64())
-    table[windows.PREDICTION] = pa.array(predictions, pa.string())
-    table[windows.TRUTH] = pa.nulls(len(ids), pa.string())
-    return pa.table(table)
-
-
-def encode(pairs: list[Pair]) -> bytes:
-    """The Parquet bytes of `pairs`. Should the features as sent fit no Parquet type (a retry could
-    never write them, and they would hold the buffer forever), they are written as JSON text."""
-    try:
-        return windows.parquet_bytes(rows_table(pairs))
-    except Exception as err:
-        log.warning("payload sink: %d rows written with features as text: %s", sum(p.rows for p in pairs), err)
-        return windows.parquet_bytes(rows_table(pairs, text=True))
 
 
 # ---- the sink ------------------------------------------------------------------------------------
@@ -521,7 +176,7 @@ class PayloadSink:
             if refusal is not None:
                 return refusal
         try:
-            half = self.check(headers, body, kind)
+            half = parse_event(headers, body, kind)
         except EventError as err:
             return Outcome(err.status, err.message)
         return self._take(event_id, half, limit=True)
@@ -563,29 +218,6 @@ class PayloadSink:
         self.metrics.unpaired.labels(half.kind, "evicted").inc()
         self.totals["evicted"] += 1
         return True
-
-    def check(self, headers: Mapping[str, str], body: bytes, kind: str | None = None) -> Half:
-        """Parse and check one event into a `Half` (EventError with the status when it is not usable)."""
-        version = headers.get("ce-specversion")
-        if not version:
-            raise EventError(BAD_REQUEST, "not a binary-mode CloudEvent: no ce-specversion header")
-        if version not in SPEC_VERSIONS:
-            raise EventError(BAD_REQUEST, f"ce-specversion {version!r:.20} is not supported (1.0 is)")
-        ce_type = headers.get("ce-type")
-        if not ce_type:
-            raise EventError(BAD_REQUEST, "no ce-type header")
-        kind = kind or KINDS.get(ce_type, "other")
-        if kind == "other":
-            raise EventError(UNPROCESSABLE, f"ce-type {ce_type!r:.80} is not an inference request or response "
-                                            f"({REQUEST_TYPE}, {RESPONSE_TYPE})")
-        if not headers.get("ce-id"):
-            raise EventError(BAD_REQUEST, "no ce-id header (the request id that pairs request and response)")
-        when = parse_time(headers.get("ce-time"))
-        data = _json(body, headers.get("content-type") or "")
-        parsed = parse_request(data) if kind == "request" else parse_response(data)
-        attributes = {k: headers.get(k) for k in CE_ATTRIBUTES if headers.get(k) is not None}
-        return Half(kind, parsed, when, time.monotonic(), headers.get("ce-inferenceservicename") or "",
-                    attributes, bytes(body))
 
     def _take(self, event_id: str, half: Half, limit: bool) -> Outcome:
         with self._lock:
@@ -700,11 +332,8 @@ class PayloadSink:
             if not pairs:
                 return 0
             started = time.perf_counter()
-            groups: dict[tuple, list[Pair]] = {}
-            for pair in pairs:
-                groups.setdefault((pair.model_version, pair.event_time.strftime("%Y-%m-%dT%H")), []).append(pair)
             written, failed = 0, []
-            for (version, _), group in groups.items():
+            for version, group in partitions(pairs):
                 try:
                     self._write(windows.window_file(self.root, version, group[0].event_time), encode(group))
                 except Exception as err:
@@ -780,43 +409,22 @@ class PayloadSink:
             halves = list(self._pending.items())
         if not halves:
             return True
-        now_wall, now = time.time(), time.monotonic()
-        records = [{"id": event_id, "headers": half.headers, "body": half.body.decode("utf-8", "replace"),
-                    "arrived": now_wall - (now - half.arrived)} for event_id, half in halves]
-        uri = storage.join(self.root, windows.PENDING, f"{datetime.now(UTC):%Y%m%dT%H%M%S%f}.json")
         try:
-            self._write(uri, json.dumps(records).encode())
+            uri = pending.spill(self.root, halves, self._write)
         except Exception as err:
-            log.error("payload sink: could not keep %d unpaired events: %s", len(records), err)
+            log.error("payload sink: could not keep %d unpaired events: %s", len(halves), err)
             return False
         with self._lock:
             for event_id, _ in halves:
                 if event_id in self._pending:
                     self._release(event_id)
-        self.totals["kept"] += len(records)
-        log.info("payload sink: kept %d unpaired events in %s", len(records), uri)
+        self.totals["kept"] += len(halves)
+        log.info("payload sink: kept %d unpaired events in %s", len(halves), uri)
         return True
 
     def _restore_pending(self) -> None:
-        """Take back the halves a previous process spilled (their waiting time counts on)."""
-        try:
-            fs, path = storage.filesystem(storage.join(self.root, windows.PENDING))
-            files = sorted(fs.glob(f"{path.rstrip('/')}/*.json"))
-        except Exception as err:  # an unreachable store must not stop the service from starting
-            log.warning("payload sink: cannot list unpaired events to restore: %s", err)
-            return
-        now_wall, now = time.time(), time.monotonic()
-        for file in files:
-            try:
-                with fs.open(file, "rb") as handle:
-                    records = json.loads(handle.read())
-                for record in records:
-                    half = self.check(record["headers"], record["body"].encode())
-                    half.arrived = now - max(0.0, now_wall - float(record["arrived"]))
-                    self._take(record["id"], half, limit=False)
-                fs.rm(file)
-            except Exception as err:
-                log.error("payload sink: cannot restore unpaired events from %s: %s", file, err)
+        """Take back the halves a previous process spilled (`monitoring.pending`)."""
+        files = pending.restore(self.root, lambda event_id, half: self._take(event_id, half, limit=False))
         if files:
-            log.info("payload sink: restored unpaired events from %d files (%d pending, %d pairs)", len(files),
+            log.info("payload sink: restored unpaired events from %d files (%d pending, %d pairs)", files,
                      len(self._pending), len(self._pairs))

@@ -1,7 +1,11 @@
-"""What `flywheel monitor` shows: the per-feature drift table, and the env's training suite for the
-quality check (`monitoring.publish` sends the numbers to the monitor service)."""
+"""The monitoring check with an environment's settings, as `flywheel monitor` and the loop demo run
+it (`check_traffic`: `monitoring.check.run_check`, then the numbers to the monitor service's
+`POST /drift`), and what `flywheel monitor` shows of it: the per-feature drift table."""
 from __future__ import annotations
 
+import pandas as pd
+
+from monitoring.check import CheckResult, Reference
 from pipelines.config import CONFIG_DIR, Settings
 
 
@@ -10,6 +14,21 @@ def suite_for(settings: Settings) -> dict:
     from stages.validation import load_suite
 
     return load_suite(settings.dataset, CONFIG_DIR)
+
+
+def check_traffic(settings: Settings, window: pd.DataFrame, reference: Reference) -> tuple[CheckResult, str | None]:
+    """Check `window` against the champion's `reference` with the env's thresholds, features and
+    training suite, recorded in the history under its sink root; then, when the env names a sink
+    URL, its numbers posted as the monitor's drift gauges. (The result; what posting said, or None.)"""
+    from monitoring.check import run_check
+    from monitoring.publish import post_drift
+
+    spec = settings.monitoring
+    result = run_check(window, reference.profile, spec, settings.dataset.features,
+                       model_version=reference.model_version, root=spec.sink.root, suite=suite_for(settings),
+                       labels=reference.label_mapping, env=settings.env)
+    posted = post_drift(spec.sink.url, reference.model_version, result.report.metrics()) if spec.sink.url else None
+    return result, posted
 
 
 def _number(value, digits: int = 3) -> str:

@@ -53,7 +53,7 @@ def project_metrics(tmp_path_factory) -> set[str]:
     from prometheus_client.metrics import MetricWrapperBase
 
     import serving.metrics as serving_metrics
-    from monitoring import service
+    from monitoring import metrics, service
     from monitoring.sink import PayloadSink
 
     names = set()
@@ -62,7 +62,7 @@ def project_metrics(tmp_path_factory) -> set[str]:
             names |= {n for family in value.describe() for n in _sample_names(family.name, family.type)}
     sink = PayloadSink(str(tmp_path_factory.mktemp("sink")), start=False)
     service.create_app(sink)  # registers the app's counters beside the sink's
-    names |= _registry_names(sink.metrics.registry) | _registry_names(service.DRIFT_REGISTRY)
+    names |= _registry_names(sink.metrics.registry) | _registry_names(metrics.DRIFT_REGISTRY)
     sink.close()
     return names
 
@@ -342,7 +342,7 @@ def test_promtool_unit_tests_fire_the_alerts_on_synthetic_series(tmp_path):
 # --- routing ------------------------------------------------------------------------------------
 
 def test_retraining_alerts_route_to_the_monitor_services_alerts_webhook():
-    from monitoring.service import RETRAIN_LABEL, RETRAIN_VALUE, retrain_alerts
+    from monitoring.alerts import RETRAIN_LABEL, RETRAIN_VALUE, retrain_alerts
 
     config = yaml.safe_load((MONITORING_DIR / "alertmanager.yaml").read_text())
     (route,) = config["route"]["routes"]

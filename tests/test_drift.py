@@ -19,7 +19,8 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 
 from model.artifact import PROFILE_KEY, read_metadata, reference_profile
 from model.labels import LabelMapping
-from monitoring.drift import DriftReport, adjust, check_window, decide, ks_2samp_sorted, live_suite, psi
+from monitoring.check import decide
+from monitoring.drift import DriftReport, adjust, check_window, ks_2samp_sorted, live_suite, psi
 from monitoring.profile import build_profile, load_profile
 from monitoring.report import render_report
 from specs import DatasetSpec, DistributionShift, MonitoringSpec

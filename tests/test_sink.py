@@ -666,18 +666,29 @@ def test_an_event_over_the_size_limit_is_a_413(tmp_path, traffic, monkeypatch):
         assert client.post("/events", content=small[1], headers=small[0]).status_code == 202
 
 
-def test_the_sink_settings_come_from_an_environment_or_a_file(tmp_path):
-    from monitoring.service import sink_spec
+def test_the_sink_settings_come_from_a_rendered_config_file(tmp_path):
+    from monitoring.service import alert_hook, sink_spec
 
-    # Given the repository's environments, Then each gives a valid sink spec
-    assert sink_spec("local").buffer_events > 0 and sink_spec(None) == SinkSpec()
-    # And a file with a monitoring section, or a bare sink spec, is read too
+    # Given no file, Then the sink has its defaults and no trigger
+    assert sink_spec(None) == SinkSpec() and alert_hook(None) is None
+    # And a rendered file's sink section (root from sink_root), a monitoring section, or a bare sink
+    # spec is read, JSON too
+    (tmp_path / "rendered.json").write_text(json.dumps({"env": "staging", "sink_root": "s3://b/w",
+                                                        "sink": {"buffer_events": 50}}))
     (tmp_path / "monitor.yaml").write_text("monitoring:\n  sink: {root: s3://bucket/windows, buffer_events: 50}\n")
     (tmp_path / "sink.yaml").write_text("flush_seconds: 1.5\n")
+    rendered = sink_spec(str(tmp_path / "rendered.json"))
+    assert rendered.buffer_events == 50 and rendered.root == "s3://b/w"
     assert sink_spec(str(tmp_path / "monitor.yaml")).root == "s3://bucket/windows"
     assert sink_spec(str(tmp_path / "sink.yaml")).flush_seconds == 1.5
-    with pytest.raises(SystemExit):
-        sink_spec("no-such-environment")
+    # And a file of sink settings alone describes no retraining trigger
+    assert alert_hook(str(tmp_path / "sink.yaml")) is None
+    # And an environment's name is not a file: the service merges no config itself (one line)
+    with pytest.raises(SystemExit, match="--config local: no such file"):
+        sink_spec("local")
+    (tmp_path / "list.yaml").write_text("- 1\n")
+    with pytest.raises(SystemExit, match="expected a mapping"):
+        sink_spec(str(tmp_path / "list.yaml"))
 
 
 def test_ground_truth_is_joined_by_request_id_in_read_window(tmp_path, traffic):
@@ -768,7 +779,8 @@ def webhook(*alerts: dict, status: str = "firing") -> dict:
 def test_alerts_call_the_trigger_for_firing_retrain_alerts_only(tmp_path):
     from starlette.testclient import TestClient
 
-    from monitoring.service import alert_trigger, create_app
+    from monitoring.alerts import alert_trigger
+    from monitoring.service import create_app
 
     calls = []
 
