@@ -22,10 +22,12 @@ COPY specs ./specs
 COPY storage ./storage
 COPY crds ./crds
 COPY model ./model
+COPY gateways ./gateways
 COPY stages ./stages
 COPY training ./training
 COPY serving ./serving
 COPY monitoring ./monitoring
+COPY deployment ./deployment
 COPY components ./components
 COPY pipelines ./pipelines
 COPY config ./config

@@ -40,6 +40,8 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from scipy import stats  # noqa: E402
 
+from tests.support import reference_probability  # noqa: E402
+
 RESULTS = ROOT / "benchmarks" / "results"
 
 
@@ -49,25 +51,13 @@ def parse_size(text: str) -> int:
     return int(float(text[:-1] if scale > 1 else text) * scale)
 
 
-def oracle(frame: pd.DataFrame) -> np.ndarray:
-    """The reference task's own P(default): a model's scores without training one."""
-    income = frame["income"].fillna(frame["income"].median())
-    employment = frame["employment"]
-    logit = (-3.2 + 2.4 * frame["utilization"] + 0.55 * frame["late_payments"] + 1.1 * frame["debt_to_income"]
-             - 0.45 * (np.log(income) - 10.8) - 0.012 * (frame["age"] - 45) - 0.003 * frame["months_on_book"]
-             + np.select([employment == "unemployed", employment == "self_employed", employment == "student"],
-                         [1.3, 0.35, 0.5], 0.0)
-             + np.where(frame["housing"] == "rent", 0.3, 0.0))
-    return 1.0 / (1.0 + np.exp(-logit.to_numpy(dtype=np.float64)))
-
-
 def saved_profile(directory: Path) -> dict:
     from model.profile import build_profile
     from stages.dataset import REFERENCE_CATEGORICAL, REFERENCE_NUMERIC, ReferenceTask
 
     training = ReferenceTask(rows=20_000, seed=1).generate()
     held_out = ReferenceTask(rows=4_000, seed=99).generate()
-    profile = build_profile(training, REFERENCE_NUMERIC, REFERENCE_CATEGORICAL, oracle(held_out),
+    profile = build_profile(training, REFERENCE_NUMERIC, REFERENCE_CATEGORICAL, reference_probability(held_out),
                             held_out["default"].to_numpy())
     path = directory / "reference_profile.json"
     path.write_text(json.dumps(profile, indent=1))
@@ -81,7 +71,7 @@ def logged_requests(rows: int, directory: Path) -> pd.DataFrame:
     frame = ReferenceTask(rows=rows, seed=2).generate()
     live = frame[REFERENCE_NUMERIC + REFERENCE_CATEGORICAL].copy()
     live["request_id"] = [f"r{i:08d}" for i in range(rows)]
-    live["probability"] = oracle(frame)
+    live["probability"] = reference_probability(frame)
     live["prediction"] = np.where(live["probability"] > 0.3, "1", "0")
     path = directory / "window.parquet"
     write_table(live, str(path))

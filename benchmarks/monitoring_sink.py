@@ -33,7 +33,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -43,6 +42,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from tests.support import NotReady, free_port, wait_for_url  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 NAME, VERSION = "credit", "bench-1"
@@ -123,12 +124,6 @@ class Load:
         await asyncio.gather(*(self._client(t) for t in range(self.clients)))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 PIN = False  # --pin: the monitor on core 0, wrk on core 1 (off by default: neighbours on a shared core starve it)
 
 
@@ -180,19 +175,12 @@ class Monitor:
         self.url = f"http://127.0.0.1:{self.port}"
 
     def wait(self, timeout: float = 60) -> Monitor:
-        import httpx
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise SystemExit(f"monitor exited {self.process.returncode}:\n{self.log.read_text()[-3000:]}")
-            try:
-                if httpx.get(self.url + "/healthz", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise SystemExit("monitor not ready")
+        try:
+            wait_for_url(self.url + "/healthz", self.process, timeout=timeout, interval=0.1, what="monitor",
+                         tail=lambda: self.log.read_text()[-3000:])
+        except NotReady as err:
+            raise SystemExit(str(err)) from None
+        return self
 
     def metrics(self) -> dict[str, float]:
         import httpx

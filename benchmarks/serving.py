@@ -50,7 +50,6 @@ import os
 import resource
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -59,6 +58,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from tests.support import NotReady, free_port, wait_for_url  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 NAME = "credit"
@@ -108,12 +109,6 @@ end
 """
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def cpu_list(cpus) -> str:
     return ",".join(str(c) for c in sorted(cpus))
 
@@ -148,8 +143,8 @@ def busy_shares(before: dict, after: dict, cores) -> dict[int, float]:
 
 def train_model(directory: Path):
     """A model trained in-process in seconds, as tests/test_serving.py does, and its frame."""
+    from pipelines.arguments import train_spec
     from pipelines.config import load_settings
-    from pipelines.training_pipeline import train_spec
     from stages.dataset import ReferenceTask
     from storage.tables import write_table
     from training import train as entry
@@ -221,19 +216,11 @@ class Server:
         return self
 
     def wait(self, timeout: float = 120.0) -> Server:
-        import httpx
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise SystemExit(f"{self.label} exited {self.process.returncode}:\n{self.tail()}")
-            try:
-                if httpx.get(f"{self.url}/v2/health/ready", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise SystemExit(f"{self.label} not ready after {timeout:.0f} s:\n{self.tail()}")
+        try:
+            wait_for_url(f"{self.url}/v2/health/ready", self.process, timeout=timeout, what=self.label, tail=self.tail)
+        except NotReady as err:
+            raise SystemExit(str(err)) from None
+        return self
 
     def cpu_seconds(self) -> float:
         times = self.ps.cpu_times()

@@ -36,8 +36,8 @@ import torch  # noqa: E402
 from model.labels import LabelMapping  # noqa: E402
 from model.network import TabularNet  # noqa: E402
 from model.preprocessing import Preprocessor  # noqa: E402
+from pipelines.arguments import train_spec  # noqa: E402
 from pipelines.config import load_settings  # noqa: E402
-from pipelines.training_pipeline import train_spec  # noqa: E402
 from stages.dataset import ReferenceTask  # noqa: E402
 from storage.tables import write_table  # noqa: E402
 from training import train as entry  # noqa: E402

@@ -1,5 +1,6 @@
 """KFP components of the monitoring pipeline: thin wrappers over `monitoring.windows`,
-`monitoring.drift` (through `monitoring.check`), `monitoring.report` and `monitoring.trigger`.
+`monitoring.check` (drift_op: `assess`; decide_op: `conclude`), `monitoring.report` and
+`monitoring.trigger`.
 
     champion -> window -> drift (metrics, HTML report) -> decide -> [retrain] trigger
 
@@ -101,41 +102,35 @@ def drift_op(
     import pandas as pd
 
     from components.base import named_file
-    from model.labels import LabelMapping
-    from monitoring.check import evidence, history_uri, load_history, report_dict
-    from monitoring.check import summary as summary_of
-    from monitoring.drift import check_window
+    from monitoring.check import Reference, assess, report_dict
     from monitoring.report import render_report
     from specs import DatasetSpec, MonitoringSpec
 
     spec = MonitoringSpec.model_validate(monitoring_spec)
     with open(champion.path, encoding="utf-8") as handle:
-        reference = json.load(handle)
-    frame = pd.read_parquet(window.path)
-    checked = check_window(frame, reference["profile"], spec, DatasetSpec.model_validate(dataset_spec).features,
-                           suite=suite, labels=LabelMapping.from_dict(reference.get("labels")))
-    for name, value in checked.metrics().items():
+        reference = Reference.from_dict(json.load(handle))
+    # The history is read, not written: decide_op records the check (see monitoring.check).
+    checked = assess(pd.read_parquet(window.path), reference.profile, spec,
+                     DatasetSpec.model_validate(dataset_spec).features, model_version=reference.model_version,
+                     root=spec.sink.root, suite=suite, labels=reference.label_mapping)
+    drift = checked.report
+    for name, value in drift.metrics().items():
         metrics.log_metric(name, value)
     with open(named_file(report, ".html"), "w", encoding="utf-8") as handle:
-        handle.write(render_report(checked, reference["profile"]))
-    key = window.metadata.get("window", "")
-    # How much of the window is newer than the checks before it (a window can share most of its rows
-    # with the last one): decide_op counts it towards the streak only with min_samples new rows.
-    before = load_history(history_uri(spec.sink.root, reference["model_version"]))
-    entry = {**summary_of(checked, key), **evidence(before, frame, key, spec.min_samples)}
+        handle.write(render_report(drift, reference.profile))
     with open(summary.path, "w", encoding="utf-8") as handle:
-        json.dump({"entry": entry, "report": report_dict(checked), "model_version": reference["model_version"]},
+        json.dump({"entry": checked.entry, "report": report_dict(drift), "model_version": reference.model_version},
                   handle)
     for artifact in (report, summary):
-        artifact.metadata.update({"model_version": reference["model_version"], "rows": checked.rows,
-                                  "breaches": len(checked.breaches), "drifted": ", ".join(checked.drifted)})
-    for breach in checked.breaches:
+        artifact.metadata.update({"model_version": reference.model_version, "rows": drift.rows,
+                                  "breaches": len(drift.breaches), "drifted": ", ".join(drift.drifted)})
+    for breach in drift.breaches:
         print(f"breach: {breach}")
     if spec.sink.url:  # the drift gauges the alert rules and the dashboard read
         from monitoring.publish import post_drift
 
-        print(post_drift(spec.sink.url, reference["model_version"], checked.metrics()))
-    return namedtuple("DriftOutputs", ["breaches", "enough_data"])(len(checked.breaches), checked.enough_data)
+        print(post_drift(spec.sink.url, reference.model_version, drift.metrics()))
+    return namedtuple("DriftOutputs", ["breaches", "enough_data"])(len(drift.breaches), drift.enough_data)
 
 
 def decide_op(summary: Input[Artifact], monitoring_spec: dict, env: str, decision: Output[Artifact]) -> str:
@@ -156,28 +151,27 @@ def decide_op(summary: Input[Artifact], monitoring_spec: dict, env: str, decisio
     """
     import json
 
-    from monitoring.check import decide_on, history_uri, load_history, record, save_history
+    from monitoring.check import conclude
     from specs import MonitoringSpec
 
     spec = MonitoringSpec.model_validate(monitoring_spec)
     with open(summary.path, encoding="utf-8") as handle:
         checked = json.load(handle)
-    uri = history_uri(spec.sink.root, checked["model_version"])
-    history = record(load_history(uri), checked["entry"])
-    save_history(uri, history)
-    retrain, reasons, key = decide_on(history, spec, env)
+    made, history = conclude(checked["entry"], spec, model_version=checked["model_version"], root=spec.sink.root,
+                             env=env)
     with open(decision.path, "w", encoding="utf-8") as handle:
-        json.dump({"retrain": retrain, "reasons": reasons, "dedup_key": key,
+        json.dump({"retrain": made.retrain, "reasons": made.reasons, "dedup_key": made.dedup_key,
                    "model_version": checked["model_version"], "history": len(history)}, handle)
-    label = "retrain" if retrain else "hold"
-    decision.metadata.update({"decision": label, "reasons": reasons, "dedup_key": key})
-    print(f"decision: {label}: {'; '.join(reasons)}")
+    label = "retrain" if made.retrain else "hold"
+    decision.metadata.update({"decision": label, "reasons": made.reasons, "dedup_key": made.dedup_key})
+    print(f"decision: {label}: {'; '.join(made.reasons)}")
     return label
 
 
 def trigger_op(decision: Input[Artifact], retraining_spec: dict, kfp_target: dict, tracking: dict, env: str,
                monitoring_spec: dict) -> dict:
-    """Start a retraining run of the training pipeline, unless the trigger's guards refuse: drift
+    """Start a retraining run of the env's published training pipeline (what `flywheel schedule` or
+    `submit` published, with the arguments compiled into it), unless the trigger's guards refuse: drift
     triggering off, a run already in flight, the cool-down since the last triggered run, or a
     decision (dedup key) already acted on. Every decision is recorded as an MLflow run.
 
@@ -196,7 +190,7 @@ def trigger_op(decision: Input[Artifact], retraining_spec: dict, kfp_target: dic
     import os
 
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    from components.kfp_api import start_training_run, training_runs_in_flight
+    from gateways.kfp_api import published_runs_in_flight, start_published_run
     from monitoring.audit import mlflow_audit
     from monitoring.trigger import GuardedTrigger, state_uri
     from specs import MonitoringSpec, RetrainingSpec
@@ -204,8 +198,8 @@ def trigger_op(decision: Input[Artifact], retraining_spec: dict, kfp_target: dic
     with open(decision.path, encoding="utf-8") as handle:
         wanted = json.load(handle)
     trigger = GuardedTrigger(RetrainingSpec.model_validate(retraining_spec), env,
-                             start_run=lambda request: start_training_run(kfp_target, request),
-                             runs_in_flight=lambda: training_runs_in_flight(kfp_target),
+                             start_run=lambda request: start_published_run(kfp_target, request),
+                             runs_in_flight=lambda: published_runs_in_flight(kfp_target),
                              audit=mlflow_audit(tracking),
                              state_path=state_uri(MonitoringSpec.model_validate(monitoring_spec).sink.root))
     outcome = trigger.fire(wanted["reasons"], "drift", wanted["dedup_key"])

@@ -12,11 +12,12 @@ shifted population breaches, Alertmanager repeats itself), so the guard refuses 
    another trigger is starting one (a claim in the state file, which expires after
    `CLAIM_SECONDS` should that trigger die).
 
-What it does not know it injects: `start_run(request) -> run id` starts the run (a KFP run on a
-cluster, the local runner on this machine: `pipelines/retrain.py`), `runs_in_flight()` lists the
-runs not ended, `audit(decision)` records every decision, started or not (`monitoring.audit`:
-an MLflow run). Its state (last start, handled keys, a claim) is a small JSON file at any storage
-URI (`storage.write_atomic`), so it survives restarts and, on an object store, pod moves. A local
+What it does not know it injects: `start_run(request) -> run id` starts the run (on a cluster the
+env's published training pipeline, `gateways.kfp_api.start_published_run`; on this machine the
+local runner, `pipelines/retrain.py`), `runs_in_flight()` lists the runs not ended,
+`audit(decision)` records every decision, started or not (`monitoring.audit`: an MLflow run).
+Its state (last start, handled keys, a claim) is a small JSON file at any storage URI
+(`storage.write_atomic`), so it survives restarts and, on an object store, pod moves. A local
 state file is also locked (flock) while it is read and written, so triggers in two processes on
 one machine do not both start a run.
 """
@@ -30,7 +31,7 @@ import time
 from collections.abc import Callable, Iterator
 
 import storage
-from specs import RetrainingSpec
+from specs import RetrainingSpec, TrackingSpec
 
 SOURCES = ("drift", "alert", "manual")
 STATE_FILE = "retraining-trigger.json"
@@ -191,3 +192,40 @@ def _when(at) -> str:
 
 def _one_line(err: BaseException) -> str:
     return " ".join(f"{type(err).__name__}: {err}".split())[:400]
+
+
+# --- a trigger from a rendered file (the monitor service's) ----------------------------------------
+
+def trigger_from_file(path: str) -> GuardedTrigger | None:
+    """The GuardedTrigger a rendered monitor config describes, or None when it names no KFP host.
+
+    The file is what `flywheel monitor-config --env ENV` writes (YAML or JSON, no secrets):
+    `env`, `retraining` (the env's retraining section), `kfp` (the `gateways.kfp_api.KfpTarget` of
+    the env's training pipeline), `sink_root` (where the trigger keeps its state, beside the
+    windows) and `tracking` (the MLflow experiment every decision is audited in). The trigger
+    starts the env's published training pipeline, as every other retraining entry point does.
+    An environment without a KFP host runs on one machine, where retraining is `flywheel monitor
+    --trigger`'s: a monitor service never runs a pipeline in-process, so there is no trigger.
+    """
+    import yaml
+
+    from gateways import kfp_api
+    from monitoring.audit import mlflow_audit
+
+    try:
+        with storage.open_uri(path, "rb") as handle:
+            data = yaml.safe_load(handle.read()) or {}  # YAML is a superset of JSON
+    except (OSError, yaml.YAMLError) as err:
+        raise ValueError(f"monitor config {path}: {_one_line(err)}") from None
+    missing = [key for key in ("env", "retraining", "sink_root", "tracking") if key not in data]
+    if missing:
+        raise ValueError(f"monitor config {path}: missing {', '.join(missing)}; "
+                         "render it with `flywheel monitor-config --env ENV`")
+    if not (data.get("kfp") or {}).get("host"):
+        return None
+    target = kfp_api.KfpTarget.from_dict(data["kfp"])
+    return GuardedTrigger(RetrainingSpec.model_validate(data["retraining"]), data["env"],
+                          start_run=lambda request: kfp_api.start_published_run(target, request),
+                          runs_in_flight=lambda: kfp_api.published_runs_in_flight(target),
+                          audit=mlflow_audit(TrackingSpec.model_validate(data["tracking"])),
+                          state_path=state_uri(data["sink_root"]))

@@ -17,8 +17,6 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # downloads of a model directory
-# A server that is not there is one line within seconds, not minutes of client retries (storage/endpoints.py).
-os.environ.setdefault("FLYWHEEL_FAIL_FAST", "1")
 
 from pipelines.config import ConfigError, environments, load_settings
 
@@ -67,7 +65,7 @@ def config(env: str = EnvOption) -> None:
 @app.command()
 def check() -> None:
     """Validate every environment's config, and its arguments against each pipeline's signature."""
-    from pipelines.registry import check_all
+    from pipelines.catalog import check_all
 
     notes: dict[str, list[str]] = {}
     problems = check_all(notes=notes)
@@ -111,7 +109,7 @@ def train(
     """Run the train stage alone on ENV: torchrun here, a PyTorchJob or TrainJob on a cluster."""
     import time
 
-    from pipelines.training_pipeline import train_spec
+    from pipelines.arguments import train_spec
     from storage.endpoints import Unreachable
     from training.backends import TrainingFailed, backend_for
 
@@ -143,18 +141,17 @@ def _cli_job(settings, spec, run_dir: Path, stamp: str, write: bool):
     from model.labels import LabelMapping
     from stages.dataset import load_dataset
     from storage.tables import write_table
-    from training.backends import TrainingJob, entry_spec, job_name
+    from training.backends import build_job
 
-    name = job_name("train", f"cli-{settings.env}-{stamp}")
     data = run_dir / "data.parquet"
     frame = load_dataset(settings.dataset)
     labels = LabelMapping.infer(frame[settings.dataset.target], settings.dataset.positive_label,
                                 settings.dataset.target).to_dict()
     if write:
         write_table(frame, data)
-    lineage = {"job_name": name, "pipeline_run": f"cli-{stamp}"}
-    return TrainingJob(name, str(data), str(data), entry_spec(spec, settings.dataset, labels, lineage),
-                       model_dir=str(run_dir / "model"), annotations={"flywheel/pipeline-run": f"cli-{stamp}"})
+    return build_job(spec, settings.dataset, kind="train", run_id=f"cli-{stamp}", data_path=str(data),
+                     data_uri=str(data), data_metadata={"labels": labels}, model_dir=str(run_dir / "model"),
+                     name_seed=f"cli-{settings.env}-{stamp}")
 
 
 @app.command("compile")
@@ -163,7 +160,7 @@ def compile_(
     out_dir: Path = typer.Option(Path("dist"), help="pipelines go to OUT_DIR/ENV/<pipeline>.yaml"),
 ) -> None:
     """Compile every pipeline for ENV to KFP IR YAML, and each component to OUT_DIR/ENV/components/."""
-    from pipelines.registry import compile_all
+    from pipelines.catalog import compile_all
 
     settings = settings_or_exit(env)
     for name, path in compile_all(settings, out_dir / env).items():
@@ -232,14 +229,14 @@ def submit(
     version: Optional[str] = typer.Option(None, help="pipeline version name; default: UTC timestamp + content hash"),
     wait: bool = typer.Option(False, help="wait for the run to finish"),
 ) -> None:
-    """Upload PIPELINE as a new pipeline version on ENV's KFP host and start a run."""
-    from pipelines.kfp_client import SubmitError
+    """Publish PIPELINE on ENV's KFP host (a new version unless the newest holds the same content) and start a run."""
+    from gateways.kfp_api import KfpError
     from pipelines.submit import submit_pipeline
 
     settings = settings_or_exit(env)
     try:
         result = submit_pipeline(settings, pipeline, version=version, wait=wait)
-    except SubmitError as err:
+    except KfpError as err:
         fail(str(err))
     typer.echo(result.summary())
 
@@ -251,7 +248,7 @@ def schedule(
                                                           "what config declares)"),
 ) -> None:
     """Reconcile ENV's KFP recurring runs (retraining, monitoring check) with config (create/update/delete)."""
-    from pipelines.kfp_client import KfpUnreachable, SubmitError
+    from gateways.kfp_api import KfpError, KfpUnreachable
     from pipelines.schedule import declared_plan, reconcile_schedules
 
     settings = settings_or_exit(env)
@@ -262,12 +259,32 @@ def schedule(
         if not dry_run:
             fail(str(err))
         changes, offline = declared_plan(settings), err
-    except SubmitError as err:
+    except KfpError as err:
         fail(str(err))
     for change in changes:
         typer.echo(str(change))
     if offline is not None:
         typer.secho(f"note: not compared with the server: {offline}", fg="yellow", err=True)
+
+
+@app.command("monitor-config")
+def monitor_config_(
+    env: str = EnvOption,
+    out: Optional[Path] = typer.Option(None, "--out", help="write the file here (default: print it)"),
+) -> None:
+    """Render ENV's monitor service config (`python -m monitoring.service --config FILE`): the sink's
+    settings and the env's retraining trigger; YAML, no secrets."""
+    import yaml
+
+    from pipelines.arguments import monitor_config
+
+    text = yaml.safe_dump(monitor_config(settings_or_exit(env)), sort_keys=False)
+    if out is None:
+        typer.echo(text, nl=False)
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    typer.echo(f"wrote {out}")
 
 
 @app.command()
@@ -332,8 +349,8 @@ def deploy(
             typer.echo(yaml.safe_dump(plan_champion(settings), sort_keys=False), nl=False)
             return
         if dry_run:
-            from pipelines.training_pipeline import deploy_spec
-            from serving.deploy import UNVERSIONED, plan_model
+            from deployment.deploy import UNVERSIONED, plan_model
+            from pipelines.arguments import deploy_spec
 
             isvc = plan_model(deploy_spec(settings), version or UNVERSIONED, settings.mlflow.tracking_uri,
                               model_uri=model_uri)
@@ -374,12 +391,9 @@ def monitor(
 
     from rich.console import Console
 
-    from model.artifact import label_mapping, read_metadata
-    from monitoring.check import run_check
-    from monitoring.profile import load_profile
-    from monitoring.publish import post_drift
+    from monitoring.check import Reference
     from monitoring.windows import read_window
-    from pipelines.monitor import drift_table, suite_for
+    from pipelines.monitor import check_traffic, drift_table
     from pipelines.serving import local_champion
 
     settings = settings_or_exit(env)
@@ -388,7 +402,7 @@ def monitor(
     with tempfile.TemporaryDirectory(prefix="flywheel-monitor-") as tmp:
         try:
             version, model_dir = local_champion(settings, tmp)
-            profile, metadata = load_profile(model_dir), read_metadata(model_dir)
+            reference = Reference.from_model_dir(model_dir, version)
         except (LookupError, ValueError) as err:
             fail(str(err))
     try:
@@ -396,8 +410,7 @@ def monitor(
         if frame.empty:  # nothing to compare: every feature would read as 100% missing
             typer.echo(f"no traffic logged for {settings.mlflow.registered_model} v{version} under {spec.sink.root}")
             return
-        result = run_check(frame, profile, spec, settings.dataset.features, model_version=version,
-                           root=spec.sink.root, suite=suite_for(settings), labels=label_mapping(metadata), env=env)
+        result, posted = check_traffic(settings, frame, reference)
     except (OSError, ValueError) as err:
         fail(f"checking {spec.sink.root}: {err}")
     console.print(drift_table(result.report, f"{settings.mlflow.registered_model} v{version}: {len(frame):,} rows "
@@ -412,8 +425,8 @@ def monitor(
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(result.html or "", encoding="utf-8")
     console.print(f"report: {out}")
-    if spec.sink.url:
-        console.print(post_drift(spec.sink.url, version, result.report.metrics()))
+    if posted:
+        console.print(posted)
     if not trigger:
         return
     if not result.retrain:
@@ -495,6 +508,9 @@ def expectations_suggest(
 
 
 def main() -> None:
+    # A server that is not there is one line within seconds, not minutes of client retries
+    # (storage/endpoints.py). Set here, not at import, so importing the CLI changes nobody else.
+    os.environ.setdefault("FLYWHEEL_FAIL_FAST", "1")
     try:
         app()
     except KeyboardInterrupt:

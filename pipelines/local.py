@@ -61,7 +61,7 @@ def execute(settings: Settings, pipeline: str = "training", pipeline_root: Path 
     """Run `pipeline` through kfp.local and return what its tasks produced."""
     from kfp import local
 
-    from pipelines.registry import get, pipeline_arguments
+    from pipelines.catalog import get, pipeline_arguments
 
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     pipeline_root.mkdir(parents=True, exist_ok=True)
@@ -261,8 +261,8 @@ def show_predictions(settings: Settings, console) -> None:
 
     from rich.table import Table
 
+    from deployment.local import LocalServing
     from pipelines.serving import example_records, local_champion
-    from serving.local import LocalServing
 
     name = settings.mlflow.registered_model
     with tempfile.TemporaryDirectory(prefix="flywheel-serve-") as tmp:

@@ -66,8 +66,8 @@ class Follower:
     def start(self) -> Follower:
         """The port checked, the champion found, the sink, the champion's pair, then the front on the
         fixed ports; all stopped again on failure (RuntimeError, LookupError: no champion)."""
+        from deployment.local import free_port
         from pipelines.serving import local_champion
-        from serving.local import free_port
         from serving.ports import port_in_use
 
         problem = port_in_use(self.host, self.port)
@@ -94,7 +94,7 @@ class Follower:
         return self
 
     def _start_pair(self, version: str, model_dir: str):
-        from serving.local import LocalServing
+        from deployment.local import LocalServing
 
         return LocalServing(model_dir, self.name, self.settings.serving, SERVE_DIR / f"v{version}",
                             decision_threshold=self.settings.evaluation.decision_threshold,
@@ -150,7 +150,7 @@ class Follower:
         it, stop the old pair. No smoke request: it would be logged as the new version's traffic."""
         from mlflow.exceptions import MlflowException
 
-        from serving.local import ServingFailed
+        from deployment.local import ServingFailed
         from stages.versions import download_model_dir
 
         self.echo(f"champion alias moved to v{version}: starting it beside v{self.version}")

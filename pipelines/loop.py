@@ -123,15 +123,12 @@ def _wait_for_rows(root: Path, version: str, expected: int, timeout: float = 30.
 
 def turn(settings: Settings, console, rows_per_window: int | None = None) -> list[tuple[str, str]]:
     """Serve, shift, detect, retrain: each step of the loop as (step, what happened)."""
-    from model.artifact import label_mapping, read_metadata
-    from monitoring.check import run_check
-    from monitoring.profile import load_profile
-    from monitoring.publish import post_drift
+    from deployment.local import LocalServing
+    from monitoring.check import Reference
     from pipelines.local import PIPELINE_ROOT
-    from pipelines.monitor import drift_table, suite_for
+    from pipelines.monitor import check_traffic, drift_table
     from pipelines.retrain import guarded_trigger
     from pipelines.serving import local_champion
-    from serving.local import LocalServing
 
     rows = rows_per_window or max(settings.monitoring.min_samples * 2, 800)
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -143,7 +140,7 @@ def turn(settings: Settings, console, rows_per_window: int | None = None) -> lis
             MonitorService(work / "windows", work / "monitor.log") as sink:
         looped = _settings_for_loop(settings, work / "windows", sink.url)
         version, model_dir = local_champion(settings, tmp)
-        profile, metadata = load_profile(model_dir), read_metadata(model_dir)
+        reference = Reference.from_model_dir(model_dir, version)
         steps.append(("served", f"{settings.mlflow.registered_model} v{version}, payload events to {sink.url}/events"))
         result, sent = None, 0
         with LocalServing(model_dir, settings.mlflow.registered_model, looped.serving, work / "serve",
@@ -152,10 +149,7 @@ def turn(settings: Settings, console, rows_per_window: int | None = None) -> lis
                 frame = traffic(settings, rows, number, shifted)
                 sent += _send(serving, frame, columns)
                 window = _wait_for_rows(work / "windows", version, sent).tail(rows)
-                result = run_check(window, profile, looped.monitoring, settings.dataset.features,
-                                   model_version=version, root=str(work / "windows"), suite=suite_for(settings),
-                                   labels=label_mapping(metadata), env=settings.env)
-                post_drift(sink.url, version, result.report.metrics())
+                result, _ = check_traffic(looped, window, reference)  # and its gauges to the sink's /drift
                 (work / f"report-{number}.html").write_text(result.html or "", encoding="utf-8")
                 drifted = [f.feature for f in result.report.features if f.drifted]
                 steps.append((f"window {number}: {phase}",

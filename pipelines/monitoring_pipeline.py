@@ -4,9 +4,10 @@
                                                                         `-> trigger retraining (if "retrain")
 
 `flywheel schedule` runs it every `monitoring.check_every_hours` hours on a cluster. Its trigger
-task starts a run of the env's stored training pipeline (newest version, compiled defaults)
-through `monitoring.trigger.GuardedTrigger`, whose guards (cool-down, one run in flight, dedup,
-trigger_on_drift) keep a storm of drifting windows to one retraining run.
+task starts the env's published training pipeline (`gateways.kfp_api.start_published_run`, as
+every retraining entry point does) through `monitoring.trigger.GuardedTrigger`, whose guards
+(cool-down, one run in flight, dedup, trigger_on_drift) keep a storm of drifting windows to one
+retraining run.
 
 On this machine the pipeline is only compiled: a kfp.local task cannot start a nested local
 pipeline run, so `flywheel monitor --env local [--trigger]` runs the same check outside KFP.
@@ -16,29 +17,13 @@ from kfp import dsl, kubernetes
 
 import storage
 from components.base import component
-from pipelines.config import CONFIG_DIR, Settings
-from pipelines.retrain import kfp_target
-from pipelines.training_pipeline import as_parameter, without_none
+from pipelines.arguments import MONITORING, monitoring_arguments
+from pipelines.config import Settings
 
-NAME = "monitoring"
+NAME = MONITORING
 # Kubeflow's PodDefault that mounts the KFP ServiceAccount token (audience pipelines.kubeflow.org)
-# into pods carrying this label; the trigger task authenticates with it (components.kfp_api).
+# into pods carrying this label; the trigger task authenticates with it (gateways.kfp_api).
 KFP_TOKEN_POD_LABEL = ("access-ml-pipeline", "true")
-
-
-def arguments(settings: Settings, config_dir=None) -> dict:
-    """The pipeline's parameter values for an environment (see `check`)."""
-    from stages.validation import load_suite
-
-    return {
-        "env": settings.env,
-        "tracking": as_parameter(settings.mlflow),
-        "dataset_spec": as_parameter(settings.dataset),
-        "suite": without_none(load_suite(settings.dataset, config_dir or CONFIG_DIR)),
-        "monitoring_spec": as_parameter(settings.monitoring),
-        "retraining_spec": as_parameter(settings.retraining),
-        "kfp_target": kfp_target(settings),
-    }
 
 
 def build(settings: Settings):
@@ -48,7 +33,7 @@ def build(settings: Settings):
     image = "" if settings.embedded else settings.image.ref
     champion, window, drift, decide, trigger = (component(fn, image) for fn in (
         champion_op, window_op, drift_op, decide_op, trigger_op))
-    defaults = arguments(settings)
+    defaults = monitoring_arguments(settings)
 
     @dsl.pipeline(name=f"flywheel-{NAME}",
                   description="Check the champion's live traffic for drift and quality against its training "

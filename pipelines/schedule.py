@@ -12,32 +12,17 @@ not declare is deleted: what `flywheel schedule` created before and config no lo
 """
 from __future__ import annotations
 
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 
+from gateways import kfp_api
+from gateways.kfp_api import KfpError, KfpTarget
+from pipelines.arguments import MONITORING, TRAINING
 from pipelines.config import Settings
-from pipelines.kfp_client import (
-    SubmitError,
-    _compile,
-    _ensure_experiment,
-    _ensure_pipeline_id,
-    _find_experiment,
-    _find_pipeline_id,
-    _find_version,
-    _quiet,
-    _require_host,
-    _step,
-    content_hash,
-    default_registry,
-    default_version_name,
-    kfp_pipeline_name,
-    make_client,
-)
+from pipelines.publish import client_for, publish, require_target
 from storage.endpoints import doing
 
-RETRAIN_PIPELINE = "training"
-MONITOR_PIPELINE = "monitoring"
+RETRAIN_PIPELINE = TRAINING
+MONITOR_PIPELINE = MONITORING
 # What each pipeline's recurring run is for: the last part of its name.
 PURPOSE = {RETRAIN_PIPELINE: "retrain", MONITOR_PIPELINE: "check"}
 # The KFP backend rejects recurring runs outside this range (recurring_run_server.go).
@@ -77,14 +62,14 @@ def kfp_cron(cron: str) -> str:
     """
     fields = cron.split()
     if len(fields) != 5:
-        raise SubmitError(f"retraining.schedule {cron!r} must be a 5-field cron (minute hour day month weekday)")
+        raise KfpError(f"retraining.schedule {cron!r} must be a 5-field cron (minute hour day month weekday)")
     return " ".join(["0", *fields])
 
 
 def every_hours_cron(hours: int) -> str:
     """KFP's 6-field cron for "every HOURS hours, on the hour" (sec min hour dom month dow)."""
     if not 1 <= hours <= 24:
-        raise SubmitError(f"monitoring.check_every_hours is {hours}; use 1-24")
+        raise KfpError(f"monitoring.check_every_hours is {hours}; use 1-24")
     return f"0 0 */{hours} * * *"
 
 
@@ -107,7 +92,7 @@ def declared_schedules(settings: Settings) -> list[Declared]:
     if retraining.enabled:
         low, high = MAX_CONCURRENCY_RANGE
         if not low <= retraining.max_concurrency <= high:
-            raise SubmitError(f"retraining.max_concurrency is {retraining.max_concurrency}; KFP allows {low}-{high}")
+            raise KfpError(f"retraining.max_concurrency is {retraining.max_concurrency}; KFP allows {low}-{high}")
         declared.append(Declared(
             RETRAIN_PIPELINE, recurring_run_name(settings, RETRAIN_PIPELINE), kfp_cron(retraining.schedule),
             f"config {retraining.schedule!r}", retraining.max_concurrency,
@@ -129,20 +114,6 @@ def declared_plan(settings: Settings) -> list[Change]:
         changes.insert(0, Change("declared", recurring_run_name(settings, RETRAIN_PIPELINE),
                                  "none: retraining is disabled", applied=False))
     return changes
-
-
-def _existing_recurring_runs(client, experiment_id: str, prefix: str) -> dict[str, list]:
-    """The experiment's recurring runs whose names start with PREFIX, by name (oldest first)."""
-    found: dict[str, list] = {}
-    token = ""
-    while True:
-        page = client.list_recurring_runs(experiment_id=experiment_id, page_token=token, page_size=100)
-        for run in page.recurring_runs or []:
-            if (run.display_name or "").startswith(prefix):
-                found.setdefault(run.display_name, []).append(run)
-        token = page.next_page_token
-        if not token:
-            return found
 
 
 def _differences(current, cron: str, concurrency: int, parameters: dict, version_id: str | None,
@@ -170,21 +141,23 @@ def _differences(current, cron: str, concurrency: int, parameters: dict, version
 
 
 def reconcile_schedules(
-    settings: Settings, client=None, dry_run: bool = False, *, registry=None
+    settings: Settings, client=None, dry_run: bool = False, *, catalog=None
 ) -> list[Change]:
     """Make the env's recurring runs match config: create, update, delete or leave each one.
 
     KFP cannot update a recurring run, so an update is a delete followed by a create. A run uses
-    a pipeline version with the same content hash as a fresh compile (uploaded if none).
-    Declared runs come first in the changes (retraining, monitoring), then undeclared deletions.
+    the pipeline's published version (`pipelines.publish`: the newest, uploaded when a fresh
+    compile differs from it). Declared runs come first in the changes (retraining, monitoring),
+    then undeclared deletions.
     """
-    host = _require_host(settings)
+    target = require_target(settings, RETRAIN_PIPELINE)
+    host = target.host.rstrip("/")
     declared = declared_schedules(settings)
     with doing(f"reading recurring runs {managed_prefix(settings)}*"):
-        client = client or make_client(settings)
-    with _quiet(), _step(f"reading recurring runs {managed_prefix(settings)}*", host):
-        experiment = _find_experiment(client, settings)
-        existing = _existing_recurring_runs(client, experiment.experiment_id, managed_prefix(settings)) \
+        client = client or client_for(settings)
+    with kfp_api.quiet(), kfp_api.step(f"reading recurring runs {managed_prefix(settings)}*", host):
+        experiment = kfp_api.find_experiment(client, target.experiment, target.namespace)
+        existing = kfp_api.recurring_runs(client, experiment.experiment_id, managed_prefix(settings)) \
             if experiment else {}
 
     changes = []
@@ -192,41 +165,34 @@ def reconcile_schedules(
     if not settings.retraining.enabled and retrain_name not in existing:
         changes.append(Change("unchanged", retrain_name, "retraining is disabled and no recurring run exists",
                               applied=False))
-    registry = registry or default_registry()
-    with tempfile.TemporaryDirectory(prefix="flywheel-schedule-") as tmp:
-        for schedule in declared:
-            change, experiment = _reconcile_one(settings, client, registry, schedule, existing.pop(schedule.name, []),
-                                                experiment, Path(tmp), dry_run)
-            changes.append(change)
+    for schedule in declared:
+        change, experiment = _reconcile_one(settings, client, catalog, schedule, existing.pop(schedule.name, []),
+                                            experiment, dry_run)
+        changes.append(change)
     for name, runs in sorted(existing.items()):
         why = "retraining is disabled" if name == retrain_name else "not declared in config"
         for current in runs:
             if not dry_run:
-                with _quiet(), _step(f"deleting recurring run {current.recurring_run_id}", host):
+                with kfp_api.quiet(), kfp_api.step(f"deleting recurring run {current.recurring_run_id}", host):
                     client.delete_recurring_run(current.recurring_run_id)
             changes.append(Change("delete", name, f"{why} (id {current.recurring_run_id})", applied=not dry_run))
     return changes
 
 
-def _reconcile_one(settings: Settings, client, registry, schedule: Declared, existing: list, experiment,
-                   tmp: Path, dry_run: bool):
+def _reconcile_one(settings: Settings, client, catalog, schedule: Declared, existing: list, experiment,
+                   dry_run: bool):
     """(the change for one declared recurring run, the experiment, created if it had to be)."""
-    host = _require_host(settings)
-    name = schedule.name
-    display_name = kfp_pipeline_name(settings, schedule.pipeline)
-    package, arguments = _compile(registry, settings, schedule.pipeline, tmp / schedule.pipeline)
-    package_bytes = package.read_bytes()
-    package_hash = content_hash(package_bytes)
-    with _quiet(), _step(f"looking up versions of {display_name!r}", host):
-        pipeline_id = _find_pipeline_id(client, settings, display_name)
-        version = _find_version(client, pipeline_id, package_hash) if pipeline_id else None
-    version_id = version.pipeline_version_id if version else None
-
+    target: KfpTarget = require_target(settings, schedule.pipeline)
+    host, name = target.host.rstrip("/"), schedule.name
+    published = publish(settings, schedule.pipeline, client=client, catalog=catalog, dry_run=dry_run,
+                        by="flywheel schedule")
+    version = published.version_name if published.version_id else \
+        f"new upload ({published.version_name.rsplit('-', 1)[-1]})"  # the would-be name's content hash
     describe = (f"cron {schedule.cron!r} ({schedule.config}), max_concurrency {schedule.max_concurrency}, "
-                f"no catchup, version {version.display_name if version else 'new upload (' + package_hash + ')'}")
+                f"no catchup, version {version}")
     if len(existing) == 1:
-        reasons = _differences(existing[0], schedule.cron, schedule.max_concurrency, arguments, version_id,
-                               settings.kfp.service_account)
+        reasons = _differences(existing[0], schedule.cron, schedule.max_concurrency, published.arguments,
+                               published.version_id, settings.kfp.service_account)
         if not reasons:
             return Change("unchanged", name, describe, applied=False), experiment
         action, detail = "update", "; ".join(reasons) + " (delete + create)"
@@ -237,23 +203,16 @@ def _reconcile_one(settings: Settings, client, registry, schedule: Declared, exi
     if dry_run:
         return Change(action, name, detail, applied=False), experiment
 
-    with _quiet():
-        if version is None:
-            with _step(f"uploading a version of {display_name!r}", host):
-                pipeline_id = pipeline_id or _ensure_pipeline_id(client, settings, schedule.pipeline)
-                version = client.upload_pipeline_version(
-                    str(package), default_version_name(package_bytes), pipeline_id=pipeline_id,
-                    description=f"uploaded by flywheel schedule for {settings.env}")
-        with _step(f"finding or creating experiment {settings.kfp.experiment!r}", host):
-            experiment = experiment or _ensure_experiment(client, settings)
+    with kfp_api.quiet():
+        with kfp_api.step(f"finding or creating experiment {target.experiment!r}", host):
+            experiment = experiment or kfp_api.ensure_experiment(client, target.experiment, target.namespace)
         for current in existing:
-            with _step(f"deleting recurring run {current.recurring_run_id}", host):
+            with kfp_api.step(f"deleting recurring run {current.recurring_run_id}", host):
                 client.delete_recurring_run(current.recurring_run_id)
-        with _step(f"creating recurring run {name!r}", host):
+        with kfp_api.step(f"creating recurring run {name!r}", host):
             client.create_recurring_run(
                 experiment_id=experiment.experiment_id, job_name=name, description=schedule.description,
                 cron_expression=schedule.cron, max_concurrency=schedule.max_concurrency, no_catchup=True,
-                params=arguments, pipeline_id=pipeline_id, version_id=version.pipeline_version_id,
-                enabled=True, pipeline_root=settings.kfp.pipeline_root,
-                service_account=settings.kfp.service_account)
+                params=published.arguments, pipeline_id=published.pipeline_id, version_id=published.version_id,
+                enabled=True, pipeline_root=target.pipeline_root, service_account=target.service_account)
     return Change(action, name, detail, applied=True), experiment

@@ -1,5 +1,5 @@
 """The champion, wherever an environment serves it: what `flywheel serve`, `deploy` and
-`rollback` do with the registry and the env's deployer (through `serving.deploy`)."""
+`rollback` do with the registry and the env's deployer (through `deployment.deploy`)."""
 from __future__ import annotations
 
 import json
@@ -8,8 +8,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from pipelines.arguments import deploy_spec
 from pipelines.config import Settings
-from pipelines.training_pipeline import deploy_spec
 
 SMOKE_ROWS = 3
 SERVE_DIR = Path("runs") / "serve"
@@ -44,7 +44,7 @@ def local_champion(settings: Settings, dst: str) -> tuple[str, str]:
 
 def deploy_champion(settings: Settings) -> dict:
     """Serve the champion with the env's deployer and smoke-test it; what is live."""
-    from serving.deploy import deploy_model
+    from deployment.deploy import deploy_model
     from stages.versions import CHAMPION
 
     version = _version(settings, CHAMPION)
@@ -55,7 +55,7 @@ def deploy_champion(settings: Settings) -> dict:
 
 def plan_champion(settings: Settings) -> dict:
     """The InferenceService `deploy_champion` would apply (validated against the CRD)."""
-    from serving.deploy import plan_model
+    from deployment.deploy import plan_model
     from stages.versions import CHAMPION
 
     return plan_model(deploy_spec(settings), _version(settings, CHAMPION), settings.mlflow.tracking_uri)
@@ -68,7 +68,7 @@ def roll_back(settings: Settings, to: str | None = None) -> dict:
 
     Plain rollback serves `previous-champion` and walks the champion history back, never to a
     version tagged `rolled_back` (stages.registry.rollback_target); `to` clears that tag."""
-    from serving.deploy import roll_back_model
+    from deployment.deploy import roll_back_model
     from stages import registry
 
     uri, name = settings.mlflow.tracking_uri, settings.mlflow.registered_model

@@ -1,26 +1,14 @@
-"""`flywheel submit`: compile a pipeline for an environment, upload it as a new version of the
-KFP pipeline `flywheel-<env>-<pipeline>`, and start a run in the env's experiment."""
+"""`flywheel submit`: publish a pipeline for an environment (`pipelines.publish`: the compiled
+content becomes the newest version of the KFP pipeline `flywheel-<env>-<pipeline>`) and start a run
+of it in the env's experiment."""
 from __future__ import annotations
 
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 
+from gateways import kfp_api
+from gateways.kfp_api import KfpError
 from pipelines.config import Settings
-from pipelines.kfp_client import (
-    SubmitError,
-    _compile,
-    _ensure_experiment,
-    _ensure_pipeline_id,
-    _quiet,
-    _require_host,
-    _step,
-    _ui_url,
-    default_registry,
-    default_version_name,
-    kfp_pipeline_name,
-    make_client,
-)
+from pipelines.publish import client_for, publish, require_target
 from storage.endpoints import doing
 
 
@@ -54,42 +42,33 @@ def submit_pipeline(
     wait: bool = False,
     client=None,
     *,
-    registry=None,
+    catalog=None,
     timeout_s: float = 24 * 3600,
     poll_s: float = 15,
 ) -> SubmitResult:
-    """Compile PIPELINE_NAME for settings.env, upload it as a new version, start a run."""
-    host = _require_host(settings)
-    registry = registry or default_registry()
-    display_name = kfp_pipeline_name(settings, pipeline_name)
-    with tempfile.TemporaryDirectory(prefix="flywheel-submit-") as tmp:
-        package, arguments = _compile(registry, settings, pipeline_name, Path(tmp))
-        version_name = version or default_version_name(package.read_bytes())
-        with doing(f"submitting {display_name}"):
-            client = client or make_client(settings)
-        with _quiet():
-            with _step(f"finding or creating pipeline {display_name!r}", host):
-                pipeline_id = _ensure_pipeline_id(client, settings, pipeline_name)
-            with _step(f"uploading version {version_name!r} of {display_name!r}", host):
-                uploaded = client.upload_pipeline_version(
-                    str(package), version_name, pipeline_id=pipeline_id,
-                    description=f"submitted by flywheel for {settings.env}")
-    with _quiet():
-        with _step(f"finding or creating experiment {settings.kfp.experiment!r}", host):
-            experiment = _ensure_experiment(client, settings)
-        with _step(f"starting a run of {display_name!r}", host):
+    """Publish PIPELINE_NAME for settings.env (a named VERSION is always uploaded), start a run."""
+    target = require_target(settings, pipeline_name)
+    host = target.host.rstrip("/")
+    with doing(f"submitting {target.pipeline}"):
+        client = client or client_for(settings)
+    published = publish(settings, pipeline_name, client=client, catalog=catalog, version=version,
+                        by="flywheel submit")
+    with kfp_api.quiet():
+        with kfp_api.step(f"finding or creating experiment {target.experiment!r}", host):
+            experiment = kfp_api.ensure_experiment(client, target.experiment, target.namespace)
+        with kfp_api.step(f"starting a run of {target.pipeline!r}", host):
             run = client.run_pipeline(
-                experiment_id=experiment.experiment_id, job_name=f"{display_name} {version_name}",
-                params=arguments, pipeline_id=pipeline_id, version_id=uploaded.pipeline_version_id,
-                pipeline_root=settings.kfp.pipeline_root, service_account=settings.kfp.service_account)
-    url = _ui_url(settings, f"runs/details/{run.run_id}")
+                experiment_id=experiment.experiment_id, job_name=f"{target.pipeline} {published.version_name}",
+                params=published.arguments, pipeline_id=published.pipeline_id, version_id=published.version_id,
+                pipeline_root=target.pipeline_root, service_account=target.service_account)
+    url = kfp_api.ui_url(host, f"runs/details/{run.run_id}")
     state = run.state or "PENDING"
     if wait:
-        with _quiet(), _step(f"waiting for run {run.run_id}", host):
+        with kfp_api.quiet(), kfp_api.step(f"waiting for run {run.run_id}", host):
             finished = client.wait_for_run_completion(run.run_id, timeout=timeout_s, sleep_duration=poll_s)
         state = finished.state or "UNKNOWN"
         if state != "SUCCEEDED":
             why = f": {' '.join(finished.error.message.split())}" if finished.error and finished.error.message else ""
-            raise SubmitError(f"run {run.run_id} of {display_name} ended {state}{why} ({url})")
-    return SubmitResult(display_name, pipeline_id, version_name, uploaded.pipeline_version_id,
-                        settings.kfp.experiment, experiment.experiment_id, run.run_id, url, state)
+            raise KfpError(f"run {run.run_id} of {target.pipeline} ended {state}{why} ({url})")
+    return SubmitResult(target.pipeline, published.pipeline_id, published.version_name, published.version_id,
+                        target.experiment, experiment.experiment_id, run.run_id, url, state)

@@ -3,70 +3,19 @@
     ingest -> validate -> split -> tune (parallel trials) -> train best -> evaluate -> gate
                                                                            `-> register (if promoted)
 
-Each environment's config becomes the pipeline's parameter defaults at build time, so the
-compiled YAML is self-contained (image, resources, node selectors, thresholds, suite) and a
-submission can still override any parameter.
+Each environment's config becomes the pipeline's parameter defaults at build time
+(`pipelines.arguments.training_arguments`), so the compiled YAML is self-contained (image,
+resources, node selectors, thresholds, suite) and a submission can still override any parameter.
 """
-
-from pathlib import Path
 
 from kfp import dsl, kubernetes
 
 import storage
 from components.base import component
-from pipelines.config import CONFIG_DIR, Settings
-from specs import DeploySpec, TrainSpec
+from pipelines.arguments import TRAINING, training_arguments
+from pipelines.config import Settings
 
-NAME = "training"
-
-
-def without_none(value):
-    """KFP parameters are protobuf Values, which have no null: drop unset keys at any depth."""
-    if isinstance(value, dict):
-        return {k: without_none(v) for k, v in value.items() if v is not None}
-    if isinstance(value, list):
-        return [without_none(v) for v in value if v is not None]
-    return value
-
-
-def as_parameter(model) -> dict:
-    """A config section as a STRUCT parameter (KFP structs cannot hold null: unset keys are omitted)."""
-    return model.model_dump(mode="json", exclude_none=True)
-
-
-def train_spec(settings: Settings) -> TrainSpec:
-    """What the train task (and `flywheel train`) receives: the env's training section plus where
-    its jobs run and stage their outputs."""
-    return TrainSpec.model_validate({
-        **settings.training.model_dump(), "image": settings.image.ref, "namespace": settings.namespace,
-        "env": settings.env, "object_store_endpoint": settings.kfp.object_store_endpoint,
-        "staging_uri": f"{settings.kfp.pipeline_root or 'runs'}/flywheel-jobs",
-    })
-
-
-def deploy_spec(settings: Settings) -> DeploySpec:
-    """What the deploy task (and `flywheel deploy`) receives: the env's serving section plus where
-    the model is served."""
-    return DeploySpec(serving=settings.serving, model_name=settings.mlflow.registered_model, image=settings.image.ref,
-                      namespace=settings.namespace, env=settings.env,
-                      object_store_endpoint=settings.kfp.object_store_endpoint,
-                      decision_threshold=settings.evaluation.decision_threshold)
-
-
-def arguments(settings: Settings, config_dir: Path | None = None) -> dict:
-    """The pipeline's parameter values for an environment (see `check`)."""
-    from stages.validation import load_suite
-
-    return {
-        "env": settings.env,
-        "dataset_spec": as_parameter(settings.dataset),
-        "suite": without_none(load_suite(settings.dataset, config_dir or CONFIG_DIR)),
-        "train_spec": as_parameter(train_spec(settings)),
-        "tuning_spec": as_parameter(settings.tuning),
-        "evaluation_spec": as_parameter(settings.evaluation),
-        "tracking": as_parameter(settings.mlflow),
-        "deploy_spec": as_parameter(deploy_spec(settings)),
-    }
+NAME = TRAINING
 
 
 def build(settings: Settings):
@@ -79,7 +28,7 @@ def build(settings: Settings):
     ingest, validate, split, propose, trial, promote, select, train, evaluate, gate, register, deploy = (
         op[name] for name in ("ingest", "validate", "split", "propose", "trial", "promote", "select", "train",
                               "evaluate", "gate", "register", "deploy"))
-    defaults = arguments(settings)
+    defaults = training_arguments(settings)
     run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
 
     @dsl.pipeline(name=f"flywheel-{NAME}",

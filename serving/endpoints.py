@@ -16,6 +16,7 @@
 Imported by `serving.server.start` only (it pulls in FastAPI and KServe's servers).
 """
 import asyncio
+import logging
 from concurrent import futures
 from typing import Optional, Union
 
@@ -35,7 +36,9 @@ from kserve.protocol.rest.v2_datamodels import InferenceRequest
 from kserve.protocol.rest.v2_endpoints import V2Endpoints, register_v2_endpoints
 
 from serving.errors import NOT_FOUND, RequestError
-from serving.server import RpcRequestError, log
+from serving.rpc_errors import RpcRequestError
+
+log = logging.getLogger("flywheel.serving")
 
 REPOSITORY_PREFIX = "/v2/repository"
 VERSIONED = ("infer", "model_metadata", "model_ready")  # the V2Endpoints handlers that take model_version

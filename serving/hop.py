@@ -132,7 +132,7 @@ class GrpcHop(Hop):
     def _error(err) -> RequestError:
         import grpc
 
-        from serving.server import HTTP_STATUSES
+        from serving.rpc_errors import HTTP_STATUSES
 
         code = err.code()
         if code == grpc.StatusCode.UNAVAILABLE and not (err.details() or "").startswith("{"):

@@ -1,6 +1,6 @@
 """What the predictor and the transformer share around KServe's ModelServer: the command line
 (KServe's own parser as the parent, so the controller's arguments work), the middlewares and error
-handlers on its FastAPI app, gRPC status mapping, readiness, logging and start-up on `--host`
+handlers on its FastAPI app, readiness, logging and start-up on `--host`
 (127.0.0.1 unless told otherwise; `serving.endpoints` has the servers and routes). Torch-free.
 """
 from __future__ import annotations
@@ -11,37 +11,18 @@ import logging
 import os
 import time
 
-from grpc import StatusCode
-from grpc_interceptor.exceptions import GrpcException
 from kserve import InferRequest, Model
 from kserve.model import InferenceVerb
 
 from serving.errors import BAD_REQUEST, INTERNAL, RequestError
 from serving.ports import port_in_use
+from serving.rpc_errors import RpcRequestError
 from specs.serving import ServingSpec
 
 log = logging.getLogger("flywheel.serving")
 DEFAULTS = ServingSpec()
 LOOPBACK = "127.0.0.1"
 HOST_ENV = "FLYWHEEL_SERVING_HOST"  # the image sets 0.0.0.0 (Dockerfile): a pod is reached from outside
-GRPC_CODES = {400: StatusCode.INVALID_ARGUMENT, 404: StatusCode.NOT_FOUND, 413: StatusCode.RESOURCE_EXHAUSTED,
-              422: StatusCode.INVALID_ARGUMENT, 503: StatusCode.UNAVAILABLE, 504: StatusCode.DEADLINE_EXCEEDED}
-HTTP_STATUSES = {StatusCode.INVALID_ARGUMENT: 400, StatusCode.NOT_FOUND: 404, StatusCode.RESOURCE_EXHAUSTED: 413,
-                 StatusCode.UNAVAILABLE: 503, StatusCode.DEADLINE_EXCEEDED: 504, StatusCode.UNIMPLEMENTED: 501}
-
-
-class RpcRequestError(RequestError, GrpcException):
-    """A `RequestError` KServe's gRPC interceptor understands: it aborts the call with the gRPC
-    code for the status and the error body (JSON) as details, so a gRPC client (our transformer
-    included) gets the exact status and field back; otherwise it answers INTERNAL for anything
-    that is not a KServe error. REST handles it as the `RequestError` it is."""
-
-    def __init__(self, error: RequestError):
-        RequestError.__init__(self, error.status, error.field, error.message)
-        self.status_code = GRPC_CODES.get(error.status, StatusCode.INTERNAL)
-        self.details = error.json()
-
-
 class ServingModel(Model):
     """What both servers' models share on top of `kserve.Model`: a `RequestError` leaves as the
     status it carries on REST and gRPC alike, gRPC inference calls are counted (REST ones are

@@ -81,7 +81,7 @@ def test_the_header_is_read_without_the_rows(tmp_path, suffix):
 
 
 def test_check_names_every_column_config_has_that_the_file_lacks(config_dir, tmp_path):
-    from pipelines.registry import check_all
+    from pipelines.catalog import check_all
 
     data = write_table(churn_frame(200), tmp_path / "churn.parquet")
     # Given the churn file configured with a typo in a feature, the wrong id and a slice column it lacks
@@ -118,7 +118,7 @@ def test_run_stops_on_a_missing_column_before_anything_trains(config_dir, tmp_pa
 
 def test_check_notes_an_object_store_it_cannot_reach_and_a_missing_file_is_a_problem(config_dir, tmp_path,
                                                                                    monkeypatch):
-    from pipelines.registry import check_all
+    from pipelines.catalog import check_all
 
     def unreachable(uri):  # what s3fs raises after its retries (~20 s against a closed port)
         raise ConnectionError(f"Could not connect to the endpoint URL for {uri}")
@@ -186,7 +186,7 @@ def test_the_loop_serves_held_out_rows_then_shifts_the_files_own_features(config
 def test_your_own_csv_runs_end_to_end_from_config_alone_loop_included(config_dir, tmp_path):
     """As a user runs it: `flywheel run --env churn`, a real process, on a CSV that shares no column
     with the reference task, configured only by config/churn.yaml."""
-    from stages.tracking import _client
+    from gateways.mlflow_api import client as _client
 
     data = write_table(churn_frame(3000), tmp_path / "churn.csv")
     env = byod_env(config_dir, data, tmp_path)

@@ -6,8 +6,8 @@ import pandas as pd
 import yaml
 from typer.testing import CliRunner
 
+from pipelines.catalog import load_compiled
 from pipelines.cli import app
-from pipelines.registry import load_compiled
 
 runner = CliRunner()
 

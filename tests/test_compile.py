@@ -2,8 +2,7 @@
 import pytest
 import yaml
 
-from pipelines.config import environments, load_settings
-from pipelines.registry import (
+from pipelines.catalog import (
     PIPELINES,
     check_all,
     compile_pipeline,
@@ -11,6 +10,7 @@ from pipelines.registry import (
     pipeline_arguments,
     signature_errors,
 )
+from pipelines.config import environments, load_settings
 
 ENVIRONMENTS = environments()
 

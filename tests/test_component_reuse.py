@@ -6,8 +6,8 @@ from kfp import compiler, dsl
 from kfp.components import load_component_from_file
 
 from components import ops
+from pipelines.catalog import compile_components
 from pipelines.config import load_settings
-from pipelines.registry import compile_components
 
 
 @pytest.fixture(scope="module")

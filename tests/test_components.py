@@ -9,8 +9,8 @@ from kfp import dsl
 from components.base import component
 from components.ingest import ingest_op, split_op
 from components.tune import propose_op, select_op, trial_op
+from pipelines.arguments import training_arguments as arguments
 from pipelines.config import CONFIG_DIR
-from pipelines.training_pipeline import arguments
 from specs import DatasetSpec
 from stages.dataset import ReferenceTask, load_dataset
 from stages.dataset import split as split_frame

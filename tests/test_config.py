@@ -156,7 +156,7 @@ def add_qa(config_dir):
 def test_a_new_env_file_is_discovered_validated_checked_and_compiled(config_dir, tmp_path):
     """Given config/qa.yaml copied from dev.yaml, When config is loaded, checked and compiled,
     Then qa is an environment like the others, with no code change."""
-    from pipelines.registry import PIPELINES, check_all, compile_pipeline, load_compiled
+    from pipelines.catalog import PIPELINES, check_all, compile_pipeline, load_compiled
 
     add_qa(config_dir)
     assert environments(config_dir) == ["dev", "local", "prod", "qa", "staging"]
@@ -206,7 +206,7 @@ def test_every_mistake_in_a_file_is_reported_with_file_and_key_path(config_dir):
         assert any(line.startswith(f"{qa_file}: {key}") for line in lines), (key, lines)
     assert len(lines) == len(expected), lines
     # and `check` reports the same lines for qa while the other envs stay clean
-    from pipelines.registry import check_all
+    from pipelines.catalog import check_all
 
     problems = check_all(config_dir)
     assert problems["qa"] == lines
@@ -290,6 +290,6 @@ def test_a_key_given_twice_is_an_error_with_file_line_and_key_path(config_dir):
         f"{local}: tuning: duplicate key at line {len(lines) + 1} (first at line {tuning_line}); "
         "YAML would keep only the last one",
     ]
-    from pipelines.registry import check_all
+    from pipelines.catalog import check_all
 
     assert check_all(config_dir)["local"] == str(err.value).splitlines()

@@ -5,8 +5,6 @@ kfp.local with a real MLflow SQLite store."""
 import glob
 import json
 import os
-import shutil
-import subprocess
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
@@ -26,12 +24,12 @@ from stages.gate import decide
 from stages.metrics import MAX_CURVE_POINTS, MISSING_SLICE, evaluate
 from stages.report import render_report
 from storage.tables import content_hash, write_table
+from tests.support import chromium_screenshot, find_chromium
 
 TARGET = "default"
 # What the pipeline passes the ops: the env's dataset section (the ops validate it as a DatasetSpec)
 DATASET_SPEC = {"source": "reference", "target": TARGET,
                 "features": {"numeric": REFERENCE_NUMERIC, "categorical": REFERENCE_CATEGORICAL}}
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
 
 class SklearnModel:
@@ -190,19 +188,10 @@ def test_report_is_self_contained_html_with_plots_and_tables(model, data, result
     assert "champion ROC AUC" not in render_report(result, "alone")
 
 
-def _chromium_screenshot(html_file, png, tmp_path):
-    subprocess.run(
-        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         f"--user-data-dir={tmp_path / 'chromium-profile'}", f"--screenshot={png}", "--window-size=1200,1600",
-         f"file://{html_file}"],
-        check=True, capture_output=True, timeout=90,
-    )
-
-
 def test_report_renders_in_headless_chromium(model, data, result, tmp_path):
-    if not os.path.exists(CHROMIUM):
-        pytest.skip(f"chromium not installed at {CHROMIUM} (apt-get install -y chromium)")
+    chromium = find_chromium()
+    if not chromium:
+        pytest.skip("chromium not installed (apt-get install -y chromium)")
     # Given the report as a file
     weak = SklearnModel(data[0], ["age"], ["region"])
     champion = evaluate(weak, data[1], TARGET, 0.3, slice_column="employment")
@@ -211,7 +200,7 @@ def test_report_renders_in_headless_chromium(model, data, result, tmp_path):
                                   decision=decide(result.metrics, champion.metrics, {"roc_auc": 0.6}, 0.002)))
     # When headless Chromium screenshots it
     png = tmp_path / "report.png"
-    _chromium_screenshot(page, png, tmp_path)
+    chromium_screenshot(chromium, page, png, tmp_path, size=(1200, 1600))
     # Then the PNG is the window's size and far from blank: plots and tables put many colours on it
     from PIL import Image
 

@@ -10,8 +10,8 @@ import yaml
 from typer.testing import CliRunner
 
 from pipelines import manifests
+from pipelines.arguments import train_spec
 from pipelines.config import CONFIG_DIR, environments, load_settings
-from pipelines.training_pipeline import train_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 MANIFESTS = ROOT / "manifests"

@@ -4,8 +4,7 @@ import pytest
 from typer.testing import CliRunner
 
 import pipelines.cli as cli
-import pipelines.kfp_client as kfp_client
-import pipelines.schedule as flywheel_schedule
+import pipelines.publish as flywheel_publish
 import pipelines.submit as flywheel_submit
 from pipelines.config import load_settings
 from pipelines.schedule import every_hours_cron, kfp_cron, reconcile_schedules
@@ -26,7 +25,7 @@ def staging(server, schedule="0 4 * * *", enabled=True, **overrides):
 
 
 def reconcile(settings, dry_run=False):
-    return reconcile_schedules(settings, dry_run=dry_run, registry=tiny_registry)
+    return reconcile_schedules(settings, dry_run=dry_run, catalog=tiny_registry)
 
 
 def by_name(changes):
@@ -110,7 +109,7 @@ def test_reconcile_again_is_a_no_op(server):
 def test_submitted_version_with_same_content_is_reused(server):
     # Given the training pipeline was submitted (same compiled content) before scheduling
     settings = staging(server)
-    submitted = flywheel_submit.submit_pipeline(settings, "training", registry=tiny_pipeline)
+    submitted = flywheel_submit.submit_pipeline(settings, "training", catalog=tiny_pipeline)
     # When reconciled, then no new training version is uploaded and the schedule runs the submitted one
     reconcile(settings)
     (version,) = versions_of(server, "flywheel-staging-training")
@@ -191,7 +190,7 @@ def test_undeclared_recurring_runs_of_the_env_are_deleted(server, tmp_path):
     # Given the env's two recurring runs, a stale one of the env and two that are not ours
     settings = staging(server)
     reconcile(settings)
-    client = kfp_client.make_client(settings)
+    client = flywheel_publish.client_for(settings)
     (experiment,) = server.experiments.values()
     package = tiny_pipeline.compile_pipeline(settings, "training", tmp_path)
     params = tiny_pipeline.pipeline_arguments(settings, "training")
@@ -243,7 +242,7 @@ def test_fake_rejects_concurrency_the_backend_rejects(server, tmp_path):
     import kfp_server_api
 
     settings = staging(server)
-    client = kfp_client.make_client(settings)
+    client = flywheel_publish.client_for(settings)
     experiment = client.create_experiment("e", namespace="flywheel-staging")
     package = tiny_pipeline.compile_pipeline(settings, "training", tmp_path)
     with pytest.raises(kfp_server_api.ApiException) as err:
@@ -255,8 +254,7 @@ def test_fake_rejects_concurrency_the_backend_rejects(server, tmp_path):
 
 def test_cli_schedule_dry_run_prints_the_plan(server, monkeypatch):
     monkeypatch.setattr(cli, "load_settings", lambda env: staging(server))
-    monkeypatch.setattr(flywheel_submit, "default_registry", lambda: tiny_registry)
-    monkeypatch.setattr(flywheel_schedule, "default_registry", lambda: tiny_registry)
+    monkeypatch.setattr(flywheel_publish, "default_catalog", lambda: tiny_registry)
     result = CliRunner().invoke(cli.app, ["schedule", "--env", "staging", "--dry-run"])
     assert result.exit_code == 0, result.output
     first, second = result.stdout.splitlines()

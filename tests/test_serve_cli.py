@@ -15,8 +15,8 @@ from typer.testing import CliRunner
 
 import crds
 import pipelines.cli as cli
+from pipelines.arguments import train_spec
 from pipelines.config import load_settings
-from pipelines.training_pipeline import train_spec
 from stages.dataset import ReferenceTask
 from stages.registry import register_model
 from stages.versions import CHAMPION, PREVIOUS_CHAMPION
@@ -68,9 +68,9 @@ def use_config(registry, monkeypatch):
 
 
 def aliases(tracking: str) -> dict:
-    from stages.tracking import _client
+    from gateways.mlflow_api import client
 
-    return {alias: str(version) for alias, version in _client(tracking).get_registered_model(NAME).aliases.items()}
+    return {alias: str(version) for alias, version in client(tracking).get_registered_model(NAME).aliases.items()}
 
 
 @pytest.mark.slow
@@ -125,9 +125,9 @@ def test_rollback_serves_the_previous_champion_and_makes_it_the_champion(use_con
     assert result.output.startswith(f"live: {NAME} v1 (served)\n"), result.output  # no URL of a stopped server
     assert "nothing serves it here now: `flywheel serve --env local` does" in result.output
     assert aliases(tracking) == {CHAMPION: "1"}  # v1 has no earlier champion
-    from stages.tracking import _client
+    from gateways.mlflow_api import client
 
-    assert _client(tracking).get_model_version(NAME, "2").tags.get("rolled_back") == "true"
+    assert client(tracking).get_model_version(NAME, "2").tags.get("rolled_back") == "true"
     # And rolling back again does not flip-flop back to the rolled-back v2
     again = runner.invoke(cli.app, ["rollback", "--env", "local"])
     assert again.exit_code == 1 and "nothing older to roll back to" in again.output, again.output
@@ -136,7 +136,7 @@ def test_rollback_serves_the_previous_champion_and_makes_it_the_champion(use_con
     forward = runner.invoke(cli.app, ["rollback", "--env", "local", "--to", "2"])
     assert forward.exit_code == 0 and f"live: {NAME} v2 (served)" in forward.output, forward.output
     assert aliases(tracking) == {CHAMPION: "2", PREVIOUS_CHAMPION: "1"}
-    assert "rolled_back" not in _client(tracking).get_model_version(NAME, "2").tags
+    assert "rolled_back" not in client(tracking).get_model_version(NAME, "2").tags
     # And a version that does not exist is refused by name
     unknown = runner.invoke(cli.app, ["rollback", "--env", "local", "--to", "9"])
     assert unknown.exit_code == 1 and "has no version '9' (versions: 1, 2)" in unknown.output, unknown.output

@@ -16,12 +16,12 @@ import pytest
 from typer.testing import CliRunner
 
 import pipelines.cli as cli
+from gateways.mlflow_api import client as _client
 from pipelines.config import load_settings
 from stages.dataset import ReferenceTask
-from stages.tracking import _client
 from stages.versions import CHAMPION, PREVIOUS_CHAMPION
+from tests.support import free_port
 from tests.test_serve_cli import NAME, aliases, registry  # noqa: F401 - the two-version registry fixture
-from tests.test_serving import free_port
 
 runner = CliRunner()
 COLUMNS = ["age", "income", "credit_limit", "utilization", "debt_to_income", "late_payments", "months_on_book",

@@ -6,7 +6,6 @@ events and Prometheus metrics."""
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -25,6 +24,7 @@ from serving.contract import model_version
 from serving.transform import FeatureCodec
 from stages.dataset import REFERENCE_CATEGORICAL, ReferenceTask
 from storage.tables import write_table
+from tests.support import NotReady, free_port, wait_for_url
 
 ROOT = Path(__file__).resolve().parent.parent
 NAME = "credit"
@@ -32,12 +32,6 @@ NUMERIC = ["age", "income", "credit_limit", "utilization", "debt_to_income", "la
 COLUMNS = NUMERIC + REFERENCE_CATEGORICAL
 PREDICTOR_ROWS = 50  # the predictor's max_batch_rows, below the transformer's 1000: its 413 must come through
 TRANSFORMER_BODY_LIMIT = 1_000_000
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:
@@ -60,17 +54,11 @@ class Server:
         return f"127.0.0.1:{self.grpc_port}"
 
     def wait(self, path: str = "/v2/health/ready", timeout: float = 120) -> "Server":
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                pytest.fail(f"{self.log.name} exited {self.process.returncode}:\n{self.tail()}")
-            try:
-                if httpx.get(self.url + path, timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        pytest.fail(f"{self.log.name} not ready after {timeout} s:\n{self.tail()}")
+        try:
+            wait_for_url(self.url + path, self.process, timeout=timeout, what=self.log.name, tail=self.tail)
+        except NotReady as err:
+            pytest.fail(str(err))
+        return self
 
     def tail(self, chars: int = 4000) -> str:
         return self.log.read_text(errors="replace")[-chars:]
@@ -119,8 +107,8 @@ class Receiver:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A model trained in-process in seconds (2k rows, 2 epochs) and the frame it came from."""
+    from pipelines.arguments import train_spec
     from pipelines.config import load_settings
-    from pipelines.training_pipeline import train_spec
     from training import train as entry
     from training.backends.base import entry_spec
 

@@ -21,8 +21,8 @@ from sklearn.metrics import roc_auc_score
 
 import storage
 from model.loader import load_model
+from pipelines.arguments import train_spec
 from pipelines.config import load_settings
-from pipelines.training_pipeline import train_spec
 from stages.dataset import ReferenceTask
 from training import train as entry
 from training.backends.base import entry_args, entry_spec

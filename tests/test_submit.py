@@ -1,16 +1,19 @@
-"""`flywheel submit` with the real kfp.Client against a fake KFP API server held to the REST contract."""
+"""`flywheel submit` (publish, then run) with the real kfp.Client against a fake KFP API server held
+to the REST contract."""
+import datetime as dt
 import json
 import logging
+import time
 
 import pytest
 import yaml
 from typer.testing import CliRunner
 
 import pipelines.cli as cli
-import pipelines.kfp_client as kfp_client
-import pipelines.submit as flywheel_submit
+import pipelines.publish as flywheel_publish
+from gateways import kfp_api
+from gateways.kfp_api import KfpError
 from pipelines.config import load_settings
-from pipelines.kfp_client import SubmitError
 from pipelines.submit import submit_pipeline
 from tests.fakes import tiny_pipeline
 from tests.fakes.kfp_api_server import FakeKfpServer, isolated, server  # noqa: F401
@@ -26,7 +29,7 @@ def dev_settings(server, **overrides):
 
 
 def submit(settings, **kwargs):
-    return submit_pipeline(settings, "training", registry=tiny_pipeline, poll_s=0.01, **kwargs)
+    return submit_pipeline(settings, "training", catalog=tiny_pipeline, poll_s=0.01, **kwargs)
 
 
 def test_first_submit_creates_pipeline_version_experiment_and_run(server):
@@ -68,7 +71,7 @@ def compiled_hash(settings):
     from pathlib import Path
 
     with tempfile.TemporaryDirectory() as out:
-        return kfp_client.content_hash(tiny_pipeline.compile_pipeline(settings, "training", Path(out)).read_bytes())
+        return kfp_api.content_hash(tiny_pipeline.compile_pipeline(settings, "training", Path(out)).read_bytes())
 
 
 def test_second_submit_adds_a_version_and_reuses_the_experiment(server):
@@ -85,6 +88,28 @@ def test_second_submit_adds_a_version_and_reuses_the_experiment(server):
     assert len(server.find("POST", "/apis/v2beta1/pipelines")) == 1
 
 
+def test_submit_publishes_once_per_content_and_the_newest_version_is_the_published_one(server):
+    # Given the training pipeline submitted once (no version name: published by content)
+    first = submit(dev_settings(server))
+    # When it is submitted again with the same config, Then the published version is reused
+    again = submit(dev_settings(server))
+    assert again.version_id == first.version_id and len(server.versions) == 1 and len(server.runs) == 2
+    # When the compiled content changes, a new version is published; back to the first, that content is
+    # published again as the newest version (what retraining starts is always the last published)
+    changed = submit(dev_settings(server, image={"tag": "0.2.0"}))  # new content
+    assert changed.version_id != first.version_id
+    for version in server.versions.values():  # the fake's clock has seconds: make the order explicit
+        version.created_at -= dt.timedelta(hours=2 if version.pipeline_version_id == first.version_id else 1)
+    time.sleep(1.05)  # version names carry the second they were published in
+    reverted = submit(dev_settings(server))
+    assert reverted.version_id not in (first.version_id, changed.version_id) and len(server.versions) == 3
+    assert reverted.version_name.endswith(first.version_name.rsplit("-", 1)[1])
+    with kfp_api.quiet():
+        client = flywheel_publish.client_for(dev_settings(server))
+        target = flywheel_publish.require_target(dev_settings(server), "training")
+        assert kfp_api.published_version(client, target)[1].pipeline_version_id == reverted.version_id
+
+
 def test_run_parameters_equal_pipeline_arguments(server):
     settings = dev_settings(server)
     submit(settings)
@@ -99,7 +124,7 @@ def test_backend_rejects_arguments_that_do_not_match_the_pipeline(server, monkey
     real = tiny_pipeline.pipeline_arguments
     monkeypatch.setattr(tiny_pipeline, "pipeline_arguments", lambda s, n: real(s, n) | {"bogus": 1})
     # When submitted, then the API's 400 message comes back as a one-line reason
-    with pytest.raises(SubmitError) as err:
+    with pytest.raises(KfpError) as err:
         submit(dev_settings(server))
     assert "HTTP 400" in str(err.value)
     assert "parameter(s) provided are not required by pipeline: bogus" in str(err.value)
@@ -111,7 +136,7 @@ def test_bearer_token_is_sent_and_never_shown(server, monkeypatch, caplog):
     server.bearer_token = TOKEN
     monkeypatch.setenv("KFP_BEARER_TOKEN", TOKEN)
     monkeypatch.setattr(cli, "load_settings", lambda env: dev_settings(server))
-    monkeypatch.setattr(flywheel_submit, "default_registry", lambda: tiny_pipeline)
+    monkeypatch.setattr(flywheel_publish, "default_catalog", lambda: tiny_pipeline)
     caplog.set_level(logging.DEBUG)
     # When the CLI submits
     result = CliRunner().invoke(cli.app, ["submit", "training", "--env", "dev"])
@@ -134,9 +159,9 @@ def test_token_file_is_read(server, monkeypatch, tmp_path):
     assert all(r.headers["authorization"] == f"Bearer {TOKEN}" for r in server.requests)
 
 
-def test_missing_token_file_is_a_submit_error(server, monkeypatch, tmp_path):
+def test_missing_token_file_is_a_kfp_error(server, monkeypatch, tmp_path):
     monkeypatch.setenv("KFP_BEARER_TOKEN_FILE", str(tmp_path / "absent"))
-    with pytest.raises(SubmitError, match="KFP_BEARER_TOKEN_FILE=.*cannot be read"):
+    with pytest.raises(KfpError, match="KFP_BEARER_TOKEN_FILE=.*cannot be read"):
         submit(dev_settings(server))
     assert server.requests == []
 
@@ -147,7 +172,7 @@ def test_service_account_token_is_used_and_reread(server, monkeypatch, tmp_path)
     sa.write_text("sa-token-1")
     monkeypatch.setenv("KF_PIPELINES_SA_TOKEN_PATH", str(sa))
     server.bearer_token = "sa-token-1"
-    client = kfp_client.make_client(dev_settings(server))
+    client = flywheel_publish.client_for(dev_settings(server))
     submit(dev_settings(server), client=client)
     # When kubelet rotates the token, then the same client sends the new one
     sa.write_text("sa-token-2")
@@ -174,7 +199,7 @@ def test_bearer_token_wins_over_cookie(server, monkeypatch):
 
 def test_401_says_check_credentials(server):
     server.bearer_token = TOKEN  # required, not given
-    with pytest.raises(SubmitError) as err:
+    with pytest.raises(KfpError) as err:
         submit(dev_settings(server))
     message = str(err.value)
     assert "HTTP 401" in message and "credentials" in message and "KFP_BEARER_TOKEN" in message
@@ -183,27 +208,27 @@ def test_401_says_check_credentials(server):
 
 def test_server_error_is_one_line(server):
     server.fail_next(500, "database is locked\nretry later", path_contains="/upload_version")
-    with pytest.raises(SubmitError) as err:
+    with pytest.raises(KfpError) as err:
         submit(dev_settings(server))
     assert str(err.value).startswith("uploading version")
     assert "HTTP 500" in str(err.value) and "database is locked retry later" in str(err.value)
 
 
 def test_unknown_pipeline_lists_the_known_ones(server):
-    with pytest.raises(SubmitError, match=r"unknown pipeline 'trianing'; known: training"):
-        submit_pipeline(dev_settings(server), "trianing", registry=tiny_pipeline)
+    with pytest.raises(KfpError, match=r"unknown pipeline 'trianing'; known: training"):
+        submit_pipeline(dev_settings(server), "trianing", catalog=tiny_pipeline)
     assert server.requests == []
 
 
 def test_local_env_has_no_host_and_points_to_flywheel_run():
-    with pytest.raises(SubmitError, match=r"no KFP host.*flywheel run --env local"):
-        submit_pipeline(load_settings("local"), "training", registry=tiny_pipeline)
+    with pytest.raises(KfpError, match=r"no KFP host.*flywheel run --env local"):
+        submit_pipeline(load_settings("local"), "training", catalog=tiny_pipeline)
 
 
 def test_unreachable_host(server, monkeypatch):
     # Given a host where nothing listens any more
     monkeypatch.setattr(cli, "load_settings", lambda env: dev_settings(server))
-    monkeypatch.setattr(flywheel_submit, "default_registry", lambda: tiny_pipeline)
+    monkeypatch.setattr(flywheel_publish, "default_catalog", lambda: tiny_pipeline)
     server.stop()
     # When the CLI submits, then it says so in one line (urllib3's retry warnings kept out)
     result = CliRunner().invoke(cli.app, ["submit", "training", "--env", "dev"])
@@ -218,7 +243,7 @@ def test_single_user_401_fails_at_once():
     fake.bearer_token = TOKEN
     try:
         settings = load_settings("dev", overrides={"kfp": {"host": fake.url, "namespace": None}})
-        with pytest.raises(SubmitError, match=r"connecting to KFP: .*HTTP 401.*credentials"):
+        with pytest.raises(KfpError, match=r"connecting to KFP: .*HTTP 401.*credentials"):
             submit(settings)
     finally:
         fake.stop()
@@ -235,7 +260,7 @@ def test_wait_returns_the_final_state(server):
 
 def test_cli_submit_dev_exits_0(server, monkeypatch):
     monkeypatch.setattr(cli, "load_settings", lambda env: load_settings(env, overrides={"kfp": {"host": server.url}}))
-    monkeypatch.setattr(flywheel_submit, "default_registry", lambda: tiny_pipeline)
+    monkeypatch.setattr(flywheel_publish, "default_catalog", lambda: tiny_pipeline)
     result = CliRunner().invoke(cli.app, ["submit", "training", "--env", "dev"])
     assert result.exit_code == 0, result.output
     (run,) = server.runs.values()
@@ -246,7 +271,7 @@ def test_cli_submit_dev_exits_0(server, monkeypatch):
 def test_cli_failed_run_with_wait_exits_nonzero_with_one_line(server, monkeypatch):
     server.run_outcome = "FAILED"
     monkeypatch.setattr(cli, "load_settings", lambda env: load_settings(env, overrides={"kfp": {"host": server.url}}))
-    monkeypatch.setattr(flywheel_submit, "default_registry", lambda: tiny_pipeline)
+    monkeypatch.setattr(flywheel_publish, "default_catalog", lambda: tiny_pipeline)
     result = CliRunner().invoke(cli.app, ["submit", "training", "--env", "dev", "--wait"])
     assert result.exit_code == 1
     (line,) = result.stderr.strip().splitlines()
@@ -296,7 +321,7 @@ def test_real_training_pipeline_meets_the_backend_contract(server):
     result = submit_pipeline(settings, "training", poll_s=0.01)
     (run,) = server.runs.values()
     assert run.run_id == result.run_id
-    from pipelines.registry import pipeline_arguments
+    from pipelines.catalog import pipeline_arguments
 
     assert run.runtime_config.parameters == pipeline_arguments(settings, "training")
 

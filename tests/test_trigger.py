@@ -1,7 +1,8 @@
 """The guarded retraining trigger: the storm guard (cool-down), one run in flight, dedup, every
 decision audited in MLflow; the cluster run-starting against the fake KFP API with the reasons on
 the run; the local runner's lock; the monitoring pipeline that fires it, compiled for every env;
-`flywheel monitor` end to end on this machine."""
+`flywheel monitor` end to end on this machine. (Every cluster entry point starting the same
+published version: tests/test_retraining.py.)"""
 import datetime as dt
 import json
 import threading
@@ -14,14 +15,16 @@ from typer.testing import CliRunner
 
 import pipelines.cli as cli
 import pipelines.local as flywheel_local
+import pipelines.publish as flywheel_publish
 import pipelines.serving as flywheel_serving
 import pipelines.submit as flywheel_submit
-from components import kfp_api
+from gateways import kfp_api
 from monitoring.audit import STAGE, mlflow_audit
 from monitoring.trigger import GuardedTrigger
 from pipelines import retrain
+from pipelines.arguments import kfp_target_parameter
+from pipelines.catalog import compile_pipeline, load_compiled
 from pipelines.config import environments, load_settings
-from pipelines.registry import compile_pipeline, load_compiled
 from specs import RetrainingSpec
 from tests.fakes import tiny_pipeline, tiny_registry
 from tests.fakes.kfp_api_server import isolated, server  # noqa: F401
@@ -262,10 +265,12 @@ def staging(server, **overrides):
 
 
 def test_cluster_start_run_puts_the_reasons_on_the_run(server, isolated, tmp_path):
+    # Given staging's training pipeline published (its arguments compiled in as defaults)
     settings = staging(server)
+    published = flywheel_publish.publish(settings, "training", catalog=tiny_registry.WithDefaults)
     clock = Clock()
     decisions = []
-    trigger = retrain.guarded_trigger(settings, registry=tiny_pipeline, audit=decisions.append, clock=clock,
+    trigger = retrain.guarded_trigger(settings, audit=decisions.append, clock=clock,
                                       state_path=str(tmp_path / "state.json"))
     # When a drift decision fires on staging
     decision = trigger.fire(REASONS, "drift", "drift/staging/v3/w1")
@@ -285,14 +290,14 @@ def test_cluster_start_run_puts_the_reasons_on_the_run(server, isolated, tmp_pat
     (create,) = server.find("POST", "/runs")
     assert create.body["description"] == run.description  # checked against V2beta1Run by the fake
     (version,) = server.versions.values()
-    assert run.pipeline_version_reference.pipeline_version_id == version.pipeline_version_id
+    assert run.pipeline_version_reference.pipeline_version_id == version.pipeline_version_id == published.version_id
 
     # While that run is PENDING on KFP, past the cool-down, another decision is refused: in flight
     clock.advance(24 * 60)
     refused = trigger.fire(REASONS, "alert", "alert/fp@t1")
     assert refused["guard"] == "in_flight" and refused["in_flight"][0]["run_id"] == run.run_id
     assert refused["in_flight"][0]["state"] == "PENDING"
-    # Once it has ended, a new decision starts a run of the same stored version (same content)
+    # Once it has ended, a new decision starts a run of the same published version (nothing uploaded)
     run.state = "SUCCEEDED"
     again = trigger.fire(REASONS, "alert", "alert/fp@t1")
     assert again["started"] and len(server.runs) == 2 and len(server.versions) == 1
@@ -301,8 +306,9 @@ def test_cluster_start_run_puts_the_reasons_on_the_run(server, isolated, tmp_pat
 
 def test_runs_of_other_pipelines_or_ended_runs_are_not_in_flight(server, isolated):
     settings = staging(server)
-    submitted = flywheel_submit.submit_pipeline(settings, "training", registry=tiny_pipeline)
-    in_flight = retrain.cluster_runs_in_flight(settings)
+    submitted = flywheel_submit.submit_pipeline(settings, "training", catalog=tiny_pipeline)
+    target = flywheel_publish.require_target(settings, "training")
+    in_flight = lambda: kfp_api.published_runs_in_flight(target)  # what the env's GuardedTrigger lists
     assert [r["run_id"] for r in in_flight()] == [submitted.run_id]  # a submitted run counts too
     for state in ("SUCCEEDED", "FAILED", "CANCELED", "SKIPPED"):
         server.runs[submitted.run_id].state = state
@@ -314,39 +320,47 @@ def test_runs_of_other_pipelines_or_ended_runs_are_not_in_flight(server, isolate
     assert in_flight() == []
 
 
-def test_the_trigger_op_helpers_start_the_newest_stored_version(server, isolated):
+def test_the_trigger_op_helpers_start_the_newest_published_version(server, isolated):
     # Given the training pipeline submitted twice (two stored versions), as a pipeline task sees KFP
     settings = staging(server)
     registry = tiny_registry.WithDefaults
-    flywheel_submit.submit_pipeline(settings, "training", registry=registry, version="v-old")
-    newest = flywheel_submit.submit_pipeline(settings, "training", registry=registry, version="v-new")
+    flywheel_submit.submit_pipeline(settings, "training", catalog=registry, version="v-old")
+    newest = flywheel_submit.submit_pipeline(settings, "training", catalog=registry, version="v-new")
     for version in server.versions.values():  # the old one an hour older (the fake's clock has seconds)
         if version.display_name == "v-old":
             version.created_at -= dt.timedelta(hours=1)
     for run in server.runs.values():
         run.state = "SUCCEEDED"
-    target = retrain.kfp_target(settings)
+    target = kfp_target_parameter(settings)
     assert target == {"host": server.url, "experiment": "credit-default-staging",
                       "pipeline": "flywheel-staging-training", "namespace": "flywheel-staging",
                       "pipeline_root": "s3://flywheel-staging-artifacts/pipelines",
                       "service_account": "flywheel-pipeline-runner"}
-    assert kfp_api.training_runs_in_flight(target) == []
+    assert kfp_api.published_runs_in_flight(target) == []
     # When the op's helper starts a run from the target dict alone
-    run_id = kfp_api.start_training_run(target, {"reasons": REASONS, "source": "drift", "dedup_key": "k"},
-                                        stamp="20250615-100000")
-    # Then it runs the newest version with its compiled defaults (no config in a task), saying why
+    run_id = kfp_api.start_published_run(target, {"reasons": REASONS, "source": "drift", "dedup_key": "k"},
+                                         stamp="20250615-100000")
+    # Then it runs the newest version with the arguments compiled into it (no config in a task), saying why
     run = server.runs[run_id]
     assert server.find("POST", "/runs")[-1].status == 200
     assert run.pipeline_version_reference.pipeline_version_id == newest.version_id
-    assert run.runtime_config.parameters == {}
+    assert run.runtime_config.parameters == tiny_pipeline.pipeline_arguments(settings, "training")
     assert run.display_name == "flywheel-staging-training retrain drift 20250615-100000"
     assert REASONS[0] in run.description
-    assert [r["run_id"] for r in kfp_api.training_runs_in_flight(target)] == [run_id]
+    assert [r["run_id"] for r in kfp_api.published_runs_in_flight(target)] == [run_id]
+
+
+def test_retraining_without_a_published_version_says_how_to_publish(server, isolated, tmp_path):
+    trigger = retrain.guarded_trigger(staging(server), audit=lambda d: None, state_path=str(tmp_path / "s.json"))
+    decision = trigger.fire(REASONS, "manual", "k")
+    assert decision["guard"] == "error" and server.runs == {}
+    assert "no published version of 'flywheel-staging-training'" in decision["why"]
+    assert "flywheel schedule" in decision["why"] and "\n" not in decision["why"]
 
 
 def test_the_trigger_op_target_needs_a_host():
     with pytest.raises(ValueError, match="no KFP host"):
-        kfp_api.KfpTarget.from_dict(retrain.kfp_target(load_settings("local")))
+        kfp_api.KfpTarget.from_dict(kfp_target_parameter(load_settings("local")))
 
 
 # --- on this machine: the local runner's lock -----------------------------------------------------
@@ -528,7 +542,7 @@ def test_overlapping_windows_are_not_two_breaching_windows_but_disjoint_ones_are
 
 
 def test_a_check_that_is_not_new_evidence_neither_adds_to_nor_breaks_the_streak():
-    from monitoring.drift import decide
+    from monitoring.check import decide
     from specs import MonitoringSpec
 
     spec = MonitoringSpec(consecutive_windows=2)
@@ -606,7 +620,7 @@ def test_flywheel_monitor_without_a_champion_says_so(tmp_path, monkeypatch):
 
 def test_compiled_defaults_hold_no_nulls():
     # the trigger's target and the specs travel as STRUCT defaults: protobuf structs hold no null
-    from pipelines.monitoring_pipeline import arguments
+    from pipelines.arguments import monitoring_arguments as arguments
 
     def nulls(value, path=""):
         if isinstance(value, dict):
@@ -624,7 +638,7 @@ def test_the_check_ops_run_in_kfp_local_and_decide_with_hysteresis(tmp_path, run
     # and a history whose last check (an earlier window) breached already
     from model.profile import build_profile
     from monitoring.check import history_uri, load_history, save_history
-    from pipelines.monitoring_pipeline import arguments
+    from pipelines.arguments import monitoring_arguments as arguments
     from stages.dataset import load_dataset
     from tests.fakes import monitor_pipeline
 
@@ -659,40 +673,6 @@ def test_the_check_ops_run_in_kfp_local_and_decide_with_hysteresis(tmp_path, run
     assert decision["retrain"] and decision["dedup_key"].startswith("drift/local/v7/20250615T100000-")
     assert [h["window"] for h in load_history(history_uri(root, "7"))][0] == "v7/earlier"
     assert len(load_history(history_uri(root, "7"))) == 2
-
-
-def test_the_monitor_services_alert_hook_fires_the_envs_guarded_trigger(tmp_path, monkeypatch):
-    from starlette.testclient import TestClient
-
-    from monitoring.service import create_app, load_trigger
-    from monitoring.sink import PayloadSink
-
-    runs = Runs()
-    made = []
-
-    def fake_guarded_trigger(settings):
-        made.append(settings.env)
-        return make_trigger(tmp_path, runs, Clock())
-
-    monkeypatch.setattr(retrain, "guarded_trigger", fake_guarded_trigger)
-    monkeypatch.setattr(retrain, "_TRIGGERS", {})
-    monkeypatch.setenv("FLYWHEEL_ENV", "staging")
-    sink = PayloadSink(str(tmp_path / "sink"), start=False)
-    client = TestClient(create_app(sink, trigger=load_trigger("pipelines.retrain:alerts")))
-    payload = {"version": "4", "status": "firing", "receiver": "flywheel-retrain", "groupKey": "g",
-               "alerts": [{"status": "firing", "fingerprint": "f1", "startsAt": "2025-06-15T10:00:00Z",
-                           "labels": {"alertname": "FlywheelFeatureDrift", "flywheel_action": "retrain",
-                                      "feature": "age"},
-                           "annotations": {"summary": "Feature age drifted: PSI 0.350 > 0.2 for v7"}}]}
-    first = client.post("/alerts", json=payload)
-    assert first.status_code == 202, first.text
-    assert first.json()["decision"]["started"] is True
-    assert runs.started[0]["reasons"] == ["alert FlywheelFeatureDrift: Feature age drifted: PSI 0.350 > 0.2 for v7"]
-    runs.end_all()
-    again = client.post("/alerts", json=payload)  # Alertmanager's repeat of the same alert
-    assert again.json()["decision"]["guard"] == "duplicate"
-    assert made == ["staging"] and len(runs.started) == 1
-    sink.close()
 
 
 def test_the_checks_metrics_are_posted_to_the_monitors_drift_endpoint():

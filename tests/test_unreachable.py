@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 from pipelines import cli
 from pipelines.config import load_settings
 from storage.endpoints import Unreachable, doing, probe, redact
+from tests.support import free_port  # nothing listens there: connections are refused
 
 ROOT = Path(__file__).resolve().parent.parent
 ANSWER_WITHIN_S = 15
@@ -25,13 +26,6 @@ ANSWER_WITHIN_S = 15
 def fail_fast(monkeypatch):
     """What the CLI sets for itself (pipelines/cli.py); the subprocesses below go without it."""
     monkeypatch.setenv("FLYWHEEL_FAIL_FAST", "1")
-
-
-def closed_port() -> int:
-    """A loopback port nothing listens on (bound, then released): connections are refused."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def with_servers(config_dir: Path, env: str, *, mlflow: str | None = None, kfp: str | None = None) -> Path:
@@ -59,7 +53,7 @@ def flywheel(args: list[str], config_dir: Path, tmp_path: Path) -> tuple[subproc
 
 
 def test_a_refused_port_is_one_line_that_names_the_host_and_never_the_credentials():
-    port = closed_port()
+    port = free_port()
     started = time.monotonic()
     with pytest.raises(Unreachable) as err:
         probe("MLflow", f"http://alice:s3cret@127.0.0.1:{port}/mlflow?token=abc", proxy=None)
@@ -86,7 +80,7 @@ def test_a_listening_server_passes_and_local_stores_are_not_probed():
 def test_outside_the_cli_nothing_is_probed_and_the_clients_keep_their_retries(monkeypatch):
     # A pipeline task or a serving pod: a registry restarting for a minute is worth MLflow's retries
     monkeypatch.delenv("FLYWHEEL_FAIL_FAST")
-    probe("MLflow", f"http://127.0.0.1:{closed_port()}", proxy=None)
+    probe("MLflow", f"http://127.0.0.1:{free_port()}", proxy=None)
 
 
 def test_the_probe_goes_where_the_client_goes_through_a_proxy(monkeypatch):
@@ -95,7 +89,7 @@ def test_the_probe_goes_where_the_client_goes_through_a_proxy(monkeypatch):
         server.bind(("127.0.0.1", 0))
         server.listen()
         url = f"http://127.0.0.1:{server.getsockname()[1]}"
-        proxy_port = closed_port()
+        proxy_port = free_port()
         monkeypatch.setenv("http_proxy", f"http://user:pw@127.0.0.1:{proxy_port}")
         monkeypatch.delenv("no_proxy", raising=False)
         monkeypatch.delenv("NO_PROXY", raising=False)
@@ -124,7 +118,7 @@ def test_redact_keeps_host_port_and_path_only():
 def test_the_registry_fails_in_seconds_not_after_mlflows_retries():
     from stages.versions import version_behind
 
-    port = closed_port()
+    port = free_port()
     started = time.monotonic()
     with pytest.raises(Unreachable) as err:
         version_behind(f"http://127.0.0.1:{port}", "credit-default")
@@ -134,13 +128,13 @@ def test_the_registry_fails_in_seconds_not_after_mlflows_retries():
 
 
 def test_the_kubernetes_api_fails_in_seconds_naming_the_inferenceservice():
-    from pipelines.training_pipeline import deploy_spec
-    from serving.deploy import plan_model
-    from serving.deployer import InferenceServiceDeployer
+    from deployment.deploy import plan_model
+    from deployment.rollout import InferenceServiceDeployer
+    from pipelines.arguments import deploy_spec
 
     settings = load_settings("prod")
     isvc = plan_model(deploy_spec(settings), "3", model_uri="s3://models/credit-default/3")
-    port = closed_port()
+    port = free_port()
     deployer = InferenceServiceDeployer(settings.namespace, client_configuration=k8s.Configuration(
         host=f"https://127.0.0.1:{port}"), log=lambda _: None)
     started = time.monotonic()
@@ -153,28 +147,28 @@ def test_the_kubernetes_api_fails_in_seconds_naming_the_inferenceservice():
 
 
 def test_no_kubernetes_config_is_one_line(monkeypatch, tmp_path):
-    from serving.deployer import DeployError, kserve_client
+    from gateways.kube_api import KubeApi, NotConfigured
 
     monkeypatch.setenv("KUBECONFIG", str(tmp_path / "missing"))
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
-    with pytest.raises(DeployError, match=r"^no Kubernetes API configured: .*KUBECONFIG"):
-        kserve_client()
+    with pytest.raises(NotConfigured, match=r"^no Kubernetes API configured: .*KUBECONFIG"):
+        KubeApi().connect()
 
 
 @pytest.mark.parametrize("backend", ["pytorchjob", "trainjob"])
 def test_cluster_training_backends_fail_in_seconds(backend):
-    from pipelines.training_pipeline import train_spec
+    from pipelines.arguments import train_spec
     from training.backends.pytorchjob import PyTorchJobBackend
     from training.backends.trainjob import TrainJobBackend
 
     spec = train_spec(load_settings("dev"))
-    configuration = k8s.Configuration(host=f"https://127.0.0.1:{closed_port()}")
+    configuration = k8s.Configuration(host=f"https://127.0.0.1:{free_port()}")
     started = time.monotonic()
     with pytest.raises(Unreachable, match=r"^cannot reach the Kubernetes API at https://127\.0\.0\.1:"):
         if backend == "pytorchjob":
-            PyTorchJobBackend(spec, client_configuration=configuration).client  # noqa: B018 (created on use)
+            PyTorchJobBackend(spec, client_configuration=configuration).kube.connect()  # connected on first use
         else:
-            TrainJobBackend(spec, client_configuration=configuration).api_client  # noqa: B018
+            TrainJobBackend(spec, client_configuration=configuration).kube.connect()
     assert time.monotonic() - started < 5
 
 
@@ -188,7 +182,7 @@ def test_cluster_training_backends_fail_in_seconds(backend):
     ("local", ["serve", "--port", "{port}"], "http://127.0.0.1:{port}", "reading credit-default@champion"),
 ])
 def test_cli_answers_in_one_line_within_seconds(env, args, mlflow, doing_, config_dir, tmp_path):
-    port = closed_port()
+    port = free_port()
     uri = mlflow.format(port=port)
     args = [arg.format(port=port) for arg in args]
     done, elapsed = flywheel([*args, "--env", env], with_servers(config_dir, env, mlflow=uri), tmp_path)
@@ -200,9 +194,9 @@ def test_cli_answers_in_one_line_within_seconds(env, args, mlflow, doing_, confi
 
 
 def test_deploy_dry_run_with_a_model_uri_needs_no_server(config_dir, tmp_path):
-    from serving.inferenceservice import validate_inferenceservice
+    from deployment.inferenceservice import validate_inferenceservice
 
-    port = closed_port()
+    port = free_port()
     with_servers(config_dir, "prod", mlflow=f"http://127.0.0.1:{port}", kfp=f"http://127.0.0.1:{port}")
     done, elapsed = flywheel(["deploy", "--env", "prod", "--dry-run", "--model-uri", "s3://models/x/1",
                               "--version", "1"], config_dir, tmp_path)
@@ -221,7 +215,7 @@ def test_model_uri_goes_with_dry_run_only():
 
 
 def test_schedule_dry_run_offline_prints_what_config_declares(monkeypatch):
-    port = closed_port()
+    port = free_port()
     settings = load_settings("staging", overrides={"kfp": {"host": f"http://127.0.0.1:{port}"},
                                                    "retraining": {"enabled": True, "schedule": "0 4 * * *"}})
     monkeypatch.setattr(cli, "load_settings", lambda env: settings)

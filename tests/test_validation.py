@@ -27,6 +27,7 @@ from stages.validation import (
     validate_frame,
 )
 from storage.tables import write_table
+from tests.support import chromium_screenshot, find_chromium
 
 ROWS = 2000
 
@@ -309,7 +310,7 @@ def test_html_report_names_status_columns_and_sample_rows(clean, suite):
 
 
 def test_html_report_screenshot_is_not_blank(clean, suite, tmp_path):
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    chromium = find_chromium()
     if not chromium:
         pytest.skip("chromium not installed (CI: apt-get install -y chromium); HTML screenshot not checked")
     clean.loc[[3, 7], "age"] = [-5, 240]
@@ -317,11 +318,7 @@ def test_html_report_screenshot_is_not_blank(clean, suite, tmp_path):
     page = tmp_path / "report.html"
     page.write_text(render_html(validate_frame(clean, suite, id_column="customer_id", source="customers.csv")))
     png = tmp_path / "report.png"
-    subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                    f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={png}", "--window-size=1200,900",
-                    page.as_uri()], check=True, capture_output=True, timeout=60,
-                   env={**os.environ, "HOME": str(tmp_path), "XDG_CACHE_HOME": str(tmp_path / "cache")})
+    chromium_screenshot(chromium, page, png, tmp_path, size=(1200, 900))
     from PIL import Image
 
     image = Image.open(png).convert("RGB")
@@ -354,7 +351,7 @@ def _validate_pipeline():
 
 
 def test_component_passes_clean_data_with_metrics_and_lineage(run_pipeline, small_settings, suite):
-    from pipelines.training_pipeline import arguments
+    from pipelines.arguments import training_arguments as arguments
 
     run = run_pipeline(_validate_pipeline(), dataset_spec=arguments(small_settings)["dataset_spec"], suite=suite)
     result, report = run.artifact("validate-op", "result"), run.artifact("validate-op", "report")
@@ -371,7 +368,7 @@ def test_component_passes_clean_data_with_metrics_and_lineage(run_pipeline, smal
 
 
 def test_component_writes_reports_then_fails_on_blocking_expectation(kfp_local, small_settings, suite, clean, tmp_path):
-    from pipelines.training_pipeline import arguments
+    from pipelines.arguments import training_arguments as arguments
 
     clean.loc[[3, 7], "age"] = [-5, 240]
     source = write_table(clean, tmp_path / "customers.csv")

@@ -1,4 +1,4 @@
-"""A registry with one small pipeline, same contract as `pipelines.registry`.
+"""A registry with one small pipeline, same contract as `pipelines.catalog`.
 
 It lets the submit/schedule tests compile in milliseconds while still sending every kind of
 root parameter the real pipelines use (int, float, string, bool, STRUCT, an optional one).

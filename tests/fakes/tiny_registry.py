@@ -1,5 +1,5 @@
 """A registry with the tiny training pipeline and a tiny monitoring pipeline, same contract as
-`pipelines.registry`, for the tests that schedule both recurring runs (`flywheel schedule`).
+`pipelines.catalog`, for the tests that schedule both recurring runs (`flywheel schedule`).
 (No `from __future__ import annotations` here: KFP reads the real annotation types.)"""
 from pathlib import Path
 
@@ -56,7 +56,7 @@ def build_training_with_defaults(settings):
 
 
 class WithDefaults:
-    """A registry whose training pipeline carries its defaults (same contract as `pipelines.registry`)."""
+    """A registry whose training pipeline carries its defaults (same contract as `pipelines.catalog`)."""
 
     PIPELINES = {"training": build_training_with_defaults}
     pipeline_arguments = staticmethod(tiny_pipeline.pipeline_arguments)

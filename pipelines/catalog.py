@@ -1,14 +1,19 @@
-"""Every pipeline Flywheel ships, and what `compile`, `check` and `submit` do with them."""
+"""Every pipeline Flywheel ships, and what `compile`, `check` and `publish` do with them: build one
+for an env, its arguments (`pipelines.arguments`), compile it, check config against its signature."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
 from pipelines import monitoring_pipeline, training_pipeline
+from pipelines.arguments import monitoring_arguments, training_arguments
 from pipelines.config import ConfigError, Settings, column_problems, environments, load_settings
 
 PIPELINES: dict[str, ModuleType] = {training_pipeline.NAME: training_pipeline,
                                     monitoring_pipeline.NAME: monitoring_pipeline}
+ARGUMENTS: dict[str, Callable[[Settings], dict]] = {training_pipeline.NAME: training_arguments,
+                                                    monitoring_pipeline.NAME: monitoring_arguments}
 
 
 def get(name: str) -> ModuleType:
@@ -19,7 +24,8 @@ def get(name: str) -> ModuleType:
 
 
 def pipeline_arguments(settings: Settings, name: str) -> dict:
-    return get(name).arguments(settings)
+    get(name)  # an unknown name fails with the known ones
+    return ARGUMENTS[name](settings)
 
 
 def compile_pipeline(settings: Settings, name: str, out_dir: Path) -> Path:
