@@ -195,6 +195,9 @@ def render(spec: ServingSpec, *, image: str, namespace: str, env: str, model: Se
     model_args = ["--model_name", model.name, "--model_dir", model.uri, "--model_version", model.version,
                   "--max_batch_rows", str(spec.max_batch_rows), "--max_body_bytes", str(spec.max_body_bytes)]
     labels_at = ["--decision_threshold", f"{decision_threshold:g}"]  # the transformer turns probabilities into labels
+    # The servers bind loopback unless told (serving/server.py); in a pod the kubelet's probes and the
+    # queue-proxy come from outside the container, so say it here rather than trust the image's env.
+    reachable = ["--host", "0.0.0.0"]
 
     if spec.transformer == "collocated":
         predictor_port = COLLOCATED_GRPC_PORT if hop == "grpc-v2" else COLLOCATED_HTTP_PORT
@@ -205,12 +208,14 @@ def render(spec: ServingSpec, *, image: str, namespace: str, env: str, model: Se
         # (--enable_predictor_health_check); a Deployment (Standard) probes both.
         predictor_container = _container(
             PREDICTOR_CONTAINER, "serving.predictor",
-            [*model_args, "--http_port", str(COLLOCATED_HTTP_PORT), "--grpc_port", str(COLLOCATED_GRPC_PORT)],
+            # Under Knative nothing outside the pod reaches the collocated predictor: loopback only.
+            [*model_args, "--host", "127.0.0.1" if knative else "0.0.0.0",
+             "--http_port", str(COLLOCATED_HTTP_PORT), "--grpc_port", str(COLLOCATED_GRPC_PORT)],
             http_port=COLLOCATED_HTTP_PORT, ports=None, probes=not knative, **common)
         transformer_container = _container(
             TRANSFORMER_CONTAINER, "serving.transformer",
             [*model_args, "--predictor_host", f"127.0.0.1:{predictor_port}", "--predictor_protocol", hop,
-             "--enable_predictor_health_check", *labels_at, "--http_port", str(HTTP_PORT),
+             "--enable_predictor_health_check", *labels_at, *reachable, "--http_port", str(HTTP_PORT),
              "--grpc_port", str(GRPC_PORT)],
             http_port=HTTP_PORT, ports=[k8s.V1ContainerPort(name="http1", container_port=HTTP_PORT, protocol="TCP")],
             **common)
@@ -226,7 +231,8 @@ def render(spec: ServingSpec, *, image: str, namespace: str, env: str, model: Se
                 else k8s.V1ContainerPort(name="http1", container_port=HTTP_PORT, protocol="TCP"))
         predictor = V1beta1PredictorSpec(
             containers=[_container(PREDICTOR_CONTAINER, "serving.predictor",
-                                   [*model_args, "--http_port", str(HTTP_PORT), "--grpc_port", str(GRPC_PORT)],
+                                   [*model_args, *reachable, "--http_port", str(HTTP_PORT),
+                                    "--grpc_port", str(GRPC_PORT)],
                                    http_port=HTTP_PORT, ports=[port], **common)],
             canary_traffic_percent=canary_percent, annotations=_pod_annotations(HTTP_PORT),
             security_context=hardening.pod_security(knative_subset=True), volumes=_volumes(), **_scaling(spec))
@@ -234,7 +240,8 @@ def render(spec: ServingSpec, *, image: str, namespace: str, env: str, model: Se
         transformer = V1beta1TransformerSpec(
             containers=[_container(PREDICTOR_CONTAINER, "serving.transformer",
                                    [*model_args, "--predictor_host", predictor_host, "--predictor_protocol", hop,
-                                    *labels_at, "--http_port", str(HTTP_PORT), "--grpc_port", str(GRPC_PORT)],
+                                    *labels_at, *reachable, "--http_port", str(HTTP_PORT),
+                                    "--grpc_port", str(GRPC_PORT)],
                                    http_port=HTTP_PORT,
                                    ports=[k8s.V1ContainerPort(name="http1", container_port=HTTP_PORT, protocol="TCP")],
                                    **common)],

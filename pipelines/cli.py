@@ -21,7 +21,7 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # downlo
 from pipelines.config import ConfigError, environments, load_settings
 
 
-class _Commands(typer.core.TyperGroup):
+class Commands(typer.core.TyperGroup):
     """Every command: a server that cannot be reached (MLflow, KFP, the Kubernetes API) is one
     line, `error: cannot reach MLflow at URL (what for): why`, and exit 1, never a traceback."""
 
@@ -32,11 +32,17 @@ class _Commands(typer.core.TyperGroup):
             return super().invoke(ctx)
         except Unreachable as err:
             fail(str(err))
+        except Exception as err:
+            # The object store through s3fs/botocore: a refused endpoint or missing credentials are
+            # botocore errors (not OSError); botocore's text names the endpoint URL.
+            if type(err).__module__.split(".")[0] not in ("botocore", "aiobotocore"):
+                raise
+            fail(f"object store: {' '.join(str(err).split())}")
 
 
 # rich_markup_mode=None: typer 0.29's rich help panel prints every flag's type (`<bool>`, also
 # for --help), its plain formatter leaves flags bare (typer/core.py, TyperOption.get_help_record).
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n\n")[0], cls=_Commands,
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n\n")[0], cls=Commands,
                   context_settings={"help_option_names": ["-h", "--help"]}, rich_markup_mode=None)
 
 EnvOption = typer.Option("local", "--env", "-e", help=f"Environment (config/<env>.yaml): {', '.join(environments())}")
@@ -320,6 +326,10 @@ def serve(
     except KeyboardInterrupt:
         typer.echo("stopping")
     finally:
+        # A second Ctrl-C or SIGTERM must not abort the stop: the children run in their own sessions
+        # and would be left holding the ports, the sink unflushed.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         follower.stop()
 
 
@@ -382,7 +392,8 @@ def rollback(
 @app.command()
 def monitor(
     env: str = EnvOption,
-    window: Optional[int] = typer.Option(None, "--window", help="rows to check, the newest (monitoring.window_rows)"),
+    window: Optional[int] = typer.Option(None, "--window", min=1,
+                                         help="rows to check, the newest (monitoring.window_rows)"),
     trigger: bool = typer.Option(False, "--trigger", help="start retraining (guarded) when the decision says so"),
 ) -> None:
     """Check ENV's logged traffic against the champion's training profile: drift, quality, decision."""

@@ -201,11 +201,11 @@ def environments(config_dir: Path | str | None = None) -> list[str]:
     return sorted(p.stem for p in config_dir.glob("*.yaml") if p.name != BASE_FILE)
 
 
-# Defaults that belong to the generated reference task (stages.dataset.ReferenceTask): its slice
-# column, its hand-written suite and its names. A file dataset gets none of them.
+# Defaults that belong to the generated reference task (stages.dataset.ReferenceTask): its id and
+# slice columns, its hand-written suite and its names. A file dataset gets none of them.
 REFERENCE_NAME = "credit-default"
 REFERENCE_DEFAULTS = {"evaluation": {"slice_column": "employment"},
-                      "dataset": {"expectation_suite": "credit_default"}}
+                      "dataset": {"expectation_suite": "credit_default", "id_column": "customer_id"}}
 
 
 def dataset_name(uri: str) -> str:
@@ -218,14 +218,15 @@ def dataset_name(uri: str) -> str:
 
 
 def task_defaults(merged: dict, env: str) -> dict:
-    """The defaults that depend on which task the env trains: the reference task's slice column,
-    suite and names, or, for a file dataset, no slice, a suite derived from the features and names
-    derived from the file. Merged under the config, so a value any file sets still wins."""
+    """The defaults that depend on which task the env trains: the reference task's id and slice
+    columns, suite and names, or, for a file dataset, no id column (rows split by content), no
+    slice, a suite derived from the features and names derived from the file. Merged under the
+    config, so a value any file sets still wins."""
     dataset = merged.get("dataset") if isinstance(merged.get("dataset"), dict) else {}
     uri = dataset.get("uri")
     if dataset.get("source") == "file" and isinstance(uri, str) and uri:
         name = dataset_name(uri)
-        task: dict = {"evaluation": {"slice_column": None}, "dataset": {"expectation_suite": None}}
+        task: dict = {"evaluation": {"slice_column": None}, "dataset": {"expectation_suite": None, "id_column": None}}
     else:
         name, task = REFERENCE_NAME, REFERENCE_DEFAULTS
     return deep_merge(task, {"mlflow": {"experiment": name, "registered_model": name},

@@ -77,12 +77,18 @@ class Follower:
             self._tmp = self._stack.enter_context(tempfile.TemporaryDirectory(prefix="flywheel-serve-"))
             version, model_dir = local_champion(self.settings, str(Path(self._tmp) / "v-first"))
             if self.want_sink and not self.settings.serving.payload_logging.url:
+                import yaml
+
+                from pipelines.arguments import monitor_config
                 from pipelines.loop import MonitorService
 
                 SERVE_DIR.mkdir(parents=True, exist_ok=True)
+                # The env's sink settings (buffer, flushes) through the same rendered file a cluster uses.
+                config = SERVE_DIR / f"monitor-{self.settings.env}.yaml"
+                config.write_text(yaml.safe_dump(monitor_config(self.settings), sort_keys=False))
                 # MonitorService only str()s its root: a storage URI passes through unchanged.
                 root = self.settings.monitoring.sink.root
-                self.sink = self._stack.enter_context(MonitorService(root, SERVE_DIR / "monitor.log"))
+                self.sink = self._stack.enter_context(MonitorService(root, SERVE_DIR / "monitor.log", config))
                 self.settings = with_payload_sink(self.settings, self.sink.url)
             self.pairs.append((version, self._start_pair(version, model_dir)))
             self.front = Front(self.host, {"transformer_http": self.port, "transformer_grpc": free_port()})
@@ -134,10 +140,11 @@ class Follower:
         from mlflow.exceptions import MlflowException
 
         from stages.versions import CHAMPION, version_behind
+        from storage.endpoints import Unreachable
 
         try:
             wanted = version_behind(self.settings.mlflow.tracking_uri, self.name, CHAMPION)
-        except (MlflowException, OSError) as err:
+        except (MlflowException, OSError, Unreachable) as err:  # a registry blip never stops serving
             self.echo(f"warning: cannot read the champion alias ({str(err).splitlines()[0][:200]}); "
                       f"still serving v{self.version}")
             return
@@ -152,15 +159,14 @@ class Follower:
 
         from deployment.local import ServingFailed
         from stages.versions import download_model_dir
+        from storage.endpoints import Unreachable
 
         self.echo(f"champion alias moved to v{version}: starting it beside v{self.version}")
         try:
             model_dir = download_model_dir(self.settings.mlflow.tracking_uri, self.name, version,
                                            str(Path(self._tmp) / f"v{version}-{time.monotonic_ns()}"))
             self.pairs.append((version, self._start_pair(version, model_dir)))
-        except (ServingFailed, MlflowException, OSError, ValueError) as err:
-            if self.pairs[-1][0] == version and len(self.pairs) > 1:
-                self.pairs.pop()[1].stop()
+        except (ServingFailed, MlflowException, OSError, ValueError, Unreachable) as err:
             self.failed = {"version": version, "error": f"v{version} did not start: {str(err)[:300]}"}
             self._write_state()
             self.echo(f"error: {self.failed['error']}; still serving v{self.version}")

@@ -60,16 +60,18 @@ def _free_port() -> int:
 
 
 class MonitorService:
-    """`python -m monitoring.service` on a loopback port, for the length of a `with` block."""
+    """`python -m monitoring.service` on a loopback port, for the length of a `with` block: with the
+    env's rendered config file (`config`: its sink settings), or the demo's quick flushes."""
 
-    def __init__(self, root: Path, log: Path):
-        self.root, self.log, self.port = root, log, _free_port()
+    def __init__(self, root: Path, log: Path, config: Path | None = None):
+        self.root, self.log, self.config, self.port = root, log, config, _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
 
     def __enter__(self) -> MonitorService:
         with open(self.log, "ab") as log:
+            settings = ["--config", str(self.config)] if self.config else ["--flush-seconds", "0.5"]
             self.proc = subprocess.Popen([sys.executable, "-m", "monitoring.service", "--root", str(self.root),
-                                          "--host", "127.0.0.1", "--port", str(self.port), "--flush-seconds", "0.5",
+                                          "--host", "127.0.0.1", "--port", str(self.port), *settings,
                                           "--log-level", "warning"], stdout=log, stderr=subprocess.STDOUT,
                                          env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
         deadline = time.monotonic() + 60

@@ -65,6 +65,12 @@ def test_a_file_dataset_gets_defaults_that_fit_it_and_explicit_values_still_win(
     local = load_settings("local", config_dir)
     assert (local.evaluation.slice_column, local.dataset.expectation_suite) == ("employment", "credit_default")
     assert (local.mlflow.registered_model, local.kfp.experiment) == ("credit-default", "credit-default-local")
+    assert local.dataset.id_column == "customer_id"
+    # And a file env that names no id column gets none (not the reference task's customer_id)
+    written = yaml.safe_load((config_dir / "churn.yaml").read_text())
+    del written["dataset"]["id_column"]
+    (config_dir / "churn.yaml").write_text(yaml.safe_dump(written))
+    assert load_settings(env, config_dir).dataset.id_column is None
     # And a value config sets wins over the derived default
     byod_env(config_dir, data, tmp_path, evaluation={"slice_column": "plan"},
              mlflow={"registered_model": "churn-model"}, kfp={"experiment": "churn-exp"})

@@ -287,3 +287,17 @@ def test_a_separate_transformer_beside_a_collocated_one_is_rejected():
     with pytest.raises(InferenceServiceInvalid, match="spec.predictor.containers: a collocated 'transformer-container' "
                                                       "and spec.transformer both transform"):
         validate_inferenceservice(obj)
+
+
+@pytest.mark.parametrize("env", CLUSTER_ENVS)
+def test_every_pod_server_says_where_it_binds_whatever_the_image_sets(env):
+    # The servers bind loopback unless told (serving/server.py); a pod's probes and queue-proxy come
+    # from outside the container, so the rendered args say it, not only the image's environment.
+    obj = rendered(env)
+    knative = obj["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "Knative"
+    for component in ("predictor", "transformer"):
+        for container in obj["spec"].get(component, {}).get("containers", []):
+            collocated_predictor = component == "predictor" and len(containers(obj, "predictor")) == 2 \
+                and container is containers(obj, "predictor")[0]
+            expected = "127.0.0.1" if collocated_predictor and knative else "0.0.0.0"
+            assert arg(container, "--host") == expected, (component, container["name"])

@@ -233,3 +233,25 @@ def test_schedule_dry_run_offline_prints_what_config_declares(monkeypatch):
     assert applied.exit_code == 1
     (line,) = applied.stderr.strip().splitlines()
     assert line.startswith(f"error: cannot reach KFP at http://127.0.0.1:{port}")
+
+
+def test_an_object_store_error_is_one_line_not_a_traceback(tmp_path):
+    # s3fs raises botocore's errors (not OSError) for a refused endpoint or missing credentials
+    import typer
+    from botocore.exceptions import EndpointConnectionError
+
+    app = typer.Typer(cls=cli.Commands)
+
+    @app.command()
+    def read() -> None:
+        raise EndpointConnectionError(endpoint_url="http://127.0.0.1:9/bucket/windows")
+
+    @app.command()
+    def other() -> None:
+        raise KeyError("not ours to hide")
+
+    result = CliRunner().invoke(app, ["read"])
+    assert result.exit_code == 1
+    assert result.stderr.strip().splitlines() == [
+        'error: object store: Could not connect to the endpoint URL: "http://127.0.0.1:9/bucket/windows"']
+    assert isinstance(CliRunner().invoke(app, ["other"]).exception, KeyError)
