@@ -121,6 +121,7 @@ class KubeApi:
 
     @property
     def connected(self) -> bool:
+        """Whether anything was read or reached yet (a dry run never is)."""
         return self._api_client is not None
 
     def connect(self) -> k8s.ApiClient:
@@ -161,19 +162,9 @@ class KubeApi:
         return self._call(f"patch {kind.kind} {namespace}/{name}", lambda a: k8s.CustomObjectsApi(
             a).patch_namespaced_custom_object, kind.group, kind.version, namespace, kind.plural, name, body)
 
-    def replace(self, kind: Resource, namespace: str, name: str, body: dict) -> dict:
-        return self._call(f"replace {kind.kind} {namespace}/{name}", lambda a: k8s.CustomObjectsApi(
-            a).replace_namespaced_custom_object, kind.group, kind.version, namespace, kind.plural, name, body)
-
     def delete(self, kind: Resource, namespace: str, name: str) -> None:
         self._call(f"delete {kind.kind} {namespace}/{name}", lambda a: k8s.CustomObjectsApi(
             a).delete_namespaced_custom_object, kind.group, kind.version, namespace, kind.plural, name)
-
-    def list(self, kind: Resource, namespace: str, label_selector: str | None = None) -> list[dict]:
-        found = self._call(f"list {kind.kind} in {namespace}", lambda a: k8s.CustomObjectsApi(
-            a).list_namespaced_custom_object, kind.group, kind.version, namespace, kind.plural,
-            **({"label_selector": label_selector} if label_selector else {}))
-        return list(found.get("items") or [])
 
     def wait_for(self, kind: Resource, namespace: str, name: str, done: Callable[[dict], bool], *, timeout: float,
                  poll: float, on_poll: Callable[[dict], None] | None = None) -> dict:

@@ -59,10 +59,6 @@ def window_file(root: str, model_version: str | None, when: datetime) -> str:
     return storage.join(partition(root, model_version, when), f"{uuid.uuid4().hex}.parquet")
 
 
-def schema_columns(features: list[str]) -> list[str]:
-    return [*features, *SINK_COLUMNS]
-
-
 def _utc(when) -> datetime:
     when = pd.Timestamp(when).to_pydatetime()
     return when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)

@@ -24,13 +24,13 @@ K8S_VERSIONS = ("1.31.0", "1.37.0")
 CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition",
                   "PriorityClass", "StorageClass", "PersistentVolume", "ValidatingWebhookConfiguration",
                   "MutatingWebhookConfiguration"}
-# What training/backends/pytorchjob.py's PyTorchJobBackend does through kubeflow.training.TrainingClient,
-# and training/backends/trainjob.py's TrainJobBackend through kubernetes.client.
+# What the training backends (training/backends/) and the deployer (deployment/rollout.py) do
+# through gateways/kube_api.py.
 LAUNCHER_NEEDS = {("kubeflow.org", "pytorchjobs"): {"create", "get", "list", "watch", "delete"},
                   ("trainer.kubeflow.org", "trainjobs"): {"create", "get", "list", "watch", "delete"},
                   ("serving.kserve.io", "inferenceservices"): {"create", "get", "patch"},
                   ("apps", "deployments"): {"get"},
-                  ("", "pods"): {"get", "list"}, ("", "pods/log"): {"get"}, ("", "events"): {"list"}}
+                  ("", "pods"): {"get", "list"}, ("", "pods/log"): {"get"}}
 SECRET_KEY = re.compile(r"(password|passwd|token|secret|access[_-]?key|credential|private[_-]?key)", re.I)
 SECRET_VALUE = re.compile(r"(AKIA[0-9A-Z]{16}|-----BEGIN [A-Z ]*PRIVATE KEY-----|eyJ[A-Za-z0-9_-]{20,}\.)")
 

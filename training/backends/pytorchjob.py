@@ -77,7 +77,7 @@ def _pod_template(spec: TrainSpec, image: str, args: list[str], env: dict[str, s
 
 def pytorchjob_model(spec: TrainSpec, job_name: str, args: list[str], env: dict[str, str] | None = None,
                      annotations: dict[str, str] | None = None):
-    """The job as a `KubeflowOrgV1PyTorchJob` (what `TrainingClient.create_job` accepts)."""
+    """The job as a `KubeflowOrgV1PyTorchJob` (kubeflow-training's model of the CRD)."""
     from kubeflow.training import models
 
     if args and not str(args[0]).startswith("-"):
