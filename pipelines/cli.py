@@ -223,7 +223,7 @@ def run(
             for step, what in steps:
                 table.add_row(f"[bold]{step}[/bold]", what)
             console.print(table)
-        typer.echo(f"make run: {time.perf_counter() - started:.0f} s")
+        typer.echo(f"flywheel run --env {env}: {time.perf_counter() - started:.0f} s")
     except RuntimeError as err:
         fail(str(err))
 

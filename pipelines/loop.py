@@ -59,6 +59,12 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _brief(reasons: list[str]) -> str:
+    """The decision's first reason whole (never cut mid-word); the rest are in the drift report."""
+    more = f" (+{len(reasons) - 1} more in the drift report)" if len(reasons) > 1 else ""
+    return (reasons[0] if reasons else "no reason given") + more
+
+
 class MonitorService:
     """`python -m monitoring.service` on a loopback port, for the length of a `with` block: with the
     env's rendered config file (`config`: its sink settings), or the demo's quick flushes."""
@@ -157,7 +163,7 @@ def turn(settings: Settings, console, rows_per_window: int | None = None) -> lis
                 steps.append((f"window {number}: {phase}",
                               f"{len(window):,} rows through the transformer; drifted: {', '.join(drifted) or 'none'}; "
                               f"prediction PSI {result.report.prediction_psi:.3f}; "
-                              f"{'RETRAIN' if result.retrain else 'hold'}: {'; '.join(result.reasons)[:160]}"))
+                              f"{'RETRAIN' if result.retrain else 'hold'}: {_brief(result.reasons)}"))
         console.print(drift_table(result.report, f"window {len(PHASES)} vs the champion's training profile"))
         steps.append(("drift reports", str(work / f"report-{len(PHASES)}.html")))
         if not result.retrain:

@@ -1,6 +1,6 @@
 """The cluster half of training: the PyTorchJob we render per environment holds to the official
 CRD schema and our rules, and the backend drives a job's life through the Kubernetes gateway
-(the calls TrainingClient makes) against a fake API server that holds requests to the same schema."""
+(the REST calls kubeflow-training's TrainingClient would make) against a fake API server that holds requests to the same schema."""
 import copy
 import json
 import os
@@ -19,7 +19,10 @@ from gateways.kube_api import KubeApi
 from pipelines.arguments import train_spec
 from pipelines.config import load_settings
 from specs import TrainSpec
-from tests.fakes.k8s_api import JobScript, crd_schema, fake_k8s, unknown_fields  # noqa: F401 (fixture)
+from tests.fakes.kube_api_server import fake_k8s  # noqa: F401 (fixture)
+from tests.fakes.kube_core import unknown_fields
+from tests.fakes.kube_operators import JobScript
+from tests.fakes.kube_pytorchjobs import crd_schema
 from training.backends import TrainingJob
 from training.backends.cluster import TrainingJobFailed, TrainingJobInvalid
 from training.backends.pytorchjob import PyTorchJobBackend, build_pytorchjob, validate_pytorchjob

@@ -1,8 +1,8 @@
 """The cluster path of the train and tuning components, end to end short of a cluster.
 
 `components.train.train_op` and `components.tune.trial_op` run with the pytorchjob backend, unpatched
-except for where the backend finds its API server: the real TrainingClient talks to the fake
-Kubernetes API (tests/fakes/k8s_api.py, which holds every job to the CRD schema), and the object
+except for where the backend finds its API server: the Kubernetes gateway talks to the fake
+Kubernetes API (tests/fakes/kube_api_server.py, which holds every job to the CRD schema), and the object
 store is a real S3 API server on loopback (moto), reached the way pods and pipeline tasks reach
 MinIO (AWS_ENDPOINT_URL and the AWS_* keys of the object-store Secret).
 
@@ -37,7 +37,8 @@ from pipelines.arguments import train_spec as env_train_spec
 from pipelines.arguments import training_arguments as arguments
 from pipelines.config import load_settings
 from stages.dataset import ReferenceTask
-from tests.fakes.k8s_api import JobScript, fake_k8s  # noqa: F401 (fixture)
+from tests.fakes.kube_api_server import fake_k8s  # noqa: F401 (fixture)
+from tests.fakes.kube_operators import JobScript
 from tests.test_storage_s3 import CREDENTIALS, bucket, keys, s3_endpoint, s3_env  # noqa: F401 (fixtures)
 from training.backends.base import JOB_NAME_MAX, job_name
 from training.backends.cluster import TrainingJobFailed

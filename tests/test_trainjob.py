@@ -15,7 +15,8 @@ from typer.testing import CliRunner
 from crds.hardening import RUN_AS_UID
 from pipelines.arguments import train_spec
 from pipelines.config import environments, load_settings
-from tests.fakes.k8s_api import JobScript, fake_k8s  # noqa: F401 (fixture)
+from tests.fakes.kube_api_server import fake_k8s  # noqa: F401 (fixture)
+from tests.fakes.kube_operators import JobScript
 from tests.test_storage_s3 import CREDENTIALS, s3_endpoint, s3_env  # noqa: F401 (fixtures)
 from training.backends import TrainingJob, backend_for
 from training.backends.cluster import TrainingJobFailed, TrainingJobInvalid
