@@ -148,7 +148,7 @@ def train_model(directory: Path):
     from stages.dataset import ReferenceTask
     from storage.tables import write_table
     from training import train as entry
-    from training.backends.base import entry_spec
+    from training.backends.jobs import entry_spec
 
     frame = ReferenceTask(rows=2000, seed=3).generate()
     data = write_table(frame, directory / "train.parquet")

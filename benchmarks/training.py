@@ -41,7 +41,7 @@ from pipelines.config import load_settings  # noqa: E402
 from stages.dataset import ReferenceTask  # noqa: E402
 from storage.tables import write_table  # noqa: E402
 from training import train as entry  # noqa: E402
-from training.backends.base import entry_args, entry_spec  # noqa: E402
+from training.backends.jobs import entry_args, entry_spec  # noqa: E402
 from training.backends.torchrun import torchrun_command  # noqa: E402
 from training.pods import TORCHRUN_ENV  # noqa: E402
 

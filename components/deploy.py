@@ -19,7 +19,7 @@ def deploy_op(model: Input[Model], test_data: Input[Dataset], version: str, depl
     """
     import json
 
-    from deployment.deploy import deploy_model
+    from deployment.deployers import deploy_model
     from model.artifact import feature_columns, read_metadata
     from specs import DeploySpec
     from stages.registry import input_example

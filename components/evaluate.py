@@ -1,5 +1,5 @@
 """KFP components for evaluation, the champion/challenger gate and registration: thin wrappers
-over `stages.metrics`, `stages.gate`, `stages.report` and `stages.registry`. No `from __future__
+over `stages.metrics`, `stages.gate`, `stages.evaluation_report` and `stages.registry`. No `from __future__
 import annotations` here: KFP reads these annotations at build time."""
 from typing import NamedTuple
 
@@ -36,7 +36,7 @@ def evaluate_op(
     from collections import namedtuple
 
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    from components.base import named_file
+    from components.factory import named_file
     from model.loader import load_model
     from specs import DatasetSpec, EvaluationSpec, TrackingSpec
     from stages.evaluation import evaluate_and_log
@@ -91,12 +91,12 @@ def gate_op(
     import os
 
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    from components.base import named_file
+    from components.factory import named_file
     from model.loader import load_model
     from specs import EvaluationSpec
+    from stages.evaluation_report import render_report
     from stages.gate import challenge
     from stages.registry import load_champion
-    from stages.report import render_report
     from storage.tables import content_hash, read_table
 
     frame = read_table(test_data.path)

@@ -1,5 +1,5 @@
 """KFP components of the monitoring pipeline: thin wrappers over `monitoring.windows`,
-`monitoring.check` (drift_op: `assess`; decide_op: `conclude`), `monitoring.report` and
+`monitoring.check` (drift_op: `assess`; decide_op: `conclude`), `monitoring.drift_report` and
 `monitoring.trigger`.
 
     champion -> window -> drift (metrics, HTML report) -> decide -> [retrain] trigger
@@ -27,7 +27,7 @@ def champion_op(tracking: dict, champion: Output[Artifact]) -> str:
 
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     from model.artifact import read_metadata
-    from monitoring.profile import load_profile
+    from monitoring.reference_profile import load_profile
     from stages.versions import CHAMPION, download_model_dir, version_behind
 
     version = version_behind(tracking["tracking_uri"], tracking["registered_model"], CHAMPION)
@@ -101,9 +101,9 @@ def drift_op(
 
     import pandas as pd
 
-    from components.base import named_file
+    from components.factory import named_file
     from monitoring.check import Reference, assess, report_dict
-    from monitoring.report import render_report
+    from monitoring.drift_report import render_report
     from specs import DatasetSpec, MonitoringSpec
 
     spec = MonitoringSpec.model_validate(monitoring_spec)

@@ -29,7 +29,7 @@ def validate_op(
     import os
 
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
-    from components.base import named_file
+    from components.factory import named_file
     from stages.validation import ValidationFailed, render_html, validate_file
     from storage.tables import file_hash
 

@@ -373,6 +373,13 @@ class Registry:
         with mlflow_at(self.tracking_uri) as mlflow:
             return mlflow.pyfunc.load_model(f"models:/{self.name}/{version}")
 
+    def input_example(self, version: str):
+        """The input example logged with the version (a DataFrame for a pyfunc logged with one), or
+        None; only MLmodel and the example file are downloaded (mlflow.models.Model.load_input_example)."""
+        uri = f"models:/{self.name}/{version}"
+        with mlflow_at(self.tracking_uri) as mlflow:
+            return mlflow.models.Model.load(uri).load_input_example(uri)
+
 
 def download(tracking_uri: str, artifact_uri: str, dst: str) -> str:
     """Artifacts at `artifact_uri` (a run's, a model version's) downloaded under `dst`; the local path."""

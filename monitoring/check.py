@@ -208,7 +208,7 @@ class Reference:
     def from_model_dir(cls, model_dir: str, model_version: str) -> Reference:
         """The reference saved in a model directory (ValueError: a model saved without a profile)."""
         from model.artifact import read_metadata
-        from monitoring.profile import load_profile
+        from monitoring.reference_profile import load_profile
 
         profile, metadata = load_profile(model_dir), read_metadata(model_dir)
         return cls(str(model_version), profile, metadata.get("labels"), metadata.get("features"))
@@ -291,7 +291,7 @@ def run_check(window: pd.DataFrame, profile: dict, spec: MonitoringSpec, feature
     decision, history = conclude(checked.entry, spec, model_version=model_version, root=root, env=env)
     html = None
     if render:
-        from monitoring.report import render_report
+        from monitoring.drift_report import render_report
 
         html = render_report(checked.report, profile)
     return CheckResult(checked.report, checked.entry, decision.retrain, decision.reasons, history,

@@ -15,7 +15,7 @@ Endpoints (errors are `{"error": message}`):
 * `POST /ground_truth`: `[{"request_id", "truth"[, "instance"]}, ...]` (or `{"rows": [...]}`),
   written as one file under `<root>/ground_truth/` (202); dropping Parquet files there works too.
 * `POST /drift`: `{"model_version": v, "metrics": {name: number}}` from the monitoring check;
-  sets the drift gauges (`monitoring.metrics.set_drift_gauges`) so Prometheus sees the latest check.
+  sets the drift gauges (`monitoring.sink_metrics.set_drift_gauges`) so Prometheus sees the latest check.
 * `POST /alerts`: an Alertmanager webhook (payload version 4). Firing alerts labelled
   `flywheel_action="retrain"` are handed to the trigger the app was made with, as the same payload
   holding only those alerts (`monitoring.alerts`); the trigger's decision comes back in a 202.
@@ -50,8 +50,8 @@ from starlette.routing import Route
 from monitoring import windows
 from monitoring.alerts import RETRAIN_LABEL, RETRAIN_VALUE, alert_problems, alert_trigger, retrain_alerts
 from monitoring.events import loads
-from monitoring.metrics import DRIFT_REGISTRY, set_drift_gauges
 from monitoring.sink import PayloadSink
+from monitoring.sink_metrics import DRIFT_REGISTRY, set_drift_gauges
 from specs.monitoring import MonitoringSpec, SinkSpec
 
 log = logging.getLogger("flywheel.monitoring")

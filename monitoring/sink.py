@@ -50,8 +50,8 @@ from datetime import UTC, datetime
 import storage
 from monitoring import pending, windows
 from monitoring.events import ACCEPTED, BUSY, KINDS, EventError, Half, Outcome, parse_event
-from monitoring.metrics import SinkMetrics
 from monitoring.rows import Pair, encode, partitions
+from monitoring.sink_metrics import SinkMetrics
 from specs.monitoring import SinkSpec
 
 log = logging.getLogger("flywheel.monitoring")

@@ -53,7 +53,7 @@ def compile_components(settings: Settings, out_dir: Path) -> dict[str, Path]:
     from kfp import compiler
 
     from components import ops
-    from components.base import component
+    from components.factory import component
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

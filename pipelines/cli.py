@@ -208,7 +208,7 @@ def run(
     from rich.console import Console
     from rich.table import Table
 
-    from pipelines.local import run_local
+    from pipelines.local_runner import run_local
 
     started = time.perf_counter()
     try:
@@ -359,7 +359,7 @@ def deploy(
             typer.echo(yaml.safe_dump(plan_champion(settings), sort_keys=False), nl=False)
             return
         if dry_run:
-            from deployment.deploy import UNVERSIONED, plan_model
+            from deployment.deployers import UNVERSIONED, plan_model
             from pipelines.arguments import deploy_spec
 
             isvc = plan_model(deploy_spec(settings), version or UNVERSIONED, settings.mlflow.tracking_uri,
@@ -404,8 +404,8 @@ def monitor(
 
     from monitoring.check import Reference
     from monitoring.windows import read_window
-    from pipelines.monitor import check_traffic, drift_table
     from pipelines.serving import local_champion
+    from pipelines.traffic_check import check_traffic, drift_table
 
     settings = settings_or_exit(env)
     spec = settings.monitoring

@@ -6,8 +6,9 @@ registry's `champion` alias, with its payload events logged to a monitor sink.
 
 Every `poll_seconds` the alias is read; when it moved (a rollback, a promotion, a new champion
 from training), version M is downloaded and its pair started on free ports and ready-checked beside
-N; then the front sends new connections to M and N is stopped (it drains what it has in flight),
-so no request fails during the swap. A pair that does not start leaves N serving.
+N; then the front sends new REST requests (also on a keep-alive connection opened before) and new
+gRPC connections to M, waits for the REST requests N has in flight, and stops N (it drains the
+rest), so no request fails during the swap. A pair that does not start leaves N serving.
 
 When the env logs no payloads (`serving.payload_logging.url` null), the monitor service
 (`python -m monitoring.service`) runs beside it on a free loopback port and writes its windows to
@@ -66,7 +67,7 @@ class Follower:
     def start(self) -> Follower:
         """The port checked, the champion found, the sink, the champion's pair, then the front on the
         fixed ports; all stopped again on failure (RuntimeError, LookupError: no champion)."""
-        from deployment.local import free_port
+        from deployment.loopback import free_port
         from pipelines.serving import local_champion
         from serving.ports import port_in_use
 
@@ -91,7 +92,8 @@ class Follower:
                 self.sink = self._stack.enter_context(MonitorService(root, SERVE_DIR / "monitor.log", config))
                 self.settings = with_payload_sink(self.settings, self.sink.url)
             self.pairs.append((version, self._start_pair(version, model_dir)))
-            self.front = Front(self.host, {"transformer_http": self.port, "transformer_grpc": free_port()})
+            self.front = Front(self.host, {"transformer_http": self.port, "transformer_grpc": free_port()},
+                               http=("transformer_http",))
             self.front.start(self.serving.ports)
             self._write_state()
         except BaseException:
@@ -100,7 +102,7 @@ class Follower:
         return self
 
     def _start_pair(self, version: str, model_dir: str):
-        from deployment.local import LocalServing
+        from deployment.loopback import LocalServing
 
         return LocalServing(model_dir, self.name, self.settings.serving, SERVE_DIR / f"v{version}",
                             decision_threshold=self.settings.evaluation.decision_threshold,
@@ -112,7 +114,7 @@ class Follower:
 
     def banner(self) -> str:
         front, ports = self.front.ports, self.serving.ports
-        record = json.dumps({"instances": example_records(self.settings, rows=1)})
+        record = json.dumps({"instances": example_records(self.settings, self.version, rows=1)})
         sink = (f"  monitor sink {self.sink.url} -> {self.settings.monitoring.sink.root} "
                 f"(`flywheel monitor --env {self.settings.env}` reads it)\n" if self.sink else "")
         return (f"serving {self.name} v{self.version}, following its champion alias every {self.poll_seconds:g} s\n"
@@ -157,7 +159,7 @@ class Follower:
         it, stop the old pair. No smoke request: it would be logged as the new version's traffic."""
         from mlflow.exceptions import MlflowException
 
-        from deployment.local import ServingFailed
+        from deployment.loopback import ServingFailed
         from stages.versions import download_model_dir
         from storage.endpoints import Unreachable
 
@@ -177,7 +179,11 @@ class Follower:
         self._write_state()
         self.echo(f"now serving {self.name} v{version} at {self.url} (was v{old_version}); "
                   f"predictor {self.serving.predictor_url}")
-        old.stop()  # SIGTERM: the old pair finishes the requests it has in flight, then exits
+        # REST requests already sent to the old pair are answered first: on SIGTERM uvicorn would
+        # close a connection whose request it has not read yet as an idle one.
+        if not self.front.drain(old.ports, timeout=self.settings.serving.ready_timeout_seconds):
+            self.echo(f"warning: v{old_version} still had requests in flight; stopping it")
+        old.stop()  # SIGTERM: the old pair finishes the requests it has in flight (gRPC too), then exits
         self.pairs = self.pairs[1:]
 
     def run(self) -> None:

@@ -131,12 +131,12 @@ def _wait_for_rows(root: Path, version: str, expected: int, timeout: float = 30.
 
 def turn(settings: Settings, console, rows_per_window: int | None = None) -> list[tuple[str, str]]:
     """Serve, shift, detect, retrain: each step of the loop as (step, what happened)."""
-    from deployment.local import LocalServing
+    from deployment.loopback import LocalServing
     from monitoring.check import Reference
-    from pipelines.local import PIPELINE_ROOT
-    from pipelines.monitor import check_traffic, drift_table
+    from pipelines.local_runner import PIPELINE_ROOT
     from pipelines.retrain import guarded_trigger
     from pipelines.serving import local_champion
+    from pipelines.traffic_check import check_traffic, drift_table
 
     rows = rows_per_window or max(settings.monitoring.min_samples * 2, 800)
     stamp = time.strftime("%Y%m%d-%H%M%S")

@@ -16,7 +16,7 @@ pipeline run, so `flywheel monitor --env local [--trigger]` runs the same check 
 from kfp import dsl, kubernetes
 
 import storage
-from components.base import component
+from components.factory import component
 from pipelines.arguments import MONITORING, monitoring_arguments
 from pipelines.config import Settings
 

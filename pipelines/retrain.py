@@ -13,7 +13,7 @@ GuardedTrigger decides, and its start function runs the env's PUBLISHED training
   whose names start with `flywheel-<env>-training` (submitted, scheduled and triggered ones
   alike) in state PENDING, RUNNING or PAUSED.
 - On this machine (no kfp.host): the training pipeline runs in-process through the local runner
-  (`pipelines.local.execute`) holding a lock file, and the run directory is the run id; the runs
+  (`pipelines.local_runner.execute`) holding a lock file, and the run directory is the run id; the runs
   in flight are whether that lock is held, by this process or another.
 """
 from __future__ import annotations
@@ -30,7 +30,7 @@ from monitoring import trigger
 from monitoring.trigger import GuardedTrigger
 from pipelines.arguments import kfp_target
 from pipelines.config import Settings
-from pipelines.local import PIPELINE_ROOT
+from pipelines.local_runner import PIPELINE_ROOT
 
 LOCK_FILE = "retraining.lock"
 
@@ -103,10 +103,10 @@ def local_start_run(settings: Settings, lock_path: Path = PIPELINE_ROOT / LOCK_F
     """Run the training pipeline here, in-process, under the lock; the run directory is the id."""
 
     def start_run(request: dict) -> str:
-        from pipelines import local
+        from pipelines import local_runner
 
         with holding(lock_path):
-            run = (execute or local.execute)(settings)
+            run = (execute or local_runner.execute)(settings)
         return str(run.directory)
 
     return start_run
@@ -124,7 +124,7 @@ def guarded_trigger(settings: Settings, *, client=None, audit=None, clock: Calla
 
     target = kfp_target(settings)
     if target is None:
-        from pipelines.local import run_local
+        from pipelines.local_runner import run_local
 
         lock = lock_path or PIPELINE_ROOT / LOCK_FILE
         # Interactive: the run's progress and summary as `flywheel run` shows them (its champion is

@@ -1,5 +1,5 @@
 """The champion, wherever an environment serves it: what `flywheel serve`, `deploy` and
-`rollback` do with the registry and the env's deployer (through `deployment.deploy`)."""
+`rollback` do with the registry and the env's deployer (through `deployment.deployers`)."""
 from __future__ import annotations
 
 import json
@@ -15,12 +15,28 @@ SMOKE_ROWS = 3
 SERVE_DIR = Path("runs") / "serve"
 
 
-def example_records(settings: Settings, rows: int = SMOKE_ROWS) -> list[dict]:
-    """A few rows of the env's data, features only, as a client sends them (JSON records)."""
+def example_records(settings: Settings, version: str | None = None, rows: int = SMOKE_ROWS) -> list[dict]:
+    """A few feature rows as a client sends them (JSON records). With `version`: the input example
+    registered with it (stages.registry.register_model logs the first test rows with every
+    version), so the training data is not read and need not exist any more; otherwise, or for a
+    version registered without one, the first rows of the env's dataset."""
+    if version is not None:
+        from gateways.mlflow_api import Registry
+        from storage.endpoints import doing
+
+        name = settings.mlflow.registered_model
+        with doing(f"reading the input example of {name} v{version}"):
+            example = Registry(settings.mlflow.tracking_uri, name).input_example(version)
+        if example is not None:
+            return _records(example, settings.dataset.features.columns, rows)
     from stages.dataset import load_dataset
 
     frame = load_dataset(settings.dataset.model_copy(update={"rows": max(rows, 50)}))
-    columns = settings.dataset.features.columns
+    return _records(frame, settings.dataset.features.columns, rows)
+
+
+def _records(frame, columns: list[str], rows: int) -> list[dict]:
+    columns = [c for c in columns if c in frame.columns]
     return json.loads(frame[columns].head(rows).to_json(orient="records"))
 
 
@@ -44,18 +60,18 @@ def local_champion(settings: Settings, dst: str) -> tuple[str, str]:
 
 def deploy_champion(settings: Settings) -> dict:
     """Serve the champion with the env's deployer and smoke-test it; what is live."""
-    from deployment.deploy import deploy_model
+    from deployment.deployers import deploy_model
     from stages.versions import CHAMPION
 
     version = _version(settings, CHAMPION)
-    live = deploy_model(deploy_spec(settings), None, version, example_records(settings),
+    live = deploy_model(deploy_spec(settings), None, version, example_records(settings, version),
                         tracking_uri=settings.mlflow.tracking_uri)
     return _followed(settings, live, version)
 
 
 def plan_champion(settings: Settings) -> dict:
     """The InferenceService `deploy_champion` would apply (validated against the CRD)."""
-    from deployment.deploy import plan_model
+    from deployment.deployers import plan_model
     from stages.versions import CHAMPION
 
     return plan_model(deploy_spec(settings), _version(settings, CHAMPION), settings.mlflow.tracking_uri)
@@ -68,7 +84,7 @@ def roll_back(settings: Settings, to: str | None = None) -> dict:
 
     Plain rollback serves `previous-champion` and walks the champion history back, never to a
     version tagged `rolled_back` (stages.registry.rollback_target); `to` clears that tag."""
-    from deployment.deploy import roll_back_model
+    from deployment.deployers import roll_back_model
     from stages import registry
 
     uri, name = settings.mlflow.tracking_uri, settings.mlflow.registered_model
@@ -76,7 +92,7 @@ def roll_back(settings: Settings, to: str | None = None) -> dict:
         target, current = registry.rollback_target(uri, name)
     else:
         target, current = registry.check_version(uri, name, to), _version(settings, "champion")
-    live = roll_back_model(deploy_spec(settings), target, example_records(settings), tracking_uri=uri)
+    live = roll_back_model(deploy_spec(settings), target, example_records(settings, target), tracking_uri=uri)
     if to is None:
         previous = registry.roll_back(uri, name, target, current)
         live["detail"] += (f"; registry: v{target} is the champion again, v{current} is tagged rolled_back, "

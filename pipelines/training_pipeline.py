@@ -11,7 +11,7 @@ resources, node selectors, thresholds, suite) and a submission can still overrid
 from kfp import dsl, kubernetes
 
 import storage
-from components.base import component
+from components.factory import component
 from pipelines.arguments import TRAINING, training_arguments
 from pipelines.config import Settings
 

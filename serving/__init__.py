@@ -1,1 +1,2 @@
-"""Layer 3, serving: KServe predictor and transformer, the local deployer, the InferenceService deployer."""
+"""Layer 3, serving: what the serving image runs (KServe predictor and transformer, codec, hop,
+errors, payload events, metrics). How it is deployed lives in `deployment/`."""

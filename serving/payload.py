@@ -18,8 +18,8 @@ import random
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from serving.metrics import INFERENCE_SUFFIXES, PAYLOAD_EVENTS, PAYLOAD_QUEUE
 from serving.middleware import BODY_KEY, REQUEST_ID, header
+from serving.server_metrics import INFERENCE_SUFFIXES, PAYLOAD_EVENTS, PAYLOAD_QUEUE
 
 log = logging.getLogger("flywheel.serving")
 REQUEST_TYPE = "org.kubeflow.serving.inference.request"

@@ -29,7 +29,7 @@ from model.loader import TrainedModel, load_model  # noqa: E402
 from serving import server  # noqa: E402
 from serving.contract import CATEGORICAL, NUMERIC, PROBABILITY, input_types, model_version, output_types  # noqa: E402
 from serving.errors import BAD_REQUEST, TOO_LARGE, UNPROCESSABLE, RequestError  # noqa: E402
-from serving.metrics import ServerMetrics  # noqa: E402
+from serving.server_metrics import ServerMetrics  # noqa: E402
 from serving.source import resolve  # noqa: E402
 from serving.tensors import response, to_array  # noqa: E402
 from serving.transform import Tensor  # noqa: E402

@@ -117,7 +117,6 @@ def install(app, spec: ServingSpec, metrics, extra=()) -> None:
     """
     from fastapi.exceptions import RequestValidationError
 
-    from serving.metrics import HttpMetricsMiddleware
     from serving.middleware import (
         BodyLimitMiddleware,
         ErrorEnvelopeMiddleware,
@@ -125,6 +124,7 @@ def install(app, spec: ServingSpec, metrics, extra=()) -> None:
         request_error_handler,
         validation_error_handler,
     )
+    from serving.server_metrics import HttpMetricsMiddleware
 
     app.add_middleware(ErrorEnvelopeMiddleware)  # add_middleware inserts outermost: add inside-out
     for middleware, options in reversed(list(extra)):

@@ -11,8 +11,10 @@ A KServe transformer (KServe's ModelServer and its arguments, so it deploys as o
 from __future__ import annotations
 
 import logging
+import re
 import time
 import uuid
+from urllib.parse import quote
 
 from kserve import InferRequest
 from kserve.predictor_config import PredictorConfig
@@ -21,15 +23,18 @@ from serving import server
 from serving.contract import input_types, model_version
 from serving.errors import UNAVAILABLE, RequestError
 from serving.hop import Hop, forwarded, hop_for
-from serving.metrics import ServerMetrics
 from serving.payload import PayloadLogger, PayloadMiddleware
 from serving.readiness import PredictorReadiness
+from serving.server_metrics import ServerMetrics
 from serving.source import resolve
 from serving.tensors import response, to_tensor
 from serving.transform import LABEL, PROBABILITY, FeatureCodec
 from specs.serving import PayloadLogging, ServingSpec
 
 log = logging.getLogger("flywheel.serving")
+# A header value both hops carry: gRPC metadata takes printable ASCII only (the aio call fails with
+# INTERNAL otherwise: grpc/grpc doc/PROTOCOL-HTTP2.md, ASCII-Value), httpx/h11 no edge whitespace.
+HEADER_SAFE = re.compile(r"[\x21-\x7e]+")
 
 
 class Call:
@@ -121,7 +126,9 @@ class FlywheelTransformer(server.ServingModel):
         request's own id, or a new one; written back so that predict forwards it."""
         headers = headers if headers is not None else {}
         request_id = headers.get("x-request-id") or getattr(payload, "id", None) or uuid.uuid4().hex
-        headers["x-request-id"] = request_id
+        # A v2 gRPC `id` is any string; the header forwarded to the predictor carries it
+        # percent-encoded when it is not header-safe, the answer's `id` stays the request's own.
+        headers["x-request-id"] = request_id if HEADER_SAFE.fullmatch(request_id) else quote(request_id, safe="")
         return request_id
 
     def _answered_by(self, version: str | None) -> None:

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 import pandas as pd
 
 from specs import DatasetSpec, EvaluationSpec, TrackingSpec
+from stages.evaluation_report import render_report
 from stages.metrics import EvaluationResult, evaluate
-from stages.report import render_report
 from stages.tracking import log_evaluation, metric_name
 from storage.tables import content_hash
 

@@ -48,6 +48,6 @@ def kfp_local(tmp_path):
 def run_pipeline(kfp_local):
     """Run a pipeline function through kfp.local and read back what each task produced
     (single components with input artifacts can only run inside a pipeline locally)."""
-    from pipelines.local import run_function
+    from pipelines.local_runner import run_function
 
     return lambda pipeline, **arguments: run_function(pipeline, arguments, kfp_local)

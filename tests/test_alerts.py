@@ -52,8 +52,8 @@ def project_metrics(tmp_path_factory) -> set[str]:
     """Every metric name serving/ and monitoring/ export, read from their Prometheus registries."""
     from prometheus_client.metrics import MetricWrapperBase
 
-    import serving.metrics as serving_metrics
-    from monitoring import metrics, service
+    import serving.server_metrics as serving_metrics
+    from monitoring import service, sink_metrics
     from monitoring.sink import PayloadSink
 
     names = set()
@@ -62,7 +62,7 @@ def project_metrics(tmp_path_factory) -> set[str]:
             names |= {n for family in value.describe() for n in _sample_names(family.name, family.type)}
     sink = PayloadSink(str(tmp_path_factory.mktemp("sink")), start=False)
     service.create_app(sink)  # registers the app's counters beside the sink's
-    names |= _registry_names(sink.metrics.registry) | _registry_names(metrics.DRIFT_REGISTRY)
+    names |= _registry_names(sink.metrics.registry) | _registry_names(sink_metrics.DRIFT_REGISTRY)
     sink.close()
     return names
 

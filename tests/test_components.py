@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 from kfp import dsl
 
-from components.base import component
+from components.factory import component
 from components.ingest import ingest_op, split_op
 from components.tune import propose_op, select_op, trial_op
 from pipelines.arguments import training_arguments as arguments
@@ -168,7 +168,7 @@ def test_tuning_runs_parallel_trials_and_logs_them_to_mlflow(kfp_local, small_se
 def test_named_file_gives_an_output_artifact_a_suffix_on_every_store():
     from kfp.dsl import HTML
 
-    from components.base import named_file
+    from components.factory import named_file
 
     local_report = HTML(uri="/runs/local/run-1/validate-op/report")
     assert named_file(local_report, ".html") == "/runs/local/run-1/validate-op/report.html"

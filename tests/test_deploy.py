@@ -11,7 +11,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 import crds
-from deployment.deploy import deploy, plan, registry_model, rollback
+from deployment.deployers import deploy, plan, registry_model, rollback
 from deployment.inferenceservice import MODEL_VERSION, ServedModel, render_for, steady_state
 from deployment.rollout import InferenceServiceDeployer, merge_patch
 from deployment.smoke import DeployError, SmokeFailed, SmokeTarget, http_smoke_test
@@ -476,7 +476,7 @@ def test_deploy_model_serves_a_deploy_spec_as_an_inferenceservice_and_rolls_it_b
                                                                                   monkeypatch):
     # Given prod's DeploySpec (what the deploy task receives), a registry whose versions' model
     # directories are in the object store, and a model server behind the ingress for the smoke test
-    from deployment.deploy import deploy_model, plan_model, roll_back_model
+    from deployment.deployers import deploy_model, plan_model, roll_back_model
     from pipelines.arguments import deploy_spec
 
     settings, log = load_settings("prod"), []

@@ -21,8 +21,8 @@ from model.artifact import PROFILE_KEY, read_metadata, reference_profile
 from model.labels import LabelMapping
 from monitoring.check import decide
 from monitoring.drift import DriftReport, adjust, check_window, ks_2samp_sorted, live_suite, psi
-from monitoring.profile import build_profile, load_profile
-from monitoring.report import render_report
+from monitoring.drift_report import render_report
+from monitoring.reference_profile import build_profile, load_profile
 from specs import DatasetSpec, DistributionShift, MonitoringSpec
 from stages.dataset import REFERENCE_CATEGORICAL, REFERENCE_ID, REFERENCE_NUMERIC, REFERENCE_TARGET, ReferenceTask
 from stages.validation import load_suite

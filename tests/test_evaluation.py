@@ -20,9 +20,9 @@ from sklearn.preprocessing import OneHotEncoder, StandardScaler
 
 from model.loader import load_model
 from stages.dataset import REFERENCE_CATEGORICAL, REFERENCE_NUMERIC, ReferenceTask, split
+from stages.evaluation_report import render_report
 from stages.gate import decide
 from stages.metrics import MAX_CURVE_POINTS, MISSING_SLICE, evaluate
-from stages.report import render_report
 from storage.tables import content_hash, write_table
 from tests.support import chromium_screenshot, find_chromium
 
@@ -242,8 +242,8 @@ def _executor_outputs(root) -> dict[str, dict]:
 def test_evaluate_op_through_kfp_local(data, tmp_path):
     from kfp import dsl, local
 
-    from components.base import component
     from components.evaluate import evaluate_op
+    from components.factory import component
 
     # Given a trained model artifact, the test split as Parquet and a local MLflow store
     train, test = data

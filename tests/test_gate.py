@@ -382,8 +382,8 @@ def _executor_outputs(root) -> dict[str, dict]:
 def test_evaluate_gate_register_through_kfp_local(world, tmp_path):
     from kfp import dsl, local
 
-    from components.base import component
     from components.evaluate import evaluate_op, gate_op, register_op
+    from components.factory import component
 
     tracking = {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "gate-kfp",
                 "registered_model": "credit-default-kfp"}

@@ -7,7 +7,7 @@ import pytest
 
 from model.labels import LabelError, LabelMapping
 from pipelines.config import load_settings
-from pipelines.local import execute
+from pipelines.local_runner import execute
 from stages.dataset import ReferenceTask
 from stages.validation import derive_suite, validate_frame
 from storage.tables import write_table

@@ -30,7 +30,7 @@ def champion(tmp_path, monkeypatch):
     local = yaml.safe_load((config / "local.yaml").read_text())
     local["mlflow"] = {"tracking_uri": tracking}
     (config / "local.yaml").write_text(yaml.safe_dump(local))
-    monkeypatch.setattr("pipelines.local.PIPELINE_ROOT", tmp_path / "runs")
+    monkeypatch.setattr("pipelines.local_runner.PIPELINE_ROOT", tmp_path / "runs")
     return load_settings("local", config)
 
 

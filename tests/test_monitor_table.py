@@ -2,7 +2,7 @@
 from rich.console import Console
 
 from monitoring.drift import DriftReport, FeatureDrift
-from pipelines.monitor import drift_table
+from pipelines.traffic_check import drift_table
 
 NUMERIC = ["age", "income", "credit_limit", "utilization", "debt_to_income", "late_payments", "months_on_book"]
 REASONS = ["PSI 0.346 > 0.2", "KS p_adj 1.23e-05 < 0.01", "missing 100.0% vs 0.0% in training"]

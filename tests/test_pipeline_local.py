@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from pipelines.config import load_settings
-from pipelines.local import execute, summary_rows
+from pipelines.local_runner import execute, summary_rows
 from stages.dataset import ReferenceTask
 from storage.tables import write_table
 

@@ -1,6 +1,7 @@
 """The cluster half of training: the PyTorchJob we render per environment holds to the official
-CRD schema and our rules, and the backend drives a job's life through the Kubernetes gateway
-(the REST calls kubeflow-training's TrainingClient would make) against a fake API server that holds requests to the same schema."""
+CRD schema and our rules, and the backend drives a job's life through the Kubernetes gateway (the
+REST calls kubeflow-training's TrainingClient would make) against a fake API server that holds
+requests to the same schema."""
 import copy
 import json
 import os

@@ -30,7 +30,7 @@ NAME = "credit-default"
 
 def train_quickly(directory: Path, seed: int) -> Path:
     from training import train as entry
-    from training.backends.base import entry_spec
+    from training.backends.jobs import entry_spec
 
     settings = load_settings("local", overrides={"training": {"hyperparameters": {"epochs": 1}}})
     data = write_table(ReferenceTask(rows=1500, seed=seed).generate(), directory / "train.parquet")
@@ -142,6 +142,36 @@ def test_rollback_serves_the_previous_champion_and_makes_it_the_champion(use_con
     assert unknown.exit_code == 1 and "has no version '9' (versions: 1, 2)" in unknown.output, unknown.output
 
 
+@pytest.mark.slow
+def test_rollback_and_the_banner_need_no_training_data(registry, tmp_path, monkeypatch):
+    from pipelines.serving import example_records
+
+    tracking, config = registry
+    # Given an env whose training data file is gone
+    copy = tmp_path / "config"
+    shutil.copytree(config, copy)
+    data = yaml.safe_load((copy / "local.yaml").read_text())
+    data["dataset"] = {"source": "file", "uri": str(tmp_path / "gone.parquet")}
+    data["mlflow"]["registered_model"] = NAME  # a file dataset's default model name is its file's
+    (copy / "local.yaml").write_text(yaml.safe_dump(data))
+    monkeypatch.setattr("pipelines.config.CONFIG_DIR", copy)
+    monkeypatch.chdir(tmp_path)
+    settings = load_settings("local")
+    assert settings.dataset.source == "file" and not Path(settings.dataset.uri).exists()
+    # Then the example rows (smoke test, banner) are the input example registered with the version
+    columns = settings.dataset.features.columns
+    registered = ReferenceTask(rows=20, seed=1).generate()[columns].head(3)  # what the fixture registered
+    assert example_records(settings, "2") == json.loads(registered.to_json(orient="records"))
+    assert len(example_records(settings, "2", rows=1)) == 1
+    # And rollback and roll-forward serve and smoke-test without reading the dataset
+    assert aliases(tracking) == {CHAMPION: "2", PREVIOUS_CHAMPION: "1"}
+    result = runner.invoke(cli.app, ["rollback", "--env", "local"])
+    assert result.exit_code == 0 and f"live: {NAME} v1 (served)" in result.output, result.output
+    forward = runner.invoke(cli.app, ["rollback", "--env", "local", "--to", "2"])
+    assert forward.exit_code == 0 and f"live: {NAME} v2 (served)" in forward.output, forward.output
+    assert aliases(tracking) == {CHAMPION: "2", PREVIOUS_CHAMPION: "1"}
+
+
 def test_deploy_dry_run_prints_the_inferenceservice_for_the_champion(use_config):
     # Given prod (Knative, canary 10%) and a champion in its registry
     result = runner.invoke(cli.app, ["deploy", "--env", "prod", "--dry-run"])
@@ -175,7 +205,7 @@ def test_serve_without_a_champion_says_how_to_get_one(tmp_path, monkeypatch):
 def test_the_run_summary_ends_with_real_predictions_over_v1_and_v2(use_config):
     from rich.console import Console
 
-    from pipelines.local import show_predictions
+    from pipelines.local_runner import show_predictions
 
     # Given the champion in the registry, When `flywheel run` ends
     console = Console(record=True, width=200)

@@ -12,6 +12,7 @@ import threading
 import time
 import urllib.request
 
+import httpx
 import pytest
 from typer.testing import CliRunner
 
@@ -49,6 +50,24 @@ class Client(threading.Thread):
                 self.versions.append(self.predict())
             except Exception as err:
                 self.failures.append(repr(err))
+
+
+class PooledClient(Client):
+    """The same, over ONE keep-alive `httpx.Client`: every request after the first reuses the
+    connection to the front that was opened before the swaps."""
+
+    def __init__(self, port: int):
+        super().__init__(port)
+        self.client = httpx.Client(timeout=30)
+        self.connections: set[tuple] = set()  # the client's local (address, port) of each connection used
+
+    def predict(self) -> str:
+        with self.client.stream("POST", self.url, content=self.body,
+                                headers={"content-type": "application/json"}) as response:
+            self.connections.add(response.extensions["network_stream"].get_extra_info("client_addr"))
+            response.read()
+        response.raise_for_status()
+        return response.json()["model_version"]
 
 
 def start_serve(config, cwd, port: int):
@@ -89,11 +108,12 @@ def test_serve_follows_rollback_and_roll_forward_and_monitor_sees_its_traffic(re
     config, _ = own_config(config, tmp_path, monkeypatch)
     port = free_port()
     proc, lines = start_serve(config, tmp_path, port)
-    client = Client(port)
+    client, pooled = Client(port), PooledClient(port)
     try:
         banner = "".join(lines)
         assert f"serving {NAME} v2" in banner and "monitor sink http://127.0.0.1:" in banner, banner
         client.start()
+        pooled.start()
         # When the user rolls back while it serves and clients call it
         result = run_cli(["rollback", "--env", "local"])
         assert result.exit_code == 0, result.output
@@ -115,18 +135,23 @@ def test_serve_follows_rollback_and_roll_forward_and_monitor_sees_its_traffic(re
         assert "rolled_back" not in _client(tracking).get_model_version(NAME, "2").tags
         time.sleep(1)
     finally:
-        client.done.set()
-        client.join(60)
+        for each in (client, pooled):
+            each.done.set()
+            each.join(60)
+        pooled.client.close()
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=90)
     text = "".join(lines)
     assert proc.returncode == 0, text
     assert f"now serving {NAME} v1 at http://127.0.0.1:{port} (was v2)" in text, text
     assert f"now serving {NAME} v2 at http://127.0.0.1:{port} (was v1)" in text, text
-    # No request failed across both swaps, and the answers went 2 -> 1 -> 2
-    assert client.failures == [], client.failures[:3]
-    seen = [v for i, v in enumerate(client.versions) if i == 0 or client.versions[i - 1] != v]
-    assert seen == ["2", "1", "2"], seen
+    # No request failed across both swaps, and the answers went 2 -> 1 -> 2, also for the
+    # keep-alive client, whose one connection to the front outlived both swaps
+    for each in (client, pooled):
+        assert each.failures == [], each.failures[:3]
+        seen = [v for i, v in enumerate(each.versions) if i == 0 or each.versions[i - 1] != v]
+        assert seen == ["2", "1", "2"], seen
+    assert len(pooled.connections) == 1, pooled.connections
     assert not (tmp_path / "runs" / "serve" / "local.json").exists()  # a stopped serve leaves no state behind
 
     # When the user checks the traffic it served, in an 80-column terminal

@@ -110,7 +110,7 @@ def trained(tmp_path_factory):
     from pipelines.arguments import train_spec
     from pipelines.config import load_settings
     from training import train as entry
-    from training.backends.base import entry_spec
+    from training.backends.jobs import entry_spec
 
     tmp = tmp_path_factory.mktemp("serving")
     frame = ReferenceTask(rows=2000, seed=3).generate()

@@ -79,7 +79,7 @@ def test_a_taken_port_ends_in_one_line(trained, tmp_path):
         assert done.returncode != 0
         assert (done.stdout + done.stderr).strip() == f"port {port} on 127.0.0.1 is in use"
         # And the local deployer (`flywheel serve --port`) says the same before starting anything
-        from deployment.local import LocalServing, ServingFailed
+        from deployment.loopback import LocalServing, ServingFailed
         from specs import ServingSpec
 
         with pytest.raises(ServingFailed, match=f"^port {port} on 127.0.0.1 is in use$"):

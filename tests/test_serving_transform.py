@@ -194,8 +194,8 @@ def test_every_error_renders_to_one_body():
 
 
 def test_payload_events_never_wait_and_are_dropped_when_the_queue_is_full():
-    from serving.metrics import PAYLOAD_EVENTS
     from serving.payload import REQUEST_TYPE, Event, PayloadLogger
+    from serving.server_metrics import PAYLOAD_EVENTS
 
     async def flood():
         # Given a logger whose sink never answers and a queue of two events

@@ -25,7 +25,7 @@ from pipelines.arguments import train_spec
 from pipelines.config import load_settings
 from stages.dataset import ReferenceTask
 from training import train as entry
-from training.backends.base import entry_args, entry_spec
+from training.backends.jobs import entry_args, entry_spec
 from training.backends.torchrun import torchrun_command
 from training.pods import TORCHRUN_ENV
 

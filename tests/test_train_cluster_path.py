@@ -29,7 +29,7 @@ from kfp import dsl
 
 import training.backends.pytorchjob as pytorchjob
 from components import tune
-from components.base import component
+from components.factory import component
 from components.train import train_op
 from crds.hardening import DNS1035
 from model.loader import load_model
@@ -40,8 +40,8 @@ from stages.dataset import ReferenceTask
 from tests.fakes.kube_api_server import fake_k8s  # noqa: F401 (fixture)
 from tests.fakes.kube_operators import JobScript
 from tests.test_storage_s3 import CREDENTIALS, bucket, keys, s3_endpoint, s3_env  # noqa: F401 (fixtures)
-from training.backends.base import JOB_NAME_MAX, job_name
 from training.backends.cluster import TrainingJobFailed
+from training.backends.jobs import JOB_NAME_MAX, job_name
 from training.backends.pytorchjob import build_pytorchjob, validate_pytorchjob
 
 ROOT = Path(__file__).resolve().parent.parent

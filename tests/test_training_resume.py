@@ -25,7 +25,7 @@ from pipelines.config import load_settings
 from stages.dataset import ReferenceTask
 from storage.tables import write_table
 from training import train as entry
-from training.backends.base import entry_args, entry_spec
+from training.backends.jobs import entry_args, entry_spec
 from training.backends.torchrun import torchrun_command
 from training.checkpoint import CHECKPOINT
 from training.pods import TORCHRUN_ENV

@@ -14,7 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 import pipelines.cli as cli
-import pipelines.local as flywheel_local
+import pipelines.local_runner as flywheel_local
 import pipelines.publish as flywheel_publish
 import pipelines.serving as flywheel_serving
 import pipelines.submit as flywheel_submit

@@ -128,7 +128,7 @@ def test_the_registry_fails_in_seconds_not_after_mlflows_retries():
 
 
 def test_the_kubernetes_api_fails_in_seconds_naming_the_inferenceservice():
-    from deployment.deploy import plan_model
+    from deployment.deployers import plan_model
     from deployment.rollout import InferenceServiceDeployer
     from pipelines.arguments import deploy_spec
 

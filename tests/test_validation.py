@@ -337,7 +337,7 @@ def test_html_report_screenshot_is_not_blank(clean, suite, tmp_path):
 def _validate_pipeline():
     from kfp import dsl
 
-    from components.base import component
+    from components.factory import component
     from components.ingest import ingest_op
     from components.validate import validate_op
 

@@ -4,7 +4,7 @@ live in real files for kfp.local; no `from __future__ import annotations`: KFP r
 from kfp import dsl
 from kfp.dsl import Artifact, Output
 
-from components.base import LOCAL_IMAGE, component
+from components.factory import LOCAL_IMAGE, component
 from components.monitor import decide_op, drift_op, window_op
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from importlib import import_module
 
 from specs import TrainSpec
-from training.backends.base import TrainingBackend, TrainingFailed, TrainingJob, build_job, entry_spec, job_name
+from training.backends.jobs import TrainingBackend, TrainingFailed, TrainingJob, build_job, entry_spec, job_name
 
 _BACKENDS = {
     "torchrun": ("training.backends.torchrun", "TorchrunBackend"),

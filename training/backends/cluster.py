@@ -17,7 +17,7 @@ from collections.abc import Callable
 import storage
 from model.artifact import METADATA_FILE
 from specs import TrainSpec
-from training.backends.base import TrainingBackend, TrainingFailed, TrainingJob, entry_args, read_model_metadata
+from training.backends.jobs import TrainingBackend, TrainingFailed, TrainingJob, entry_args, read_model_metadata
 from training.pods import pod_env
 
 KEEP_JOB = ("always", "on_failure", "never")

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import tempfile
 
-from training.backends.base import (
+from training.backends.jobs import (
     ENTRY_MODULE,
     TrainingBackend,
     TrainingFailed,

@@ -49,8 +49,8 @@ from crds.hardening import CREDENTIAL_ENV
 from gateways.kube_api import TRAINJOBS, KubeApi, serialize
 from specs import TrainSpec
 from training import pods
-from training.backends.base import ENTRY_MODULE
 from training.backends.cluster import ClusterBackend, TrainingJobInvalid
+from training.backends.jobs import ENTRY_MODULE
 from training.backends.openapi_models import model_problems
 
 GROUP, KIND, API_VERSION = TRAINJOBS.group, TRAINJOBS.kind, TRAINJOBS.api_version

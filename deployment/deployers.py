@@ -1,5 +1,5 @@
 """Deploy a promoted model with the deployer the `serving.deployer` setting names: served on this
-machine's loopback by `deployment.local`, or as an InferenceService rolled out by
+machine's loopback by `deployment.loopback`, or as an InferenceService rolled out by
 `deployment.rollout`. Either way a real prediction is the smoke test, and the result says what is
 live. This is the one place that knows the deployers' names: callers pass a DeploySpec (or, for
 `plan`/`deploy`/`rollback`, a pipelines.config Settings) and get the same result.
@@ -104,7 +104,7 @@ def _cluster_result(spec: DeploySpec, version: str, result, action: str) -> dict
 
 
 def _local(spec: DeploySpec, model_dir: str, version: str, records: list[dict], log_dir: str | None) -> dict:
-    from deployment.local import LocalServing, smoke_test
+    from deployment.loopback import LocalServing, smoke_test
 
     with tempfile.TemporaryDirectory() as scratch:
         logs = Path(log_dir or scratch)

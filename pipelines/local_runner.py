@@ -261,7 +261,7 @@ def show_predictions(settings: Settings, console) -> None:
 
     from rich.table import Table
 
-    from deployment.local import LocalServing
+    from deployment.loopback import LocalServing
     from pipelines.serving import example_records, local_champion
 
     name = settings.mlflow.registered_model
@@ -271,7 +271,7 @@ def show_predictions(settings: Settings, console) -> None:
         except LookupError as err:
             console.print(f"nothing served: {err}")
             return
-        records = example_records(settings)
+        records = example_records(settings, version)
         with LocalServing(model_dir, name, settings.serving, PIPELINE_ROOT / "serve",
                           decision_threshold=settings.evaluation.decision_threshold, model_version=version) as serving:
             v1 = serving.predict_v1(records, request_id="flywheel-run-v1")
