@@ -142,7 +142,7 @@ def busy_shares(before: dict, after: dict, cores) -> dict[int, float]:
 # ---- the model and the bodies -----------------------------------------------------------------
 
 def train_model(directory: Path):
-    """A model trained in-process in seconds, as tests/test_serving.py does, and its frame."""
+    """A model trained in-process in seconds, as tests/serving/conftest.py does, and its frame."""
     from pipelines.arguments import train_spec
     from pipelines.config import load_settings
     from stages.dataset import ReferenceTask

@@ -19,7 +19,7 @@ INFERENCESERVICE = "serving.kserve.io_inferenceservices.yaml"
 
 
 PACKAGED_CRD_DIR = Path(__file__).resolve().parent  # package data: present wherever flywheel is installed
-# Each copy's upstream URL, version, commit and sha256 (tests/test_crds.py holds the copies to it).
+# Each copy's upstream URL, version, commit and sha256 (tests/crds/test_crds.py holds the copies to it).
 UPSTREAM_MANIFEST = PACKAGED_CRD_DIR / "upstream.yaml"
 
 

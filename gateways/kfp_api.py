@@ -3,7 +3,7 @@ first, so a host that is not there fails in seconds), lookups (pipeline by name,
 experiment), one pagination loop, uploading a version, starting a run with the reasons it was
 started for, the runs and recurring runs of a pipeline, and starting the published training run.
 
-Only this module imports `kfp.client` (`kfp.Client`) and `kfp_server_api` (tests/test_layers.py
+Only this module imports `kfp.client` (`kfp.Client`) and `kfp_server_api` (tests/project/test_layers.py
 checks it). It reads no config: what to talk to comes as a `KfpTarget`, which a compiled pipeline
 carries as a plain dict (a task has no `Settings`). kfp is imported lazily, so importing this
 module stays cheap. Every failure a user can reach is a `KfpError` with a one-line message;

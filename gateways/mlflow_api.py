@@ -3,9 +3,9 @@ that is not there fails in seconds), experiments, runs (params, metrics, tags, a
 inputs, child runs), the model registry (versions, their tags, aliases) and downloads.
 
 Only this module imports `mlflow.tracking`, `MlflowClient` and `mlflow.entities`
-(tests/test_layers.py checks it). It uses MLflow's public API alone, with one documented
+(tests/project/test_layers.py checks it). It uses MLflow's public API alone, with one documented
 extension point: `DatasetSource`'s abstract methods, whose names start with an underscore
-(pinned by tests/test_tracking.py). MLflow is imported lazily so that importing this module stays
+(pinned by tests/stages/test_tracking.py). MLflow is imported lazily so that importing this module stays
 cheap for the pipeline compiler and the CLI.
 """
 from __future__ import annotations
@@ -228,7 +228,7 @@ def _dataset_source(uri: str):
     """MLflow's source for `uri` (local path, s3://, gs://, ...); a scheme MLflow has no artifact
     repository for (KFP's minio://) is recorded as it is, by a `DatasetSource` of our own. Its
     methods are the ones MLflow declares abstract (mlflow/data/dataset_source.py), underscores
-    included: tests/test_tracking.py fails when that list changes."""
+    included: tests/stages/test_tracking.py fails when that list changes."""
     from mlflow.data.dataset_source import DatasetSource
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.exceptions import MlflowException

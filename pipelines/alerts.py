@@ -17,7 +17,7 @@ MONITORING_DIR = Path(__file__).resolve().parent.parent / "manifests" / "monitor
 RULES = MONITORING_DIR / "prometheus-rules.yaml"
 PLAIN_RULES = MONITORING_DIR / "prometheus-rules.plain.yaml"
 HEADER = ("# GENERATED from prometheus-rules.yaml (the PrometheusRule) by `python -m pipelines.alerts --write`.\n"
-          "# Do not edit: change prometheus-rules.yaml and regenerate (tests/test_alerts.py fails when they "
+          "# Do not edit: change prometheus-rules.yaml and regenerate (tests/pipelines/test_alerts.py fails when they "
           "disagree).\n")
 
 

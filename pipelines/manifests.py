@@ -7,7 +7,7 @@ by `generate_overlay` and committed, so config and cluster never disagree:
 
 - `flywheel render --env ENV` refuses to render a stale overlay (`check_overlay`) and prints
   `kubectl kustomize manifests/overlays/ENV`; `--write` regenerates the overlay first.
-- tests/test_manifests.py fails when a committed overlay differs from what config generates.
+- tests/pipelines/test_manifests.py fails when a committed overlay differs from what config generates.
 
 Quota sizing (documented in each generated file): the peak number of concurrent PyTorchJobs is
 tuning.parallelism (when tuning is on) times retraining.max_concurrency (when scheduled
@@ -178,7 +178,8 @@ def generate_overlay(settings) -> str:
         ],
     }
     header = (f"# GENERATED from config/base.yaml + config/{v.env}.yaml by `flywheel render --env {v.env} --write`.\n"
-              "# Do not edit: change config and regenerate (tests/test_manifests.py fails when they disagree).\n"
+              "# Do not edit: change config and regenerate (tests/pipelines/test_manifests.py fails when they\n"
+              "# disagree).\n"
               f"# Quota: {v.sizing}.\n")
     return header + yaml.dump(kustomization, Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=120)
 

@@ -32,9 +32,11 @@ def check_traffic(settings: Settings, window: pd.DataFrame, reference: Reference
 
 
 def _number(value, digits: int = 3) -> str:
+    """Fixed decimals; a value too small for them in scientific notation with one decimal, so
+    that it stays short (8.6e-100, not a cut-off 8.61e-1...)."""
     if value is None:
         return "-"
-    return f"{value:.{digits}g}" if abs(value) < 10 ** -digits and value else f"{value:.{digits}f}"
+    return f"{value:.1e}" if abs(value) < 10 ** -digits and value else f"{value:.{digits}f}"
 
 
 def drift_table(report, title: str):
@@ -50,7 +52,7 @@ def drift_table(report, title: str):
     table = Table(title=title, box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False)
     for column, justify in (("feature", "left"), ("kind", "left"), ("PSI", "right"), ("test", "left"),
                             ("p adj.", "right"), ("missing %", "right"), ("drift", "left")):
-        table.add_column(column, justify=justify, no_wrap=True, overflow="ellipsis")
+        table.add_column(column, justify=justify, no_wrap=True, overflow="ellipsis", min_width=len(column))
     for f in report.features:
         test = f"{f.test} {_number(f.statistic)}" if f.test else "-"
         table.add_row(f.feature, "num" if f.kind == "numeric" else "cat" if f.kind == "categorical" else f.kind,

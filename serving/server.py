@@ -176,7 +176,7 @@ def ready_dataplane(registry, served=()):
         def decode(self, body, headers, *args, **kwargs):
             # KServe 0.21 reads the v2 binary extension (`inference-header-content-length`) with a
             # bare int() and indexes the JSON it finds without checks: a bad header or a binary
-            # body without `inputs` was a 500 (found by tests/test_serving_fuzz.py).
+            # body without `inputs` was a 500 (found by tests/serving/test_serving_fuzz.py).
             try:
                 return super().decode(body, headers, *args, **kwargs)
             except InvalidInput:

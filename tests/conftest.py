@@ -1,6 +1,9 @@
-"""Shared fixtures: telemetry off, small settings, and a kfp.local runner per test."""
+"""Shared fixtures: telemetry off, small settings, a kfp.local runner per test, S3 on loopback, a
+champion with a reference profile for the monitoring check."""
+import json
 import os
 import shutil
+import uuid
 from pathlib import Path
 
 import pytest
@@ -10,13 +13,12 @@ os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-ROOT = Path(__file__).resolve().parent.parent
-CONFIG_DIR = ROOT / "config"
-
 
 @pytest.fixture
 def config_dir(tmp_path) -> Path:
     """A writable copy of config/ for tests that break or extend it."""
+    from tests.support import CONFIG_DIR  # not at the top: numpy, which it imports, reads OMP_NUM_THREADS set above
+
     target = tmp_path / "config"
     shutil.copytree(CONFIG_DIR, target)
     return target
@@ -51,3 +53,64 @@ def run_pipeline(kfp_local):
     from pipelines.local_runner import run_function
 
     return lambda pipeline, **arguments: run_function(pipeline, arguments, kfp_local)
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint():
+    """A real S3 API server (moto's) on loopback, one per test module."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3_env(s3_endpoint, monkeypatch):
+    """This process and its children talk to the loopback server, as a pod talks to MinIO."""
+    from tests.support import CREDENTIALS
+
+    env = {"AWS_ENDPOINT_URL": s3_endpoint, **CREDENTIALS}
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_CONFIG_FILE", "MINIO_ENDPOINT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return env
+
+
+@pytest.fixture
+def bucket(s3_env):
+    """A fresh bucket on the loopback S3 server, and a boto3 client for it."""
+    import boto3
+
+    from tests.support import CREDENTIALS
+
+    client = boto3.client("s3", endpoint_url=s3_env["AWS_ENDPOINT_URL"], region_name="us-east-1",
+                          aws_access_key_id=CREDENTIALS["AWS_ACCESS_KEY_ID"],
+                          aws_secret_access_key=CREDENTIALS["AWS_SECRET_ACCESS_KEY"])
+    name = f"flywheel-{uuid.uuid4().hex[:12]}"
+    client.create_bucket(Bucket=name)
+    return name, client
+
+
+@pytest.fixture
+def champion(tmp_path, monkeypatch):
+    """A champion whose model directory carries a reference profile (no training: the registry lookup
+    is replaced by a directory with the metadata training writes)."""
+    import numpy as np
+
+    import pipelines.serving as flywheel_serving
+    from model.profile import build_profile
+    from tests.support import FEATURES, reference
+
+    rng = np.random.default_rng(1)
+    profile = build_profile(reference(), FEATURES["numeric"], FEATURES["categorical"], rng.beta(2, 5, 2000),
+                            rng.integers(0, 2, 2000))
+    model_dir = tmp_path / "champion"
+    model_dir.mkdir()
+    (model_dir / "metadata.json").write_text(json.dumps({"reference_profile": profile, "features": FEATURES,
+                                                         "labels": None}))
+    monkeypatch.setattr(flywheel_serving, "local_champion", lambda settings, dst: ("7", str(model_dir)))
+    return profile

@@ -1,5 +1,7 @@
-"""Helpers the tests and the benchmarks share: loopback ports, waiting for a server, headless
-Chromium screenshots, and the reference task's true probability of default.
+"""Helpers the tests and the benchmarks share: the repository root, loopback ports, waiting for a
+server, headless Chromium screenshots, the reference task's true probability of default, and
+S3 credentials and listings for the loopback S3 server, served traffic windows for the monitoring
+check.
 
 Plain functions, no fixtures, no pytest: the benchmarks (`python benchmarks/x.py`) import them too.
 """
@@ -17,6 +19,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+# The repository root and its config/: every test reaches files through these, whatever folder it sits in.
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG_DIR = ROOT / "config"
 
 
 class NotReady(RuntimeError):
@@ -82,3 +88,52 @@ def reference_probability(frame: pd.DataFrame) -> np.ndarray:
                          [1.3, 0.35, 0.5], 0.0)
              + np.where(frame["housing"] == "rent", 0.3, 0.0))
     return 1.0 / (1.0 + np.exp(-logit.to_numpy(dtype=np.float64)))
+
+
+# ---- S3 on loopback (moto's server; the fixtures are in conftest.py) ----
+
+# the credentials a pod gets from its secret, for the loopback S3 server
+CREDENTIALS = {"AWS_ACCESS_KEY_ID": "flywheel-test", "AWS_SECRET_ACCESS_KEY": "flywheel-test-secret",
+               "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+def keys(client, bucket_name: str, prefix: str) -> set[str]:
+    """The keys under `prefix` in the bucket, relative to it."""
+    found = client.list_objects_v2(Bucket=bucket_name, Prefix=prefix).get("Contents", [])
+    return {item["Key"].removeprefix(prefix) for item in found}
+
+
+# ---- served traffic for the monitoring check (its windows, a local env whose sink is under tmp) ----
+
+FEATURES = {"numeric": ["age", "income"], "categorical": ["employment"]}
+
+
+def reference(rows=4000, seed=0):
+    """A frame of FEATURES as training saw them."""
+    rng = np.random.default_rng(seed)
+    return pd.DataFrame({"age": rng.normal(40, 10, rows), "income": rng.lognormal(10, 0.5, rows),
+                         "employment": rng.choice(["salaried", "self", "none"], rows, p=[0.6, 0.3, 0.1])})
+
+
+def write_window(root, version, frame, when, scores):
+    """`frame` with `scores` written as the sink writes the window of `version` at `when`."""
+    from monitoring.windows import window_file
+
+    rows = frame.assign(request_id=[f"r-{when:%H%M}-{i}" for i in range(len(frame))], instance=0,
+                        event_time=pd.Timestamp(when), model_name="credit-default", model_version=version,
+                        probability=scores, prediction=np.where(scores > 0.5, "1", "0"), truth=None)
+    path = Path(window_file(root, version, when))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows.to_parquet(path, index=False)
+
+
+def local_settings(tmp_path, **retraining):
+    """The local env on FEATURES, with MLflow and the sink under tmp_path."""
+    from pipelines.config import load_settings
+
+    return load_settings("local", overrides={
+        "dataset": {"features": FEATURES},
+        "mlflow": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+        "monitoring": {"sink": {"root": str(tmp_path / "sink")}, "min_samples": 200, "consecutive_windows": 2},
+        "retraining": {"cooldown_minutes": 60, **retraining},
+    })
