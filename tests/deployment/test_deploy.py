@@ -16,20 +16,10 @@ from deployment.inferenceservice import MODEL_VERSION, ServedModel, render_for, 
 from deployment.rollout import InferenceServiceDeployer, merge_patch
 from deployment.smoke import DeployError, SmokeFailed, SmokeTarget, http_smoke_test
 from pipelines.config import load_settings
-from tests.fakes.kube_api_server import FakeKServeApi
+from tests.fakes.kube_api_server import fake_kserve  # noqa: F401 - the fixture, shared with the other fakes' users
 from tests.fakes.kube_isvc_controllers import Failure, IsvcScript
 
 NAME = "credit-default"
-
-
-@pytest.fixture
-def fake_kserve():
-    """The fake Kubernetes API with InferenceServices (tests/fakes/kube_api_server.py), on a free port."""
-    api = FakeKServeApi().start()
-    try:
-        yield api
-    finally:
-        api.stop()
 
 
 def model(version: int) -> ServedModel:

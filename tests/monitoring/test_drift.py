@@ -26,7 +26,7 @@ from specs import DatasetSpec, DistributionShift, MonitoringSpec
 from stages.dataset import REFERENCE_CATEGORICAL, REFERENCE_ID, REFERENCE_NUMERIC, REFERENCE_TARGET, ReferenceTask
 from stages.validation import load_suite
 from storage.tables import write_table
-from tests.support import ROOT
+from tests.support import ROOT, reference_probability
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 SPEC = MonitoringSpec()
@@ -36,25 +36,13 @@ UNSHIFTED = {"age", "debt_to_income", "months_on_book", "housing", "region"}  # 
 FEATURES = {"numeric": REFERENCE_NUMERIC, "categorical": REFERENCE_CATEGORICAL}
 
 
-def oracle(frame: pd.DataFrame) -> np.ndarray:
-    """P(default) as the reference task generates it: a model's scores without training one."""
-    income = frame["income"].fillna(frame["income"].median())
-    employment = frame["employment"]
-    logit = (-3.2 + 2.4 * frame["utilization"] + 0.55 * frame["late_payments"] + 1.1 * frame["debt_to_income"]
-             - 0.45 * (np.log(income) - 10.8) - 0.012 * (frame["age"] - 45) - 0.003 * frame["months_on_book"]
-             + np.select([employment == "unemployed", employment == "self_employed", employment == "student"],
-                         [1.3, 0.35, 0.5], 0.0)
-             + np.where(frame["housing"] == "rent", 0.3, 0.0))
-    return 1.0 / (1.0 + np.exp(-logit.to_numpy(dtype=np.float64)))
-
-
 def window(task: ReferenceTask, truth: bool = True) -> pd.DataFrame:
     """Logged requests as the sink writes them: the features as sent, the model's probability and
     prediction, ground truth joined later; no target and no customer id."""
     frame = task.generate()
     live = frame[REFERENCE_NUMERIC + REFERENCE_CATEGORICAL].copy()
     live["request_id"] = [f"r{i}" for i in range(len(live))]
-    live["probability"] = oracle(frame)
+    live["probability"] = reference_probability(frame)
     live["prediction"] = np.where(live["probability"] > 0.3, "1", "0")
     live["truth"] = frame[REFERENCE_TARGET].astype(str) if truth else None
     return live
@@ -68,7 +56,7 @@ def training():
 @pytest.fixture(scope="module")
 def profile(training):
     held_out = ReferenceTask(rows=4000, seed=99).generate()
-    built = build_profile(training, REFERENCE_NUMERIC, REFERENCE_CATEGORICAL, oracle(held_out),
+    built = build_profile(training, REFERENCE_NUMERIC, REFERENCE_CATEGORICAL, reference_probability(held_out),
                           held_out[REFERENCE_TARGET].to_numpy())
     return json.loads(json.dumps(built))  # as saved in metadata.json and read back
 
