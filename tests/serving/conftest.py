@@ -27,7 +27,8 @@ def trained(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def servers(trained, tmp_path_factory):
-    """The predictor and the transformer (gRPC hop) on the trained model, for the fuzz tests."""
+    """The predictor and the transformer (gRPC hop) on the trained model, started with no --host
+    (what every local start gets), shared by the module's tests."""
     model_dir, _ = trained
     logs = tmp_path_factory.mktemp("fuzz")
     predictor = Server("serving.predictor", logs / "predictor.log", "--model_dir", str(model_dir))

@@ -18,23 +18,6 @@ from tests.serving.servers import NAME, Server, kserve_inputs, records, v2_body
 from tests.support import ROOT, free_port
 
 
-@pytest.fixture(scope="module")
-def servers(trained, tmp_path_factory):
-    """Predictor + transformer (gRPC hop) with no --host: what every local start gets."""
-    model_dir, _ = trained
-    logs = tmp_path_factory.mktemp("surface")
-    predictor = Server("serving.predictor", logs / "predictor.log", "--model_dir", str(model_dir))
-    transformer = Server("serving.transformer", logs / "transformer.log", "--model_dir", str(model_dir),
-                         "--predictor_host", f"127.0.0.1:{predictor.grpc_port}", "--predictor_protocol", "grpc-v2")
-    try:
-        predictor.wait()
-        transformer.wait()
-        yield predictor, transformer
-    finally:
-        transformer.stop()
-        predictor.stop()
-
-
 def served_version(server: Server) -> str:
     return httpx.get(f"{server.url}/v2/models/{NAME}").json()["versions"][0]
 
@@ -58,7 +41,7 @@ def ipv4(ip: str) -> str:
 
 
 def test_both_servers_listen_on_loopback_only(servers):
-    for server in servers:
+    for server in servers.values():
         listening = {(c.laddr.ip, c.laddr.port) for c in psutil.Process(server.process.pid).connections("inet")
                      if c.status == psutil.CONN_LISTEN}
         # Both ports, and nothing on 0.0.0.0 or [::] (KServe 0.21 binds both there); gRPC's
@@ -93,7 +76,7 @@ def test_unload_and_load_are_not_served_and_inference_goes_on(servers, trained):
     from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
     from kserve.protocol.grpc.grpc_predict_v2_pb2_grpc import GRPCInferenceServiceStub
 
-    for server in servers:
+    for server in servers.values():
         for action in ("unload", "load"):
             answer = httpx.post(f"{server.url}/v2/repository/models/{NAME}/{action}")
             assert answer.status_code == 404, (server.log.name, action, answer.text)
@@ -116,7 +99,7 @@ def test_unload_and_load_are_not_served_and_inference_goes_on(servers, trained):
 
 @pytest.mark.parametrize("which", ["predictor", "transformer"])
 def test_the_served_version_is_served_and_another_is_a_404_naming_it(servers, trained, which):
-    server = dict(zip(["predictor", "transformer"], servers))[which]
+    server = servers[which]
     version = served_version(server)
     base = f"{server.url}/v2/models/{NAME}"
     # The served version: ready, metadata, inference by path and by query
@@ -145,7 +128,7 @@ def test_grpc_checks_the_version_too(servers, trained):
     from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
     from kserve.protocol.grpc.grpc_predict_v2_pb2_grpc import GRPCInferenceServiceStub
 
-    _, transformer = servers
+    transformer = servers["transformer"]
     version = served_version(transformer)
     rows = [r for r in records(trained[1], 40) if None not in r.values()][:2]
     request = InferRequest(NAME, kserve_inputs(rows, binary=True)).to_grpc()
