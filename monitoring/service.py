@@ -82,22 +82,40 @@ def ground_truth_rows(data) -> pd.DataFrame:
     """Checked ground-truth rows from a JSON body (ValueError says what is wrong)."""
     rows = data.get("rows") if isinstance(data, dict) else data
     if not isinstance(rows, list) or not rows:
-        raise ValueError("expected a non-empty list of {request_id, truth[, instance]} (or {\"rows\": [...]})")
+        raise ValueError("expected a non-empty list of {request_id, truth[, instance]} or {entity_column, "
+                         "entity_id, truth} (or {\"rows\": [...]})")
     for k, row in enumerate(rows):
         if not isinstance(row, dict):
             raise ValueError(f"rows[{k}] is not an object")
-        if not isinstance(row.get("request_id"), str) or not row["request_id"]:
-            raise ValueError(f"rows[{k}].request_id must be a non-empty string")
+        if "request_id" not in row and "entity_column" in row:
+            _check_entity(row, k)
+        elif not isinstance(row.get("request_id"), str) or not row["request_id"]:
+            raise ValueError(f"rows[{k}].request_id must be a non-empty string (or give entity_column and entity_id)")
         if not isinstance(row.get("truth"), (str, int, float, bool)):
             raise ValueError(f"rows[{k}].truth must be a label (string or number)")
         instance = row.get("instance")
         if instance is not None and (not isinstance(instance, int) or isinstance(instance, bool)
                                      or not 0 <= instance < MAX_INSTANCE):
             raise ValueError(f"rows[{k}].instance must be a row index (an integer from 0 to {MAX_INSTANCE - 1})")
-    frame = pd.DataFrame({"request_id": [r["request_id"] for r in rows], "truth": [str(r["truth"]) for r in rows]})
+    frame = pd.DataFrame({"request_id": [r.get("request_id") for r in rows],
+                          "truth": [str(r["truth"]) for r in rows]})
     if any("instance" in r for r in rows):
         frame["instance"] = pd.array([r.get("instance") for r in rows], dtype="Int64")
+    if any("entity_column" in r for r in rows):
+        frame["entity_column"] = [r.get("entity_column") for r in rows]
+        frame["entity_id"] = [None if r.get("entity_id") is None else str(r["entity_id"]) for r in rows]
     return frame
+
+
+def _check_entity(row: dict, k: int) -> None:
+    """A row keyed by entity: the dataset's id column (as the requests sent it) and its value."""
+    if not isinstance(row.get("entity_column"), str) or not row["entity_column"]:
+        raise ValueError(f"rows[{k}].entity_column must name the id column (e.g. the dataset's id_column)")
+    value = row.get("entity_id")
+    if isinstance(value, bool) or not isinstance(value, (str, int)) or value == "":
+        raise ValueError(f"rows[{k}].entity_id must be the entity's id (a string or an integer)")
+    if "instance" in row:
+        raise ValueError(f"rows[{k}]: instance goes with request_id, not with an entity")
 
 
 

@@ -36,6 +36,9 @@ import storage
 GROUND_TRUTH = "ground_truth"
 PENDING = "_pending"
 REQUEST_ID, INSTANCE, EVENT_TIME = "request_id", "instance", "event_time"
+# Ground truth may name the entity instead of the request: the dataset's id column (sent with the
+# request, logged as one of its columns) and its value.
+ENTITY_COLUMN, ENTITY_ID = "entity_column", "entity_id"
 MODEL_NAME, MODEL_VERSION = "model_name", "model_version"
 PROBABILITY, PREDICTION, TRUTH = "probability", "prediction", "truth"
 SINK_COLUMNS = (REQUEST_ID, INSTANCE, EVENT_TIME, MODEL_NAME, MODEL_VERSION, PROBABILITY, PREDICTION, TRUTH)
@@ -134,14 +137,17 @@ def read_ground_truth(root: str) -> pd.DataFrame:
     missing = {REQUEST_ID, TRUTH} - set(frame.columns)
     if missing:
         raise ValueError(f"{root}/{GROUND_TRUTH}: ground-truth files need columns {sorted(missing)}")
-    keep = [REQUEST_ID, TRUTH] + ([INSTANCE] if INSTANCE in frame.columns else [])
+    entity = [ENTITY_COLUMN, ENTITY_ID] if {ENTITY_COLUMN, ENTITY_ID} <= set(frame.columns) else []
+    keep = [REQUEST_ID, TRUTH] + ([INSTANCE] if INSTANCE in frame.columns else []) + entity
     frame = frame[keep].copy()
-    frame[REQUEST_ID] = frame[REQUEST_ID].astype(str)
+    frame[REQUEST_ID] = frame[REQUEST_ID].map(lambda v: None if _null(v) else str(v)).astype(object)
     frame[TRUTH] = frame[TRUTH].map(lambda v: None if _null(v) else str(v)).astype(object)
     if INSTANCE in frame.columns:
         frame[INSTANCE] = pd.to_numeric(frame[INSTANCE], errors="coerce").astype("Int64")
     keys = [REQUEST_ID, INSTANCE] if INSTANCE in frame.columns else [REQUEST_ID]
-    return frame.drop_duplicates(keys, keep="last").reset_index(drop=True)
+    by_request = frame[frame[REQUEST_ID].notna()].drop_duplicates(keys, keep="last")
+    by_entity = frame[frame[REQUEST_ID].isna()].drop_duplicates(entity, keep="last") if entity else frame.iloc[0:0]
+    return pd.concat([by_request, by_entity]).reset_index(drop=True)
 
 
 def _null(value) -> bool:
@@ -149,10 +155,13 @@ def _null(value) -> bool:
 
 
 def join_truth(window: pd.DataFrame, truth: pd.DataFrame) -> pd.DataFrame:
-    """`window` with its `truth` column filled from `truth` by request id (and instance)."""
+    """`window` with its `truth` column filled from `truth` by request id (and instance), then,
+    for rows still without one, by entity (the id column's value the request carried)."""
     if window.empty or truth.empty:
         return window
     window = window.copy()
+    entities = truth[truth[REQUEST_ID].isna()] if ENTITY_COLUMN in truth.columns else None
+    truth = truth[truth[REQUEST_ID].notna()]
     labels = pd.Series([None] * len(window), index=window.index, dtype=object)
     if INSTANCE in truth.columns:
         by_row = truth[truth[INSTANCE].notna()]
@@ -167,6 +176,11 @@ def join_truth(window: pd.DataFrame, truth: pd.DataFrame) -> pd.DataFrame:
                                           pd.array(window[INSTANCE], dtype="Int64")])
         exact = pd.Series(keyed.reindex(keys).to_numpy(), index=window.index, dtype=object)
         labels = exact.where(exact.notna(), labels)
+    for column, rows in (entities.groupby(ENTITY_COLUMN) if entities is not None else ()):
+        if column in window.columns:
+            by_entity = window[column].map(lambda v: None if _null(v) else str(v)).map(
+                rows.set_index(ENTITY_ID)[TRUTH])
+            labels = labels.where(labels.notna(), by_entity)
     window[TRUTH] = labels.astype(object).where(labels.notna(), None)
     return window
 
@@ -224,27 +238,33 @@ def _empty_dtype(column: str):
 # ---- ground truth ---------------------------------------------------------------------------------
 
 def write_ground_truth(root: str, frame: pd.DataFrame) -> str:
-    """Write ground-truth rows (`request_id`, `truth`, optionally `instance`) as one new file under
-    `<root>/ground_truth/`, named by time so later files win; returns its URI.
+    """Write ground-truth rows (`request_id`, `truth`, optionally `instance`; or, instead of a
+    request id, `entity_column` and `entity_id`) as one new file under `<root>/ground_truth/`, named
+    by time so later files win; returns its URI.
 
     Raises:
-        ValueError: a column is missing, or a request id or truth is empty.
+        ValueError: a column is missing, or a row has neither a request id nor an entity, or no truth.
     """
     import pyarrow as pa
 
     missing = {REQUEST_ID, TRUTH} - set(frame.columns)
     if missing:
         raise ValueError(f"ground truth needs columns {sorted(missing)}, got {list(frame.columns)}")
-    ids = frame[REQUEST_ID]
-    if ids.isna().any() or (ids.astype(str).str.len() == 0).any():
-        raise ValueError("ground truth has an empty request_id")
+    ids = frame[REQUEST_ID].map(lambda v: None if _null(v) or str(v) == "" else str(v))
+    entity = {ENTITY_COLUMN, ENTITY_ID} <= set(frame.columns)
+    keyed = ids.notna() | (frame[ENTITY_COLUMN].notna() & frame[ENTITY_ID].notna() if entity else False)
+    if not keyed.all():
+        raise ValueError("ground truth has a row with neither a request_id nor an entity_column and entity_id")
     if frame[TRUTH].isna().any():
         raise ValueError("ground truth has an empty truth")
-    columns = {REQUEST_ID: pa.array(ids.astype(str).tolist(), pa.string()),
+    columns = {REQUEST_ID: pa.array(ids.tolist(), pa.string()),
                TRUTH: pa.array(frame[TRUTH].map(str).tolist(), pa.string())}
     if INSTANCE in frame.columns:
         instances = pd.to_numeric(frame[INSTANCE]).astype("Int64")
         columns[INSTANCE] = pa.array([None if pd.isna(v) else int(v) for v in instances], pa.int64())
+    if entity:
+        for name in (ENTITY_COLUMN, ENTITY_ID):
+            columns[name] = pa.array([None if _null(v) else str(v) for v in frame[name]], pa.string())
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
     uri = storage.join(root, GROUND_TRUTH, f"{stamp}-{uuid.uuid4().hex[:8]}.parquet")
     storage.write_atomic(uri, parquet_bytes(pa.table(columns)))

@@ -613,6 +613,33 @@ def test_ground_truth_is_joined_by_request_id_in_read_window(tmp_path, traffic):
     assert read_window(root).set_index("request_id").loc["c", "truth"] == "0"
 
 
+def test_ground_truth_joins_by_entity_id_where_the_request_id_gives_none(tmp_path, traffic):
+    # Clients send the dataset's id column with each record (the transformer echoes it and the
+    # sink logs it): labels known per customer, not per request, still reach the window
+    root = str(tmp_path / "windows")
+    sink = PayloadSink(root, SinkSpec(root=root), start=False)
+    for request_id, customer in (("a", "c-1"), ("b", 7), ("c", "c-3")):
+        rows = [{**traffic.records(1)[0], "customer_id": customer}]
+        for event in traffic.call(request_id, rows):
+            assert sink.accept(*event).status == 202
+    assert sink.flush() == 3
+    from starlette.testclient import TestClient
+
+    from monitoring.service import create_app
+
+    with TestClient(create_app(sink)) as client:
+        assert client.post("/ground_truth", json=[{"entity_column": "customer_id", "entity_id": "c-1", "truth": 1},
+                                                   {"entity_column": "customer_id", "entity_id": 7, "truth": 0},
+                                                   {"request_id": "c", "truth": 0}]).status_code == 202
+        # A request id wins over an entity's label; a bad entity row is a 422 naming it
+        assert client.post("/ground_truth", json=[{"entity_column": "customer_id", "entity_id": "c-3",
+                                                    "truth": 1}]).status_code == 202
+        bad = client.post("/ground_truth", json=[{"entity_column": "customer_id", "truth": 1}])
+        assert bad.status_code == 422 and "rows[0].entity_id" in bad.text
+    truth = dict(zip(read_window(root)["request_id"], read_window(root)["truth"]))
+    assert truth == {"a": "1", "b": "0", "c": "0"}
+
+
 def test_windows_and_ground_truth_go_through_storage_to_s3(tmp_path, traffic, monkeypatch):
     import boto3
     from moto.server import ThreadedMotoServer
