@@ -163,6 +163,56 @@ def _pod_annotations(port: int) -> dict[str, str]:
     return {"prometheus.io/scrape": "true", "prometheus.io/port": str(port), "prometheus.io/path": METRICS_PATH}
 
 
+# The servers bind loopback unless told (serving/server.py); in a pod the kubelet's probes and the
+# queue-proxy come from outside the container, so the args say it rather than trust the image's env.
+REACHABLE = ["--host", "0.0.0.0"]
+
+
+def _collocated_containers(spec: ServingSpec, model_args: list[str], labels_at: list[str], common: dict) -> list:
+    """Predictor and transformer in one pod. Knative serves exactly one container port per pod: the
+    transformer's. The predictor listens on its own ports, reachable over localhost only. Knative
+    also refuses probes on a container without the port unless the cluster enables
+    multi-container-probing (knative/serving#12615): there the transformer's readiness covers the
+    predictor's (--enable_predictor_health_check); a Deployment (Standard) probes both."""
+    knative = spec.deployment_mode == "Knative"
+    predictor_port = COLLOCATED_GRPC_PORT if spec.hop_protocol == "grpc-v2" else COLLOCATED_HTTP_PORT
+    predictor = _container(
+        PREDICTOR_CONTAINER, "serving.predictor",
+        # Under Knative nothing outside the pod reaches the collocated predictor: loopback only.
+        [*model_args, "--host", "127.0.0.1" if knative else "0.0.0.0",
+         "--http_port", str(COLLOCATED_HTTP_PORT), "--grpc_port", str(COLLOCATED_GRPC_PORT)],
+        http_port=COLLOCATED_HTTP_PORT, ports=None, probes=not knative, **common)
+    transformer = _container(
+        TRANSFORMER_CONTAINER, "serving.transformer",
+        [*model_args, "--predictor_host", f"127.0.0.1:{predictor_port}", "--predictor_protocol", spec.hop_protocol,
+         "--enable_predictor_health_check", *labels_at, *REACHABLE, "--http_port", str(HTTP_PORT),
+         "--grpc_port", str(GRPC_PORT)],
+        http_port=HTTP_PORT, ports=[k8s.V1ContainerPort(name="http1", container_port=HTTP_PORT, protocol="TCP")],
+        **common)
+    return [predictor, transformer]
+
+
+def _separate_components(spec: ServingSpec, name: str, namespace: str, model_args: list[str], labels_at: list[str],
+                         common: dict) -> tuple[list, list]:
+    """(predictor containers, transformer containers) of a transformer that is its own component.
+    It reaches the predictor through its Service (port 80 -> the one declared port): h2c for gRPC
+    v2, http1 for REST."""
+    hop = spec.hop_protocol
+    port = (k8s.V1ContainerPort(name="h2c", container_port=GRPC_PORT, protocol="TCP") if hop == "grpc-v2"
+            else k8s.V1ContainerPort(name="http1", container_port=HTTP_PORT, protocol="TCP"))
+    predictor = _container(PREDICTOR_CONTAINER, "serving.predictor",
+                           [*model_args, *REACHABLE, "--http_port", str(HTTP_PORT), "--grpc_port", str(GRPC_PORT)],
+                           http_port=HTTP_PORT, ports=[port], **common)
+    predictor_host = f"{name}-predictor.{namespace}" + (":80" if hop == "grpc-v2" else "")
+    transformer = _container(PREDICTOR_CONTAINER, "serving.transformer",
+                             [*model_args, "--predictor_host", predictor_host, "--predictor_protocol", hop,
+                              *labels_at, *REACHABLE, "--http_port", str(HTTP_PORT), "--grpc_port", str(GRPC_PORT)],
+                             http_port=HTTP_PORT,
+                             ports=[k8s.V1ContainerPort(name="http1", container_port=HTTP_PORT, protocol="TCP")],
+                             **common)
+    return [predictor], [transformer]
+
+
 def render(spec: ServingSpec, *, image: str, namespace: str, env: str, model: ServedModel, name: str | None = None,
            object_store_endpoint: str | None = None, extra_env: dict[str, str] | None = None,
            canary: bool = True, decision_threshold: float = 0.5):
@@ -187,7 +237,6 @@ def render(spec: ServingSpec, *, image: str, namespace: str, env: str, model: Se
     knative = spec.deployment_mode == "Knative"
     credentials = _needs_credentials(model.uri)
     env_vars = _env(spec, object_store_endpoint, extra_env)
-    hop = spec.hop_protocol
     canary_percent = spec.canary_percent if canary and knative and spec.canary_percent > 0 else None
     logger = (V1beta1LoggerSpec(url=spec.payload_logging.url, mode=spec.payload_logging.mode)
               if spec.payload_logging.url else None)
@@ -195,58 +244,19 @@ def render(spec: ServingSpec, *, image: str, namespace: str, env: str, model: Se
     model_args = ["--model_name", model.name, "--model_dir", model.uri, "--model_version", model.version,
                   "--max_batch_rows", str(spec.max_batch_rows), "--max_body_bytes", str(spec.max_body_bytes)]
     labels_at = ["--decision_threshold", f"{decision_threshold:g}"]  # the transformer turns probabilities into labels
-    # The servers bind loopback unless told (serving/server.py); in a pod the kubelet's probes and the
-    # queue-proxy come from outside the container, so say it here rather than trust the image's env.
-    reachable = ["--host", "0.0.0.0"]
+    def component() -> dict:  # what every component carries whatever its placement (fresh objects each)
+        return dict(canary_traffic_percent=canary_percent, annotations=_pod_annotations(HTTP_PORT),
+                    security_context=hardening.pod_security(knative_subset=True), volumes=_volumes(),
+                    **_scaling(spec))
 
     if spec.transformer == "collocated":
-        predictor_port = COLLOCATED_GRPC_PORT if hop == "grpc-v2" else COLLOCATED_HTTP_PORT
-        # Knative serves exactly one container port per pod: the transformer's. The predictor
-        # listens on its own ports, reachable over localhost only. Knative also refuses probes on
-        # a container without the port unless the cluster enables multi-container-probing
-        # (knative/serving#12615): there the transformer's readiness covers the predictor's
-        # (--enable_predictor_health_check); a Deployment (Standard) probes both.
-        predictor_container = _container(
-            PREDICTOR_CONTAINER, "serving.predictor",
-            # Under Knative nothing outside the pod reaches the collocated predictor: loopback only.
-            [*model_args, "--host", "127.0.0.1" if knative else "0.0.0.0",
-             "--http_port", str(COLLOCATED_HTTP_PORT), "--grpc_port", str(COLLOCATED_GRPC_PORT)],
-            http_port=COLLOCATED_HTTP_PORT, ports=None, probes=not knative, **common)
-        transformer_container = _container(
-            TRANSFORMER_CONTAINER, "serving.transformer",
-            [*model_args, "--predictor_host", f"127.0.0.1:{predictor_port}", "--predictor_protocol", hop,
-             "--enable_predictor_health_check", *labels_at, *reachable, "--http_port", str(HTTP_PORT),
-             "--grpc_port", str(GRPC_PORT)],
-            http_port=HTTP_PORT, ports=[k8s.V1ContainerPort(name="http1", container_port=HTTP_PORT, protocol="TCP")],
-            **common)
-        predictor = V1beta1PredictorSpec(
-            containers=[predictor_container, transformer_container], logger=logger,
-            canary_traffic_percent=canary_percent, annotations=_pod_annotations(HTTP_PORT),
-            security_context=hardening.pod_security(knative_subset=True), volumes=_volumes(), **_scaling(spec))
+        predictor = V1beta1PredictorSpec(containers=_collocated_containers(spec, model_args, labels_at, common),
+                                         logger=logger, **component())
         transformer = None
     else:
-        # The transformer reaches the predictor through its Service (port 80 -> the one declared
-        # port): h2c for gRPC v2, http1 for REST.
-        port = (k8s.V1ContainerPort(name="h2c", container_port=GRPC_PORT, protocol="TCP") if hop == "grpc-v2"
-                else k8s.V1ContainerPort(name="http1", container_port=HTTP_PORT, protocol="TCP"))
-        predictor = V1beta1PredictorSpec(
-            containers=[_container(PREDICTOR_CONTAINER, "serving.predictor",
-                                   [*model_args, *reachable, "--http_port", str(HTTP_PORT),
-                                    "--grpc_port", str(GRPC_PORT)],
-                                   http_port=HTTP_PORT, ports=[port], **common)],
-            canary_traffic_percent=canary_percent, annotations=_pod_annotations(HTTP_PORT),
-            security_context=hardening.pod_security(knative_subset=True), volumes=_volumes(), **_scaling(spec))
-        predictor_host = f"{name}-predictor.{namespace}" + (":80" if hop == "grpc-v2" else "")
-        transformer = V1beta1TransformerSpec(
-            containers=[_container(PREDICTOR_CONTAINER, "serving.transformer",
-                                   [*model_args, "--predictor_host", predictor_host, "--predictor_protocol", hop,
-                                    *labels_at, *reachable, "--http_port", str(HTTP_PORT),
-                                    "--grpc_port", str(GRPC_PORT)],
-                                   http_port=HTTP_PORT,
-                                   ports=[k8s.V1ContainerPort(name="http1", container_port=HTTP_PORT, protocol="TCP")],
-                                   **common)],
-            logger=logger, canary_traffic_percent=canary_percent, annotations=_pod_annotations(HTTP_PORT),
-            security_context=hardening.pod_security(knative_subset=True), volumes=_volumes(), **_scaling(spec))
+        predictor, transformer = _separate_components(spec, name, namespace, model_args, labels_at, common)
+        predictor = V1beta1PredictorSpec(containers=predictor, **component())
+        transformer = V1beta1TransformerSpec(containers=transformer, logger=logger, **component())
 
     if not knative:
         # Surge first, never below the serving replicas: the old pods serve until the new are ready.
