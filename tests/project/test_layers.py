@@ -39,6 +39,14 @@ def test_the_project_keeps_its_layers(tree):
     assert "BROKEN" not in result.stdout and "KEPT" in result.stdout
 
 
+def plant(tree, module: str, planted: str) -> int:
+    """Append `planted` to `tree/module`; the line its last statement lands on."""
+    path = tree / module
+    text = path.read_text()
+    path.write_text(text + f"\n{planted}  # planted by the test\n")
+    return len(text.splitlines()) + 1 + planted.count("\n") + 1
+
+
 @pytest.mark.parametrize("module, planted, broken", [
     ("model/labels.py", "import pipelines.config", "model.labels -> pipelines.config"),
     ("stages/gate.py", "from components import train", "stages.gate -> components"),
@@ -47,8 +55,7 @@ def test_the_project_keeps_its_layers(tree):
 ])
 def test_an_upward_import_breaks_the_contract(tree, module, planted, broken):
     # Given a lower layer that imports a higher one (or torch/kfp where they are kept out)
-    path = tree / module
-    path.write_text(path.read_text() + f"\n{planted}  # planted by the test\n")
+    plant(tree, module, planted)
     # When import-linter checks the contracts
     result = lint_imports(tree)
     # Then it fails and names the import
@@ -105,10 +112,7 @@ def test_only_the_gateway_uses_mlflows_client():
 ])
 def test_a_planted_mlflow_client_outside_the_gateway_is_found(tree, planted, named):
     # Given a stage that reaches MLflow's client itself, not through gateways/mlflow_api.py
-    path = tree / "stages" / "gate.py"
-    text = path.read_text()
-    path.write_text(text + f"\n{planted}  # planted by the test\n")
-    line = len(text.splitlines()) + 1 + planted.count("\n") + 1
+    line = plant(tree, "stages/gate.py", planted)
     # When the check runs, Then it names the file, the line and what was imported
     assert mlflow_client_uses(tree) == [named.format(line=line)]
 
@@ -169,10 +173,7 @@ def test_only_the_gateway_calls_the_kubernetes_api():
 ])
 def test_a_planted_kubernetes_client_outside_the_gateway_is_found(tree, planted, named):
     # Given the rollout reaching the API itself, not through gateways/kube_api.py
-    path = tree / "deployment" / "rollout.py"
-    text = path.read_text()
-    path.write_text(text + f"\n{planted}  # planted by the test\n")
-    line = len(text.splitlines()) + 1 + planted.count("\n") + 1
+    line = plant(tree, "deployment/rollout.py", planted)
     # When the check runs, Then it names the file, the line and what was used
     assert kube_client_uses(tree) == [named.format(line=line)]
 
@@ -229,9 +230,6 @@ def test_kfp_submodules_stay_in_their_layers():
 ])
 def test_a_planted_kfp_import_outside_its_layer_is_found(tree, module, planted, named):
     # Given a module that reaches the KFP API itself, or authors pipelines below layer 4
-    path = tree / module
-    text = path.read_text()
-    path.write_text(text + f"\n{planted}  # planted by the test\n")
-    line = len(text.splitlines()) + 1 + planted.count("\n") + 1
+    line = plant(tree, module, planted)
     # When the check runs, Then it names the file, the line and what was imported
     assert kfp_uses(tree) == [named.format(line=line)]
