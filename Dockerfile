@@ -28,6 +28,7 @@ COPY training ./training
 COPY serving ./serving
 COPY monitoring ./monitoring
 COPY deployment ./deployment
+COPY fleet ./fleet
 COPY components ./components
 COPY pipelines ./pipelines
 COPY config ./config

@@ -18,6 +18,7 @@ from specs import (
     Cpu,
     DatasetSpec,
     EvaluationSpec,
+    FleetSpec,
     Memory,
     MonitoringSpec,
     RetrainingSpec,
@@ -81,6 +82,7 @@ class Settings(Strict):
     serving: ServingSpec = ServingSpec()
     monitoring: MonitoringSpec = MonitoringSpec()
     retraining: RetrainingSpec = RetrainingSpec()
+    fleet: FleetSpec = FleetSpec()
 
     @property
     def embedded(self) -> bool:
@@ -111,10 +113,32 @@ class Settings(Strict):
             raise ValueError(f"monitoring.sink.root {self.monitoring.sink.root!r} is a local path, but a cluster's "
                              "monitoring tasks and the monitor service run in separate pods: use an object store "
                              "(s3://bucket/monitoring)")
+        self._fleet_fits()
         if (self.serving.deployer == "local") != self.embedded:
             fits = "local (no kfp.host: this machine)" if self.embedded else "inferenceservice (kfp.host: a cluster)"
             raise ValueError(f"serving.deployer {self.serving.deployer!r} does not fit this environment; use {fits}")
         return self
+
+
+    def _fleet_fits(self) -> None:
+        clusters = self.fleet.clusters
+        if self.embedded:
+            if clusters:
+                raise ValueError("fleet.clusters is for cluster environments (kfp.host set); this one runs here")
+            return
+        if not clusters:
+            raise ValueError("fleet.clusters is empty: a cluster environment names the clusters it runs on")
+        for part in ("training", "serving", "monitoring"):
+            if not any(part in c.runs for c in clusters):
+                raise ValueError(f"fleet.clusters: no cluster runs {part}")
+        want = self.training.resources.gpu
+        for c in clusters:
+            if "training" in c.runs and want.count and c.gpu.resource != want.resource:
+                raise ValueError(f"fleet.clusters[{c.name}].gpu.resource {c.gpu.resource!r} is not what training "
+                                 f"asks for (training.resources.gpu.resource {want.resource!r})")
+            if c.predictor_replicas == 0 and self.serving.deployment_mode != "Knative":
+                raise ValueError(f"fleet.clusters[{c.name}].predictor_replicas 0 (scale to zero) needs "
+                                 "serving.deployment_mode 'Knative'")
 
 
 def deep_merge(base: dict, override: dict) -> dict:

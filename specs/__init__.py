@@ -7,6 +7,7 @@ from specs.base import Strict
 from specs.cron import check_cron
 from specs.data import DatasetSpec, DistributionShift, Features
 from specs.evaluation import EvaluationSpec, Thresholds, TrackingSpec
+from specs.fleet import AuthSpec, ClusterSpec, FleetSpec, GpuPool, QueueSpec
 from specs.monitoring import MonitoringSpec, RetrainingSpec, SinkSpec
 from specs.quantity import Cpu, Memory
 from specs.serving import DeploySpec, PayloadLogging, ServingSpec
@@ -14,8 +15,9 @@ from specs.training import Elastic, Gpu, Hyperparameters, Resources, Toleration,
 from specs.tuning import TuningSpec
 
 __all__ = [
-    "Cpu", "DatasetSpec", "DeploySpec", "DistributionShift", "Elastic", "EvaluationSpec", "Features", "Gpu",
-    "Hyperparameters", "Memory", "MonitoringSpec", "PayloadLogging", "Resources", "RetrainingSpec", "ServingSpec",
-    "SinkSpec", "Strict", "Thresholds", "Toleration", "TrackingSpec", "TrainSpec", "TrainingSpec", "TuningSpec",
+    "AuthSpec", "ClusterSpec", "Cpu", "DatasetSpec", "DeploySpec", "DistributionShift", "Elastic",
+    "EvaluationSpec", "Features", "FleetSpec", "Gpu", "GpuPool", "Hyperparameters", "Memory",
+    "MonitoringSpec", "PayloadLogging", "QueueSpec", "Resources", "RetrainingSpec", "ServingSpec", "SinkSpec",
+    "Strict", "Thresholds", "Toleration", "TrackingSpec", "TrainSpec", "TrainingSpec", "TuningSpec",
     "check_cron",
 ]
