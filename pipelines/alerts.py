@@ -1,5 +1,6 @@
-"""The alert path's files in `manifests/monitoring/`: the PrometheusRule is the source, and the
-plain Prometheus rules file (for `rule_files:` without the operator, and for `promtool`) is
+"""The alert rules: the PrometheusRule template (`fleet/data/prometheus-rules.yaml`, which
+fleet/observability.py scopes to each env's namespace) is the source, and the plain Prometheus
+rules file in `manifests/monitoring/` (for `rule_files:` without the operator, and for `promtool`) is
 rendered from it.
 
     python -m pipelines.alerts --write     regenerate prometheus-rules.plain.yaml
@@ -14,11 +15,11 @@ from pathlib import Path
 import yaml
 
 MONITORING_DIR = Path(__file__).resolve().parent.parent / "manifests" / "monitoring"
-RULES = MONITORING_DIR / "prometheus-rules.yaml"
+RULES = Path(__file__).resolve().parent.parent / "fleet" / "data" / "prometheus-rules.yaml"
 PLAIN_RULES = MONITORING_DIR / "prometheus-rules.plain.yaml"
-HEADER = ("# GENERATED from prometheus-rules.yaml (the PrometheusRule) by `python -m pipelines.alerts --write`.\n"
-          "# Do not edit: change prometheus-rules.yaml and regenerate (tests/pipelines/test_alerts.py fails when they "
-          "disagree).\n")
+HEADER = ("# GENERATED from fleet/data/prometheus-rules.yaml (the PrometheusRule template) by\n"
+          "# `python -m pipelines.alerts --write`. Do not edit: change the template and regenerate\n"
+          "# (tests/pipelines/test_alerts.py fails when they disagree).\n")
 
 
 class _Literal(str):

@@ -1,7 +1,8 @@
-"""The alert path in manifests/monitoring/: the rules pass `promtool check rules` and fire (and only
-fire) as their unit tests on synthetic series say (`promtool test rules`); the plain rules file is
-rendered from the PrometheusRule; retraining alerts route to the monitor's /alerts; the Grafana
-dashboard is valid and every expression names only metrics that exist."""
+"""The alert path: the rule template (fleet/data/prometheus-rules.yaml) passes `promtool check rules`
+and fires (and only fires) as its unit tests on synthetic series say (`promtool test rules`); the
+plain rules file (manifests/monitoring/) is rendered from it; retraining alerts route to the
+monitor's /alerts; the Grafana dashboard is valid and every expression names only metrics that
+exist. Each env's objects built from these: tests/fleet/test_observability.py."""
 import json
 import re
 import shutil
@@ -10,13 +11,16 @@ import subprocess
 import pytest
 import yaml
 
-from pipelines.alerts import MONITORING_DIR, PLAIN_RULES, RULES, plain_rules, rule_groups
+from fleet import observability
+from fleet.observability import DASHBOARD_FILE as DASHBOARD
+from fleet.observability import RULES_FILE as RULES
+from pipelines.alerts import PLAIN_RULES, plain_rules, rule_groups
 from pipelines.config import load_settings
+from tests.fleet.conftest import contexts
 
 PROMTOOL = shutil.which("promtool")
 needs_promtool = pytest.mark.skipif(
     PROMTOOL is None, reason="promtool not installed (apt-get install -y prometheus; .ci/run installs it)")
-DASHBOARD = MONITORING_DIR / "grafana-dashboard.json"
 
 # Metrics that others export (not this project): where each name comes from.
 EXTERNAL_METRICS = {
@@ -84,7 +88,7 @@ def metric_names(expr: str) -> set[str]:
 
 
 def rules():
-    return [rule for group in rule_groups() for rule in group["rules"]]
+    return [rule for group in rule_groups(RULES) for rule in group["rules"]]
 
 
 def dashboard_exprs() -> list[str]:
@@ -101,7 +105,7 @@ def dashboard_exprs() -> list[str]:
 def test_the_plain_rules_file_is_rendered_from_the_prometheus_rule():
     doc = yaml.safe_load(RULES.read_text())
     assert doc["apiVersion"] == "monitoring.coreos.com/v1" and doc["kind"] == "PrometheusRule"
-    assert PLAIN_RULES.read_text() == plain_rules(), "python -m pipelines.alerts --write"
+    assert PLAIN_RULES.read_text() == plain_rules(RULES), "python -m pipelines.alerts --write"
     assert yaml.safe_load(PLAIN_RULES.read_text())["groups"] == doc["spec"]["groups"]
 
 
@@ -344,12 +348,13 @@ def test_promtool_unit_tests_fire_the_alerts_on_synthetic_series(tmp_path):
 def test_retraining_alerts_route_to_the_monitor_services_alerts_webhook():
     from monitoring.alerts import RETRAIN_LABEL, RETRAIN_VALUE, retrain_alerts
 
-    config = yaml.safe_load((MONITORING_DIR / "alertmanager.yaml").read_text())
-    (route,) = config["route"]["routes"]
-    assert route["matchers"] == [f'{RETRAIN_LABEL}="{RETRAIN_VALUE}"']
+    ctx = contexts("prod")[0]
+    config = observability.alertmanager_config(ctx)["spec"]
+    route = config["route"]
+    assert {"name": RETRAIN_LABEL, "value": RETRAIN_VALUE, "matchType": "="} in route["matchers"]
     (receiver,) = [r for r in config["receivers"] if r["name"] == route["receiver"]]
-    (hook,) = receiver["webhook_configs"]
-    assert hook["url"].endswith(":8080/alerts") and hook["send_resolved"] is False
+    (hook,) = receiver["webhookConfigs"]
+    assert hook["url"].endswith(":8080/alerts") and hook["sendResolved"] is False
     # an alert as the rules label it is one the monitor service hands to the trigger
     rule = next(r for r in rules() if r["alert"] == "FlywheelFeatureDrift")
     payload = {"alerts": [{"status": "firing", "labels": {"alertname": rule["alert"], **rule["labels"]}},
@@ -388,23 +393,19 @@ def test_the_dashboard_shows_traffic_latency_errors_drift_version_and_gpus():
         assert word in titles, word
 
 
-# --- Kustomize ----------------------------------------------------------------------------------
+# --- the objects (formerly the manifests/monitoring Kustomize folder) -------------------------------
 
-def test_the_folder_builds_with_kustomize():
-    from pipelines import manifests
+def test_the_env_objects_carry_the_rules_the_dashboard_and_the_kfp_rights():
+    from fleet import monitor
 
-    try:
-        kubectl = manifests.find_kubectl()
-        manifests.kustomize_version(kubectl)
-    except manifests.ManifestError as err:
-        pytest.skip(f"kubectl with kustomize unavailable: {err}")
-    result = subprocess.run([kubectl, "kustomize", str(MONITORING_DIR)], capture_output=True, text=True,
-                            timeout=120)
-    assert result.returncode == 0, result.stderr
-    objects = {(o["kind"], o["metadata"]["name"]): o for o in yaml.safe_load_all(result.stdout)}
-    assert set(objects) == {("PrometheusRule", "flywheel"), ("ConfigMap", "flywheel-grafana-dashboard"),
-                            ("Role", "flywheel-kfp-trigger"), ("RoleBinding", "flywheel-kfp-trigger")}
+    ctx = contexts("prod")[0]
+    objects = {(o["kind"], o["metadata"]["name"]): o for o in [*observability.objects(ctx), *monitor.objects(ctx)]}
+    assert {("PrometheusRule", "flywheel"), ("ConfigMap", "flywheel-grafana-dashboard"),
+            ("Role", "flywheel-kfp-trigger"), ("RoleBinding", "flywheel-kfp-trigger")} <= set(objects)
     dashboard = objects[("ConfigMap", "flywheel-grafana-dashboard")]
     assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
-    assert json.loads(dashboard["data"]["grafana-dashboard.json"]) == json.loads(DASHBOARD.read_text())
-    assert objects[("PrometheusRule", "flywheel")]["spec"]["groups"] == rule_groups()
+    (text,) = dashboard["data"].values()
+    assert json.loads(text)["panels"] == json.loads(DASHBOARD.read_text())["panels"]
+    rendered = objects[("PrometheusRule", "flywheel")]["spec"]["groups"]
+    assert [[r["alert"] for r in g["rules"]] for g in rendered] == [[r["alert"] for r in g["rules"]]
+                                                                     for g in rule_groups(RULES)]
