@@ -42,8 +42,8 @@ check: $(STAMP) ## Validate every environment's config against the pipelines
 compile: $(STAMP) ## Compile every pipeline for ENV (default local) into dist/ENV/
 	$(BIN)/flywheel compile --env $(ENV)
 
-render: $(STAMP) ## Print ENV's Kubernetes manifests (ENV=dev|staging|prod; kubectl kustomize)
-	$(BIN)/flywheel render --env $(ENV)
+render: $(STAMP) ## Regenerate the GitOps tree (manifests/) from config, then print ENV's clusters (ENV=dev|staging|prod)
+	$(BIN)/flywheel render --env $(ENV) --write
 
 bench: $(STAMP) ## Run the benchmarks (validation, training, serving under wrk, drift checks, sink ingest)
 	$(BIN)/python benchmarks/validation.py --sizes 10k,100k,1M
@@ -52,7 +52,15 @@ bench: $(STAMP) ## Run the benchmarks (validation, training, serving under wrk, 
 	$(BIN)/python benchmarks/monitoring.py
 	$(BIN)/python benchmarks/monitoring_sink.py
 
+IMAGE_METADATA ?= dist/image-$(ENV).json
+image: $(STAMP) ## Build and push ENV's pipeline image (docker buildx), then pin its digest in config/ENV.yaml
+	@mkdir -p $(dir $(IMAGE_METADATA))
+	@# build-args: ENV's repository:tag, and PyTorch's CUDA index when ENV trains on NVIDIA GPUs
+	args="$$($(BIN)/python -m pipelines.images build-args --env $(ENV))" && \
+		docker buildx build --push --metadata-file $(IMAGE_METADATA) $$args .
+	$(BIN)/python -m pipelines.images pin --env $(ENV) --metadata $(IMAGE_METADATA)
+
 clean: ## Remove generated files (keeps .venv)
 	rm -rf dist runs mlruns .pytest_cache
 
-.PHONY: help venv run test test-fast lint check compile bench render clean
+.PHONY: help venv run test test-fast lint check compile bench render image clean

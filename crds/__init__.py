@@ -29,7 +29,7 @@ def crd_dir() -> Path:
     return Path(os.environ.get("FLYWHEEL_CRD_DIR") or PACKAGED_CRD_DIR)
 
 
-@lru_cache(maxsize=4)
+@lru_cache(maxsize=64)
 def _crd_schema(path: str, version: str) -> dict:
     crd = yaml.load(Path(path).read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     for served in crd["spec"]["versions"]:
@@ -76,6 +76,11 @@ def _validator_class():
             seen.setdefault(key, index)
 
     return jsonschema.validators.extend(base, {"properties": properties, "x-kubernetes-list-type": list_type})
+
+
+def validator_for(schema: dict):
+    """A validator of `schema` with the API server's behaviours (see `_validator_class`)."""
+    return _validator_class()(schema)
 
 
 def _json_path(path) -> str:

@@ -74,3 +74,56 @@ def scratch_mount() -> k8s.V1VolumeMount:
 def secret_env(secret: str) -> list[k8s.V1EnvFromSource]:
     """Every key of Secret `secret` as env, by reference (the values never appear in the object)."""
     return [k8s.V1EnvFromSource(secret_ref=k8s.V1SecretEnvSource(name=secret))]
+
+
+# --- Pod Security "restricted", as a checker ----------------------------------------------------
+# https://kubernetes.io/docs/concepts/security/pod-security-standards/#restricted: every container
+# (init and ephemeral too) non-root, no privilege escalation, capabilities dropped to ALL (only
+# NET_BIND_SERVICE may be added back), seccomp RuntimeDefault or Localhost (pod or container);
+# plus, as Flywheel's own hardening, a read-only root filesystem (scratch goes to an emptyDir).
+RESTRICTED_SECCOMP = ("RuntimeDefault", "Localhost")
+
+
+def container_restricted_problems(container: dict, pod_security: dict | None, path: str, *,
+                                  read_only_root: bool = True) -> list[str]:
+    """Where one container (a plain dict, camelCase) breaks `restricted`, each as `path.field: rule`.
+    `pod_security` is its pod's securityContext (what the container inherits)."""
+    pod, own = pod_security or {}, container.get("securityContext") or {}
+    at = f"{path}.securityContext"
+    problems = []
+    if own.get("runAsNonRoot", pod.get("runAsNonRoot")) is not True:
+        problems.append(f"{at}.runAsNonRoot: must be true here or in the pod (restricted)")
+    if own.get("runAsUser", pod.get("runAsUser")) == 0:
+        problems.append(f"{at}.runAsUser: must not be 0 (restricted)")
+    if own.get("privileged"):
+        problems.append(f"{at}.privileged: must not be true (restricted)")
+    if own.get("allowPrivilegeEscalation") is not False:
+        problems.append(f"{at}.allowPrivilegeEscalation: must be false (restricted)")
+    capabilities = own.get("capabilities") or {}
+    if "ALL" not in (capabilities.get("drop") or []):
+        problems.append(f"{at}.capabilities.drop: must include ALL (restricted)")
+    if set(capabilities.get("add") or []) - {"NET_BIND_SERVICE"}:
+        problems.append(f"{at}.capabilities.add: only NET_BIND_SERVICE is allowed (restricted)")
+    seccomp = (own.get("seccompProfile") or pod.get("seccompProfile") or {}).get("type")
+    if seccomp not in RESTRICTED_SECCOMP:
+        problems.append(f"{at}.seccompProfile.type: must be RuntimeDefault or Localhost here or in the pod "
+                        f"(restricted), got {seccomp!r}")
+    if read_only_root and own.get("readOnlyRootFilesystem") is not True:
+        problems.append(f"{at}.readOnlyRootFilesystem: must be true (Flywheel's hardening; scratch on an emptyDir)")
+    return problems
+
+
+def restricted_problems(pod_spec: dict, path: str, *, read_only_root: bool = True) -> list[str]:
+    """Every way a pod spec (plain dict) breaks `restricted`: its containers, init containers and
+    ephemeral containers, against the pod's securityContext; [] when it holds."""
+    pod = pod_spec.get("securityContext") or {}
+    problems = []
+    if pod.get("runAsUser") == 0:
+        problems.append(f"{path}.securityContext.runAsUser: must not be 0 (restricted)")
+    for kind in ("initContainers", "containers", "ephemeralContainers"):
+        for index, container in enumerate(pod_spec.get(kind) or []):
+            problems += container_restricted_problems(container, pod, f"{path}.{kind}[{index}]",
+                                                      read_only_root=read_only_root)
+    if not pod_spec.get("containers"):
+        problems.append(f"{path}.containers: none to check")
+    return problems

@@ -33,6 +33,7 @@ from deployment.inferenceservice import (
     DEPLOYMENT_MODE,
     MANAGED_PREFIXES,
     MODEL_VERSION,
+    PLACEMENT_FIELDS,
     steady_state,
     validate_inferenceservice,
 )
@@ -103,12 +104,25 @@ def restorable(obj: dict) -> dict:
                          "spec": obj.get("spec") or {}})
 
 
+def _keep_placement(spec_patch: dict) -> dict:
+    """Placement the GitOps tree gives a cluster (service account, node selector, tolerations,
+    spread) is not the deploy step's to remove: drop the deletions of those keys from the patch."""
+    for component in ("predictor", "transformer"):
+        part = spec_patch.get(component)
+        if isinstance(part, dict):
+            for key in PLACEMENT_FIELDS:
+                if key in part and part[key] is None:
+                    del part[key]
+    return spec_patch
+
+
 def patch_body(live: dict, desired: dict) -> dict:
-    """The merge patch from `live` to `desired`, touching only our labels and annotations."""
+    """The merge patch from `live` to `desired`, touching only our labels and annotations and
+    keeping the cluster's placement (`PLACEMENT_FIELDS`) when the render has none."""
     meta, want = live.get("metadata") or {}, desired.get("metadata") or {}
     body = {"metadata": {"labels": merge_patch(_managed(meta.get("labels")), want.get("labels") or {}),
                          "annotations": merge_patch(_managed(meta.get("annotations")), want.get("annotations") or {})},
-            "spec": merge_patch(live.get("spec") or {}, desired.get("spec") or {})}
+            "spec": _keep_placement(merge_patch(live.get("spec") or {}, desired.get("spec") or {}))}
     body["metadata"] = {k: v for k, v in body["metadata"].items() if v}
     return {k: v for k, v in body.items() if v}
 

@@ -43,15 +43,15 @@ from fleet.network import (
     serving_ports,
     serving_selector,
 )
+from fleet.serving import SERVICE_ACCOUNT
 
 FEATURE: str | None = "jwt-auth"
 SCOPE = "env"
 
 API_VERSION = "security.istio.io/v1"
-# The ServiceAccount KServe's pods run under: the InferenceService sets no serviceAccountName
-# (deployment/inferenceservice.py), so it is the namespace's `default`. A dedicated account there
-# would narrow the monitor's /events rule to the serving pods alone.
-SERVING_SERVICE_ACCOUNT = "default"
+# The serving pods' identity: the tree's InferenceService runs both components as this account
+# (fleet/serving.py), so the monitor's /events rule admits the serving pods alone.
+SERVING_SERVICE_ACCOUNT = SERVICE_ACCOUNT
 GRPC_SERVICE = "/inference.GRPCInferenceService"  # Open Inference Protocol v2 gRPC (KServe's proto)
 KNATIVE_PROBE_PATH = "/healthz"  # knative.dev/networking network.ProbePath: the activator's probes
 METRICS_PATH = "/metrics"

@@ -50,6 +50,8 @@ class FleetContext:
     deploy: DeploySpec  # what `flywheel deploy` would render, with MODEL_URI_PLACEHOLDER as the model
     monitor_config: dict  # pipelines.arguments.monitor_config(settings): the monitor service's --config file
     endpoints: tuple[Endpoint, ...] = field(default=())  # MLflow, KFP, the object store
+    kfp_task_cpu: str = "1"  # kfp.task_cpu: each pipeline task pod's limit (the namespace quota counts them)
+    kfp_task_memory: str = "2G"  # kfp.task_memory
     labels: dict[str, str] = field(default_factory=dict)  # common labels: app.kubernetes.io/part-of, flywheel/env
 
     def runs(self, part: str) -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from fleet.queues import LOCAL_QUEUE
 from gateways.kfp_api import KfpTarget
 from pipelines.config import CONFIG_DIR, Settings
 from specs import DeploySpec, TrainSpec
@@ -38,7 +39,16 @@ def train_spec(settings: Settings) -> TrainSpec:
         **settings.training.model_dump(), "image": settings.image.ref, "namespace": settings.namespace,
         "env": settings.env, "object_store_endpoint": settings.kfp.object_store_endpoint,
         "staging_uri": f"{settings.kfp.pipeline_root or 'runs'}/flywheel-jobs",
+        "queue_name": _queue_name(settings),
     })
+
+
+def _queue_name(settings: Settings) -> str | None:
+    """The Kueue LocalQueue a cluster env's training jobs wait in (fleet/queues.py renders it);
+    None on this machine or with fleet.queue.enabled false (jobs then start at once)."""
+    if settings.embedded or not settings.training.on_cluster or not settings.fleet.queue.enabled:
+        return None
+    return LOCAL_QUEUE
 
 
 def deploy_spec(settings: Settings) -> DeploySpec:

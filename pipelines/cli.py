@@ -176,15 +176,56 @@ def compile_(
 @app.command()
 def render(
     env: str = EnvOption,
-    write: bool = typer.Option(False, "--write", help="regenerate manifests/overlays/ENV from config first"),
+    cluster: Optional[str] = typer.Option(None, "--cluster", "-c", help="one cluster of ENV (default: all of them)"),
+    out: Optional[Path] = typer.Option(None, "--out", help="write OUT/<cluster>/<kind>-<name>.yaml per object "
+                                                           "instead of printing"),
+    write: bool = typer.Option(False, "--write", help="regenerate the GitOps tree (manifests/) from config first"),
+    check: bool = typer.Option(True, "--check/--no-check", help="validate every object (schemas, policy) first"),
 ) -> None:
-    """Print ENV's Kubernetes manifests (kubectl kustomize); fail if the overlay disagrees with config."""
-    from pipelines.manifests import ManifestError, render_checked
+    """Render ENV's clusters from the GitOps tree (kubectl kustomize manifests/clusters/<c>, platform
+    first); refuse a tree that disagrees with config."""
+    from pipelines import gitops
+    from pipelines.manifests import ManifestError, find_kubectl
 
+    settings = settings_or_exit(env)
+    if settings.embedded:
+        fail(f"env {env!r} runs on this machine (no kfp.host): it has no clusters to render")
+    names = gitops.cluster_names(settings)
+    if cluster is not None and cluster not in names:
+        fail(f"env {env!r} has no cluster {cluster!r}; its clusters: {', '.join(names)}")
+    if problems := gitops.config_problems(settings):
+        fail("\n".join(problems))
     try:
-        typer.echo(render_checked(settings_or_exit(env), write=write), nl=False)
-    except ManifestError as err:
+        if write:
+            gitops.write_tree()
+        if problems := gitops.check_tree():
+            fail(f"manifests/ is out of date with config/; run `flywheel render --env {env} --write`\n"
+                 + "\n".join(problems))
+        kubectl = find_kubectl()
+        rendered = {name: gitops.render_cluster(settings, name, kubectl)
+                    for name in ([cluster] if cluster else names)}
+    except (ManifestError, ValueError) as err:
         fail(str(err))
+    if check:
+        _check_rendered(rendered)
+    if out is None:
+        typer.echo("---\n".join(f"# cluster: {name}\n{text}" for name, text in rendered.items()), nl=False)
+    else:
+        typer.echo(gitops.write_objects(rendered, out), nl=False)
+
+
+def _check_rendered(rendered: dict[str, str]) -> None:
+    """Refuse to hand out objects that break their schema or the policy; name object and rule."""
+    from pipelines.gitops import rendered_problems
+
+    found: list[str] = []
+    for name, text in rendered.items():
+        problems, notes = rendered_problems(text)
+        found += [f"{name}: {line}" for line in problems]
+        for line in notes:
+            typer.echo(f"note: {name}: {line}", err=True)
+    if found:
+        fail(f"{len(found)} problem(s) in the rendered objects (schema or policy):\n" + "\n".join(found))
 
 
 @app.command()

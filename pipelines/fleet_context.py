@@ -37,7 +37,8 @@ def fleet_contexts(settings: Settings) -> list[FleetContext]:
                   serving=settings.serving, training=settings.training, tuning=settings.tuning,
                   retraining=settings.retraining, monitoring=settings.monitoring,
                   model_name=settings.mlflow.registered_model, deploy=deploy, monitor_config=monitor_config(settings),
-                  endpoints=endpoints(settings),
+                  endpoints=endpoints(settings), kfp_task_cpu=settings.kfp.task_cpu,
+                  kfp_task_memory=settings.kfp.task_memory,
                   labels={"app.kubernetes.io/part-of": "flywheel", "flywheel/env": settings.env})
     return [FleetContext(cluster=cluster, **common) for cluster in settings.fleet.clusters]
 

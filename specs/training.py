@@ -87,3 +87,7 @@ class TrainSpec(TrainingSpec):
     object_store_endpoint: str | None = None
     staging_uri: str = Field(
         description="object-store prefix for cluster jobs' outputs before they become KFP artifacts")
+    queue_name: str | None = Field(
+        None, pattern=r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$",
+        description="the Kueue LocalQueue cluster jobs wait in (label kueue.x-k8s.io/queue-name); "
+                    "null: no queue, the job starts at once")

@@ -61,8 +61,10 @@ def test_every_cluster_environment_renders_a_valid_job(env):
     validate_pytorchjob(job)
     assert unknown_fields(crd_schema(), job) == []
     assert job["metadata"]["namespace"] == settings.namespace
+    # The job (not its pods) opts into the env's Kueue LocalQueue (fleet/queues.py).
     assert job["metadata"]["labels"] == {"app.kubernetes.io/part-of": "flywheel",
-                                         "app.kubernetes.io/component": "training", "flywheel/env": env}
+                                         "app.kubernetes.io/component": "training", "flywheel/env": env,
+                                         "kueue.x-k8s.io/queue-name": "flywheel"}
     total = sum(r["replicas"] for r in replicas(job).values())
     assert total == settings.training.workers and replicas(job)["Master"]["replicas"] == 1
     for rtype, rspec in replicas(job).items():

@@ -81,10 +81,12 @@ def test_every_cluster_environment_renders_a_valid_trainjob(env):
     training = settings.training
     assert job["apiVersion"] == "trainer.kubeflow.org/v1alpha1" and job["kind"] == "TrainJob"
     assert job["metadata"]["namespace"] == settings.namespace
+    # The job (not its pods) opts into the env's Kueue LocalQueue (fleet/queues.py).
     assert job["metadata"]["labels"] == {"app.kubernetes.io/part-of": "flywheel",
-                                         "app.kubernetes.io/component": "training", "flywheel/env": env}
+                                         "app.kubernetes.io/component": "training", "flywheel/env": env,
+                                         "kueue.x-k8s.io/queue-name": "flywheel"}
     assert job["spec"]["runtimeRef"] == {"apiGroup": "trainer.kubeflow.org", "kind": "ClusterTrainingRuntime",
-                                         "name": "torch-distributed"}
+                                         "name": "flywheel-torch-distributed"}
     assert job["spec"]["activeDeadlineSeconds"] == training.active_deadline_seconds
     # ... one node per worker, each with the env's CPU, memory and GPU (or MIG slice) as limits
     assert trainer(job)["numNodes"] == training.workers
@@ -106,7 +108,8 @@ def test_every_cluster_environment_renders_a_valid_trainjob(env):
     assert "PET_MAX_RESTARTS" not in env_vars  # several nodes: no in-place restarts (see trainjob.py)
     # ... and the node pods: non-root, writable scratch, GPU product selector, tolerations, no sidecar
     pod = node_pod(job)
-    assert pod["metadata"] == {"labels": job["metadata"]["labels"],
+    job_labels = {k: v for k, v in job["metadata"]["labels"].items() if k != "kueue.x-k8s.io/queue-name"}
+    assert pod["metadata"] == {"labels": job_labels,  # the queue label is the job's alone
                                "annotations": {"sidecar.istio.io/inject": "false"}}
     assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
     assert pod["spec"]["securityContext"]["runAsUser"] == RUN_AS_UID

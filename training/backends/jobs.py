@@ -18,6 +18,12 @@ from model.artifact import METADATA_FILE
 from specs import DatasetSpec, TrainSpec
 
 ENTRY_MODULE = "training.train"
+# Kueue admits a job that carries this label through the LocalQueue it names; its webhook creates
+# the job suspended (PyTorchJob spec.runPolicy.suspend, TrainJob spec.suspend) and unsuspends it
+# once the ClusterQueue has quota (kueue v0.19.2 pkg/controller/constants QueueLabel,
+# pkg/controller/jobframework/defaults.go ApplyDefaultForSuspend). We never set suspend ourselves:
+# without Kueue installed the label is inert and the job starts at once.
+QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 # The operators name pods and services `<job>-<replica type>-<index>` (TrainJob: `<job>-node-0-<index>`)
 # and Kubernetes caps them at 63 characters: 52 leaves room for the suffix up to index 9999.
 JOB_NAME_MAX = 52
@@ -65,6 +71,12 @@ def job_name(kind: str, run_id: str, *parts) -> str:
         digest = hashlib.sha1(readable.encode()).hexdigest()[:8]
         readable = f"{readable[:room - len(digest) - 1].rstrip('-')}-{digest}"
     return f"flywheel-{readable}-{attempt}"
+
+
+def queue_labels(spec: TrainSpec) -> dict[str, str]:
+    """The job object's Kueue label when the spec names a queue ({} otherwise): it goes on the
+    job's metadata.labels (Kueue reads the job's, not its pods')."""
+    return {QUEUE_LABEL: spec.queue_name} if spec.queue_name else {}
 
 
 def entry_spec(spec: TrainSpec, dataset: DatasetSpec, labels: dict | None, lineage: dict | None = None) -> dict:

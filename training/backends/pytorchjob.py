@@ -36,6 +36,8 @@ from gateways.kube_api import PYTORCHJOBS, KubeApi, serialize
 from specs import TrainSpec
 from training import pods
 from training.backends.cluster import ClusterBackend, TrainingJobInvalid
+from training.backends.jobs import queue_labels
+from training.backends.queueing import QueueWatch, wait_through_queue
 
 API_VERSION, KIND = PYTORCHJOBS.api_version, PYTORCHJOBS.kind
 CONTAINER_NAME = "pytorch"  # the operator finds the training container by this name
@@ -116,7 +118,8 @@ def pytorchjob_model(spec: TrainSpec, job_name: str, args: list[str], env: dict[
     return models.KubeflowOrgV1PyTorchJob(
         api_version=API_VERSION,
         kind=KIND,
-        metadata=k8s.V1ObjectMeta(name=job_name, namespace=spec.namespace, labels=pods.labels(spec),
+        metadata=k8s.V1ObjectMeta(name=job_name, namespace=spec.namespace,
+                                  labels={**pods.labels(spec), **queue_labels(spec)},
                                   annotations=dict(annotations) if annotations else None),
         spec=job_spec,
     )
@@ -228,8 +231,13 @@ class PyTorchJobBackend(ClusterBackend):
             return any(c.get("type") in (self.SUCCEEDED, self.FAILED) and c.get("status") == "True"
                        for c in (job.get("status") or {}).get("conditions") or [])
 
-        job = self.kube.wait_for(PYTORCHJOBS, self.namespace, name, done, timeout=timeout, poll=poll,
-                                 on_poll=lambda j: on_poll(j.get("status") or {}))
+        # Queued (suspended by Kueue until admitted) is waiting, not failing, and its time does
+        # not count against `timeout` (training/backends/queueing.py).
+        watch = QueueWatch(self.kind, name, self.spec.queue_name, self._say)
+        job = wait_through_queue(
+            lambda until, limit, seen: self.kube.wait_for(PYTORCHJOBS, self.namespace, name, until, timeout=limit,
+                                                          poll=poll, on_poll=seen),
+            done, timeout, watch, lambda j: on_poll(j.get("status") or {}))
         return job.get("status") or {}
 
     def follow_log(self, name):

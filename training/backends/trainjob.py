@@ -50,8 +50,9 @@ from gateways.kube_api import TRAINJOBS, KubeApi, serialize
 from specs import TrainSpec
 from training import pods
 from training.backends.cluster import ClusterBackend, TrainingJobInvalid
-from training.backends.jobs import ENTRY_MODULE
+from training.backends.jobs import ENTRY_MODULE, queue_labels
 from training.backends.openapi_models import model_problems
+from training.backends.queueing import QueueWatch, wait_through_queue
 
 GROUP, KIND, API_VERSION = TRAINJOBS.group, TRAINJOBS.kind, TRAINJOBS.api_version
 RUNTIME_KINDS = ("ClusterTrainingRuntime", "TrainingRuntime")
@@ -147,7 +148,7 @@ def trainjob_model(spec: TrainSpec, job_name: str, args: list[str], env: dict[st
         api_version=API_VERSION,
         kind=KIND,
         metadata=api.IoK8sApimachineryPkgApisMetaV1ObjectMeta(
-            name=job_name, namespace=spec.namespace, labels=pods.labels(spec),
+            name=job_name, namespace=spec.namespace, labels={**pods.labels(spec), **queue_labels(spec)},
             annotations=dict(annotations) if annotations else None),
         spec=api.TrainerV1alpha1TrainJobSpec(
             runtime_ref=api.TrainerV1alpha1RuntimeRef(api_group=GROUP, kind=RUNTIME_KINDS[0], name=spec.runtime),
@@ -317,8 +318,13 @@ class TrainJobBackend(ClusterBackend):
             return any(c.get("type") in (self.SUCCEEDED, self.FAILED) and c.get("status") == "True"
                        for c in (job.get("status") or {}).get("conditions") or [])
 
-        job = self.kube.wait_for(TRAINJOBS, self.namespace, name, done, timeout=timeout, poll=poll,
-                                 on_poll=lambda j: on_poll(j.get("status") or {}))
+        # Queued (suspended by Kueue until admitted) is waiting, not failing, and its time does
+        # not count against `timeout` (training/backends/queueing.py).
+        watch = QueueWatch(self.kind, name, self.spec.queue_name, self._say)
+        job = wait_through_queue(
+            lambda until, limit, seen: self.kube.wait_for(TRAINJOBS, self.namespace, name, until, timeout=limit,
+                                                          poll=poll, on_poll=seen),
+            done, timeout, watch, lambda j: on_poll(j.get("status") or {}))
         return job.get("status") or {}
 
     def follow_log(self, name):
