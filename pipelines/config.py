@@ -41,19 +41,19 @@ class Image(Strict):
     repository: str
     tag: str | None = None
     digest: Annotated[str | None, Field(pattern=r"^sha256:[0-9a-f]{64}$")] = None
-
     require_digest: bool = Field(
         False, description="render only a pinned digest (never the tag, never the all-zero placeholder "
                            "sha256:000...: pipelines.images.image_problems); `make image ENV=<env>` pins it")
+
     @model_validator(mode="after")
     def _tag_or_digest(self):
         if not (self.tag or self.digest):
             raise ValueError("set image.tag or image.digest")
-        return self
         if self.require_digest and not self.digest:
             # The placeholder digest still loads (a fresh checkout must validate); rendering refuses it.
             raise ValueError("image.require_digest is true but image.digest is not set; build and pin it: "
                              "make image ENV=<env>")
+        return self
 
     @property
     def ref(self) -> str:
