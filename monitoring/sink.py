@@ -8,15 +8,15 @@ in `flywheel_monitor_rejected_events_total{type, reason}` (the `FlywheelMonitorR
 
 Pairing is by `ce-id`, in either order. An unpaired half waits `pending_seconds`, then expires and is
 counted (a refused request has no response: the agent logs responses of 200s only). A pair becomes
-one row per instance (`monitoring.windows` has the columns), buffered until a flush writes it:
-when `flush_events` rows are waiting, when buffered pairs reach a quarter of a bound, when the
-oldest has waited `flush_seconds`, and on `close()`. A flush runs in the background thread, never
-on the path that accepts events: it swaps the buffered pairs out under the lock, then encodes and
-writes them without it, while new events keep filling a fresh buffer. It writes one Parquet file
-per (model version, date, hour) partition atomically; a failed write keeps its rows and is retried
-(backing off), so an accepted event is either on disk or still in memory, never dropped. `close()`
-waits for the flush in flight, writes every row, and spills the still-unpaired halves to
-`<root>/_pending/` where the next start picks them up.
+one row per instance (`monitoring.windows` has the columns), buffered until a flush writes it
+(`monitoring.sink_writer`): when `flush_events` rows are waiting, when buffered pairs reach a quarter
+of a bound, when the oldest has waited `flush_seconds`, and on `close()`. A flush runs in the
+background thread, never on the path that accepts events: it swaps the buffered pairs out under
+the lock, then encodes and writes them without it, while new events keep filling a fresh buffer.
+It writes one Parquet file per (model version, date, hour) partition atomically; a failed write
+keeps its rows and is retried (backing off), so an accepted event is either on disk or still in
+memory, never dropped. `close()` waits for the flush in flight, writes every row, and spills the
+still-unpaired halves to `<root>/_pending/` where the next start picks them up.
 
 Bounds: memory, not flushing, is what refuses. `buffer_events` events and `buffer_bytes` body bytes
 are held at most, counting unpaired halves, buffered pairs (two events each) AND the pairs a flush
@@ -47,21 +47,19 @@ from collections import OrderedDict
 from collections.abc import Mapping
 from datetime import UTC, datetime
 
-import storage
 from monitoring import pending, windows
 from monitoring.events import ACCEPTED, BUSY, KINDS, EventError, Half, Outcome, parse_event
-from monitoring.rows import Pair, encode, partitions
+from monitoring.rows import Pair
 from monitoring.sink_metrics import SinkMetrics
+from monitoring.sink_writer import WindowWriter
 from specs.monitoring import SinkSpec
 
 log = logging.getLogger("flywheel.monitoring")
 
 
-
-# ---- the sink ------------------------------------------------------------------------------------
-
-class PayloadSink:
-    """Accepts payload events, pairs them, and writes the rows to window files in the background.
+class PayloadSink(WindowWriter):
+    """Accepts payload events, pairs them, and writes the rows to window files in the background
+    (the writing: `monitoring.sink_writer.WindowWriter`).
 
     Thread-safe: `accept` may be called from any thread (the HTTP server's), while a background
     thread expires unpaired halves and flushes.
@@ -82,17 +80,11 @@ class PayloadSink:
         self.root, self.spec = root, spec or SinkSpec(root=root)
         self.pending_seconds = float(pending_seconds)
         self.metrics = metrics or SinkMetrics()
-        self._write = write or storage.write_atomic
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
-        self._flushing = threading.Lock()
+        self._init_writer(write)
         self._pending: OrderedDict[str, Half] = OrderedDict()
-        self._pairs: list[Pair] = []
-        self._rows = 0  # rows in _pairs
-        self._writing = 0  # events of the pairs a flush is writing now
-        # body bytes of _pending, of _pairs, and of the pairs a flush is writing
-        self._pending_bytes = self._pairs_bytes = self._writing_bytes = 0
-        self._oldest: float | None = None  # monotonic time the oldest buffered pair was made
+        self._pending_bytes = 0  # body bytes of _pending
         self._recent: OrderedDict[str, None] = OrderedDict()  # ids already paired, for duplicates
         self._recent_cap = recent_ids
         self.totals = {"rows": 0, "kept": 0, "expired": 0, "evicted": 0, "mismatched": 0,
@@ -100,8 +92,6 @@ class PayloadSink:
         self._refused: OrderedDict[str, str] = OrderedDict()  # id -> kind refused as busy, for its other half
         self.evict_seconds = min(float(evict_seconds), self.pending_seconds)
         self._draining = self._closing = self._closed = False
-        self._retry_at = 0.0
-        self._backoff = 0.0
         self.metrics.depth.set_function(lambda: self.depth)
         self.metrics.bytes.set_function(lambda: self.held_bytes)
         self.metrics.writing.set_function(lambda: self._writing)
@@ -245,13 +235,7 @@ class PayloadSink:
             pair = self._pair(event_id, request, response)
             if pair is None:
                 return Outcome(ACCEPTED, "accepted; its request and response row counts differ (counted)")
-            self._pairs.append(pair)
-            self._rows += pair.rows
-            self._pairs_bytes += pair.size
-            if self._oldest is None:
-                self._oldest = time.monotonic()
-            if self._big():
-                self._wake.notify()
+            self._buffer(pair)
             return Outcome(ACCEPTED, "paired")
 
     def _remember(self, event_id: str) -> None:
@@ -271,38 +255,7 @@ class PayloadSink:
         return Pair(event_id, req, res, when, name, res.model_version or windows.UNKNOWN_VERSION, req.rows,
                     request.size + response.size)
 
-    # -- background work --
-    def _big(self) -> bool:
-        """The buffered pairs are worth a flush now (the lock held): `flush_events` rows, a quarter
-        of a bound (so that the pairs a flush holds leave three quarters to new events), or full."""
-        spec = self.spec
-        return bool(self._rows >= spec.flush_events or 2 * len(self._pairs) >= max(1, spec.buffer_events // 4)
-                    or self._pairs_bytes >= spec.buffer_bytes // 4 or (self._pairs and self.full))
-
-    def _due(self, now: float) -> bool:
-        if not self._pairs or now < self._retry_at:
-            return False
-        return (self._closing or self._big()
-                or (self._oldest is not None and now - self._oldest >= self.spec.flush_seconds))
-
-    def _run(self) -> None:
-        while True:
-            with self._lock:
-                now = time.monotonic()
-                if not self._due(now) and not self._closing:
-                    self._wake.wait(timeout=0.25)
-                closing = self._closing
-            try:
-                self.expire()
-                with self._lock:
-                    due = self._due(time.monotonic())
-                if due:
-                    self.flush()
-            except Exception:  # never let the thread die; flush() counts and logs its own failures
-                log.exception("payload sink background work failed")
-            if closing:
-                return
-
+    # -- background work (the flush: `WindowWriter`) --
     def expire(self, now: float | None = None) -> int:
         """Drop (and count) unpaired halves older than `pending_seconds`; returns how many."""
         now = time.monotonic() if now is None else now
@@ -317,55 +270,6 @@ class PayloadSink:
                 self.totals["expired"] += 1
                 expired += 1
         return expired
-
-    def flush(self) -> int:
-        """Write every buffered row now, one file per partition; returns the rows written. The
-        pairs are swapped out under the lock and encoded and written without it, so events are
-        accepted meanwhile; they count against the bounds until written. Rows of a failed write go
-        back to the buffer (and the next background flush waits, backing off)."""
-        with self._flushing:
-            with self._lock:
-                pairs, self._pairs, self._rows, self._oldest = self._pairs, [], 0, None
-                size, self._pairs_bytes = self._pairs_bytes, 0
-                self._writing += 2 * len(pairs)
-                self._writing_bytes += size
-            if not pairs:
-                return 0
-            started = time.perf_counter()
-            written, failed = 0, []
-            for version, group in partitions(pairs):
-                try:
-                    self._write(windows.window_file(self.root, version, group[0].event_time), encode(group))
-                except Exception as err:
-                    log.error("payload sink: writing %d rows of %s failed, kept for a retry: %s",
-                              sum(p.rows for p in group), version, err)
-                    failed.extend(group)
-                    continue
-                rows = sum(p.rows for p in group)
-                written += rows
-                self.metrics.rows.labels(version).inc(rows)
-                self.totals["rows"] += rows
-                self.metrics.files.inc()
-                with self._lock:
-                    self._writing -= 2 * len(group)
-                    self._writing_bytes -= sum(p.size for p in group)
-            with self._lock:
-                if failed:  # back to the buffer, in one step: always counted against the bounds
-                    self._pairs[:0] = failed
-                    self._rows += sum(p.rows for p in failed)
-                    self._oldest = time.monotonic() - self.spec.flush_seconds
-                    self._writing -= 2 * len(failed)
-                    back = sum(p.size for p in failed)
-                    self._writing_bytes -= back
-                    self._pairs_bytes += back
-                    self._backoff = min(max(2 * self._backoff, 0.5), 30.0)
-                    self._retry_at = time.monotonic() + self._backoff
-                else:
-                    self._backoff, self._retry_at = 0.0, 0.0
-            self.metrics.flush_seconds.observe(time.perf_counter() - started)
-            if failed:
-                self.metrics.flush_errors.inc()
-            return written
 
     # -- shutdown and restart --
     def drain(self) -> None:

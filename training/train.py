@@ -6,7 +6,9 @@ DistributedDataParallel over nccl on GPUs and gloo on CPU (chosen automatically)
 DistributedSampler sharding, bf16 autocast on GPU, early stopping on a validation split,
 deterministic seeds, and checkpoints that a restarted worker group resumes from. `train` runs
 four steps: `prepare` (data, split, model), `resume` (a checkpoint of this run, if any), the epochs
-(`EpochLoop`) and `finish` (the best epoch's model and its metadata).
+(`EpochLoop`) and `finish` (the best epoch's model and its metadata). The processes, their ranks and
+each rank's seed and data order per epoch are training/distributed.py's; reading and splitting the
+table, training/data.py's.
 
 Resuming is exact: a run killed after epoch k and restarted produces the same model as one that
 was never interrupted (bit for bit on CPU with the same world size), because everything an
@@ -26,7 +28,6 @@ epoch depends on is either in the checkpoint or derived from (seed, epoch, rank)
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import logging
 import os
@@ -47,82 +48,11 @@ from model.loader import save_model
 from model.network import TabularNet
 from model.preprocessing import Preprocessor
 from model.profile import build_profile
-from storage.tables import read_table
 from training.checkpoint import CHECKPOINT, CHECKPOINT_FORMAT, fingerprint, load_checkpoint, save_checkpoint
+from training.data import read_bytes, read_training_frame, stratified_split
+from training.distributed import Context, epoch_order, epoch_seed, setup_distributed
 
 log = logging.getLogger("flywheel.train")
-
-
-@dataclass
-class Context:
-    rank: int
-    world_size: int
-    device: torch.device
-    backend: str | None
-    restart: int = 0  # torchrun's TORCHELASTIC_RESTART_COUNT: 0 on the first start of the group
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.backend:
-            dist.barrier()
-
-    def synchronize(self) -> None:
-        """Wait for queued GPU work, so that wall-clock timings mean something."""
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-
-def setup_distributed(expect_gpu: bool = False) -> Context:
-    """One process per GPU over nccl when CUDA is there, gloo on CPU otherwise. `expect_gpu` (the
-    spec's, true when the environment asks for GPUs) turns the CPU fallback into an error: a job
-    that was given GPUs must not train on CPU for hours because the image has a CPU-only torch."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
-    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # processes in this pod (nprocPerNode)
-    if torch.cuda.is_available():
-        gpus = torch.cuda.device_count()
-        if local_world_size > gpus:
-            # Two ranks on one GPU: NCCL fails with "Duplicate GPU detected" (or, worse, it limps on).
-            raise RuntimeError(f"{local_world_size} processes on this node (LOCAL_WORLD_SIZE) but torch sees only "
-                               f"{gpus} GPU(s): one process per GPU; lower nproc-per-node/workers or request "
-                               f"{local_world_size} GPUs")
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-        backend = "nccl"
-    elif expect_gpu:
-        raise RuntimeError(f"the job requested {local_world_size} GPU(s) on this node (expect_gpu) but torch sees "
-                           f"none (CPU-only torch build or no device plugin); torch {torch.__version__}, "
-                           f"CUDA build {torch.version.cuda or 'none'}")
-    else:
-        device, backend = torch.device("cpu"), "gloo"
-    if world_size > 1:
-        dist.init_process_group(backend=backend)
-        return Context(rank, world_size, device, backend, restart)
-    return Context(0, 1, device, None, restart)
-
-
-def _read_bytes(uri: str) -> bytes:
-    with storage.open_uri(uri) as handle:
-        return handle.read()
-
-
-def read_training_frame(data: bytes):
-    """The training table from its bytes (read once: they also fingerprint the checkpoint)."""
-    return read_table(io.BytesIO(data))
-
-
-def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    held = np.zeros(len(labels), dtype=bool)
-    for value in np.unique(labels):
-        index = rng.permutation(np.flatnonzero(labels == value))
-        held[index[: max(1, int(round(len(index) * fraction)))]] = True
-    return np.flatnonzero(~held), np.flatnonzero(held)
 
 
 def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
@@ -139,17 +69,6 @@ def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
     ranks = np.empty(len(scores))
     ranks[order] = np.repeat(first + (counts + 1) / 2.0, counts)  # 1-based, ties get their mean rank
     return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
-
-
-def epoch_seed(seed: int, epoch: int, rank: int) -> int:
-    """The torch seed for one rank's epoch: independent streams per rank, reproducible per epoch."""
-    return int(np.random.SeedSequence([seed & 0xFFFFFFFF, epoch, rank]).generate_state(1)[0])
-
-
-def epoch_order(sampler: DistributedSampler, epoch: int) -> torch.Tensor:
-    """This rank's positions into the training rows for `epoch`, as DistributedSampler deals them."""
-    sampler.set_epoch(epoch)
-    return torch.from_numpy(np.fromiter(iter(sampler), dtype=np.int64, count=len(sampler)))
 
 
 def train(data_uri: str, model_dir: str, spec: dict) -> dict:
@@ -204,7 +123,7 @@ def prepare(ctx: Context, data_uri: str, spec: dict) -> Prepared:
         log.info("start: world_size=%d backend=%s device=%s restart=%d", ctx.world_size,
                  ctx.backend or "single-process", ctx.device, ctx.restart)
 
-    raw = _read_bytes(data_uri)
+    raw = read_bytes(data_uri)
     frame = read_training_frame(raw)
     if target not in frame.columns:
         raise ValueError(f"target column {target!r} is not in {data_uri}")

@@ -2,6 +2,8 @@
 (`previous_champion` tags) back and never re-promotes a version tagged `rolled_back`, so rolling
 back twice never flip-flops; `promote_version` rolls forward and clears the tag. Against a real
 SQLite MLflow registry, versions created without artifacts (the aliases and tags are the subject)."""
+import shutil
+
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -11,20 +13,30 @@ from stages.versions import CHAMPION, PREVIOUS_CHAMPION
 NAME = "credit-default"
 
 
-@pytest.fixture
-def history(tmp_path):
+@pytest.fixture(scope="module")
+def _history_db(tmp_path_factory):
     """v1 -> v2 -> v3 promoted in turn, as `register_model` leaves them: v3 the champion, v2 the
-    previous champion, each version tagged with the champion it replaced."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    previous champion, each version tagged with the champion it replaced. Built once per module
+    (creating an MLflow database runs its schema migrations, seconds); each test gets a copy."""
+    folder = tmp_path_factory.mktemp("history")
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
     client = MlflowClient(uri, uri)
     client.create_registered_model(NAME)
     for number in (1, 2, 3):
-        client.create_model_version(NAME, source=str(tmp_path / f"v{number}"))
+        client.create_model_version(NAME, source=str(folder / f"v{number}"))
         if number > 1:
             client.set_model_version_tag(NAME, str(number), "previous_champion", str(number - 1))
     client.set_registered_model_alias(NAME, PREVIOUS_CHAMPION, "2")
     client.set_registered_model_alias(NAME, CHAMPION, "3")
-    return uri, client
+    return folder / "mlflow.db"
+
+
+@pytest.fixture
+def history(_history_db, tmp_path):
+    """A copy of that registry for one test, which may change it."""
+    shutil.copyfile(_history_db, tmp_path / "mlflow.db")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    return uri, MlflowClient(uri, uri)
 
 
 def state(client) -> tuple[dict, list[str]]:
