@@ -125,3 +125,20 @@ def monitor_config(settings: Settings) -> dict:
     return {"env": settings.env, "sink": settings.monitoring.sink.model_dump(mode="json"),
             "retraining": as_parameter(settings.retraining), "kfp": target.as_dict() if target else None,
             "sink_root": settings.monitoring.sink.root, "tracking": as_parameter(settings.mlflow)}
+
+
+def scoring_arguments(settings: Settings, config_dir: Path | None = None) -> dict:
+    """The batch scoring pipeline's parameter values for an environment (see `check`): the input
+    defaults to the env's file dataset, the output to `<pipeline root>/scoring/predictions.parquet`;
+    `flywheel score --data --out` overrides both."""
+    return {
+        "env": settings.env,
+        "tracking": as_parameter(settings.mlflow),
+        "dataset_spec": as_parameter(settings.dataset),
+        "suite": _suite(settings, config_dir),
+        "scoring_spec": as_parameter(settings.scoring),
+        "monitoring_spec": as_parameter(settings.monitoring),
+        "decision_threshold": settings.evaluation.decision_threshold,
+        "data_uri": settings.dataset.uri if settings.dataset.source == "file" and settings.dataset.uri else "",
+        "out_uri": f"{settings.kfp.pipeline_root or 'runs'}/scoring/predictions.parquet",
+    }

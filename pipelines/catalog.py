@@ -6,14 +6,16 @@ from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
-from pipelines import monitoring_pipeline, training_pipeline
-from pipelines.arguments import monitoring_arguments, training_arguments
+from pipelines import monitoring_pipeline, scoring_pipeline, training_pipeline
+from pipelines.arguments import monitoring_arguments, scoring_arguments, training_arguments
 from pipelines.config import ConfigError, Settings, column_problems, environments, load_settings
 
 PIPELINES: dict[str, ModuleType] = {training_pipeline.NAME: training_pipeline,
-                                    monitoring_pipeline.NAME: monitoring_pipeline}
+                                    monitoring_pipeline.NAME: monitoring_pipeline,
+                                    scoring_pipeline.NAME: scoring_pipeline}
 ARGUMENTS: dict[str, Callable[[Settings], dict]] = {training_pipeline.NAME: training_arguments,
-                                                    monitoring_pipeline.NAME: monitoring_arguments}
+                                                    monitoring_pipeline.NAME: monitoring_arguments,
+                                                    scoring_pipeline.NAME: scoring_arguments}
 
 
 def get(name: str) -> ModuleType:

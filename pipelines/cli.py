@@ -496,6 +496,33 @@ def monitor(
 
 
 @app.command()
+def score(
+    env: str = EnvOption,
+    data: str = typer.Option(..., "--data", help="the table to score: CSV, CSV.gz or Parquet (path or URI)"),
+    out: str = typer.Option(..., "--out", help="where the predictions go (Parquet; path or URI)"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="stream every task's output instead of a log file"),
+) -> None:
+    """Score a table with ENV's champion (batch scoring pipeline on kfp.local): predictions with lineage."""
+    from rich.console import Console
+
+    from pipelines.scoring_run import NoChampion, champion_version, print_summary, run_scoring
+
+    settings = settings_or_exit(env)
+    if not settings.embedded:
+        fail(f"env {env!r} runs on a cluster (kfp.host is set); use 'flywheel submit scoring --env {env}'")
+    try:
+        champion_version(settings)
+    except NoChampion as err:
+        fail(str(err))
+    console = Console()
+    try:
+        run = run_scoring(settings, data, out, console, verbose=verbose)
+    except RuntimeError as err:
+        fail(str(err))
+    print_summary(console, run)
+
+
+@app.command()
 def validate(
     env: str = EnvOption,
     data: Path = typer.Option(..., "--data", help="CSV, CSV.gz or Parquet file to validate"),

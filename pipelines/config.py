@@ -28,6 +28,7 @@ from specs import (
     TrainingSpec,
     TuningSpec,
 )
+from specs.scoring import ScoringSpec
 
 CONFIG_DIR = Path(os.environ.get("FLYWHEEL_CONFIG_DIR") or Path(__file__).resolve().parent.parent / "config")
 BASE_FILE = "base.yaml"
@@ -89,6 +90,7 @@ class Settings(Strict):
     serving: ServingSpec = ServingSpec()
     monitoring: MonitoringSpec = MonitoringSpec()
     retraining: RetrainingSpec = RetrainingSpec()
+    scoring: ScoringSpec = ScoringSpec()
     fleet: FleetSpec = FleetSpec()
 
     @property

@@ -117,7 +117,7 @@ def test_cluster_tasks_get_object_store_credentials_by_reference_only(compiled):
 
 
 def test_no_task_is_cached_so_scheduled_retraining_really_retrains(compiled):
-    least = {"training": 9, "monitoring": 5}  # every task of each pipeline is seen
+    least = {"training": 9, "monitoring": 5, "scoring": 5}  # every task of each pipeline is seen
     for (_, name), spec in compiled.items():
         tasks = [t for c in spec["components"].values() if "dag" in c for t in c["dag"]["tasks"].values()]
         tasks += list(spec["root"]["dag"]["tasks"].values())

@@ -174,7 +174,7 @@ def test_a_new_env_file_is_discovered_validated_checked_and_compiled(config_dir,
         assert defaults["env"] == "qa"
         if "train_spec" in defaults:  # the training pipeline; monitoring's trigger targets qa's experiment
             assert defaults["train_spec"]["env"] == "qa" and defaults["train_spec"]["namespace"] == "flywheel-qa"
-        else:
+        elif "kfp_target" in defaults:  # the monitoring pipeline (scoring starts no runs)
             assert defaults["kfp_target"]["experiment"] == "credit-default-qa"
         assert {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()} == {qa.image.ref}
 

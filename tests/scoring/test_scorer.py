@@ -1,0 +1,173 @@
+"""The pure batch scorer (`stages.scoring`): screening rows against the training suite and the
+model's input contract, partitions, and the predictions with their lineage columns."""
+import datetime as dt
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from model.labels import LabelMapping
+from model.loader import TrainedModel
+from model.network import TabularNet
+from model.preprocessing import Preprocessor
+from pipelines.config import load_settings
+from stages.dataset import ReferenceTask
+from stages.scoring import (
+    REASON,
+    ROW,
+    QuarantineError,
+    check_coverage,
+    check_share,
+    partitions,
+    read_rows,
+    row_rules,
+    score_frame,
+    screen,
+)
+from stages.validation import load_suite
+from tests.support import CONFIG_DIR
+
+FEATURES = load_settings("local").dataset.features
+LINEAGE = {"model_name": "credit-default", "model_version": "3", "run_id": "abc123"}
+
+
+@pytest.fixture(scope="module")
+def frame():
+    return ReferenceTask(rows=400, seed=5).generate()
+
+
+@pytest.fixture(scope="module")
+def suite():
+    return load_suite(load_settings("local").dataset, CONFIG_DIR)
+
+
+@pytest.fixture(scope="module")
+def model(frame):
+    """An untrained network over a fitted preprocessor, labelled no/yes: enough to score with."""
+    torch.manual_seed(0)
+    pre = Preprocessor.fit(frame, FEATURES.numeric, FEATURES.categorical)
+    net = TabularNet(pre.numeric_width, pre.cardinalities, hidden=8, depth=1).eval()
+    return TrainedModel(net, pre, {"labels": LabelMapping("no", "yes").to_dict()})
+
+
+def broken(frame: pd.DataFrame) -> pd.DataFrame:
+    """Three bad rows: an age out of range (row 1), an unknown region (row 4), and both plus a
+    credit limit above income (row 7)."""
+    bad = frame.copy()
+    bad.loc[1, "age"] = -5
+    bad.loc[4, "region"] = "atlantis"
+    bad.loc[7, ["age", "region", "credit_limit"]] = [300, "mars", bad.loc[7, "income"] * 10]
+    return bad
+
+
+def test_only_blocking_row_level_rules_on_features_and_id_quarantine(suite):
+    rules = row_rules(suite, [*FEATURES.columns, "customer_id"])
+    kinds = {(r["type"], r["kwargs"].get("column") or r["kwargs"].get("column_A")) for r in rules}
+    # Then ranges, sets, types, nulls, keys and the column pair count, row by row
+    assert ("expect_column_values_to_be_between", "age") in kinds
+    assert ("expect_column_values_to_be_in_set", "region") in kinds
+    assert ("expect_column_pair_values_a_to_be_greater_than_b", "income") in kinds
+    assert ("expect_column_values_to_be_unique", "customer_id") in kinds
+    # And the label, batch-level means, warnings and `mostly` tolerances do not
+    assert not any(r["kwargs"].get("column") == "default" for r in rules)
+    assert not any(r["type"] == "expect_column_mean_to_be_between" or r["severity"] != "blocking" for r in rules)
+    assert ("expect_column_values_to_not_be_null", "income") not in kinds
+
+
+def test_screen_quarantines_the_broken_rows_with_reasons_naming_expectation_and_column(frame, suite, model):
+    screened = screen(broken(frame), suite, model.preprocessor, "customer_id")
+    assert screened.quarantined[ROW].tolist() == [1, 4, 7]
+    assert len(screened.clean) == len(frame) - 3 and screened.rows == len(frame)
+    reasons = dict(zip(screened.quarantined[ROW], screened.quarantined[REASON]))
+    assert reasons[1] == "expect_column_values_to_be_between on 'age' (min_value=18, max_value=110)"
+    assert reasons[4].startswith("expect_column_values_to_be_in_set on 'region' (value_set=")
+    assert "expect_column_values_to_be_between on 'age'" in reasons[7]
+    assert "expect_column_values_to_be_in_set on 'region'" in reasons[7]
+    assert "expect_column_pair_values_a_to_be_greater_than_b on 'income', 'credit_limit'" in reasons[7]
+    # The clean rows are the rest, in input order
+    assert screened.clean["customer_id"].tolist() == frame.drop(index=[1, 4, 7])["customer_id"].tolist()
+
+
+def test_a_null_where_training_had_none_is_quarantined_as_serving_would_refuse_it(frame, suite, model):
+    bad = frame.copy()
+    bad["housing"] = bad["housing"].astype(object)
+    bad.loc[2, "housing"] = None
+    bad.loc[3, "utilization"] = np.inf
+    screened = screen(bad, suite, model.preprocessor, "customer_id")
+    reasons = dict(zip(screened.quarantined[ROW], screened.quarantined[REASON]))
+    assert "model input: column 'housing' is null, but the training data had no missing values in it" in reasons[2]
+    assert "expect_column_values_to_not_be_null on 'housing'" in reasons[2]
+    assert "model input: column 'utilization' must be a finite number" in reasons[3]
+
+
+def test_a_missing_feature_column_fails_naming_it(frame, suite, model):
+    with pytest.raises(ValueError, match=r"lacks the model's feature columns \['region'\]"):
+        screen(frame.drop(columns=["region"]), suite, model.preprocessor)
+
+
+def test_past_the_share_the_run_fails_naming_counts_expectations_and_columns(frame, suite, model):
+    screened = screen(broken(frame), suite, model.preprocessor, "customer_id")
+    check_share(screened, 0.01)  # 3 of 400 = 0.75%: within 1%
+    with pytest.raises(QuarantineError) as err:
+        check_share(screened, 0.005, where="/tmp/q.parquet")
+    message = str(err.value)
+    assert message.startswith("quarantined 3 of 400 rows (0.75%) > scoring.max_quarantine_share 0.50%")
+    assert "expect_column_values_to_be_between on 'age' (min_value=18, max_value=110) (2 rows)" in message
+    assert "expect_column_values_to_be_in_set on 'region'" in message and "/tmp/q.parquet" in message
+
+
+@pytest.mark.parametrize("rows, size, expected", [
+    (10, 4, [(0, 4), (4, 8), (8, 10)]),  # a last short partition
+    (8, 4, [(0, 4), (4, 8)]),
+    (3, 10, [(0, 3)]),
+    (0, 5, []),
+])
+def test_partitions_cover_every_row_exactly_once(rows, size, expected):
+    ranges = partitions(rows, size)
+    assert [(r["start"], r["stop"]) for r in ranges] == expected
+    assert [r["partition"] for r in ranges] == list(range(len(expected)))
+    covered = np.concatenate([np.arange(r["start"], r["stop"]) for r in ranges]) if ranges else np.array([])
+    assert sorted(covered.tolist()) == list(range(rows))
+    check_coverage(ranges, rows)
+
+
+@pytest.mark.parametrize("ranges, message", [
+    ([(0, 4), (3, 8)], "overlap at row 3"),
+    ([(0, 4), (5, 8)], "a gap at row 4"),
+    ([(0, 4)], "cover rows 0..3, the table has 8 rows"),
+])
+def test_coverage_check_names_overlaps_gaps_and_short_totals(ranges, message):
+    with pytest.raises(ValueError, match=message):
+        check_coverage([{"start": a, "stop": b} for a, b in ranges], 8)
+
+
+def test_predictions_carry_id_label_values_probability_and_lineage(frame, model):
+    at = dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.UTC)
+    scored = score_frame(model, frame, decision_threshold=0.5, lineage=LINEAGE, id_column="customer_id", scored_at=at)
+    assert list(scored.columns) == ["customer_id", "prediction", "probability", "model_name", "model_version",
+                                    "run_id", "scored_at"]
+    assert scored["customer_id"].tolist() == frame["customer_id"].tolist()
+    assert set(scored["prediction"]) <= {"no", "yes"}
+    assert (scored["prediction"] == np.where(scored["probability"] >= 0.5, "yes", "no")).all()
+    # The probability is the model's, rounded to FP32 as the predictor answers
+    expected = model.predict_proba(frame).astype(np.float32).astype(np.float64)
+    np.testing.assert_array_equal(scored["probability"].to_numpy(), expected)
+    assert scored[["model_name", "model_version", "run_id"]].drop_duplicates().values.tolist() == [
+        ["credit-default", "3", "abc123"]]
+    assert (scored["scored_at"] == pd.Timestamp(at)).all()
+
+
+def test_without_an_id_column_there_is_none_and_the_threshold_moves_labels(frame, model):
+    scored = score_frame(model, frame.drop(columns=["customer_id"]), decision_threshold=0.0, lineage=LINEAGE,
+                         id_column="customer_id")
+    assert "customer_id" not in scored.columns
+    assert set(scored["prediction"]) == {"yes"}
+
+
+def test_a_partition_reads_its_rows_alone(tmp_path, frame):
+    path = tmp_path / "clean.parquet"
+    frame.to_parquet(path, index=False, row_group_size=150)
+    for start, stop in [(0, 150), (150, 300), (300, 400), (140, 160)]:
+        part = read_rows(str(path), start, stop)
+        assert part["customer_id"].tolist() == frame["customer_id"].iloc[start:stop].tolist()
