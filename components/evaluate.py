@@ -85,8 +85,10 @@ def gate_op(
 
     Returns:
         report: HTML report (report.html) comparing candidate and champion; its metadata holds the decision
-            and reason.
-        Output: "promote" or "reject".
+            and reason (and the challenger's version when it registered one).
+        Output: "promote", "reject", or "challenger": with evaluation.shadow set, a winner against a
+            champion is registered here under the `challenger` alias and nothing is deployed; it is
+            promoted after its shadow report passes (`flywheel shadow`).
     """
     import os
 
@@ -104,6 +106,16 @@ def gate_op(
     outcome = challenge(load_model(model.path), champion, frame, dataset_spec["target"],
                         EvaluationSpec.model_validate(evaluation_spec))
     decision = outcome.decision
+    challenger = ""
+    if decision.shadow:  # evaluation.shadow: the winner shadows the champion before it is promoted
+        from dataclasses import replace
+
+        from specs import TrackingSpec
+        from stages.registry import register_candidate
+
+        challenger = register_candidate(model.path, frame, TrackingSpec.model_validate(tracking), "",
+                                        {"model_uri": model.uri, "registered_by": "gate"}, challenger=True)
+        decision = replace(decision, reason=f"{decision.reason} (v{challenger})")
     print(f"gate: {decision.label}: {decision.reason}")
     title = f"Champion/challenger gate: {decision.label}" + (f" (vs {outcome.champion_label})" if champion else "")
     with open(named_file(report, ".html"), "w", encoding="utf-8") as handle:
@@ -115,7 +127,7 @@ def gate_op(
         "candidate_metrics": outcome.candidate.metrics,
         "champion_metrics": outcome.champion.metrics if outcome.champion else {},
         "thresholds": EvaluationSpec.model_validate(evaluation_spec).thresholds.configured(),
-        "test_data_hash": content_hash(frame),
+        "test_data_hash": content_hash(frame), "challenger_version": challenger,
     })
     return decision.label
 

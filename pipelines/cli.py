@@ -431,6 +431,23 @@ def rollback(
 
 
 @app.command()
+def shadow(
+    action: str = typer.Argument(..., help="start | report | stop"),
+    env: str = EnvOption,
+) -> None:
+    """Shadow the challenger behind a running `flywheel serve` on mirrored traffic (start), compare it with
+    the champion (report: HTML + JSON), stop and promote it when the report passes (stop)."""
+    from pipelines import shadow as shadowing
+
+    if action not in ("start", "report", "stop"):
+        fail(f"unknown action {action!r}: start, report or stop")
+    settings = settings_or_exit(env)
+    if action == "report":
+        raise typer.Exit(0 if shadowing.report(settings, typer.echo) is not None else 1)
+    raise typer.Exit(getattr(shadowing, action)(settings, typer.echo))
+
+
+@app.command()
 def monitor(
     env: str = EnvOption,
     window: Optional[int] = typer.Option(None, "--window", min=1,

@@ -13,6 +13,11 @@ replaced.
   opens a new connection (to the front: the new pair) for its next call (grpc/grpc
   doc/PROTOCOL-HTTP2.md, GOAWAY).
 
+- Shadow traffic (`mirror_to`): each REST inference request the current pair answered is also
+  offered to a `pipelines.mirror.Mirror`, a bounded queue drained by its own tasks toward the
+  shadow pair; the client's answer never waits for it (a request without `x-request-id` gets one,
+  so both versions' payload events can be matched; the copy's id ends in `-shadow`).
+
 It runs its own asyncio loop in a thread, so the caller's thread can download models and start
 servers while it forwards."""
 from __future__ import annotations
@@ -22,9 +27,12 @@ import functools
 import json
 import threading
 import time
+import uuid
 from collections import Counter
 
 import h11
+
+from pipelines.mirror import MAX_BODY_BYTES, Mirror, mirrored
 
 CHUNK = 1 << 16
 REUSE_SECONDS = 1.0  # an upstream connection idle longer is not reused: uvicorn closes it after 5 s
@@ -67,6 +75,16 @@ class _Upstream:
         self.writer.close()
 
 
+def _with_request_id(request: h11.Request) -> tuple[h11.Request, str]:
+    """`request` carrying an `x-request-id` (a new one when the client sent none), and that id."""
+    for name, value in request.headers:
+        if name == b"x-request-id" and value:
+            return request, value.decode("latin-1")
+    request_id = uuid.uuid4().hex
+    headers = [*request.headers, (b"x-request-id", request_id.encode())]
+    return h11.Request(method=request.method, target=request.target, headers=headers), request_id
+
+
 def _error_response(status: int, message: str) -> tuple[h11.Response, bytes]:
     """The servers' error shape ({"error": {status, field, message}}), for what the front itself answers."""
     body = json.dumps({"error": {"status": status, "field": None, "message": message}}).encode()
@@ -89,6 +107,7 @@ class Front:
         # without this set, a task still piping the server's answer would be garbage-collected.
         self._connections: set[asyncio.Task] = set()
         self._in_flight: Counter[int] = Counter()  # HTTP requests sent to each target port, not yet answered
+        self.mirror: Mirror | None = None  # where copies of inference requests go (shadow traffic)
 
     def start(self, targets: dict[str, int]) -> Front:
         """Listen on every port (OSError when one is taken) and forward to `targets`."""
@@ -123,6 +142,24 @@ class Front:
 
         return asyncio.run_coroutine_threadsafe(drained(), self._loop).result(timeout + 5)
 
+    def mirror_to(self, port: int | None, **options) -> dict[str, int]:
+        """Copy REST inference requests to the transformer on `port` from now on (None: stop
+        copying); `options` go to `Mirror`. Returns the counts of the mirror it replaced ({} if none)."""
+
+        async def swap() -> dict[str, int]:  # on the loop: a request sees one mirror or the other
+            old, self.mirror = self.mirror, (await Mirror(port, **options).start() if port else None)
+            if old is None:
+                return {}
+            await old.stop()
+            return old.stats()
+
+        return asyncio.run_coroutine_threadsafe(swap(), self._loop).result(10)
+
+    def mirror_stats(self) -> dict[str, int]:
+        """The current mirror's counts (offered, sent, failed, timeouts, dropped, skipped); {} without one."""
+        mirror = self.mirror
+        return mirror.stats() if mirror is not None else {}
+
     async def _connect(self, name: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         self._connections.add(task)
@@ -154,11 +191,20 @@ class Front:
         try:
             while isinstance(request := await _next_event(client, reader), h11.Request):
                 port = self.targets[name]  # read and counted in one step of the loop (see drain)
+                mirror = self.mirror if self.mirror is not None and mirrored(request.method, request.target) else None
+                if mirror is not None:
+                    request, request_id = _with_request_id(request)
+                body: list[bytes] | None = [] if mirror is not None else None
                 self._in_flight[port] += 1
                 try:
-                    upstream = await self._exchange(client, request, reader, writer, port, upstream)
+                    upstream = await self._exchange(client, request, reader, writer, port, upstream, body)
                 finally:
                     self._in_flight[port] -= 1
+                answered = (h11.DONE, h11.MUST_CLOSE)  # MUST_CLOSE: answered whole on a `Connection: close` request
+                if mirror is not None and client.our_state in answered and client.their_state in answered:
+                    whole = b"".join(body)
+                    mirror.offer(request.target, request.headers, whole if len(whole) <= MAX_BODY_BYTES else None,
+                                 request_id)
                 if client.our_state is not h11.DONE or client.their_state is not h11.DONE:
                     break  # one side asked to close, or the server answered before reading the whole body
                 client.start_next_cycle()
@@ -171,9 +217,10 @@ class Front:
                 upstream.close()
 
     async def _exchange(self, client: h11.Connection, request: h11.Request, reader: asyncio.StreamReader,
-                        writer: asyncio.StreamWriter, port: int, upstream: _Upstream | None) -> _Upstream | None:
+                        writer: asyncio.StreamWriter, port: int, upstream: _Upstream | None,
+                        body: list[bytes] | None = None) -> _Upstream | None:
         """One request to the transformer on `port` and its response back; the upstream connection
-        to reuse for the next request, or None."""
+        to reuse for the next request, or None. The request's body chunks are appended to `body`."""
         if upstream is None or not upstream.reusable(port):
             if upstream is not None:
                 upstream.close()
@@ -186,7 +233,7 @@ class Front:
         headers = request.headers if any(k == b"host" for k, _ in request.headers) else \
             [*request.headers, (b"host", f"127.0.0.1:{port}".encode())]  # HTTP/1.0 needs none; h11 sends 1.1
         await upstream.send(h11.Request(method=request.method, target=request.target, headers=headers))
-        sending = asyncio.ensure_future(self._send_body(client, reader, upstream))
+        sending = asyncio.ensure_future(self._send_body(client, reader, upstream, body))
         try:
             while not isinstance(event := await _next_event(upstream.connection, upstream.reader), h11.EndOfMessage):
                 if isinstance(event, h11.ConnectionClosed):
@@ -209,10 +256,13 @@ class Front:
         return upstream
 
     @staticmethod
-    async def _send_body(client: h11.Connection, reader: asyncio.StreamReader, upstream: _Upstream) -> None:
+    async def _send_body(client: h11.Connection, reader: asyncio.StreamReader, upstream: _Upstream,
+                         body: list[bytes] | None = None) -> None:
         """The request's body to the server, while its answer comes back (it may answer early: 413)."""
         try:
             while isinstance(event := await _next_event(client, reader), h11.Data):
+                if body is not None:
+                    body.append(bytes(event.data))
                 await upstream.send(event)
             if not isinstance(event, h11.EndOfMessage):  # the client left mid-body
                 raise h11.RemoteProtocolError("the client closed the connection mid-request")
@@ -225,6 +275,8 @@ class Front:
         async def close() -> None:
             for server in self._servers:
                 server.close()
+            if self.mirror is not None:
+                await self.mirror.stop()
 
         if self._thread.is_alive():
             asyncio.run_coroutine_threadsafe(close(), self._loop).result(10)

@@ -14,8 +14,14 @@ When the env logs no payloads (`serving.payload_logging.url` null), the monitor 
 (`python -m monitoring.service`) runs beside it on a free loopback port and writes its windows to
 `monitoring.sink.root`, where `flywheel monitor --env ENV` reads them.
 
-While it runs, `runs/serve/<env>.json` says what it serves (pid, url, version), so that `flywheel
-rollback` and `deploy` can wait for the swap and print a URL that answers.
+While it runs, `runs/serve/<env>.json` says what it serves (pid, url, version, shadow), so that
+`flywheel rollback` and `deploy` can wait for the swap and print a URL that answers.
+
+Shadow: when `runs/serve/<env>.shadow.json` names a version (`flywheel shadow start` writes it),
+the next poll starts that version's pair beside the champion as `<V>-shadow` and the front mirrors
+each REST inference request to it (`pipelines.mirror`: fire-and-forget, bounded, counted); when
+the file goes (`flywheel shadow stop`), the shadow pair is stopped. The shadow never answers a
+client, and a shadow that dies or hangs changes nothing for the champion's clients.
 """
 from __future__ import annotations
 
@@ -53,6 +59,8 @@ class Follower:
         self.front: Front | None = None
         self.sink = None
         self.failed: dict | None = None
+        self.shadow: tuple | None = None  # (version, LocalServing) of the challenger on mirrored traffic
+        self.shadow_failed: dict | None = None
         self._stack = contextlib.ExitStack()
         self._tmp = ""
 
@@ -101,12 +109,13 @@ class Follower:
             raise
         return self
 
-    def _start_pair(self, version: str, model_dir: str):
+    def _start_pair(self, version: str, model_dir: str, served_as: str | None = None):
         from deployment.loopback import LocalServing
 
-        return LocalServing(model_dir, self.name, self.settings.serving, SERVE_DIR / f"v{version}",
+        served_as = served_as or version
+        return LocalServing(model_dir, self.name, self.settings.serving, SERVE_DIR / f"v{served_as}",
                             decision_threshold=self.settings.evaluation.decision_threshold,
-                            model_version=version).start()
+                            model_version=served_as).start()
 
     @property
     def url(self) -> str:
@@ -127,17 +136,77 @@ class Follower:
     def _write_state(self) -> None:
         state = {"pid": os.getpid(), "env": self.settings.env, "model": self.name, "version": self.version,
                  "url": self.url, "poll_seconds": self.poll_seconds, "failed": self.failed,
-                 "sink": self.sink.url if self.sink else None}
+                 "sink": self.sink.url if self.sink else None,
+                 "shadow": ({"version": self.shadow[0], "url": self.shadow[1].url,
+                             "mirror": self.front.mirror_stats() if self.front else {}} if self.shadow else None),
+                 "shadow_failed": self.shadow_failed}
         path = state_path(self.settings.env)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.with_suffix(".tmp").write_text(json.dumps(state))
         path.with_suffix(".tmp").replace(path)  # atomic: a reader never sees half a file
+
+    def start_shadow(self, version: str) -> None:
+        """Serve `version` as `<version>-shadow` beside the champion and mirror REST inference
+        requests to it (a pair that does not start is recorded in the state, nothing else changes)."""
+        from mlflow.exceptions import MlflowException
+
+        from deployment.loopback import ServingFailed
+        from monitoring.shadow import shadow_version
+        from stages.versions import download_model_dir
+        from storage.endpoints import Unreachable
+
+        self.stop_shadow()
+        try:
+            model_dir = download_model_dir(self.settings.mlflow.tracking_uri, self.name, version,
+                                           str(Path(self._tmp) / f"shadow-v{version}-{time.monotonic_ns()}"))
+            pair = self._start_pair(version, model_dir, served_as=shadow_version(version))
+        except (ServingFailed, MlflowException, OSError, ValueError, Unreachable) as err:
+            self.shadow_failed = {"version": version, "error": f"shadow v{version} did not start: {str(err)[:300]}"}
+            self.echo(f"error: {self.shadow_failed['error']}; serving v{self.version} without a shadow")
+        else:
+            self.shadow, self.shadow_failed = (version, pair), None
+            self.front.mirror_to(pair.ports["transformer_http"])
+            self.echo(f"shadowing: v{version} gets a copy of every REST inference request "
+                      f"(clients get v{self.version})")
+        self._write_state()
+
+    def stop_shadow(self) -> dict[str, int]:
+        """Stop mirroring and the shadow pair; the mirror's final counts ({} when there was none)."""
+        if self.shadow is None:
+            return {}
+        counts = self.front.mirror_to(None) if self.front else {}
+        version, pair = self.shadow
+        self.shadow = None
+        pair.stop()
+        self.echo(f"shadow v{version} stopped: {counts}")
+        self._write_state()
+        return counts
+
+    def _follow_shadow(self) -> None:
+        """Start or stop the shadow as the request file says (`flywheel shadow start|stop`)."""
+        from pipelines.shadow import read_request
+
+        wanted = read_request(self.settings.env)
+        current = self.shadow[0] if self.shadow else None
+        if wanted == current or (wanted and (self.shadow_failed or {}).get("version") == wanted):
+            if self.shadow:
+                self._write_state()  # fresh mirror counts for `flywheel shadow report`
+            return
+        if wanted is None:
+            self.stop_shadow()
+        else:
+            self.start_shadow(wanted)
 
     def alive(self) -> bool:
         sink_alive = self.sink is None or self.sink.proc.poll() is None
         return sink_alive and all(process.alive() for process in self.serving.processes)
 
     def poll(self) -> None:
+        """Follow the champion alias, then the shadow request."""
+        self._poll_champion()
+        self._follow_shadow()
+
+    def _poll_champion(self) -> None:
         """Swap to the champion if the alias moved (and it is not a version that just failed to start)."""
         from mlflow.exceptions import MlflowException
 
@@ -200,6 +269,8 @@ class Follower:
         """Front first (no new connections), then the servers, then the sink (it flushes on SIGTERM)."""
         if self.front is not None:
             self.front.stop()
+        if self.shadow is not None:
+            self.shadow[1].stop()
         for _, serving in reversed(self.pairs):
             serving.stop()
         with contextlib.suppress(OSError, ValueError):

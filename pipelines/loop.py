@@ -129,56 +129,78 @@ def _wait_for_rows(root: Path, version: str, expected: int, timeout: float = 30.
         time.sleep(0.3)
 
 
+def _windows(settings: Settings, looped: Settings, serving, reference, work: Path, rows: int, version: str,
+             steps: list) -> object:
+    """The loop's windows of traffic through the champion, each checked; the last check's result."""
+    from pipelines.traffic_check import check_traffic
+
+    result, sent = None, 0
+    for number, (phase, shifted) in enumerate(PHASES, start=1):
+        frame = traffic(settings, rows, number, shifted)
+        sent += _send(serving, frame, settings.dataset.features.columns)
+        window = _wait_for_rows(work / "windows", version, sent).tail(rows)
+        result, _ = check_traffic(looped, window, reference)  # and its gauges to the sink's /drift
+        (work / f"report-{number}.html").write_text(result.html or "", encoding="utf-8")
+        drifted = [f.feature for f in result.report.features if f.drifted]
+        steps.append((f"window {number}: {phase}",
+                      f"{len(window):,} rows through the transformer; drifted: {', '.join(drifted) or 'none'}; "
+                      f"prediction PSI {result.report.prediction_psi:.3f}; "
+                      f"{'RETRAIN' if result.retrain else 'hold'}: {_brief(result.reasons)}"))
+    return result
+
+
+def _challenger(settings: Settings) -> str | None:
+    from stages.registry import CHALLENGER
+    from stages.versions import version_behind
+
+    return version_behind(settings.mlflow.tracking_uri, settings.mlflow.registered_model, CHALLENGER)
+
+
 def turn(settings: Settings, console, rows_per_window: int | None = None) -> list[tuple[str, str]]:
-    """Serve, shift, detect, retrain: each step of the loop as (step, what happened)."""
+    """Serve, shift, detect, retrain (and, with `evaluation.shadow`, shadow the retrained challenger
+    beside the champion on the shifted traffic, promoting it when its shadow report passes): each
+    step of the loop as (step, what happened)."""
     from deployment.loopback import LocalServing
     from monitoring.check import Reference
     from pipelines.local_runner import PIPELINE_ROOT
     from pipelines.retrain import guarded_trigger
     from pipelines.serving import local_champion
-    from pipelines.traffic_check import check_traffic, drift_table
+    from pipelines.shadow import loop_shadow
+    from pipelines.traffic_check import drift_table
 
     rows = rows_per_window or max(settings.monitoring.min_samples * 2, 800)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    work = PIPELINE_ROOT / "loop" / stamp
+    work = PIPELINE_ROOT / "loop" / time.strftime("%Y%m%d-%H%M%S")
     work.mkdir(parents=True, exist_ok=True)
     steps: list[tuple[str, str]] = []
-    columns = settings.dataset.features.columns
     with tempfile.TemporaryDirectory(prefix="flywheel-loop-") as tmp, \
             MonitorService(work / "windows", work / "monitor.log") as sink:
         looped = _settings_for_loop(settings, work / "windows", sink.url)
         version, model_dir = local_champion(settings, tmp)
         reference = Reference.from_model_dir(model_dir, version)
         steps.append(("served", f"{settings.mlflow.registered_model} v{version}, payload events to {sink.url}/events"))
-        result, sent = None, 0
         with LocalServing(model_dir, settings.mlflow.registered_model, looped.serving, work / "serve",
                           decision_threshold=settings.evaluation.decision_threshold, model_version=version) as serving:
-            for number, (phase, shifted) in enumerate(PHASES, start=1):
-                frame = traffic(settings, rows, number, shifted)
-                sent += _send(serving, frame, columns)
-                window = _wait_for_rows(work / "windows", version, sent).tail(rows)
-                result, _ = check_traffic(looped, window, reference)  # and its gauges to the sink's /drift
-                (work / f"report-{number}.html").write_text(result.html or "", encoding="utf-8")
-                drifted = [f.feature for f in result.report.features if f.drifted]
-                steps.append((f"window {number}: {phase}",
-                              f"{len(window):,} rows through the transformer; drifted: {', '.join(drifted) or 'none'}; "
-                              f"prediction PSI {result.report.prediction_psi:.3f}; "
-                              f"{'RETRAIN' if result.retrain else 'hold'}: {_brief(result.reasons)}"))
-        console.print(drift_table(result.report, f"window {len(PHASES)} vs the champion's training profile"))
-        steps.append(("drift reports", str(work / f"report-{len(PHASES)}.html")))
-        if not result.retrain:
-            steps.append(("retraining", "not triggered: the decision is to hold"))
-            return steps
-        # Retraining reads fresh data: the world as it is now (the shifted distributions). A file's
-        # rows keep their seed, so their split (and the gate's test set) stays the one they had.
-        fresh_data = {"shift": world_shift(settings)} | ({"seed": 99} if settings.dataset.source == "reference" else {})
-        fresh = looped.model_copy(update={"dataset": settings.dataset.model_copy(update=fresh_data)})
-        trigger = guarded_trigger(fresh, interactive=True, state_path=str(work / "trigger.json"),
-                                  lock_path=work / "retraining.lock")
-        console.rule("[bold]drift detected: the guarded trigger starts a retraining run[/bold]")
-        decision = trigger.fire(result.reasons, "drift", result.dedup_key)
-        steps.append(("trigger", f"started a retraining run ({decision['run_id']})" if decision["started"]
-                      else f"refused ({decision['guard']}): {decision['why']}"))
+            result = _windows(settings, looped, serving, reference, work, rows, version, steps)
+            console.print(drift_table(result.report, f"window {len(PHASES)} vs the champion's training profile"))
+            steps.append(("drift reports", str(work / f"report-{len(PHASES)}.html")))
+            if not result.retrain:
+                steps.append(("retraining", "not triggered: the decision is to hold"))
+                return steps
+            # Retraining reads fresh data: the world as it is now (the shifted distributions). A file's
+            # rows keep their seed, so their split (and the gate's test set) stays the one they had.
+            fresh_data = {"shift": world_shift(settings)} | ({"seed": 99} if settings.dataset.source == "reference"
+                                                             else {})
+            fresh = looped.model_copy(update={"dataset": settings.dataset.model_copy(update=fresh_data)})
+            trigger = guarded_trigger(fresh, interactive=True, state_path=str(work / "trigger.json"),
+                                      lock_path=work / "retraining.lock")
+            console.rule("[bold]drift detected: the guarded trigger starts a retraining run[/bold]")
+            before = _challenger(settings)
+            decision = trigger.fire(result.reasons, "drift", result.dedup_key)
+            steps.append(("trigger", f"started a retraining run ({decision['run_id']})" if decision["started"]
+                          else f"refused ({decision['guard']}): {decision['why']}"))
+            if settings.evaluation.shadow is not None:
+                shadow_rows = traffic(settings, settings.evaluation.shadow.rows, len(PHASES) + 1, True)
+                steps += loop_shadow(looped, serving, version, shadow_rows, reference.label_mapping, work, before)
         again = trigger.fire(["drift again, minutes later"], "drift", result.dedup_key + "/again")
         steps.append(("second drift", f"{'started' if again['started'] else 'refused'} ({again['guard']}): "
                                       f"{again['why']}"))

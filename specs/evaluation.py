@@ -21,11 +21,26 @@ class Thresholds(Strict):
         return {k: v for k, v in self.model_dump().items() if v is not None}
 
 
+class ShadowSpec(Strict):
+    """Promotion after live shadow traffic: a candidate that passes the gate becomes the
+    `challenger` (not the champion), is served beside the champion on a mirrored copy of live
+    traffic, and is promoted once `rows` mirrored rows were answered by both and, where ground
+    truth has arrived, its live ROC AUC is no more than `max_regression` below the champion's
+    (with `min_agreement`, also that share of identical decisions)."""
+
+    rows: Annotated[int, Field(ge=1)] = Field(1000, description="mirrored rows both versions must have answered")
+    max_regression: Annotated[float, Field(ge=0.0, le=1.0)] = Field(
+        0.01, description="how far the challenger's live ROC AUC may fall below the champion's")
+    min_agreement: Annotated[float | None, Field(ge=0.0, le=1.0)] = Field(
+        None, description="share of rows both must decide alike (None: not checked; a better model disagrees)")
+
+
 class EvaluationSpec(Strict):
     thresholds: Thresholds = Thresholds()
     decision_threshold: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.5
     slice_column: str | None = None
     promotion_margin: Annotated[float, Field(ge=0.0)] = 0.002
+    shadow: ShadowSpec | None = None  # None: a candidate that wins the gate is the champion at once
 
 
 class TrackingSpec(Strict):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from specs import EvaluationSpec
 from stages.metrics import LOWER_IS_BETTER, EvaluationResult, evaluate
@@ -15,11 +15,15 @@ class Decision:
     reason: str
     candidate: dict
     champion: dict | None
+    shadow: bool = False  # promoted as the challenger: it shadows the champion before it answers clients
 
     @property
     def label(self) -> str:
-        """What the pipeline branches on (dsl.If): "promote" or "reject"."""
-        return "promote" if self.promote else "reject"
+        """What the pipeline branches on (dsl.If): "promote", "reject", or "challenger" (a winner
+        registered under the `challenger` alias by the gate itself; nothing is deployed)."""
+        if self.promote:
+            return "challenger" if self.shadow else "promote"
+        return "reject"
 
     def to_dict(self) -> dict:
         return {"decision": self.label, **asdict(self)}
@@ -119,5 +123,16 @@ def challenge(candidate_model, champion, frame, target: str, spec: EvaluationSpe
         champion_error = champion.error
     decision = decide(candidate.metrics, champion_result.metrics if champion_result else None,
                       spec.thresholds.configured(), spec.promotion_margin, champion_error=champion_error)
+    decision = shadowed(decision, spec)
     return GateOutcome(decision, candidate, champion_result, champion.label if champion else "",
                        champion.version["version"] if champion else "")
+
+
+def shadowed(decision: Decision, spec: EvaluationSpec) -> Decision:
+    """With `evaluation.shadow` set, a candidate that beat a champion it was scored against becomes
+    the challenger instead (promoted after its shadow rows agree). Without a champion to shadow
+    (none yet, or one that cannot be loaded or serve) the winner is the champion at once."""
+    if spec.shadow is None or not decision.promote or decision.champion is None:
+        return decision
+    return replace(decision, shadow=True, reason=f"{decision.reason}; evaluation.shadow is set: registered as the "
+                                                 f"challenger, promoted after {spec.shadow.rows:,} shadow rows pass")

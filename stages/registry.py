@@ -1,5 +1,9 @@
-"""The MLflow model registry: register a model directory as a pyfunc, the `champion` and
-`previous-champion` aliases, and loading the champion back for the gate."""
+"""The MLflow model registry: register a model directory as a pyfunc, the `champion`,
+`previous-champion` and `challenger` aliases, and loading the champion back for the gate.
+
+`challenger` is a candidate that passed the gate of an env with `evaluation.shadow`: registered,
+not served to clients, shadowing the champion on mirrored traffic until `promote_challenger`
+makes it the champion (after its shadow report passed)."""
 from __future__ import annotations
 
 import contextlib
@@ -25,20 +29,25 @@ from storage.tables import content_hash
 # What the registered pyfunc needs at inference; pinned to what is installed here (letting MLflow
 # infer requirements costs ~4.8 s per log_model). The flywheel package itself (model.*) comes
 # with the serving image.
+CHALLENGER = "challenger"
 PYFUNC_CODE = str(Path(model.__file__).parent / "pyfunc.py")  # not imported: it imports mlflow
 RUNTIME_PACKAGES = ("mlflow", "torch", "numpy", "pandas", "pyarrow", "fsspec", "cloudpickle")
 
 
 def register_candidate(model_dir: str, test_frame: pd.DataFrame, tracking: TrackingSpec, evaluation_run_id: str,
-                       lineage: Mapping) -> str:
+                       lineage: Mapping, *, challenger: bool = False) -> str:
     """Register a promoted model with its lineage (training data and test data hashes, the
-    evaluation run) and an input example from the test data; returns the new version."""
+    evaluation run) and an input example from the test data; returns the new version. With
+    `challenger`, the alias `challenger` moves to it and the champion stays as it is."""
     metadata = read_metadata(model_dir)
     lineage = {"data_hash": metadata.get("data_hash"), "test_data_hash": content_hash(test_frame),
                "evaluation_run_id": evaluation_run_id, "training_run_id": metadata.get("mlflow_run_id"), **lineage}
-    return register_model(tracking.tracking_uri, tracking.registered_model, model_dir, evaluation_run_id or None,
-                          lineage, input_example(test_frame, feature_columns(metadata)),
-                          experiment=tracking.experiment)
+    version = register_model(tracking.tracking_uri, tracking.registered_model, model_dir, evaluation_run_id or None,
+                             lineage, input_example(test_frame, feature_columns(metadata)),
+                             experiment=tracking.experiment, make_champion=not challenger)
+    if challenger:
+        Registry(tracking.tracking_uri, tracking.registered_model).set_alias(CHALLENGER, version)
+    return version
 
 
 def input_example(frame: pd.DataFrame, columns: list[str], rows: int = 5) -> pd.DataFrame:
@@ -226,3 +235,25 @@ def promote_version(tracking_uri: str, registered_model: str, version: str) -> s
     if ROLLED_BACK in registry.version(version)["tags"]:
         registry.untag(version, ROLLED_BACK)
     return previous
+
+
+def promote_challenger(tracking_uri: str, registered_model: str) -> tuple[str, str | None]:
+    """Make the `challenger` the champion (the old one becomes `previous-champion`, as any
+    promotion) and drop the `challenger` alias; (the version, the old champion). LookupError when
+    there is no challenger."""
+    registry = Registry(tracking_uri, registered_model)
+    version = (registry.aliases() or {}).get(CHALLENGER)
+    if version is None:
+        raise LookupError(f"{registered_model} has no challenger")
+    previous = promote_version(tracking_uri, registered_model, version)
+    registry.delete_alias(CHALLENGER)
+    return str(version), previous
+
+
+def drop_challenger(tracking_uri: str, registered_model: str) -> str | None:
+    """Remove the `challenger` alias (a challenger refused after its shadow run); the version it named."""
+    registry = Registry(tracking_uri, registered_model)
+    version = (registry.aliases() or {}).get(CHALLENGER)
+    if version is not None:
+        registry.delete_alias(CHALLENGER)
+    return version
