@@ -293,12 +293,22 @@ def _defaults(ir: dict) -> Iterator[tuple[str, dict]]:
         yield f"components.{name}", _get(component, "inputDefinitions", "parameters") or {}
 
 
-def pipeline_violations(ir: dict) -> list[str]:
+def _task_identity(ir: dict, executor: str) -> list[str]:
+    context = _get(ir, "platforms", "kubernetes", "deploymentSpec", "executors", executor, "securityContext") or {}
+    if context.get("runAsNonRoot") is not True or str(context.get("runAsUser", "0")) == "0":
+        return [f"Executor/{executor}: non-root: no non-root securityContext (kubernetes.set_security_context)"]
+    return []
+
+
+def pipeline_violations(ir: dict, *, cluster: bool = False) -> list[str]:
     """Every rule a compiled pipeline breaks: each executor has cpu and memory limits and a pinned
-    image; no credential-looking literal in parameter defaults or executor env.
+    image; no credential-looking literal in parameter defaults or executor env; compiled for a
+    cluster, each task runs as a non-root user (kfp.kubernetes.set_security_context: the KFP backend
+    adds the rest of Pod Security restricted, kubeflow/pipelines#12782).
 
     Args:
         ir: The compiled pipeline (KFP IR YAML, as `yaml.safe_load` gives it).
+        cluster: It runs on a cluster (a KFP API), not kfp.local.
 
     Returns:
         One `Executor/<name>: rule: detail` or `Pipeline/<name>: rule: detail` per violation.
@@ -313,6 +323,8 @@ def pipeline_violations(ir: dict) -> list[str]:
         if problem:
             found.append(f"Executor/{name}: image-tag: {problem}")
         found += [f"Executor/{name}: secret-value: {p}" for p in secret_looking({"env": container.get("env") or []})]
+        if cluster:
+            found += _task_identity(ir, name)
     pipeline = f"Pipeline/{_get(ir, 'pipelineInfo', 'name') or '?'}"
     for at, parameters in _defaults(ir):
         for parameter, definition in parameters.items():

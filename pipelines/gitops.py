@@ -37,6 +37,10 @@ KUSTOMIZATION = manifests.OVERLAY_FILE
 COMPONENT_API = "kustomize.config.k8s.io/v1alpha1"
 KUSTOMIZE_API = "kustomize.config.k8s.io/v1beta1"
 ENFORCE = "pod-security.kubernetes.io/enforce"
+# Sidecar injection (a Kubeflow profile namespace has it already). Under `restricted`, istio-init's
+# NET_ADMIN is not allowed: the cluster needs the Istio CNI node agent (istio.io, "Install Istio
+# with the Istio CNI node agent").
+ISTIO_INJECTION = "istio-injection"
 
 
 class GitOpsError(manifests.ManifestError):
@@ -144,6 +148,9 @@ def _component(settings, contexts, feature: str, values) -> dict[str, str]:
     if feature == "restricted":  # base enforces baseline (warn/audit restricted); this enforces restricted
         patches.append(manifests.json_patch({"version": "v1", "kind": "Namespace"}, [
             {"op": "add", "path": manifests._pointer("metadata", "labels", ENFORCE), "value": "restricted"}]))
+    if feature == "jwt-auth":  # Istio's policies bite only where its sidecar is injected
+        patches.append(manifests.json_patch({"version": "v1", "kind": "Namespace"}, [
+            {"op": "add", "path": manifests._pointer("metadata", "labels", ISTIO_INJECTION), "value": "enabled"}]))
     if feature == "gpu":
         patches.append(manifests.gpu_patch(values))
     component = {"apiVersion": COMPONENT_API, "kind": "Component",

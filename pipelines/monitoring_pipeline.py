@@ -15,10 +15,10 @@ pipeline run, so `flywheel monitor --env local [--trigger]` runs the same check 
 
 from kfp import dsl, kubernetes
 
-import storage
 from components.factory import component
 from pipelines.arguments import MONITORING, monitoring_arguments
 from pipelines.config import Settings
+from pipelines.tasks import configure
 
 NAME = MONITORING
 # Kubeflow's PodDefault that mounts the KFP ServiceAccount token (audience pipelines.kubeflow.org)
@@ -64,14 +64,6 @@ def build(settings: Settings):
             if not settings.embedded:
                 kubernetes.add_pod_label(fired, *KFP_TOKEN_POD_LABEL)
         for task in tasks:
-            task.set_cpu_limit(settings.kfp.task_cpu).set_memory_limit(settings.kfp.task_memory)
-            # Never cached: every check reads new traffic, and the history and trigger state change.
-            task.set_caching_options(False)
-            if settings.kfp.object_store_endpoint:
-                task.set_env_variable("AWS_ENDPOINT_URL", settings.kfp.object_store_endpoint)
-            if not settings.embedded:
-                # The sink's windows, the history and the registry's artifacts are on the object store.
-                kubernetes.use_secret_as_env(task, secret_name=storage.CREDENTIALS_SECRET,
-                                             secret_key_to_env={k: k for k in storage.CREDENTIAL_KEYS})
+            configure(task, settings)
 
     return monitoring

@@ -11,12 +11,12 @@ kfp.local; `flywheel submit scoring` on a cluster.
 Never cached: the champion alias moves, and the same input URI may hold new rows.
 """
 
-from kfp import dsl, kubernetes
+from kfp import dsl
 
-import storage
 from components.factory import component
 from pipelines.arguments import scoring_arguments
 from pipelines.config import Settings
+from pipelines.tasks import configure
 
 NAME = SCORING = "scoring"
 
@@ -61,17 +61,6 @@ def build(settings: Settings):
                         dataset_spec=dataset_spec, suite=suite).set_display_name("batch drift")
         tasks += [joined, checked]
         for task in tasks:
-            _configure(task, settings)
+            configure(task, settings)
 
     return scoring
-
-
-def _configure(task, settings: Settings) -> None:
-    """Limits, no caching (the alias resolves anew every run), and the object store's way in."""
-    task.set_cpu_limit(settings.kfp.task_cpu).set_memory_limit(settings.kfp.task_memory)
-    task.set_caching_options(False)
-    if settings.kfp.object_store_endpoint:
-        task.set_env_variable("AWS_ENDPOINT_URL", settings.kfp.object_store_endpoint)
-    if not settings.embedded:
-        kubernetes.use_secret_as_env(task, secret_name=storage.CREDENTIALS_SECRET,
-                                     secret_key_to_env={k: k for k in storage.CREDENTIAL_KEYS})

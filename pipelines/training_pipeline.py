@@ -12,12 +12,12 @@ pipeline function (the tasks it makes are collected in `tasks`, in the order the
 
 from typing import NamedTuple
 
-from kfp import dsl, kubernetes
+from kfp import dsl
 
-import storage
 from components.factory import component
 from pipelines.arguments import TRAINING, training_arguments
 from pipelines.config import Settings
+from pipelines.tasks import configure
 from specs.tuning import TuningSpec
 
 NAME = TRAINING
@@ -64,7 +64,7 @@ def build(settings: Settings):
         best_spec = _tune(op, settings.tuning, given, parts, tasks) if settings.tuning.enabled else train_spec
         _train_and_release(op, given, parts, best_spec, tasks)
         for task in tasks:
-            _configure(task, settings)
+            configure(task, settings)
 
     return training
 
@@ -134,19 +134,3 @@ def _train_and_release(op: dict, given: Inputs, parts, best_spec, tasks: list) -
         deployed = op["deploy"](model=model, test_data=test_data, version=registered.outputs["version"],
                                 deploy_spec=given.deploy_spec, tracking=given.tracking).set_display_name("deploy")
         tasks += [registered, deployed]
-
-
-def _configure(task, settings: Settings) -> None:
-    """Every task's limits, no caching, and its way to the object store."""
-    task.set_cpu_limit(settings.kfp.task_cpu).set_memory_limit(settings.kfp.task_memory)
-    # Never cached: ingest reads data that changes behind the same URI, the gate reads the
-    # registry's current champion, register and select write to MLflow. A scheduled
-    # retraining run that hit the cache would silently retrain nothing.
-    task.set_caching_options(False)
-    if settings.kfp.object_store_endpoint:
-        task.set_env_variable("AWS_ENDPOINT_URL", settings.kfp.object_store_endpoint)
-    if settings.training.on_cluster:
-        # Tasks read and write the object store themselves (staged training-job models, the
-        # registry's artifacts): credentials come from the namespace's secret, by reference.
-        kubernetes.use_secret_as_env(task, secret_name=storage.CREDENTIALS_SECRET,
-                                     secret_key_to_env={k: k for k in storage.CREDENTIAL_KEYS})

@@ -118,7 +118,18 @@ def compiled(tmp_path_factory):
 def test_compiled_pipelines_pass(compiled):
     for name, ir in compiled.items():
         assert ir["deploymentSpec"]["executors"], name
-        assert pipeline_violations(ir) == [], name
+        assert pipeline_violations(ir, cluster=True) == [], name
+
+
+def test_every_cluster_task_runs_as_the_images_non_root_user(compiled):
+    ir = copy.deepcopy(compiled["monitoring"])
+    contexts = ir["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    assert {str(c["securityContext"]["runAsUser"]) for c in contexts.values()} == {"10001"}
+    victim = sorted(contexts)[0]
+    del contexts[victim]["securityContext"]
+    assert pipeline_violations(ir, cluster=True) == [
+        f"Executor/{victim}: non-root: no non-root securityContext (kubernetes.set_security_context)"]
+    assert pipeline_violations(ir) == []  # kfp.local runs the tasks as this machine's user
 
 
 def test_pipeline_rules_catch_planted_violations(compiled):

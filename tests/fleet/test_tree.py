@@ -88,6 +88,8 @@ def test_every_cluster_renders_with_kubectl(env, cluster):
     (namespace,) = [o for o in namespaced if o["kind"] == "Namespace"]
     assert namespace["metadata"]["name"] == settings.namespace
     assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == settings.fleet.pod_security
+    # Istio's JWT and ALLOW policies bite only where its sidecar is injected
+    assert (namespace["metadata"]["labels"].get("istio-injection") == "enabled") == bool(settings.fleet.auth.issuer)
     assert all(o["metadata"].get("namespace") == settings.namespace for o in namespaced if o is not namespace)
     whole = manifests.load_objects(gitops.render_cluster(settings, cluster, kubectl))
     assert len(whole) == len(platform) + len(namespaced)
