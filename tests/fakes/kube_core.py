@@ -30,6 +30,10 @@ import yaml
 PODS = re.compile(r"^/api/v1/namespaces/([^/]+)/pods$")
 POD_LOG = re.compile(r"^/api/v1/namespaces/([^/]+)/pods/([^/]+)/log$")
 DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+# Kueue (v0.19.2 pkg/controller/constants QueueLabel): its webhook creates a job that carries this
+# label suspended (pkg/controller/jobframework/defaults.go ApplyDefaultForSuspend) and it clears the
+# flag when the job's ClusterQueue admits it; both training fakes script that part.
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 
 
 def now() -> str:

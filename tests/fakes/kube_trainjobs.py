@@ -9,6 +9,16 @@ and labelled as JobSet names and labels them (`<job>-node-0-<index>-<suffix>`,
 jobset.sigs.k8s.io/jobset-name, batch.kubernetes.io/job-completion-index) and are built from
 `spec.trainer` and the RuntimePatches of replicated job `node` (a plain merge, which is all our
 patches need, not Trainer's strategic merge).
+
+Kueue, scripted too: a step "Suspended" is Kueue suspending the TrainJob (`spec.suspend` true) and
+Trainer v2.3 answering (pkg/controller/trainjob_controller.go setSuspendedCondition): condition
+Suspended True, reason "Suspended", message "TrainJob is suspended"; the JobSet it suspends deletes
+the node pods and counts its child Job suspended. "Resumed" is Kueue admitting it (the flag false):
+Suspended False, reason "Resumed", message "TrainJob is resumed"; the Running/Complete steps after
+it create the pods. Conditions are set as meta.SetStatusCondition sets them (one per type, updated
+in place). A job carrying the queue label whose script starts "Suspended" is created suspended, as
+Kueue's webhook does; with any other script there is no Kueue and the label is inert. The CRD's
+default `spec.suspend: false` is applied on create (the fake applies no other CRD default).
 """
 from __future__ import annotations
 
@@ -17,6 +27,7 @@ import uuid
 
 from tests.fakes.kube_core import (
     DNS1035,
+    KUEUE_QUEUE_LABEL,
     CustomResource,
     Route,
     name_required,
@@ -27,7 +38,7 @@ from tests.fakes.kube_core import (
 from tests.fakes.kube_operators import JobScript, ScriptedJob, TrainingOperators
 
 TRAINJOBS = CustomResource("trainer.kubeflow.org", "v1alpha1", "trainjobs", "TrainJob")
-TRAINJOB_STEPS = ("Created", "Running", "Complete", "Failed")
+TRAINJOB_STEPS = ("Created", "Suspended", "Resumed", "Running", "Complete", "Failed")
 # What JobSet labels every pod with, and what an Indexed Job adds (the node's rank).
 JOBSET_NAME, REPLICATED_JOB = "jobset.sigs.k8s.io/jobset-name", "jobset.sigs.k8s.io/replicatedjob-name"
 COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
@@ -35,6 +46,30 @@ NODE = "node"
 # The terminal conditions Trainer copies from the JobSet's (jobset.x-k8s.io constants).
 TRAINJOB_TERMINAL = {"Complete": ("AllJobsCompleted", "jobset completed successfully"),
                      "Failed": ("FailedJobs", "jobset failed due to one or more job failures")}
+# Trainer's Suspended condition (trainjob_types.go TrainJobSuspendedReason/TrainJobResumedReason,
+# constants.go TrainJobSuspendedMessage/TrainJobResumedMessage).
+TRAINJOB_SUSPENDED = {True: ("True", "Suspended", "TrainJob is suspended"),
+                      False: ("False", "Resumed", "TrainJob is resumed")}
+
+
+def set_status_condition(status: dict, condition: dict) -> None:
+    """apimachinery's meta.SetStatusCondition: a new type is appended; an existing one is updated in
+    place (its lastTransitionTime only when its status changes)."""
+    conditions = status.setdefault("conditions", [])
+    current = next((c for c in conditions if c["type"] == condition["type"]), None)
+    if current is None:
+        conditions.append({**condition, "lastTransitionTime": now()})
+        return
+    if current["status"] != condition["status"]:
+        current.update(status=condition["status"], lastTransitionTime=now())
+    current.update(reason=condition["reason"], message=condition["message"])
+
+
+def jobs_status(phase: str = "", suspended: bool = False) -> list[dict]:
+    """The JobSet's one child Job (`node`) as Trainer counts it, its pods in `phase` ("": none yet)."""
+    return [{"name": NODE, "ready": int(phase == "Running"), "succeeded": int(phase == "Succeeded"),
+             "failed": int(phase == "Failed"), "active": int(phase in ("Pending", "Running")),
+             "suspended": int(suspended)}]
 
 
 def pruned_fields(sent, kept, path: str = "") -> list[str]:
@@ -129,16 +164,20 @@ class TrainJobs(TrainingOperators):
             raise ValueError(f"a TrainJob script step is one of {TRAINJOB_STEPS}, got {state!r}")
         meta, status = job.obj["metadata"], job.obj.setdefault("status", {})
         ns, name = meta["namespace"], meta["name"]
+        if any(c["type"] in TRAINJOB_TERMINAL and c["status"] == "True" for c in status.get("conditions") or []):
+            raise ValueError(f"TrainJob {name} has finished: its script cannot go on to {state!r}")
+        if state in ("Suspended", "Resumed"):
+            return self._suspend_trainjob(job, state == "Suspended")
+        if job.obj["spec"].get("suspend"):
+            raise ValueError(f"TrainJob {name} is suspended: its JobSet runs no pods, so {state!r} needs a "
+                             "'Resumed' step first")
         phase = {"Created": "Pending", "Running": "Running", "Complete": "Succeeded", "Failed": "Failed"}[state]
         if state in TRAINJOB_TERMINAL:
             reason, message = TRAINJOB_TERMINAL[state]
-            status.setdefault("conditions", []).append({
-                "type": state, "status": "True", "reason": job.script.reason or reason,
-                "message": job.script.message or message, "lastTransitionTime": now()})
+            set_status_condition(status, {"type": state, "status": "True", "reason": job.script.reason or reason,
+                                          "message": job.script.message or message})
         # One child Job per replicated job: `node`.
-        status["jobsStatus"] = [{"name": NODE, "ready": int(phase == "Running"), "succeeded": int(phase == "Succeeded"),
-                                 "failed": int(phase == "Failed"), "active": int(phase in ("Pending", "Running")),
-                                 "suspended": 0}]
+        status["jobsStatus"] = jobs_status(phase)
         labels, annotations, pod_spec = trainjob_pod_template(job.obj["spec"])
         for index in range(job.obj["spec"].get("trainer", {}).get("numNodes", 1)):
             pod = next((p for (pns, _), p in self.pods.items() if pns == ns
@@ -154,6 +193,25 @@ class TrainJobs(TrainingOperators):
                                             COMPLETION_INDEX: str(index), "jobset.sigs.k8s.io/job-index": "0"}},
                     "spec": pod_spec, "status": {}}
             pod["status"]["phase"] = phase
+
+    def _suspend_trainjob(self, job: ScriptedJob, suspend: bool) -> None:
+        """Kueue sets `spec.suspend` (queues or preempts the job) or clears it (admits it); Trainer
+        sets its Suspended condition and suspends or resumes the JobSet, whose Jobs' pods go."""
+        meta, spec, status = job.obj["metadata"], job.obj["spec"], job.obj.setdefault("status", {})
+        spec["suspend"] = suspend
+        value, reason, message = TRAINJOB_SUSPENDED[suspend]
+        was_suspended = any(c["type"] == "Suspended" and c["status"] == "True" for c in status.get("conditions") or [])
+        if suspend or was_suspended:
+            set_status_condition(status, {"type": "Suspended", "status": value, "reason": reason, "message": message})
+        if suspend:
+            self._delete_trainjob_pods(meta["namespace"], meta["name"])
+            status["jobsStatus"] = jobs_status(suspended=True)
+        elif was_suspended:
+            status["jobsStatus"] = jobs_status()  # resumed; its pods come with the next steps
+
+    def _delete_trainjob_pods(self, ns: str, name: str) -> None:
+        for key in [k for k, p in self.pods.items() if k[0] == ns and p["metadata"]["labels"].get(JOBSET_NAME) == name]:
+            del self.pods[key]
 
     # --- the API ----------------------------------------------------------------------------
 
@@ -174,9 +232,7 @@ class TrainJobs(TrainingOperators):
                 return request.reply(200, job.obj)
             if method == "DELETE":
                 del self.trainjobs[(ns, name)]
-                for key in [k for k, p in self.pods.items()
-                            if k[0] == ns and p["metadata"]["labels"].get(JOBSET_NAME) == name]:
-                    del self.pods[key]  # garbage collection of the JobSet and its pods
+                self._delete_trainjob_pods(ns, name)  # garbage collection of the JobSet and its pods
                 return request.reply(200, TRAINJOBS.deleted(name, job.obj["metadata"]["uid"]))
         request.reply(405, status_object(405, "MethodNotAllowed", f"{method} is not supported here"))
 
@@ -198,5 +254,9 @@ class TrainJobs(TrainingOperators):
             obj.pop("status", None)  # status is a subresource: ignored on create
             obj["metadata"].update({"namespace": ns, "uid": str(uuid.uuid4()), "resourceVersion": "1",
                                     "generation": 1, "creationTimestamp": now()})
-            self.trainjobs[(ns, name)] = ScriptedJob(obj, self.scripts.get(name, self.default_trainjob_script))
+            script = self.scripts.get(name, self.default_trainjob_script)
+            obj["spec"].setdefault("suspend", False)  # the CRD's default
+            if KUEUE_QUEUE_LABEL in (obj["metadata"].get("labels") or {}) and script.steps[:1] == ["Suspended"]:
+                obj["spec"]["suspend"] = True  # Kueue's webhook: a queued job is created suspended
+            self.trainjobs[(ns, name)] = ScriptedJob(obj, script)
         request.reply(201, obj, warning_headers(warnings))

@@ -189,13 +189,13 @@ class ClusterBackend(TrainingBackend):
         finished = threading.Event()
         logs = threading.Thread(target=self._follow_logs, args=(name, finished), daemon=True, name=f"logs-{name}")
         logs.start()
-        outcome, status = "interrupted", {}
+        outcome, status, why = "interrupted", {}, ""
         try:
             try:
                 status = self.wait(name, self.wait_timeout, self.poll_interval, on_poll)
                 outcome = "succeeded" if condition(status, self.SUCCEEDED) else "failed"
-            except TimeoutError:
-                outcome = "timeout"
+            except TimeoutError as err:  # its message says why: still running, or still queued
+                outcome, why = "timeout", str(err)
             except RuntimeError as err:  # the API stopped answering about the job (or it vanished)
                 outcome, status = "lost", {"error": str(err)}
             finally:
@@ -211,7 +211,7 @@ class ClusterBackend(TrainingBackend):
                                     cond.get("message") or "no message from the operator", status)
         if outcome == "timeout":
             raise TrainingJobFailed(self.kind, name, self.namespace, "Timeout",
-                                    f"not finished after {self.wait_timeout:.0f}s", status)
+                                    why or f"not finished after {self.wait_timeout:.0f}s", status)
         if outcome == "lost":
             raise TrainingJobFailed(self.kind, name, self.namespace, "WatchFailed", status["error"], status)
         return status

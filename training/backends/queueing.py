@@ -4,10 +4,12 @@ A job labelled `kueue.x-k8s.io/queue-name` is created suspended by Kueue's webho
 `spec.runPolicy.suspend`, TrainJob `spec.suspend`; kueue v0.19.2
 pkg/controller/jobframework/defaults.go ApplyDefaultForSuspend) and unsuspended when its
 ClusterQueue admits it; preemption (another env reclaiming its quota) suspends it again. The
-operators then report a `Suspended` condition (True while suspended, False with reason
-`JobResumed`/`Resumed` after). Neither operator starts the active deadline before admission
-(the Training Operator resets `startTime` on suspend), so our wait timeout must not either:
-queued time is bounded separately by QUEUE_WAIT_MAX_SECONDS.
+operators then report a `Suspended` condition (True while suspended, reason
+`PyTorchJobSuspended`/`Suspended`; False after, reason `PyTorchJobResumed`/`Resumed`: Training
+Operator v1.9 pkg/controller.v1/common/job.go, Trainer v2.3 trainjob_controller.go). Neither
+operator starts the active deadline before admission (the Training Operator sets `startTime` on
+resume, Trainer counts from the Suspended condition's flip to False), so our wait timeout must not
+either: queued time is bounded separately by QUEUE_WAIT_MAX_SECONDS.
 """
 from __future__ import annotations
 
@@ -84,7 +86,8 @@ def wait_through_queue(wait_for: WaitFor, terminal: Callable[[dict], bool], time
             if queued:
                 raise TimeoutError(f"{watch.kind} {watch.name} still queued in {watch.queue or 'its queue'} "
                                    f"after {queue_timeout:.0f}s (no quota freed)") from err
-            raise
+            # The poll's own message names only this segment's share of `timeout`.
+            raise TimeoutError(f"{watch.kind} {watch.name} not done after running {timeout:.0f}s") from err
         if not queued:
             left -= time.monotonic() - started
         if terminal(job):
