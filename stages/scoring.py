@@ -139,7 +139,10 @@ def _expected(entry: dict) -> str:
     if "type_list" in entry["kwargs"]:
         shown["types"] = "numbers" if any(str(t).startswith(NUMERIC_TYPE_PREFIXES)
                                           for t in entry["kwargs"]["type_list"]) else "text"
-    return ", ".join(f"{k}={_plain(v)}" for k, v in shown.items())
+    # A fixed order (a suite read back from GX may list kwargs in any order): bounds low to high.
+    order = {k: i for i, k in enumerate(("min_value", "max_value", "strict_min", "strict_max", "value_set"))}
+    keys = sorted(shown, key=lambda k: (order.get(k, len(order)), k))
+    return ", ".join(f"{k}={_plain(shown[k])}" for k in keys)
 
 
 def _plain(value):

@@ -171,3 +171,11 @@ def test_a_partition_reads_its_rows_alone(tmp_path, frame):
     for start, stop in [(0, 150), (150, 300), (300, 400), (140, 160)]:
         part = read_rows(str(path), start, stop)
         assert part["customer_id"].tolist() == frame["customer_id"].iloc[start:stop].tolist()
+
+
+def test_a_reason_lists_the_bounds_low_to_high_whatever_order_the_suite_gives():
+    from stages.scoring import _expected
+
+    entry = {"type": "expect_column_values_to_be_between",
+             "kwargs": {"max_value": 110, "column": "age", "mostly": 1.0, "min_value": 18}}
+    assert _expected(entry) == "min_value=18, max_value=110, mostly=1.0"
