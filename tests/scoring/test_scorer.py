@@ -178,4 +178,4 @@ def test_a_reason_lists_the_bounds_low_to_high_whatever_order_the_suite_gives():
 
     entry = {"type": "expect_column_values_to_be_between",
              "kwargs": {"max_value": 110, "column": "age", "mostly": 1.0, "min_value": 18}}
-    assert _expected(entry) == "min_value=18, max_value=110, mostly=1.0"
+    assert _expected(entry) == "min_value=18, max_value=110, mostly=1"
