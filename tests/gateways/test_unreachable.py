@@ -13,7 +13,7 @@ import yaml
 from kubernetes import client as k8s
 from typer.testing import CliRunner
 
-from pipelines import cli
+from pipelines import cli, cli_app
 from pipelines.config import load_settings
 from storage.endpoints import Unreachable, doing, probe, redact
 from tests.support import (
@@ -220,7 +220,7 @@ def test_schedule_dry_run_offline_prints_what_config_declares(monkeypatch):
     port = free_port()
     settings = load_settings("staging", overrides={"kfp": {"host": f"http://127.0.0.1:{port}"},
                                                    "retraining": {"enabled": True, "schedule": "0 4 * * *"}})
-    monkeypatch.setattr(cli, "load_settings", lambda env: settings)
+    monkeypatch.setattr(cli_app, "load_settings", lambda env: settings)
     result = CliRunner().invoke(cli.app, ["schedule", "--env", "staging", "--dry-run"])
     assert result.exit_code == 0, result.output
     assert result.stdout.splitlines() == [
@@ -242,7 +242,7 @@ def test_an_object_store_error_is_one_line_not_a_traceback(tmp_path):
     import typer
     from botocore.exceptions import EndpointConnectionError
 
-    app = typer.Typer(cls=cli.Commands)
+    app = typer.Typer(cls=cli_app.Commands)
 
     @app.command()
     def read() -> None:

@@ -6,6 +6,7 @@ import numpy as np
 from typer.testing import CliRunner
 
 import pipelines.cli as cli
+import pipelines.cli_app as cli_app
 import pipelines.local_runner as flywheel_local
 import pipelines.serving as flywheel_serving
 from monitoring.audit import STAGE
@@ -17,7 +18,7 @@ def test_flywheel_monitor_checks_reports_and_triggers_once(tmp_path, champion, m
     from mlflow import MlflowClient
 
     settings = local_settings(tmp_path)
-    monkeypatch.setattr(cli, "load_settings", lambda env: settings)
+    monkeypatch.setattr(cli_app, "load_settings", lambda env: settings)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("COLUMNS", "250")  # rich wraps at 80 columns off a terminal
     started = []
@@ -66,7 +67,7 @@ def test_flywheel_monitor_checks_reports_and_triggers_once(tmp_path, champion, m
 
 def test_flywheel_monitor_without_a_champion_says_so(tmp_path, monkeypatch):
     settings = local_settings(tmp_path)
-    monkeypatch.setattr(cli, "load_settings", lambda env: settings)
+    monkeypatch.setattr(cli_app, "load_settings", lambda env: settings)
 
     def none(settings, dst):
         raise LookupError("credit-default has no champion in sqlite:///...; run the training pipeline first")

@@ -12,6 +12,7 @@ import yaml
 from typer.testing import CliRunner
 
 import pipelines.cli as cli
+import pipelines.cli_app as cli_app
 from components.monitor import trigger_op
 from monitoring.trigger import GuardedTrigger, trigger_from_file
 from pipelines.arguments import as_parameter, kfp_target_parameter, monitor_config
@@ -37,7 +38,7 @@ def on_kfp(tmp_path, server):
 
 
 def render_trigger_file(settings, monkeypatch, path):
-    monkeypatch.setattr(cli, "load_settings", lambda env: settings)
+    monkeypatch.setattr(cli_app, "load_settings", lambda env: settings)
     result = CliRunner().invoke(cli.app, ["monitor-config", "--env", settings.env, "--out", str(path)])
     assert result.exit_code == 0, result.output
     return path

@@ -4,6 +4,7 @@ import pytest
 from typer.testing import CliRunner
 
 import pipelines.cli as cli
+import pipelines.cli_app as cli_app
 import pipelines.publish as flywheel_publish
 import pipelines.submit as flywheel_submit
 from pipelines.config import load_settings
@@ -253,7 +254,7 @@ def test_fake_rejects_concurrency_the_backend_rejects(server, tmp_path):
 
 
 def test_cli_schedule_dry_run_prints_the_plan(server, monkeypatch):
-    monkeypatch.setattr(cli, "load_settings", lambda env: staging(server))
+    monkeypatch.setattr(cli_app, "load_settings", lambda env: staging(server))
     monkeypatch.setattr(flywheel_publish, "default_catalog", lambda: tiny_registry)
     result = CliRunner().invoke(cli.app, ["schedule", "--env", "staging", "--dry-run"])
     assert result.exit_code == 0, result.output

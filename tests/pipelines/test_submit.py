@@ -10,6 +10,7 @@ import yaml
 from typer.testing import CliRunner
 
 import pipelines.cli as cli
+import pipelines.cli_app as cli_app
 import pipelines.publish as flywheel_publish
 from gateways import kfp_api
 from gateways.kfp_api import KfpError
@@ -135,7 +136,7 @@ def test_bearer_token_is_sent_and_never_shown(server, monkeypatch, caplog):
     # Given a KFP that requires a bearer token, given in the environment
     server.bearer_token = TOKEN
     monkeypatch.setenv("KFP_BEARER_TOKEN", TOKEN)
-    monkeypatch.setattr(cli, "load_settings", lambda env: dev_settings(server))
+    monkeypatch.setattr(cli_app, "load_settings", lambda env: dev_settings(server))
     monkeypatch.setattr(flywheel_publish, "default_catalog", lambda: tiny_pipeline)
     caplog.set_level(logging.DEBUG)
     # When the CLI submits
@@ -227,7 +228,7 @@ def test_local_env_has_no_host_and_points_to_flywheel_run():
 
 def test_unreachable_host(server, monkeypatch):
     # Given a host where nothing listens any more
-    monkeypatch.setattr(cli, "load_settings", lambda env: dev_settings(server))
+    monkeypatch.setattr(cli_app, "load_settings", lambda env: dev_settings(server))
     monkeypatch.setattr(flywheel_publish, "default_catalog", lambda: tiny_pipeline)
     server.stop()
     # When the CLI submits, then it says so in one line (urllib3's retry warnings kept out)
@@ -259,7 +260,8 @@ def test_wait_returns_the_final_state(server):
 
 
 def test_cli_submit_dev_exits_0(server, monkeypatch):
-    monkeypatch.setattr(cli, "load_settings", lambda env: load_settings(env, overrides={"kfp": {"host": server.url}}))
+    monkeypatch.setattr(cli_app, "load_settings",
+                        lambda env: load_settings(env, overrides={"kfp": {"host": server.url}}))
     monkeypatch.setattr(flywheel_publish, "default_catalog", lambda: tiny_pipeline)
     result = CliRunner().invoke(cli.app, ["submit", "training", "--env", "dev"])
     assert result.exit_code == 0, result.output
@@ -270,7 +272,8 @@ def test_cli_submit_dev_exits_0(server, monkeypatch):
 
 def test_cli_failed_run_with_wait_exits_nonzero_with_one_line(server, monkeypatch):
     server.run_outcome = "FAILED"
-    monkeypatch.setattr(cli, "load_settings", lambda env: load_settings(env, overrides={"kfp": {"host": server.url}}))
+    monkeypatch.setattr(cli_app, "load_settings",
+                        lambda env: load_settings(env, overrides={"kfp": {"host": server.url}}))
     monkeypatch.setattr(flywheel_publish, "default_catalog", lambda: tiny_pipeline)
     result = CliRunner().invoke(cli.app, ["submit", "training", "--env", "dev", "--wait"])
     assert result.exit_code == 1

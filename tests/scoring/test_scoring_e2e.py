@@ -141,10 +141,11 @@ def test_past_the_quarantine_share_score_fails_naming_expectation_and_column(sco
 def test_without_a_champion_score_says_so_in_one_line(tmp_path, monkeypatch):
     """(The registry answers "no such alias" through stages.versions: a fresh SQLite store costs 5 s.)"""
     import pipelines.cli as cli
+    import pipelines.cli_app as cli_app
     import stages.versions
 
     empty = load_settings("local", overrides={"mlflow": {"tracking_uri": f"sqlite:///{tmp_path / 'empty.db'}"}})
-    monkeypatch.setattr(cli, "load_settings", lambda env: empty)
+    monkeypatch.setattr(cli_app, "load_settings", lambda env: empty)
     asked = []
     monkeypatch.setattr(stages.versions, "version_behind", lambda uri, name, alias: asked.append((name, alias)))
     result = CliRunner().invoke(cli.app, ["score", "--data", "x.csv", "--out", str(tmp_path / "p.parquet")])

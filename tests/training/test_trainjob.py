@@ -459,7 +459,7 @@ def test_train_dry_run_prints_prods_trainjob(trainjob_config):
 def test_the_dry_run_shows_what_the_backend_submits(trainjob_config, fake_k8s, s3_env, tmp_path):
     # Given prod on the trainjob backend (a smaller dataset: only its schema reaches the job), its
     # staging bucket on an S3 API server, and a Trainer that fails every job (nothing trains here)
-    import pipelines.cli as cli
+    import pipelines.cli_cluster as cli_cluster
 
     trainjob_config(dataset={"rows": 2000})
     boto3.client("s3", endpoint_url=s3_env["AWS_ENDPOINT_URL"], region_name="us-east-1",
@@ -471,7 +471,7 @@ def test_the_dry_run_shows_what_the_backend_submits(trainjob_config, fake_k8s, s
     stamp = shown["metadata"]["annotations"]["flywheel/pipeline-run"].removeprefix("cli-")
     settings = load_settings("prod")
     spec = train_spec(settings)
-    job = cli._cli_job(settings, spec, tmp_path / "run", stamp, write=True)
+    job = cli_cluster._cli_job(settings, spec, tmp_path / "run", stamp, write=True)
     runner = TrainJobBackend(spec, client_configuration=fake_k8s.configuration(), poll_interval=0.02,
                              log_drain_timeout=10)
     with pytest.raises(TrainingJobFailed):
