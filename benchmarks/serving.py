@@ -18,7 +18,9 @@ burst only ever slows a round down. Configurations:
    KServe's default `InferenceRESTClient` hop, v1 by default) in front of the stock predictor.
 4. stock chain over grpc-v2: the same transformer with KServe's `InferenceGRPCClient` hop.
 5. our predictor (`python -m serving.predictor`), the same v1 JSON tensors in.
-6. our chain: `serving.transformer` (grpc-v2 hop, raw tensor contents) in front of our predictor.
+6. our one process (`python -m serving.single`, `serving.topology: single`): raw records in, the
+   transformer's FeatureCodec and the predictor's forward pass in one ModelServer process.
+7. our chain: `serving.transformer` (grpc-v2 hop, raw tensor contents) in front of our predictor.
 
 Chains take v1 raw records (`{"instances": [row]}`) and answer labels and probabilities; every
 configuration's answer is checked against the raw forward pass before it is measured, so they all
@@ -29,15 +31,17 @@ process for a chain), wrk's CPU share and each core's busy share are recorded to
 moves far less than throughput when a neighbour takes the core (it still rises when the sibling
 core is busy), so it is the figure to compare across runs; the load average is printed with each.
 
-Then a soak at 80% of our chain's peak throughput for --soak seconds: wrk 4 has no fixed-rate
-mode (`-R` is wrk2's), so an open-loop generator (asyncio + aiohttp, one request every 1/rate s
-whatever the answers do, latency from the scheduled send time) drives it while the servers' RSS is
-sampled every second. Pass: zero errors, and memory flat = the last sample within max(10%, 20 MB)
-of the sample after warm-up.
+Then a soak at 80% of the one-process server's peak throughput (the default topology) for --soak
+seconds: wrk 4 has no fixed-rate mode (`-R` is wrk2's), so an open-loop generator (asyncio +
+aiohttp, one request every 1/rate s whatever the answers do, latency from the scheduled send time)
+drives it while the servers' RSS is sampled every second. Pass: zero errors, and memory flat =
+the last sample within max(10%, 20 MB) of the sample after warm-up.
 
-Targets (verdicts printed): our chain's throughput >= 0.7x our predictor alone at 16 clients;
-our chain's p99 <= 20 ms at 16 clients and <= 10 ms at 4; our predictor's throughput not below
-the stock KServe predictor's at any client count. Results go to benchmarks/results/serving.json.
+Targets (verdicts printed, benchmarks/serving_report.py): the one process's throughput >= 0.9x our
+predictor alone at 16 clients (moonshot 1.0x), its p99 <= 20 ms at 16 clients and <= 10 ms at 4;
+the same for our chain against 0.7x; our predictor's throughput not below the stock KServe
+predictor's and its CPU per request not above it at any client count. Results go to
+benchmarks/results/serving.json.
 """
 from __future__ import annotations
 
@@ -59,14 +63,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.serving_report import SOAK_SHARE, print_soak, print_table, ratio_lines, verdicts  # noqa: E402
 from tests.support import NotReady, free_port, wait_for_url  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 NAME = "credit"
-SOAK_SHARE = 0.8
 WARMUP_SOAK_SECONDS = 10.0  # RSS after this much of the soak is the "after warm-up" reference
 FLAT_SHARE, FLAT_BYTES = 0.10, 20 << 20
-TARGET_CHAIN_RATIO, TARGET_P99_16_MS, TARGET_P99_4_MS = 0.7, 20.0, 10.0
 
 WRK_SCRIPT = r"""
 wrk.method = "POST"
@@ -535,122 +538,6 @@ def new_loop():
 
 # ---- report -----------------------------------------------------------------------------------
 
-def at(rows: list[dict], config: str, clients: int) -> dict | None:
-    return next((r for r in rows if r["config"] == config and r["clients"] == clients), None)
-
-
-def print_table(raw: dict, codec: dict, rows: list[dict], server_cores, load_cores) -> None:
-    """The figures. req/s and latencies are the best round's, `rounds` the req/s spread over the
-    rounds; CPU ms/req is the servers' CPU time per request (transformer + predictor for a chain),
-    wrk% the load generator's share of its core, coreN% each core's busy share (anyone's)."""
-    cores = sorted(set(server_cores or ()) | set(load_cores or ()))
-    columns = [("configuration", "<30"), ("clients", ">7"), ("req/s", ">7"), ("rounds", ">11"), ("p50 ms", ">7"),
-               ("p99 ms", ">7"), ("p99.9", ">7"), ("errors", ">6"), ("CPU ms/req", ">10"), ("(T + P)", ">11"),
-               ("wrk%", ">5"), *((f"core{c}%", ">6") for c in cores), ("load1", ">5")]
-
-    def line(*values) -> str:
-        return " ".join(f"{v:{fmt}}" for v, (_, fmt) in zip(values, columns))
-
-    head = line(*(name for name, _ in columns))
-    print("\n" + head)
-    print("-" * len(head))
-    print(line("raw model forward (in-process)", "-", f"{raw['calls_per_s']:.0f}", "", f"{raw['p50_us'] / 1e3:.3f}",
-               f"{raw['p99_us'] / 1e3:.3f}", "-", "-", f"{1e3 / raw['calls_per_s']:.3f}"))
-    print(line("raw transformer work (in-proc)", "-", f"{1e6 / codec['us_per_row']:.0f}", "", "", "", "", "-",
-               f"{codec['us_per_row'] / 1e3:.3f}"))
-    last = None
-    for row in rows:
-        if last and last != row["config"]:
-            print()
-        last = row["config"]
-        split = list(row["server_cpu_ms_per_request_by_process"].values())
-        print(line(row["config"], row["clients"], f"{row['rps']:.0f}", f"{row.get('rps_min', row['rps']):.0f}-"
-                   f"{row['rps']:.0f}", f"{row['p50_ms']:.2f}", f"{row['p99_ms']:.2f}", f"{row['p999_ms']:.2f}",
-                   row["errors"], f"{row['server_cpu_ms_per_request']:.3f}",
-                   f"{split[0]:.2f} + {split[1]:.2f}" if len(split) == 2 else "", f"{row['wrk_cpu_share']:.0f}",
-                   *(f"{row['core_busy_percent'].get(c, 0):.0f}" for c in cores), f"{row['loadavg_before'][0]:.2f}"))
-
-
-def ratio_lines(rows: list[dict], clients: list[int], raw: dict, labels: dict) -> tuple[list[str], dict]:
-    lines, ratios = [], {}
-
-    def pair(name: str, top: str, bottom: str, key: str = "rps") -> None:
-        values = {}
-        for n in clients:
-            a, b = at(rows, top, n), at(rows, bottom, n)
-            if a and b and b[key]:
-                values[n] = a[key] / b[key]
-        ratios[name] = values
-        lines.append(f"  {name:<52} " + "  ".join(f"{n:>2}c {v:5.2f}x" for n, v in values.items()))
-
-    pair("our predictor / stock predictor (req/s)", labels["ours_p"], labels["stock_p"])
-    pair("our chain / our predictor alone (req/s)", labels["ours_c"], labels["ours_p"])
-    pair("our chain / stock chain REST (req/s)", labels["ours_c"], labels["stock_rest"])
-    pair("our chain / stock chain grpc-v2 (req/s)", labels["ours_c"], labels["stock_grpc"])
-    pair("stock chain REST / stock predictor (req/s)", labels["stock_rest"], labels["stock_p"])
-    pair("stock chain grpc-v2 / stock predictor (req/s)", labels["stock_grpc"], labels["stock_p"])
-    pair("stock predictor / our predictor (CPU ms per request)", labels["stock_p"], labels["ours_p"],
-         "server_cpu_ms_per_request")
-    pair("stock chain grpc-v2 / our chain (CPU ms per request)", labels["stock_grpc"], labels["ours_c"],
-         "server_cpu_ms_per_request")
-    one = at(rows, labels["ours_p"], 1)
-    if one:
-        overhead = 1e6 / one["rps"] - 1e6 / raw["calls_per_s"]
-        lines.append(f"  {'raw forward / our predictor at 1 client (req/s)':<52}  1c "
-                     f"{raw['calls_per_s'] / one['rps']:5.1f}x  (serving adds ~{overhead:.0f} us per request)")
-        ratios["raw forward / our predictor @1"] = raw["calls_per_s"] / one["rps"]
-    return lines, ratios
-
-
-def verdicts(rows: list[dict], clients: list[int], labels: dict) -> list[dict]:
-    results = []
-
-    def verdict(name: str, value, target: str, ok, gap: str) -> None:
-        results.append({"target": name, "value": value, "want": target, "pass": ok, "gap": gap})
-
-    chain16, pred16 = at(rows, labels["ours_c"], 16), at(rows, labels["ours_p"], 16)
-    if chain16 and pred16:
-        r = chain16["rps"] / pred16["rps"]
-        verdict("our chain throughput / our predictor alone @16 clients", round(r, 3), f">= {TARGET_CHAIN_RATIO}",
-                r >= TARGET_CHAIN_RATIO, f"{r - TARGET_CHAIN_RATIO:+.2f}x ({chain16['rps']:.0f} vs "
-                f"{pred16['rps']:.0f} req/s; needs {TARGET_CHAIN_RATIO * pred16['rps']:.0f})")
-    for n, limit in ((16, TARGET_P99_16_MS), (4, TARGET_P99_4_MS)):
-        row = at(rows, labels["ours_c"], n)
-        if row:
-            verdict(f"our chain p99 @{n} clients (ms)", round(row["p99_ms"], 2), f"<= {limit}",
-                    row["p99_ms"] <= limit, f"{row['p99_ms'] - limit:+.2f} ms")
-    for n in clients:
-        ours, stock = at(rows, labels["ours_p"], n), at(rows, labels["stock_p"], n)
-        if ours and stock:
-            r = ours["rps"] / stock["rps"]
-            verdict(f"our predictor / stock KServe predictor @{n} clients", round(r, 3), ">= 1.0", r >= 1.0,
-                    f"{r - 1:+.2f}x ({ours['rps']:.0f} vs {stock['rps']:.0f} req/s)")
-    return results
-
-
-def print_soak(soak: dict, memory: dict, generator: str) -> None:
-    print(f"\nsoak: {soak['seconds']:.0f} s at {soak['rate']:.0f} req/s ({SOAK_SHARE:.0%} of our chain's peak), "
-          f"{generator}")
-    print(f"  sent {soak['sent']}, answered {soak['answered']}, achieved {soak['achieved_rps']:.0f} req/s "
-          f"(per-second {soak['per_second_min']}-{soak['per_second_max']})")
-    busy = ", ".join(f"core{c} {v:.0f}%" for c, v in soak["core_busy_percent"].items())
-    print(f"  generator: {soak['generator_cpu_share']:.0f}% of its core, send lag p99 "
-          f"{soak['generator_lag_p99_ms']:.1f} ms, max {soak['generator_lag_max_ms']:.1f} ms; "
-          f"cores busy (anyone's) {busy}")
-    print(f"  latency from scheduled send: p50 {soak['p50_ms']:.2f} ms  p99 {soak['p99_ms']:.2f} ms  "
-          f"p99.9 {soak['p999_ms']:.2f} ms  max {soak['max_ms']:.1f} ms")
-    print(f"  errors: {soak['error_count']} {soak['errors'] or ''}".rstrip()
-          + (" (open loop: a server that falls behind the rate shows here and in the latency)"
-             if soak["error_count"] else ""))
-    print("  servers' CPU ms per request: " + ", ".join(f"{k} {v:.2f}" for k, v in
-                                                       soak["server_cpu_ms_per_request_by_process"].items()))
-    for label, m in memory.items():
-        print(f"  RSS {label:<16} start {m['start_mb']:6.1f} MB  after warm-up {m['after_warmup_mb']:6.1f}  end "
-              f"{m['end_mb']:6.1f}  max {m['max_mb']:6.1f}  slope {m['slope_mb_per_min']:+.2f} MB/min  "
-              f"delta {m['delta_mb']:+.1f} MB (tolerance {m['tolerance_mb']:.0f}): "
-              f"{'flat' if m['flat'] else 'NOT FLAT'}")
-
-
 # ---- main -------------------------------------------------------------------------------------
 
 def pinning() -> tuple[set | None, set | None, str]:
@@ -663,14 +550,15 @@ def pinning() -> tuple[set | None, set | None, str]:
     return server, load, note
 
 
-def main(argv: list[str] | None = None) -> int:
+def arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--duration", type=float, default=10.0,
                         help="seconds per measurement (whole seconds: wrk's unit)")
     parser.add_argument("--rounds", type=int, default=3,
                         help="interleaved rounds per measurement, --duration split between them; best round counts")
     parser.add_argument("--clients", default="1,4,16", help="comma-separated concurrent connections")
-    parser.add_argument("--soak", type=float, default=60.0, help="soak seconds at 80%% of our chain's peak; 0 skips")
+    parser.add_argument("--soak", type=float, default=60.0,
+                        help="soak seconds at 80%% of the one-process server's peak; 0 skips")
     parser.add_argument("--warmup", type=float, default=2.0, help="seconds of discarded load before each config")
     parser.add_argument("--stock-rest-protocol", default="v1", choices=["v1", "v2"],
                         help="the stock chain's REST hop (KServe's default is v1)")
@@ -680,28 +568,112 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.quick:
         args.duration, args.warmup, args.soak = min(args.duration, 2.0), 1.0, min(args.soak, 8.0)
-    clients = sorted({int(c) for c in args.clients.split(",") if c.strip()})
+    args.clients = sorted({int(c) for c in args.clients.split(",") if c.strip()})
     args.rounds = max(1, args.rounds)
-    round_seconds = max(1 if args.quick else 2, round(args.duration / args.rounds))
+    args.round_seconds = max(1 if args.quick else 2, round(args.duration / args.rounds))
+    return args
 
+
+LABELS = {"stock_p": "stock KServe predictor", "stock_rest": "stock chain REST ({rest})",
+          "stock_grpc": "stock chain grpc-v2", "ours_p": "our predictor", "ours_c": "our chain (grpc-v2)",
+          "ours_s": "our one process"}
+
+
+def start_servers(model_dir: Path, log_dir: Path, cpus, rest: str, servers: list) -> dict:
+    """Every configuration's servers, started and ready (appended to `servers` for the caller's
+    clean-up), by LABELS key; a chain's as (transformer, predictor)."""
+    stock_script = str(ROOT / "benchmarks" / "stock_kserve.py")
+    model = ["--model_dir", str(model_dir)]
+
+    def start(*new: Server) -> list[Server]:
+        for s in new:
+            command = s.pinned_command()
+            print(f"  start {s.label}: {' '.join(command[:command.index('--model_dir')])} ...", flush=True)
+            servers.append(s.start())
+        for s in new:
+            s.wait()
+        return list(new)
+
+    print("\n[servers]")
+    stock_p, ours_p, ours_s = start(
+        Server("stock predictor", [stock_script, "predictor", *model], log_dir, cpus),
+        Server("our predictor", ["-m", "serving.predictor", *model], log_dir, cpus),
+        Server("our one process", ["-m", "serving.single", *model], log_dir, cpus))
+    stock_rest_t, stock_grpc_t, ours_t = start(*(
+        Server(f"stock transformer {protocol}", [stock_script, "transformer", *model, "--predictor_host", host,
+                                                 "--predictor_protocol", protocol], log_dir, cpus)
+        for protocol, host in ((rest, f"127.0.0.1:{stock_p.http_port}"), ("grpc-v2", stock_p.grpc))),
+        Server("our transformer", ["-m", "serving.transformer", *model, "--predictor_host", ours_p.grpc,
+                                   "--predictor_protocol", "grpc-v2"], log_dir, cpus))
+    return {"stock_p": (stock_p,), "ours_p": (ours_p,), "ours_s": (ours_s,), "stock_rest": (stock_rest_t, stock_p),
+            "stock_grpc": (stock_grpc_t, stock_p), "ours_c": (ours_t, ours_p)}
+
+
+def soak_run(args, peak: float, url: str, body: bytes, servers: list, has_rate: bool) -> tuple:
+    """(soak, memory, generator) of an open-loop soak at SOAK_SHARE x `peak` on `servers`."""
+    generator = ("open-loop asyncio+aiohttp generator at a fixed rate, latency from the scheduled send "
+                 "time (" + ("this wrk has -R, but the generator reports errors by kind)" if has_rate else
+                             "wrk 4 has no fixed-rate mode: -R is wrk2's)"))
+    print(f"\n[soak] {args.soak:g} s at {SOAK_SHARE * peak:.0f} req/s; {generator}", flush=True)
+    warmup = min(WARMUP_SOAK_SECONDS, args.soak / 6)
+    with asyncio.Runner(loop_factory=new_loop) as runner:
+        soak = runner.run(open_loop(url, body, SOAK_SHARE * peak, args.soak, servers))
+    memory = {s.label: memory_verdict(soak["samples"], s.label, warmup) for s in servers}
+    soak["warmup_seconds"] = warmup
+    return soak, memory, generator
+
+
+def report(args, raw: dict, codec: dict, rows: list[dict], soaked: tuple | None, labels: dict, cpus) -> tuple:
+    """Print the table, ratios, soak and verdicts; (verdicts, ratios)."""
+    server_cpus, load_cpus = cpus
+    print_table(raw, codec, rows, server_cpus, load_cpus)
+    lines, ratios = ratio_lines(rows, args.clients, raw, labels)
+    print("\nratios")
+    print("\n".join(lines))
+    results = verdicts(rows, args.clients, labels)
+    if soaked is not None:
+        soak, memory, generator = soaked
+        results.append({"target": "soak errors", "value": soak["error_count"], "want": "== 0",
+                        "pass": soak["error_count"] == 0, "gap": str(soak["errors"] or "none")})
+        for label, m in memory.items():
+            results.append({"target": f"soak memory flat: {label}", "value": round(m["delta_mb"], 1),
+                            "want": f"|end - after warm-up| <= {m['tolerance_mb']:.0f} MB",
+                            "pass": m["flat"], "gap": f"slope {m['slope_mb_per_min']:+.2f} MB/min"})
+        print_soak(soak, memory, generator, labels["ours_s"])
+    print("\ntargets" + (" (QUICK run: indicative only)" if args.quick else ""))
+    for v in results:
+        print(f"  {'PASS' if v['pass'] else 'FAIL'}  {v['target']:<60} {v['value']!s:>8}  (want {v['want']}; "
+              f"{v['gap']})")
+    return results, ratios
+
+
+def prologue(args) -> tuple:
+    """Check wrk, print what runs where; (wrk version, has -R, kserve version, server cpus, load cpus, note)."""
     if not shutil.which("wrk"):
         print("benchmarks/serving.py needs wrk, the HTTP load generator: apt-get install -y wrk", file=sys.stderr)
-        return 2
+        return None
     wrk_version = subprocess.run(["wrk", "-v"], capture_output=True, text=True).stdout.splitlines()[0].strip()
     usage = subprocess.run(["wrk", "--help"], capture_output=True, text=True)
-    has_rate = "--rate" in usage.stdout + usage.stderr
     from importlib.metadata import version
 
     kserve_version = version("kserve")
     server_cpus, load_cpus, pin_note = pinning()
-    started = time.time()
     print(f"serving benchmark: {wrk_version}; kserve {kserve_version}; python {sys.version.split()[0]}")
     print(f"cores: {os.cpu_count()} (this process may use {sorted(os.sched_getaffinity(0))}); pinning: {pin_note}")
     print(f"load average at start: {loadavg()} (other agents may share these cores)")
-    print(f"per measurement: best of {args.rounds} interleaved round(s) of {round_seconds} s (--duration "
-          f"{args.duration:g}), after a {args.warmup:g} s warm-up; clients {clients}; one row per request; v1 JSON in"
-          f"{' (QUICK: smoke figures, not for verdicts)' if args.quick else ''}", flush=True)
+    print(f"per measurement: best of {args.rounds} interleaved round(s) of {args.round_seconds} s (--duration "
+          f"{args.duration:g}), after a {args.warmup:g} s warm-up; clients {args.clients}; one row per request; v1 "
+          f"JSON in{' (QUICK: smoke figures, not for verdicts)' if args.quick else ''}", flush=True)
+    return wrk_version, "--rate" in usage.stdout + usage.stderr, kserve_version, server_cpus, load_cpus, pin_note
 
+
+def main(argv: list[str] | None = None) -> int:
+    args = arguments(argv)
+    before = prologue(args)
+    if before is None:
+        return 2
+    wrk_version, has_rate, kserve_version, server_cpus, load_cpus, pin_note = before
+    started = time.time()
     RESULTS.mkdir(parents=True, exist_ok=True)
     log_dir = RESULTS / "serving-logs"
     log_dir.mkdir(exist_ok=True)
@@ -714,7 +686,6 @@ def main(argv: list[str] | None = None) -> int:
         chain_body, predictor_body, features = bodies(model_dir, frame)
         print(f"model trained in {time.perf_counter() - t:.1f} s; chain body {len(chain_body)} B, predictor body "
               f"{len(predictor_body)} B", flush=True)
-
         raw = raw_forward(model_dir, features, min(args.duration, 5.0), server_cpus)
         print(f"  raw model forward: {raw['calls_per_s']:.0f} calls/s (p50 {raw['p50_us']:.0f} us, p99 "
               f"{raw['p99_us']:.0f} us)", flush=True)
@@ -723,95 +694,41 @@ def main(argv: list[str] | None = None) -> int:
               f"{codec['us_per_row']:.0f} us per row (from_v1 {codec['from_v1_us']:.0f} us)", flush=True)
         if load_cpus:
             os.sched_setaffinity(0, load_cpus)  # this process drives the soak: keep it off the server core
-        want = raw["probability"]
-        wrk = Wrk(tmp, load_cpus)
-        rest = args.stock_rest_protocol
-        labels = {"stock_p": "stock KServe predictor", "stock_rest": f"stock chain REST ({rest})",
-                  "stock_grpc": "stock chain grpc-v2", "ours_p": "our predictor", "ours_c": "our chain (grpc-v2)"}
-        stock_script = str(ROOT / "benchmarks" / "stock_kserve.py")
-        model = ["--model_dir", str(model_dir)]
-
-        def start(*new: Server) -> list[Server]:
-            for s in new:
-                command = s.pinned_command()
-                print(f"  start {s.label}: {' '.join(command[:command.index('--model_dir')])} ...", flush=True)
-                servers.append(s.start())
-            for s in new:
-                s.wait()
-            return list(new)
-
+        labels = {k: v.format(rest=args.stock_rest_protocol) for k, v in LABELS.items()}
+        started_by = start_servers(model_dir, log_dir, server_cpus, args.stock_rest_protocol, servers)
         predict = f"/v1/models/{NAME}:predict"
-        print("\n[servers]")
-        stock_p, ours_p = start(Server("stock predictor", [stock_script, "predictor", *model], log_dir, server_cpus),
-                                Server("our predictor", ["-m", "serving.predictor", *model], log_dir, server_cpus))
-        stock_rest_t, stock_grpc_t, ours_t = start(*(
-            Server(f"stock transformer {protocol}", [stock_script, "transformer", *model, "--predictor_host", host,
-                                                     "--predictor_protocol", protocol], log_dir, server_cpus)
-            for protocol, host in ((rest, f"127.0.0.1:{stock_p.http_port}"), ("grpc-v2", stock_p.grpc))),
-            Server("our transformer", ["-m", "serving.transformer", *model, "--predictor_host", ours_p.grpc,
-                                       "--predictor_protocol", "grpc-v2"], log_dir, server_cpus))
-        targets = [(labels["stock_p"], stock_p.url + predict, predictor_body, [stock_p]),
-                   (labels["ours_p"], ours_p.url + predict, predictor_body, [ours_p]),
-                   (labels["stock_rest"], stock_rest_t.url + predict, chain_body, [stock_rest_t, stock_p]),
-                   (labels["stock_grpc"], stock_grpc_t.url + predict, chain_body, [stock_grpc_t, stock_p]),
-                   (labels["ours_c"], ours_t.url + predict, chain_body, [ours_t, ours_p])]
+        targets = [(labels[k], started_by[k][0].url + predict, predictor_body if k in ("stock_p", "ours_p")
+                    else chain_body, list(started_by[k]))
+                   for k in ("stock_p", "ours_p", "ours_s", "stock_rest", "stock_grpc", "ours_c")]
         for label, url, body, _ in targets:
-            check_answer(url, body, want, label)
-        print(f"  every configuration answers probability {want:.6f} for the row (the raw forward pass's)\n"
-              f"  idle servers wait on the same core while another configuration is measured\n\n[measure]",
+            check_answer(url, body, raw["probability"], label)
+        print(f"  every configuration answers probability {raw['probability']:.6f} for the row (the raw forward "
+              f"pass's)\n  idle servers wait on the same core while another configuration is measured\n\n[measure]",
               flush=True)
-        rows = measure(targets, wrk, clients, round_seconds, args.warmup, args.rounds)
-        for stopped in (stock_rest_t, stock_grpc_t, stock_p):
-            stopped.stop()
-
-        soak, memory, generator = None, {}, None
-        if args.soak > 0:
-            peak = max(r["rps"] for r in rows if r["config"] == labels["ours_c"])
-            generator = ("open-loop asyncio+aiohttp generator at a fixed rate, latency from the scheduled send "
-                         "time (" + ("this wrk has -R, but the generator reports errors by kind)" if has_rate else
-                                     "wrk 4 has no fixed-rate mode: -R is wrk2's)"))
-            print(f"\n[soak] {args.soak:g} s at {SOAK_SHARE * peak:.0f} req/s; {generator}", flush=True)
-            warmup = min(WARMUP_SOAK_SECONDS, args.soak / 6)
-            runner = asyncio.Runner(loop_factory=new_loop)
-            with runner:
-                soak = runner.run(open_loop(ours_t.url + predict, chain_body, SOAK_SHARE * peak, args.soak,
-                                            [ours_t, ours_p]))
-            memory = {s.label: memory_verdict(soak["samples"], s.label, warmup) for s in (ours_t, ours_p)}
-            soak["warmup_seconds"] = warmup
-        ours_t.stop()
-        ours_p.stop()
+        rows = measure(targets, Wrk(tmp, load_cpus), args.clients, args.round_seconds, args.warmup, args.rounds)
+        for key in ("stock_rest", "stock_grpc", "stock_p", "ours_c", "ours_p"):
+            for stopped in started_by[key]:
+                stopped.stop()
+        soaked = None
+        if args.soak > 0:  # the default topology (single) under an open-loop load
+            peak = max(r["rps"] for r in rows if r["config"] == labels["ours_s"])
+            soaked = soak_run(args, peak, started_by["ours_s"][0].url + predict, chain_body,
+                              list(started_by["ours_s"]), has_rate)
+        started_by["ours_s"][0].stop()
         load_end = loadavg()
-
-        print_table(raw, codec, rows, server_cpus, load_cpus)
-        lines, ratios = ratio_lines(rows, clients, raw, labels)
-        print("\nratios")
-        print("\n".join(lines))
-        results = verdicts(rows, clients, labels)
-        if soak is not None:
-            results.append({"target": "soak errors", "value": soak["error_count"], "want": "== 0",
-                            "pass": soak["error_count"] == 0, "gap": str(soak["errors"] or "none")})
-            for label, m in memory.items():
-                results.append({"target": f"soak memory flat: {label}", "value": round(m["delta_mb"], 1),
-                                "want": f"|end - after warm-up| <= {m['tolerance_mb']:.0f} MB",
-                                "pass": m["flat"], "gap": f"slope {m['slope_mb_per_min']:+.2f} MB/min"})
-            print_soak(soak, memory, generator)
-        print("\ntargets" + (" (QUICK run: indicative only)" if args.quick else ""))
-        for v in results:
-            print(f"  {'PASS' if v['pass'] else 'FAIL'}  {v['target']:<56} {v['value']!s:>8}  (want {v['want']}; "
-                  f"{v['gap']})")
+        results, ratios = report(args, raw, codec, rows, soaked, labels, (server_cpus, load_cpus))
         print(f"\nload average: start {rows[0]['loadavg_before'] if rows else '-'}, end {load_end}; "
               f"{pin_note}; total {time.time() - started:.0f} s")
-
+        soak = soaked and {**soaked[0], "generator": soaked[2], "memory": soaked[1]}
         output = {"when": time.strftime("%Y-%m-%dT%H:%M:%S"), "quick": args.quick, "wrk": wrk_version,
                   "kserve": kserve_version, "cores": os.cpu_count(), "pinning": pin_note,
                   "server_cpus": sorted(server_cpus or []), "load_cpus": sorted(load_cpus or []),
-                  "duration": args.duration, "rounds": args.rounds,
-                  "round_seconds": round_seconds, "warmup": args.warmup, "clients": clients,
-                  "stock_rest_protocol": rest, "loadavg_end": load_end, "raw_forward": raw, "raw_codec": codec,
-                  "measurements": rows,
+                  "duration": args.duration, "rounds": args.rounds, "round_seconds": args.round_seconds,
+                  "warmup": args.warmup, "clients": args.clients, "stock_rest_protocol": args.stock_rest_protocol,
+                  "loadavg_end": load_end, "raw_forward": raw, "raw_codec": codec, "measurements": rows,
                   "ratios": {k: ({str(n): v for n, v in r.items()} if isinstance(r, dict) else r)
                              for k, r in ratios.items()},
-                  "targets": results, "soak": soak and {**soak, "generator": generator, "memory": memory}}
+                  "targets": results, "soak": soak}
         Path(args.output).write_text(json.dumps(output, indent=2))
         print(f"results: {args.output}; server logs: {log_dir}")
         return 0  # a completed run; the verdicts are in the output and the JSON

@@ -6,12 +6,14 @@ Shape of what is rendered (KServe docs: "Collocate transformer and predictor", "
 "Autoscaling", "Inference logger"; kserve/kserve#4807 for the host-name limit):
 
 - `spec.predictor.containers[0]` is `kserve-container`: our image running
-  `python -m serving.predictor --model_dir URI --model_name NAME` (ModelServer, REST + gRPC v2).
-- transformer `collocated`: a second container named exactly `transformer-container` in the
+  `python -m serving.predictor --model_dir URI --model_name NAME` (ModelServer, REST + gRPC v2),
+  or, with topology `single`, `python -m serving.single` (raw records in, labels out, the forward
+  pass in the same process) and no transformer at all: the predictor takes the client traffic.
+- topology `collocated`: a second container named exactly `transformer-container` in the
   predictor pod; it takes the client traffic on 8080 and calls the predictor over localhost
   (`--predictor_host 127.0.0.1:PORT --predictor_protocol HOP`), with
   `--enable_predictor_health_check` so the pod is ready only when both are.
-  transformer `separate`: `spec.transformer` with its own `kserve-container`, calling
+  topology `separate`: `spec.transformer` with its own `kserve-container`, calling
   `<name>-predictor.<namespace>` (port 80, the predictor's one declared port).
 - `serving.kserve.io/deploymentMode`: Standard (Deployment + HPA, rolling update) or Knative
   (revisions; `canaryTrafficPercent` and `serving.kserve.io/enable-tag-routing` for the
@@ -163,6 +165,16 @@ def _collocated_containers(spec: ServingSpec, model_args: list[str], labels_at: 
     return [predictor, transformer]
 
 
+def _single_container(model_args: list[str], labels_at: list[str], common: dict) -> list:
+    """The one-process server as the predictor's only container: it takes the client traffic on
+    8080 (REST) like a transformer would, and answers gRPC v2 on 8081 inside the pod."""
+    return [_container(PREDICTOR_CONTAINER, "serving.single",
+                       [*model_args, *labels_at, *REACHABLE, "--http_port", str(HTTP_PORT), "--grpc_port",
+                        str(GRPC_PORT)],
+                       http_port=HTTP_PORT,
+                       ports=[k8s.V1ContainerPort(name="http1", container_port=HTTP_PORT, protocol="TCP")], **common)]
+
+
 def _separate_components(spec: ServingSpec, name: str, namespace: str, model_args: list[str], labels_at: list[str],
                          common: dict) -> tuple[list, list]:
     """(predictor containers, transformer containers) of a transformer that is its own component.
@@ -240,16 +252,17 @@ def _logger(spec: ServingSpec):
 
 def _components(spec: ServingSpec, name: str, namespace: str, model: ServedModel, common: dict, component,
                 decision_threshold: float):
-    """(predictor, transformer or None) for the spec's transformer placement; `component(part)`
-    gives the fields every component carries."""
+    """(predictor, transformer or None) for the spec's topology; `component(part)` gives the fields
+    every component carries."""
     from kserve import V1beta1PredictorSpec, V1beta1TransformerSpec
 
     logger = _logger(spec)
     model_args = ["--model_name", model.name, "--model_dir", model.uri, "--model_version", model.version,
                   "--max_batch_rows", str(spec.max_batch_rows), "--max_body_bytes", str(spec.max_body_bytes)]
     labels_at = ["--decision_threshold", f"{decision_threshold:g}"]  # the transformer turns probabilities into labels
-    if spec.transformer == "collocated":
-        containers = _collocated_containers(spec, model_args, labels_at, common)
+    if spec.topology in ("single", "collocated"):
+        containers = (_single_container(model_args, labels_at, common) if spec.topology == "single"
+                      else _collocated_containers(spec, model_args, labels_at, common))
         return V1beta1PredictorSpec(containers=containers, logger=logger, **component("predictor")), None
     predictor, transformer = _separate_components(spec, name, namespace, model_args, labels_at, common)
     return (V1beta1PredictorSpec(containers=predictor, **component("predictor")),

@@ -205,6 +205,28 @@ def _layout_problems(component: str, part: dict, path: str, spec: dict, knative:
     return problems
 
 
+SINGLE_MODULE = "serving.single"  # the one-process server (raw records in, the forward pass in process)
+
+
+def _topology_problems(spec: dict) -> list[str]:
+    """The one-process server takes raw records: nothing may stand in front of it (a transformer
+    would send it tensors), and it is the predictor's only container."""
+    predictor = spec.get("predictor") if isinstance(spec.get("predictor"), dict) else {}
+    containers = [c for c in predictor.get("containers") or [] if isinstance(c, dict)]
+    single = [i for i, c in enumerate(containers) if SINGLE_MODULE in (c.get("command") or [])]
+    if not single:
+        return []
+    path = f"spec.predictor.containers[{single[0]}]"
+    problems = []
+    if spec.get("transformer"):
+        problems.append(f"{path}.command: {SINGLE_MODULE} answers raw records itself; spec.transformer in front "
+                        "of it would send it tensors (topology single has no transformer)")
+    if len(containers) > 1:
+        problems.append(f"spec.predictor.containers: {SINGLE_MODULE} is the predictor's only container "
+                        f"(topology single); found {[c.get('name') for c in containers]}")
+    return problems
+
+
 def _component_problems(component: str, part: dict, spec: dict, annotations: dict, knative: bool) -> list[str]:
     path = f"spec.{component}"
     problems = _scaling_problems(part, path, annotations, knative) + _layout_problems(component, part, path, spec,
@@ -224,7 +246,7 @@ def policy_problems(obj) -> list[str]:
     spec = obj.get("spec") if isinstance(obj.get("spec"), dict) else {}
     components = [c for c in COMPONENTS if isinstance(spec.get(c), dict) and spec.get(c)]
     knative = annotations.get(DEPLOYMENT_MODE) == "Knative"
-    problems = _metadata_problems(obj, components, knative)
+    problems = _metadata_problems(obj, components, knative) + _topology_problems(spec)
     for component in components:
         problems += _component_problems(component, spec[component], spec, annotations, knative)
     return problems

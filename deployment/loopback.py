@@ -1,9 +1,15 @@
-"""The local deployer: the champion served on loopback by the same predictor and transformer
-processes a cluster runs, on free ports, ready-checked, smoke-tested and stopped cleanly.
+"""The local deployer: the champion served on loopback by the same processes a cluster runs, on
+free ports, ready-checked, smoke-tested and stopped cleanly. `serving.topology` says which:
 
-    predictor    python -m serving.predictor   (REST + gRPC, the model's forward pass)
-    transformer  python -m serving.transformer (REST + gRPC, raw records in, labels out;
-                 calls the predictor over gRPC v2, as the collocated pod does)
+    single       python -m serving.single      (REST + gRPC, raw records in, labels out, the model's
+                 forward pass in the same process)
+    collocated,  python -m serving.predictor   (REST + gRPC, the model's forward pass)
+    separate     python -m serving.transformer (REST + gRPC, raw records in, labels out;
+                 calls the predictor over the hop protocol, as the collocated pod does)
+
+`ports["entry_http"]`/`["entry_grpc"]` are the process clients call (the one server, or the
+transformer); `predictor_http`/`predictor_grpc` the process that runs the model (the same one for
+`single`).
 """
 from __future__ import annotations
 
@@ -71,8 +77,9 @@ class Process:
 
 @dataclass
 class LocalServing:
-    """Predictor + transformer for one model directory on loopback. Use as a context manager, or
-    `start()` / `stop()`; ports are picked free unless given."""
+    """The serving processes for one model directory on loopback (`spec.topology`: one process, or
+    predictor + transformer). Use as a context manager, or `start()` / `stop()`; ports are picked
+    free unless given (`http_port`: the entry's REST port)."""
 
     model_dir: str
     model_name: str
@@ -85,8 +92,12 @@ class LocalServing:
     ports: dict[str, int] = field(default_factory=dict)
 
     @property
+    def single(self) -> bool:
+        return self.spec.topology == "single"
+
+    @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.ports['transformer_http']}"
+        return f"http://127.0.0.1:{self.ports['entry_http']}"
 
     @property
     def predictor_url(self) -> str:
@@ -98,40 +109,54 @@ class LocalServing:
             problem = port_in_use(HOST, self.http_port)
             if problem:
                 raise ServingFailed(problem)
-        self.ports = {"predictor_http": free_port(), "predictor_grpc": free_port(),
-                      "transformer_http": self.http_port or free_port(), "transformer_grpc": free_port()}
-        common = ["--model_version", self.model_version] if self.model_version else []
-        common += ["--host", HOST, "--max_batch_rows", str(self.spec.max_batch_rows),
-                   "--max_body_bytes", str(self.spec.max_body_bytes)]
+        self.ports = {"entry_http": self.http_port or free_port(), "entry_grpc": free_port()}
+        if self.single:
+            self.ports.update(predictor_http=self.ports["entry_http"], predictor_grpc=self.ports["entry_grpc"])
+        else:
+            self.ports.update(predictor_http=free_port(), predictor_grpc=free_port())
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-        hop = self.spec.hop_protocol
-        predictor_host = (f"127.0.0.1:{self.ports['predictor_grpc']}" if hop == "grpc-v2"
-                          else f"127.0.0.1:{self.ports['predictor_http']}")
-        predictor = Process("predictor", [
-            sys.executable, "-m", "serving.predictor", "--model_name", self.model_name, "--model_dir", self.model_dir,
-            *common,
-            "--http_port", str(self.ports["predictor_http"]), "--grpc_port", str(self.ports["predictor_grpc"])],
-            self.log_dir / "predictor.log")
-        transformer = Process("transformer", [
-            sys.executable, "-m", "serving.transformer", "--model_name", self.model_name, "--model_dir", self.model_dir,
-            *common,
-            "--predictor_host", predictor_host, "--predictor_protocol", hop,
-            "--decision_threshold", f"{self.decision_threshold:g}",
-            "--http_port", str(self.ports["transformer_http"]), "--grpc_port", str(self.ports["transformer_grpc"]),
-            *(["--payload_url", self.spec.payload_logging.url, "--payload_sample_rate",
-                str(self.spec.payload_logging.sample_rate), "--payload_log_mode", self.spec.payload_logging.mode]
-              if self.spec.payload_logging.url else [])],
-            self.log_dir / "transformer.log")
-        self.processes = [predictor, transformer]
+        self.processes = [self._single()] if self.single else [self._predictor(), self._transformer()]
         try:
             for process in self.processes:
                 process.start(env)
-            self._wait_ready(self.predictor_url, predictor)
-            self._wait_ready(self.url, transformer)
+            urls = [self.url] if self.single else [self.predictor_url, self.url]  # the predictor first
+            for process, url in zip(self.processes, urls):
+                self._wait_ready(url, process)
         except BaseException:
             self.stop()
             raise
         return self
+
+    def _command(self, module: str, http: str, grpc: str) -> list[str]:
+        """`python -m module` for this model, its limits and version, on loopback at the named ports."""
+        return [sys.executable, "-m", module, "--model_name", self.model_name, "--model_dir", self.model_dir,
+                *(["--model_version", self.model_version] if self.model_version else []),
+                "--host", HOST, "--max_batch_rows", str(self.spec.max_batch_rows),
+                "--max_body_bytes", str(self.spec.max_body_bytes),
+                "--http_port", str(self.ports[http]), "--grpc_port", str(self.ports[grpc])]
+
+    def _records_args(self) -> list[str]:
+        """What a server that answers raw records adds: the decision threshold and the payload sink."""
+        logging = self.spec.payload_logging
+        return ["--decision_threshold", f"{self.decision_threshold:g}",
+                *(["--payload_url", logging.url, "--payload_sample_rate", str(logging.sample_rate),
+                   "--payload_log_mode", logging.mode] if logging.url else [])]
+
+    def _single(self) -> Process:
+        return Process("server", [*self._command("serving.single", "entry_http", "entry_grpc"),
+                                  *self._records_args()], self.log_dir / "server.log")
+
+    def _predictor(self) -> Process:
+        return Process("predictor", self._command("serving.predictor", "predictor_http", "predictor_grpc"),
+                       self.log_dir / "predictor.log")
+
+    def _transformer(self) -> Process:
+        hop = self.spec.hop_protocol
+        predictor_host = f"127.0.0.1:{self.ports['predictor_grpc' if hop == 'grpc-v2' else 'predictor_http']}"
+        return Process("transformer", [
+            *self._command("serving.transformer", "entry_http", "entry_grpc"),
+            "--predictor_host", predictor_host, "--predictor_protocol", hop, *self._records_args()],
+            self.log_dir / "transformer.log")
 
     def _wait_ready(self, url: str, process: Process) -> None:
         deadline = time.monotonic() + self.spec.ready_timeout_seconds
@@ -150,7 +175,7 @@ class LocalServing:
                             f"{process.log_tail()}")
 
     def stop(self) -> None:
-        for process in reversed(self.processes):  # the transformer first: it calls the predictor
+        for process in reversed(self.processes):  # a transformer first: it calls the predictor
             process.stop()
 
     def __enter__(self) -> LocalServing:
@@ -160,11 +185,11 @@ class LocalServing:
         self.stop()
 
     def predict_v1(self, records: list[dict], request_id: str | None = None) -> dict:
-        """POST /v1/models/NAME:predict through the transformer."""
+        """POST /v1/models/NAME:predict to the entry (the one server, or the transformer)."""
         return post_json(f"{self.url}/v1/models/{self.model_name}:predict", {"instances": records}, request_id)
 
     def predict_v2(self, records: list[dict], request_id: str | None = None) -> dict:
-        """POST /v2/models/NAME/infer through the transformer, one tensor per column."""
+        """POST /v2/models/NAME/infer to the entry, one tensor per column."""
         categorical = read_metadata(self.model_dir).get("features", {}).get("categorical", [])
         return post_json(f"{self.url}/v2/models/{self.model_name}/infer", v2_request(records, categorical), request_id)
 
@@ -189,7 +214,7 @@ def post_json(url: str, body: dict, request_id: str | None = None, timeout: floa
 
 
 def smoke_test(serving: LocalServing, records: list[dict]) -> dict:
-    """A real prediction over v1 and v2 through the transformer: both answer, and agree."""
+    """A real prediction over v1 and v2 through the entry: both answer, and agree."""
     v1, v2 = serving.predict_v1(records), serving.predict_v2(records)
     if not v1.get("predictions") or not v2.get("outputs"):
         raise ServingFailed(f"smoke test: empty answer (v1 {str(v1)[:200]}, v2 {str(v2)[:200]})")

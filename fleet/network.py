@@ -64,10 +64,11 @@ HTTPS = 443
 
 @dataclass(frozen=True)
 class ServingPorts:
-    """The serving pods' ports, per flow, for one env's deployment mode and transformer placement."""
+    """The serving pods' ports, per flow, for one env's deployment mode and topology (single: the one
+    process takes the entry traffic where a collocated transformer would)."""
 
     entry: tuple[int, ...]  # where the ingress gateway (and the activator) deliver client requests
-    hop: tuple[int, ...]  # where a separate transformer reaches the predictor's pods; () when collocated
+    hop: tuple[int, ...]  # where a separate transformer reaches the predictor's pods; () single or collocated
     metrics: tuple[int, ...]  # what Prometheus scrapes
     knative: tuple[int, ...]  # what Knative's activator and autoscaler reach; () in Standard mode
 
@@ -78,7 +79,7 @@ def knative(ctx: FleetContext) -> bool:
 
 def serving_ports(ctx: FleetContext) -> ServingPorts:
     """The ports of each flow to the serving pods (see the module docstring for the sources)."""
-    separate = ctx.serving.transformer == "separate"
+    separate = ctx.serving.topology == "separate"
     if knative(ctx):
         queue = (QUEUE_HTTP, QUEUE_H2C)
         return ServingPorts(entry=queue, hop=queue if separate else (),

@@ -162,7 +162,8 @@ def pod_monitor(ctx: FleetContext) -> dict:
     Knative renames the container's port `user-port` (knative/serving pkg/apis/serving/v1
     UserPortName), Standard mode keeps `http1`. `portNumber` needs prometheus-operator >= v0.79.
     Not scraped: a collocated predictor (port 8085, undeclared, loopback under Knative) and a
-    separate predictor on a gRPC hop (it declares only 8081); the alerts read the transformer's."""
+    separate predictor on a gRPC hop (it declares only 8081); the alerts read the entry's
+    (`component` single or transformer)."""
     return {"apiVersion": "monitoring.coreos.com/v1", "kind": "PodMonitor",
             "metadata": {"name": "flywheel-serving", "namespace": ctx.namespace, "labels": dict(ctx.labels)},
             "spec": {"selector": {"matchLabels": {ISVC_LABEL: isvc_name(ctx.model_name)}},

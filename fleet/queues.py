@@ -24,11 +24,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from decimal import ROUND_CEILING, Decimal
+from decimal import Decimal
 
 from fleet import monitor
 from fleet.context import FleetContext
-from specs.quantity import parse
+from specs.quantity import format_cpu, format_memory, parse
 
 FEATURE: str | None = "kueue"
 SCOPE = "env"
@@ -182,16 +182,6 @@ class Part:
     memory: Decimal
 
 
-def _cpu_text(cores: Decimal) -> str:
-    milli = int((cores * 1000).to_integral_value(ROUND_CEILING))
-    return str(milli // 1000) if milli % 1000 == 0 else f"{milli}m"
-
-
-def _memory_text(size: Decimal) -> str:
-    mebi = int((size / 2**20).to_integral_value(ROUND_CEILING))
-    return f"{mebi // 1024}Gi" if mebi % 1024 == 0 else f"{mebi}Mi"
-
-
 def concurrent_jobs(ctx: FleetContext) -> int:
     """Training jobs one env starts at once: tuning.parallelism trials (tuning on) times
     retraining.max_concurrency runs (scheduled retraining on); each has a KFP task pod."""
@@ -228,9 +218,9 @@ def _serving(ctx: FleetContext) -> Part:
     replicas = max(s.max_replicas, ctx.cluster.predictor_replicas or 0)
     revisions = 2 if s.deployment_mode == "Knative" and s.canary_percent else 1  # a canary runs both
     front = replicas * revisions  # pods of the component clients call (it carries the logger)
-    pods = front * (1 if s.transformer == "collocated" else 2)
+    pods = front * (2 if s.topology == "separate" else 1)
     sidecars = pods * (1 + (s.deployment_mode == "Knative")) + (front if s.payload_logging.url else 0)
-    containers = front * 2  # predictor and transformer, in one pod or two
+    containers = front * (1 if s.topology == "single" else 2)  # one server, or predictor and transformer
     return Part(f"serving {pods} pod(s): {containers} x {s.cpu}/{s.memory} + {sidecars} sidecar(s)", pods,
                 containers * parse(s.cpu) + sidecars * parse(SIDECAR_CPU),
                 containers * parse(s.memory) + sidecars * parse(SIDECAR_MEMORY))
@@ -270,7 +260,7 @@ def namespace_quota(ctx: FleetContext) -> dict[str, str] | None:
     - KFP task pods exist whether their job is queued or not: one per concurrent job plus
       EXTRA_TASK_PODS, each kfp.task_cpu/task_memory plus Argo's wait sidecar; EXTRA_PODS drivers.
     - Serving: max(serving.max_replicas, fleet.clusters[].predictor_replicas) replicas, twice during
-      a Knative canary; predictor + transformer containers at serving.cpu/memory; sidecars per
+      a Knative canary; one server container (single) or predictor + transformer at serving.cpu/memory; sidecars per
       pod: Istio's proxy, Knative's queue-proxy, KServe's agent on the logging component.
     - Monitor: fleet/monitor.py's replicas x (its CPU/memory + Istio's proxy).
     - GPUs: the ClusterQueue's nominal + borrowing (the quota never refuses what Kueue admitted);
@@ -280,7 +270,7 @@ def namespace_quota(ctx: FleetContext) -> dict[str, str] | None:
     the LimitRange default (SIDECAR_CPU/MEMORY).
     """
     parts = quota_parts(ctx)
-    cpu, memory = _cpu_text(sum(p.cpu for p in parts)), _memory_text(sum(p.memory for p in parts))
+    cpu, memory = format_cpu(sum(p.cpu for p in parts)), format_memory(sum(p.memory for p in parts))
     hard = {"requests.cpu": cpu, "limits.cpu": cpu, "requests.memory": memory, "limits.memory": memory,
             "pods": str(sum(p.pods for p in parts)), f"requests.{WHOLE_GPU}": "0"}
     if ctx.cluster.gpu is not None:

@@ -33,8 +33,8 @@ def challenger_name(model_name: str) -> str:
 
 def client_host(isvc: str, namespace: str, spec: ServingSpec) -> str:
     """The Service an InferenceService's clients call: its transformer when separate, else its predictor
-    (the collocated transformer takes the traffic inside the predictor pod)."""
-    component = "transformer" if spec.transformer == "separate" else "predictor"
+    (the one-process server, or the collocated transformer, takes the traffic in the predictor pod)."""
+    component = "transformer" if spec.topology == "separate" else "predictor"
     return f"{isvc}-{component}.{namespace}.svc.cluster.local"
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
+from functools import cached_property
 
 import numpy as np
 import pandas as pd
@@ -73,23 +74,37 @@ class Preprocessor:
         if missing:
             raise ValueError(f"input is missing feature columns: {missing}")
         n = len(frame) if isinstance(frame, pd.DataFrame) else len(frame[(self.numeric + self.categorical)[0]])
-        numeric = np.empty((n, self.numeric_width), dtype=np.float32)
+        raw = np.empty((n, len(self.numeric)), dtype=np.float64)
         for i, column in enumerate(self.numeric):
             try:
                 values = frame[column]
-                values = (pd.to_numeric(values, errors="raise").to_numpy(dtype="float64", na_value=np.nan)
-                          if isinstance(values, pd.Series) else np.asarray(values, dtype="float64"))
+                raw[:, i] = (pd.to_numeric(values, errors="raise").to_numpy(dtype="float64", na_value=np.nan)
+                             if isinstance(values, pd.Series) else np.asarray(values, dtype="float64"))
             except (TypeError, ValueError) as err:
                 raise ValueError(f"column {column!r} must be numeric: {err}") from None
-            is_missing = ~np.isfinite(values)
-            values = np.where(is_missing, self.medians[column], values)
-            numeric[:, 2 * i] = (values - self.means[column]) / self.stds[column]
-            numeric[:, 2 * i + 1] = is_missing
+        # All numeric columns at once: the same float64 operations per value as column by column
+        # (impute the median, then (value - mean) / std), in a handful of numpy calls instead of
+        # six per column, which dominated a one-row request in the one-process server (issue 16).
+        medians, means, stds, indexes = self._constants
+        is_missing = ~np.isfinite(raw)
+        numeric = np.empty((n, self.numeric_width), dtype=np.float32)
+        numeric[:, 0::2] = (np.where(is_missing, medians, raw) - means) / stds
+        numeric[:, 1::2] = is_missing
         categorical = np.empty((n, len(self.categorical)), dtype=np.int64)
         for j, column in enumerate(self.categorical):
-            index = {value: k + 1 for k, value in enumerate(self.vocabularies[column])}
+            index = indexes[j]
             categorical[:, j] = [index.get(category_key(v), UNKNOWN) if pd.notna(v) else UNKNOWN for v in frame[column]]
         return numeric, categorical
+
+    @cached_property
+    def _constants(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[dict[str, int]]]:
+        """(medians, means, stds) in `numeric`'s order, and each categorical column's code per
+        vocabulary key (0 is the unknown bucket): built once, not per call (the fields never change
+        after fit or from_json)."""
+        medians, means, stds = (np.asarray([table[c] for c in self.numeric], dtype=np.float64)
+                                for table in (self.medians, self.means, self.stds))
+        indexes = [{value: k + 1 for k, value in enumerate(self.vocabularies[c])} for c in self.categorical]
+        return medians, means, stds, indexes
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1, sort_keys=True)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import difflib
 import json
 import os
+import textwrap
 from pathlib import Path
 
 from fleet import auth, monitor, network, observability, queues, runtimes, serving
@@ -176,15 +177,16 @@ def _cluster_files(ctx: FleetContext) -> dict[str, str]:
                      "resources": [f"../../overlays/{env}", *(p.rsplit("/", 1)[1] for p in files)],
                      "components": [f"../../overlays/{env}/components/{f}" for f in features(ctx)],
                      "labels": labels}
-    quota = queues.namespace_quota(ctx)
+    quota, sizing = queues.namespace_quota(ctx), ""
     if isinstance(quota, dict) and quota:
         kustomization["patches"] = [manifests.quota_patch(quota)]
+        sizing = "".join(f"# {line}\n" for line in textwrap.wrap(f"Quota: {queues.quota_summary(ctx)}", 96))
     if replacements := serving.replacements(ctx):
         kustomization["replacements"] = json.loads(json.dumps(replacements))
     platform_kustomization = {"apiVersion": KUSTOMIZE_API, "kind": "Kustomization",
                               "resources": [p.rsplit("/", 1)[1] for p in platform], "labels": labels}
     return {**files, **platform,
-            f"{folder}/{KUSTOMIZATION}": _header(env) + manifests.dump(kustomization),
+            f"{folder}/{KUSTOMIZATION}": _header(env, sizing) + manifests.dump(kustomization),
             f"{folder}/{flux_argo.PLATFORM}/{KUSTOMIZATION}": _header(env) + manifests.dump(platform_kustomization),
             f"{folder}/{flux_argo.CLUSTER_FACTS}": _header(env) + manifests.dump(flux_argo.cluster_facts(ctx)),
             f"gitops/flux/{ctx.cluster.name}.yaml": _yaml(env, flux_argo.flux_objects(ctx))}

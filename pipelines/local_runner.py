@@ -255,8 +255,8 @@ def run_local(settings: Settings, verbose: bool = False, predictions: bool = Tru
 
 
 def show_predictions(settings: Settings, console) -> None:
-    """Serve the registry's champion on loopback and print a few real predictions through the
-    transformer, over v1 and v2, as a client would see them."""
+    """Serve the registry's champion on loopback (`serving.topology`) and print a few real
+    predictions over v1 and v2, as a client would see them."""
     import tempfile
 
     from rich.table import Table
@@ -277,7 +277,8 @@ def show_predictions(settings: Settings, console) -> None:
             v1 = serving.predict_v1(records, request_id="flywheel-run-v1")
             v2 = {o["name"]: o["data"] for o in serving.predict_v2(records, request_id="flywheel-run-v2")["outputs"]}
             url = serving.url
-    table = Table(title=f"{name} v{version} served at {url} (transformer -> predictor)")
+    shape = "one process" if settings.serving.topology == "single" else "transformer -> predictor"
+    table = Table(title=f"{name} v{version} served at {url} ({shape})")
     shown = settings.dataset.features.columns[:4]
     for column in [*shown, "v1 label", "v1 P(positive)", "v2 label", "v2 P(positive)"]:
         table.add_column(column)

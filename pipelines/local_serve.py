@@ -1,7 +1,8 @@
 """`flywheel serve` on this machine: the champion behind fixed loopback ports, following the
 registry's `champion` alias, with its payload events logged to a monitor sink.
 
-    client -> front (PORT, gRPC port)  -> transformer + predictor of version N   (free ports)
+    client -> front (PORT, gRPC port)  -> the server(s) of version N (free ports): one process,
+                                          or transformer + predictor (serving.topology)
                                        -> ... of version M, once the alias moves to M
 
 Every `poll_seconds` the alias is read; when it moved (a rollback, a promotion, a new champion
@@ -100,8 +101,8 @@ class Follower:
                 self.sink = self._stack.enter_context(MonitorService(root, SERVE_DIR / "monitor.log", config))
                 self.settings = with_payload_sink(self.settings, self.sink.url)
             self.pairs.append((version, self._start_pair(version, model_dir)))
-            self.front = Front(self.host, {"transformer_http": self.port, "transformer_grpc": free_port()},
-                               http=("transformer_http",))
+            self.front = Front(self.host, {"entry_http": self.port, "entry_grpc": free_port()},
+                               http=("entry_http",))
             self.front.start(self.serving.ports)
             self._write_state()
         except BaseException:
@@ -126,12 +127,15 @@ class Follower:
         record = json.dumps({"instances": example_records(self.settings, self.version, rows=1)})
         sink = (f"  monitor sink {self.sink.url} -> {self.settings.monitoring.sink.root} "
                 f"(`flywheel monitor --env {self.settings.env}` reads it)\n" if self.sink else "")
+        entry = f"{self.url} (v1, v2 REST), gRPC {self.host}:{front['entry_grpc']}"
+        servers = (f"  server       {entry}, one process (serving.topology single)\n" if self.serving.single else
+                   f"  transformer  {entry}\n"
+                   f"  predictor    {self.serving.predictor_url}, gRPC 127.0.0.1:{ports['predictor_grpc']}\n")
         return (f"serving {self.name} v{self.version}, following its champion alias every {self.poll_seconds:g} s\n"
-                f"  transformer  {self.url} (v1, v2 REST), gRPC {self.host}:{front['transformer_grpc']}\n"
-                f"  predictor    {self.serving.predictor_url}, gRPC 127.0.0.1:{ports['predictor_grpc']}\n"
+                f"{servers}"
                 f"{sink}  logs         {SERVE_DIR}/\n"
                 f"try:\n  curl -s {self.url}/v1/models/{self.name}:predict -H 'content-type: application/json' "
-                f"-d '{record}'\nCtrl-C stops both servers.")
+                f"-d '{record}'\nCtrl-C stops serving.")
 
     def _write_state(self) -> None:
         state = {"pid": os.getpid(), "env": self.settings.env, "model": self.name, "version": self.version,
@@ -165,7 +169,7 @@ class Follower:
             self.echo(f"error: {self.shadow_failed['error']}; serving v{self.version} without a shadow")
         else:
             self.shadow, self.shadow_failed = (version, pair), None
-            self.front.mirror_to(pair.ports["transformer_http"])
+            self.front.mirror_to(pair.ports["entry_http"])
             self.echo(f"shadowing: v{version} gets a copy of every REST inference request "
                       f"(clients get v{self.version})")
         self._write_state()
@@ -247,7 +251,7 @@ class Follower:
         self.failed = None
         self._write_state()
         self.echo(f"now serving {self.name} v{version} at {self.url} (was v{old_version}); "
-                  f"predictor {self.serving.predictor_url}")
+                  + ("one process" if self.serving.single else f"predictor {self.serving.predictor_url}"))
         # REST requests already sent to the old pair are answered first: on SIGTERM uvicorn would
         # close a connection whose request it has not read yet as an idle one.
         if not self.front.drain(old.ports, timeout=self.settings.serving.ready_timeout_seconds):

@@ -1,5 +1,5 @@
 """The flywheel turns on this machine (`make run`, after the training run): the champion is served
-with payload logging to the monitor service, traffic flows through the transformer while the
+with payload logging to the monitor service, traffic flows through the served entry while the
 world shifts (the reference task's drift knobs, or a file dataset's held-out rows with its
 features shifted), each window is checked against the champion's training profile, and the
 drift decision fires the guarded trigger, which retrains on fresh data; the candidate is gated
@@ -111,7 +111,8 @@ def _settings_for_loop(settings: Settings, root: Path, sink_url: str) -> Setting
 
 
 def _send(serving, frame, columns: list[str]) -> int:
-    """POST the rows through the transformer in batches, 4 clients at a time; rows answered."""
+    """POST the rows to the served entry (the one process, or the transformer) in batches, 4 clients at a
+    time; rows answered."""
     records = json.loads(frame[columns].to_json(orient="records"))
     batches = [records[i:i + BATCH_ROWS] for i in range(0, len(records), BATCH_ROWS)]
     with ThreadPoolExecutor(4) as pool:
@@ -143,7 +144,7 @@ def _windows(settings: Settings, looped: Settings, serving, reference, work: Pat
         (work / f"report-{number}.html").write_text(result.html or "", encoding="utf-8")
         drifted = [f.feature for f in result.report.features if f.drifted]
         steps.append((f"window {number}: {phase}",
-                      f"{len(window):,} rows through the transformer; drifted: {', '.join(drifted) or 'none'}; "
+                      f"{len(window):,} rows served; drifted: {', '.join(drifted) or 'none'}; "
                       f"prediction PSI {result.report.prediction_psi:.3f}; "
                       f"{'RETRAIN' if result.retrain else 'hold'}: {_brief(result.reasons)}"))
     return result

@@ -21,10 +21,13 @@ import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
-from decimal import ROUND_CEILING, Decimal
+from decimal import Decimal
 from pathlib import Path
 
 import yaml
+
+from fleet.queues import EXTRA_PODS, EXTRA_TASK_PODS, SIDECAR_CPU, SIDECAR_MEMORY
+from specs.quantity import format_cpu, format_memory, parse
 
 MANIFESTS_DIR = Path(os.environ.get("FLYWHEEL_MANIFESTS_DIR") or Path(__file__).resolve().parent.parent / "manifests")
 OVERLAY_FILE = "kustomization.yaml"
@@ -32,11 +35,7 @@ OVERLAY_FILE = "kustomization.yaml"
 SERVICE_ACCOUNT = "flywheel-pipeline-runner"
 QUOTA_NAME = "flywheel-compute"
 LIMITRANGE_NAME = "flywheel-defaults"
-# The LimitRange default limit in manifests/base/limitrange.yaml: what a container without
-# limits (Argo's wait sidecar, KFP driver pods) is charged.
-SIDECAR_CPU, SIDECAR_MEMORY = "500m", "512Mi"
-EXTRA_TASK_PODS = 1  # the pipeline's other step running beside the training tasks
-EXTRA_PODS = 2  # short-lived KFP driver pods
+# What a container without limits is charged, and the pods beside the training tasks: fleet/queues.py
 MIN_KUSTOMIZE = (5, 0)
 
 
@@ -47,27 +46,12 @@ class ManifestError(RuntimeError):
 # --------------------------------------------------------------------------------------------
 # Quantities (the subset Kubernetes uses for cpu and memory)
 
-_SUFFIX = {"": 1, "m": Decimal("0.001"), "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15,
-           "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50}
-_QUANTITY = re.compile(r"^([0-9]+(?:\.[0-9]+)?)(m|k|M|G|T|P|Ki|Mi|Gi|Ti|Pi)?$")
-
-
 def quantity(value: str | int | float) -> Decimal:
-    """'500m' -> 0.5, '2Gi' -> 2147483648, '2G' -> 2000000000."""
-    match = _QUANTITY.match(str(value).strip())
-    if not match:
-        raise ManifestError(f"not a Kubernetes quantity: {value!r}")
-    return Decimal(match.group(1)) * Decimal(_SUFFIX[match.group(2) or ""])
-
-
-def format_cpu(cores: Decimal) -> str:
-    milli = int((cores * 1000).to_integral_value(ROUND_CEILING))
-    return str(milli // 1000) if milli % 1000 == 0 else f"{milli}m"
-
-
-def format_memory(size: Decimal) -> str:
-    mebi = int((size / 2**20).to_integral_value(ROUND_CEILING))
-    return f"{mebi // 1024}Gi" if mebi % 1024 == 0 else f"{mebi}Mi"
+    """'500m' -> 0.5, '2Gi' -> 2147483648, '2G' -> 2000000000; ManifestError when it is not one."""
+    try:
+        return parse(str(value).strip())
+    except ValueError as err:
+        raise ManifestError(str(err)) from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -113,12 +97,12 @@ def overlay_values(settings) -> OverlayValues:
     task_cpu = quantity(kfp.task_cpu) + quantity(SIDECAR_CPU)
     task_memory = quantity(kfp.task_memory) + quantity(SIDECAR_MEMORY)
     # The InferenceService lives in the same namespace: at max_replicas, twice during a Knative
-    # canary (both revisions run), predictor and transformer containers (one pod collocated, two
-    # pods otherwise), each pod with a sidecar (Knative's queue-proxy or Istio's).
+    # canary (both revisions run), one server container (topology single) or predictor and transformer
+    # containers (one pod collocated, two separate), each pod with a sidecar (Knative's queue-proxy or Istio's).
     serving = settings.serving
     revisions = 2 if serving.deployment_mode == "Knative" and serving.canary_percent else 1
-    serving_pods = serving.max_replicas * revisions * (1 if serving.transformer == "collocated" else 2)
-    serving_containers = serving.max_replicas * revisions * 2
+    serving_pods = serving.max_replicas * revisions * (2 if serving.topology == "separate" else 1)
+    serving_containers = serving.max_replicas * revisions * (1 if serving.topology == "single" else 2)
     cpu = (training_pods * quantity(training.resources.cpu) + task_pods * task_cpu
            + serving_containers * quantity(serving.cpu) + serving_pods * quantity(SIDECAR_CPU))
     memory = (training_pods * quantity(training.resources.memory) + task_pods * task_memory

@@ -182,11 +182,11 @@ def loop_shadow(settings: Settings, champion, champion_version: str, frame, labe
     with LocalServing(model_dir, name, settings.serving, work / "shadow",
                       decision_threshold=settings.evaluation.decision_threshold,
                       model_version=shadow_version(challenger)) as shadow:
-        front = Front("127.0.0.1", {"transformer_http": free_port()}, http=("transformer_http",))
+        front = Front("127.0.0.1", {"entry_http": free_port()}, http=("entry_http",))
         front.start(champion.ports)
         try:
-            front.mirror_to(shadow.ports["transformer_http"])
-            ids = _send(f"http://127.0.0.1:{front.ports['transformer_http']}", name, frame,
+            front.mirror_to(shadow.ports["entry_http"])
+            ids = _send(f"http://127.0.0.1:{front.ports['entry_http']}", name, frame,
                         settings.dataset.features.columns, time.strftime("%H%M%S"))
             _ground_truth(settings.monitoring.sink.root, frame, settings.dataset.target, ids)
             result = _measured(settings.monitoring.sink.root, champion_version, challenger, spec, labels, len(frame))

@@ -5,9 +5,10 @@ The agent's format (kserve pkg/logger): CloudEvents 1.0 in binary mode, `ce-type
 `org.kubeflow.serving.inference.request` / `.response`, `ce-id` the request id, the extensions
 `ce-inferenceservicename`, `ce-namespace`, `ce-component`, `ce-endpoint`, and the raw body as the
 data; the response is logged only for a 200, as the agent does. Locally there is no agent, so the
-transformer sends them itself: calls are sampled (`sample_rate`), events go into a bounded queue a
-background task drains, and a full queue drops and counts the event. Logging never blocks or fails
-a request. gRPC calls are not logged (the agent logs HTTP only).
+server clients call (the one-process server or the transformer) sends them itself: calls are
+sampled (`sample_rate`), events go into a bounded queue a background task drains, and a full
+queue drops and counts the event. Logging never blocks or fails a request. gRPC calls are not
+logged (the agent logs HTTP only).
 """
 from __future__ import annotations
 

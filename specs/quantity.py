@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import re
-from decimal import Decimal
+from decimal import ROUND_CEILING, Decimal
 from functools import cache
 from pathlib import Path
 from typing import Annotated
@@ -46,6 +46,18 @@ def parse(value: str) -> Decimal:
             hint = f" (Kubernetes has no 'B' suffix: {text[:-2]}{text[-2].upper()}i or {text[:-2]}{text[-2].upper()})"
         raise ValueError(f"not a Kubernetes quantity: {text!r}{hint}; e.g. 512Mi or 8Gi (memory), 500m or 2 (cpu)")
     return _parse_quantity()(text)
+
+
+def format_cpu(cores: Decimal) -> str:
+    """Cores as Kubernetes writes them, rounded up to the millicore: 1.5 -> '1500m', 2 -> '2'."""
+    milli = int((cores * 1000).to_integral_value(ROUND_CEILING))
+    return str(milli // 1000) if milli % 1000 == 0 else f"{milli}m"
+
+
+def format_memory(size: Decimal) -> str:
+    """Bytes rounded up to the mebibyte: '1908Mi', or whole gibibytes as '32Gi'."""
+    mebi = int((size / MEBIBYTE).to_integral_value(ROUND_CEILING))
+    return f"{mebi // 1024}Gi" if mebi % 1024 == 0 else f"{mebi}Mi"
 
 
 def _number_as_text(value):

@@ -1,4 +1,5 @@
-"""How the champion is served: KServe predictor + transformer, locally and as an InferenceService."""
+"""How the champion is served: one KServe process, or a KServe predictor + transformer, locally and as an
+InferenceService."""
 from __future__ import annotations
 
 from typing import Annotated, Literal
@@ -12,7 +13,7 @@ from specs.quantity import Cpu, Memory
 class PayloadLogging(Strict):
     """Request/response payload events for monitoring, as the KServe logger agent sends them
     (CloudEvents, binary mode). On a cluster the InferenceService `logger` sends them; locally the
-    transformer does."""
+    server clients call does (the one process, or the transformer)."""
 
     url: str | None = Field(None, description="where events go (the monitor service's sink); null turns logging off")
     mode: Literal["all", "request", "response"] = "all"
@@ -21,7 +22,7 @@ class PayloadLogging(Strict):
 
 class ServingSpec(Strict):
     deployer: Literal["local", "inferenceservice"] = Field(
-        "inferenceservice", description="local: predictor and transformer processes on this machine's loopback; "
+        "inferenceservice", description="local: the serving processes on this machine's loopback; "
                                         "inferenceservice: a KServe InferenceService on the env's cluster")
     min_replicas: Annotated[int, Field(ge=0)] = 1
     max_replicas: Annotated[int, Field(ge=1)] = 1
@@ -30,10 +31,14 @@ class ServingSpec(Strict):
                        "0 = no canary")
     deployment_mode: Literal["Standard", "Knative"] = Field(
         "Standard", description="KServe deployment mode: Standard (Deployment + HPA) or Knative (revisions, canary)")
-    transformer: Literal["collocated", "separate"] = Field(
-        "collocated", description="transformer container in the predictor pod (localhost hop) or its own component")
+    topology: Literal["single", "collocated", "separate"] = Field(
+        "single", description="single: one process validates, preprocesses, runs the model and answers (the "
+                              "predictor's container, no transformer; for a predictor on CPU); collocated: a "
+                              "transformer container beside the predictor in its pod (localhost hop); separate: "
+                              "the transformer as its own component, scaled apart (e.g. CPU transformer, GPU "
+                              "predictor)")
     hop_protocol: Literal["grpc-v2", "v2", "v1"] = Field(
-        "grpc-v2", description="how the transformer calls the predictor")
+        "grpc-v2", description="how the transformer calls the predictor (collocated and separate)")
     scale_metric: Literal["cpu", "memory", "concurrency", "rps"] = "cpu"
     scale_target: Annotated[int, Field(gt=0)] = Field(80, description="autoscaling target for scale_metric")
     cpu: Cpu = "1"
@@ -42,6 +47,14 @@ class ServingSpec(Strict):
     max_body_bytes: Annotated[int, Field(gt=0)] = Field(4 << 20, description="request body limit; more is a 413")
     ready_timeout_seconds: Annotated[int, Field(gt=0)] = 300
     payload_logging: PayloadLogging = PayloadLogging()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data):
+        if isinstance(data, dict) and "transformer" in data:
+            raise ValueError(f"serving.transformer ({data['transformer']!r}) was replaced by serving.topology: "
+                             "single (one process), collocated or separate")
+        return data
 
     @model_validator(mode="after")
     def _consistent(self):

@@ -113,7 +113,7 @@ def test_deploying_what_already_serves_changes_nothing(fake_kserve):
 
 
 def test_a_canary_that_passes_its_smoke_test_is_promoted(fake_kserve):
-    # Given prod (Knative, 10% canary, collocated transformer) serving model 1
+    # Given prod (Knative, 10% canary, one-process server) serving model 1
     settings, log = load_settings("prod"), []
     ns = settings.namespace
     deploy(settings, model(1), **options(fake_kserve, log))

@@ -26,6 +26,7 @@ from pipelines.config import environments, load_settings
 
 CLUSTER_ENVS = [env for env in environments() if not load_settings(env).embedded]
 MODEL = ServedModel("credit-default", "7", "s3://flywheel-models/m-7/artifacts/artifacts/model")
+COLLOCATED = {"serving": {"topology": "collocated"}}  # dev and prod serve in one process (single) by default
 
 
 def rendered(env: str, overrides: dict | None = None, model: ServedModel = MODEL) -> dict:
@@ -46,13 +47,18 @@ def test_the_cluster_environments_are_the_ones_configured():
     assert {"dev", "staging", "prod"} <= set(CLUSTER_ENVS)
 
 
+TOPOLOGIES = ["single", "collocated", "separate"]
+
+
+@pytest.mark.parametrize("topology", [None, *TOPOLOGIES], ids=["configured", *TOPOLOGIES])
 @pytest.mark.parametrize("env", CLUSTER_ENVS)
-def test_every_environment_renders_a_valid_inferenceservice_in_its_mode(env):
-    # Given an environment's settings and a registered model version
-    settings = load_settings(env)
+def test_every_environment_renders_a_valid_inferenceservice_in_its_mode(env, topology):
+    # Given an environment's settings (its own topology, or each one) and a registered model version
+    overrides = {"serving": {"topology": topology}} if topology else None
+    settings = load_settings(env, overrides=overrides)
     serving = settings.serving
     # When its InferenceService is rendered
-    obj = rendered(env)
+    obj = rendered(env, overrides)
     # Then it holds against the official CRD and our rules
     assert schema_problems(obj) == [] and policy_problems(obj) == []
     assert validate_inferenceservice(obj) == obj
@@ -66,7 +72,7 @@ def test_every_environment_renders_a_valid_inferenceservice_in_its_mode(env):
     assert meta["labels"]["flywheel/env"] == env and meta["labels"]["app.kubernetes.io/part-of"] == "flywheel"
     knative = serving.deployment_mode == "Knative"
     assert (meta["annotations"].get(TAG_ROUTING) == "true") == knative
-    components = ["predictor"] + (["transformer"] if serving.transformer == "separate" else [])
+    components = ["predictor"] + (["transformer"] if serving.topology == "separate" else [])
     assert [c for c in ("predictor", "transformer") if c in obj["spec"]] == components
     for component in components:
         part = obj["spec"][component]
@@ -99,9 +105,21 @@ def test_every_environment_renders_a_valid_inferenceservice_in_its_mode(env):
             assert container["envFrom"] == [{"secretRef": {"name": "flywheel-object-store"}}]
     if knative and serving.scale_metric in ("cpu", "memory"):
         assert meta["annotations"][KNATIVE_AUTOSCALER_CLASS] == KNATIVE_HPA
-    # ... and the transformer where the env puts it
-    predictor = containers(obj, "predictor")
-    if serving.transformer == "collocated":
+    # ... and the transformer where the env puts it, or none: one process in the predictor
+    check_topology(obj, settings)
+
+
+def check_topology(obj: dict, settings) -> None:
+    """The transformer where the env puts it, or none: one process in the predictor."""
+    serving, predictor = settings.serving, containers(obj, "predictor")
+    if serving.topology == "single":
+        (server,) = predictor
+        assert server["name"] == PREDICTOR_CONTAINER and server["command"] == ["python", "-m", "serving.single"]
+        assert "--predictor_host" not in server["args"] and arg(server, "--host") == "0.0.0.0"
+        assert float(arg(server, "--decision_threshold")) == settings.evaluation.decision_threshold
+        assert server["ports"] == [{"name": "http1", "containerPort": 8080, "protocol": "TCP"}]
+        assert ("logger" in obj["spec"]["predictor"]) == bool(serving.payload_logging.url)
+    elif serving.topology == "collocated":
         assert [c["name"] for c in predictor] == [PREDICTOR_CONTAINER, TRANSFORMER_CONTAINER]
         model, transformer = predictor
         assert model["command"] == ["python", "-m", "serving.predictor"]
@@ -119,12 +137,14 @@ def test_every_environment_renders_a_valid_inferenceservice_in_its_mode(env):
         assert arg(transformer, "--predictor_host").startswith(f"credit-default-predictor.{settings.namespace}")
 
 
-def test_the_configured_environments_cover_both_modes_and_both_placements():
+def test_the_configured_environments_cover_both_modes_and_the_cpu_and_gpu_topologies():
     # Given the cluster environments, When their serving settings are compared, Then the configs exercise
-    # Standard and Knative, collocated and separate transformers, and a canary
+    # Standard and Knative, one process (the CPU default) and a separate transformer, and a canary;
+    # every topology is rendered in every env above
     serving = [load_settings(env).serving for env in CLUSTER_ENVS]
     assert {s.deployment_mode for s in serving} == {"Standard", "Knative"}
-    assert {s.transformer for s in serving} == {"collocated", "separate"}
+    assert {s.topology for s in serving} == {"single", "separate"}
+    assert load_settings("staging").serving.topology == "separate"
     assert any(s.canary_percent for s in serving)
 
 
@@ -165,7 +185,7 @@ def test_sampled_payload_logging_is_refused_since_the_kserve_logger_cannot_sampl
 
 def test_every_broken_rule_is_reported_with_its_path():
     # Given a valid Knative InferenceService with a collocated transformer, broken in many ways at once
-    obj = rendered("prod")
+    obj = rendered("prod", COLLOCATED)
     bad = copy.deepcopy(obj)
     predictor = bad["spec"]["predictor"]
     predictor["canaryTrafficPercent"] = 150
@@ -238,8 +258,8 @@ def test_the_crd_alone_lets_a_bad_canary_through_and_our_rules_do_not():
     (lambda o: o["spec"]["predictor"].update({"minReplicas": "one"}), "spec.predictor.minReplicas"),
 ])
 def test_a_standard_mode_spec_breaking_one_rule_is_rejected_at_that_path(mutate, path):
-    # Given dev's valid Standard-mode InferenceService with one thing broken
-    obj = rendered("dev")
+    # Given dev's valid Standard-mode InferenceService (collocated transformer) with one thing broken
+    obj = rendered("dev", COLLOCATED)
     mutate(obj)
     # When it is validated, Then the problem names that path
     with pytest.raises(InferenceServiceInvalid) as caught:
@@ -249,8 +269,8 @@ def test_a_standard_mode_spec_breaking_one_rule_is_rejected_at_that_path(mutate,
 
 
 def test_a_knative_collocated_pod_is_ready_through_the_transformer_only():
-    # Given prod (Knative, collocated transformer)
-    obj = rendered("prod")
+    # Given prod (Knative) with a collocated transformer
+    obj = rendered("prod", COLLOCATED)
     model, transformer = containers(obj, "predictor")
     # Then the predictor carries no probes (Knative would refuse them) and the transformer's
     # readiness includes the predictor's
@@ -270,7 +290,7 @@ def test_a_knative_collocated_pod_is_ready_through_the_transformer_only():
 
 def test_a_standard_collocated_pod_probes_both_containers():
     # Given dev (Standard: a plain Deployment, the kubelet probes every container)
-    model, transformer = containers(rendered("dev"), "predictor")
+    model, transformer = containers(rendered("dev", COLLOCATED), "predictor")
     # Then both have readiness on the v2 endpoint, each on its own port
     assert model["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": 8085}
     assert transformer["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": 8080}
@@ -287,6 +307,31 @@ def test_a_separate_transformer_beside_a_collocated_one_is_rejected():
     with pytest.raises(InferenceServiceInvalid, match="spec.predictor.containers: a collocated 'transformer-container' "
                                                       "and spec.transformer both transform"):
         validate_inferenceservice(obj)
+
+
+def test_a_transformer_in_front_of_the_one_process_server_is_rejected():
+    # Given dev serving in one process, and a collocated transformer or a separate one added in front of it
+    obj = rendered("dev")
+    assert [c["command"][-1] for c in containers(obj, "predictor")] == ["serving.single"]
+    collocated = copy.deepcopy(obj)
+    extra = copy.deepcopy(containers(rendered("dev", COLLOCATED), "predictor")[1])
+    collocated["spec"]["predictor"]["containers"].append(extra)
+    separate = copy.deepcopy(obj)
+    separate["spec"]["transformer"] = copy.deepcopy(rendered("staging")["spec"]["transformer"])
+    # When validated, Then the one process is named: it answers raw records, a transformer would send it tensors
+    assert [p for p in policy_problems(collocated) if "serving.single" in p] == [
+        "spec.predictor.containers: serving.single is the predictor's only container (topology single); found "
+        "['kserve-container', 'transformer-container']"]
+    assert [p for p in policy_problems(separate) if "serving.single" in p] == [
+        "spec.predictor.containers[0].command: serving.single answers raw records itself; spec.transformer in front "
+        "of it would send it tensors (topology single has no transformer)"]
+    assert policy_problems(obj) == []
+
+
+def test_the_old_transformer_key_names_its_replacement():
+    # Given a config still saying serving.transformer, When loaded, Then the error names the new key
+    with pytest.raises(ValueError, match=r"serving.transformer \('separate'\) was replaced by serving.topology"):
+        load_settings("dev", overrides={"serving": {"transformer": "separate"}})
 
 
 @pytest.mark.parametrize("env", CLUSTER_ENVS)

@@ -73,7 +73,7 @@ def start_serve(config, cwd, port: int):
     lines: list[str] = []
     for line in proc.stdout:
         lines.append(line)
-        if "Ctrl-C stops both servers" in line:
+        if "Ctrl-C stops serving" in line:
             break
     else:
         raise AssertionError("".join(lines))

@@ -42,7 +42,7 @@ def test_serve_keeps_the_champion_up_until_sigterm(registry, tmp_path):
         lines = []
         for line in proc.stdout:
             lines.append(line)
-            if "Ctrl-C stops both servers" in line:
+            if "Ctrl-C stops serving" in line:
                 break
         text = "".join(lines)
         # Then it says what it serves and prints an example request that works as printed

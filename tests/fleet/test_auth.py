@@ -164,7 +164,7 @@ def test_a_separate_predictor_rechecks_the_forwarded_token(fleet_ctx):
     serving, _ = policies(fleet_ctx)
     hop = network.serving_ports(fleet_ctx).hop
     if not hop:
-        pytest.skip("collocated: the hop is localhost, which the sidecar does not see")
+        pytest.skip("single or collocated: no hop, or a localhost one the sidecar does not see")
     model, transformer = fleet_ctx.model_name, sa(fleet_ctx, auth.SERVING_SERVICE_ACCOUNT)
     assert allowed(serving, Request(hop[0], f"/v2/models/{model}/infer", principal=transformer, token=TOKEN))
     assert not allowed(serving, Request(hop[0], f"/v2/models/{model}/infer", principal=transformer))

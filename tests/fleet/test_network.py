@@ -107,7 +107,7 @@ class World:
         auth, ns, isvc = ctx.fleet.auth, ctx.namespace, network.serving_selector(ctx)[network.ISVC_LABEL]
         self.predictor = pod(ns, "10.0.0.10", **{network.ISVC_LABEL: isvc, "component": "predictor"})
         self.transformer = pod(ns, "10.0.0.11", **{network.ISVC_LABEL: isvc, "component": "transformer"})
-        self.entry = self.transformer if ctx.serving.transformer == "separate" else self.predictor
+        self.entry = self.transformer if ctx.serving.topology == "separate" else self.predictor
         self.monitor = pod(ns, "10.0.0.20", **{"app.kubernetes.io/name": "flywheel-monitor"})
         self.neighbour = pod(ns, "10.0.0.30", app="notebook")
         self.trainer = pod(ns, "10.0.0.31", **{"app.kubernetes.io/part-of": "flywheel",
@@ -208,22 +208,23 @@ def test_the_activator_reaches_the_pods_only_in_knative_mode(world):
 
 
 def test_the_envs_cover_both_modes_and_placements():
-    # The per-cluster tests above exercise both branches only if the example fleet does.
+    # The per-cluster tests above exercise both branches only if the example fleet does (single and
+    # collocated have the same flows: the entry is the predictor pod, no pod-to-pod hop).
     modes = {env: contexts(env)[0].serving for env in ("dev", "staging", "prod")}
-    assert modes["dev"].deployment_mode == "Standard" and modes["dev"].transformer == "collocated"
-    assert modes["staging"].deployment_mode == "Knative" and modes["staging"].transformer == "separate"
+    assert modes["dev"].deployment_mode == "Standard" and modes["dev"].topology == "single"
+    assert modes["staging"].deployment_mode == "Knative" and modes["staging"].topology == "separate"
 
 
 def test_transformer_to_predictor_only_when_separate(world):
     ctx, policies, w = world
-    if ctx.serving.transformer == "separate":
+    if ctx.serving.topology == "separate":
         port = 8012 if ctx.serving.deployment_mode == "Knative" else (
             8081 if ctx.serving.hop_protocol == "grpc-v2" else 8080)
         assert may_reach(policies, w.transformer, w.predictor, port)
         if ctx.serving.deployment_mode == "Knative":  # through the activator or the local gateway
             assert may_reach(policies, w.transformer, w.activator, 8012)
             assert may_reach(policies, w.transformer, w.gateway, 8081)
-    else:  # collocated: the hop is localhost, no pod-to-pod rule at all
+    else:  # single (no hop) or collocated (the hop is localhost): no pod-to-pod rule at all
         for port in (8080, 8081, 8085, 8086, 8012):
             assert not may_reach(policies, w.transformer, w.predictor, port)
 

@@ -139,10 +139,10 @@ def test_an_injected_init_container_is_checked_too():
 
 
 @pytest.mark.parametrize("env", CLUSTER_ENVS)
-@pytest.mark.parametrize("transformer", ["collocated", "separate"])
-def test_every_inferenceservice_container_is_restricted(env, transformer):
+@pytest.mark.parametrize("topology", ["single", "collocated", "separate"])
+def test_every_inferenceservice_container_is_restricted(env, topology):
     """`flywheel deploy`'s object and the tree's (with its placement), predictor and transformer."""
-    deployed = to_dict(render_for(load_settings(env, overrides={"serving": {"transformer": transformer}}), MODEL))
+    deployed = to_dict(render_for(load_settings(env, overrides={"serving": {"topology": topology}}), MODEL))
     tree = [o for ctx in contexts(env) for o in serving.objects(ctx) if o["kind"] == "InferenceService"]
     for obj in [deployed, *tree]:
         for component in COMPONENTS:

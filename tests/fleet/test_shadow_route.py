@@ -9,7 +9,7 @@ from pipelines.config import load_settings
 
 def test_the_champion_answers_and_the_challenger_gets_a_mirrored_copy():
     serving = load_settings("staging").serving.model_copy(update={"deployment_mode": "Standard",
-                                                                  "transformer": "collocated"})
+                                                                  "topology": "collocated"})
     vs = shadow_virtual_service("credit-default", "flywheel-staging", serving, percent=25)
     assert problems(vs) == []
     assert vs["apiVersion"] == "networking.istio.io/v1" and vs["kind"] == "VirtualService"
@@ -20,7 +20,9 @@ def test_the_champion_answers_and_the_challenger_gets_a_mirrored_copy():
     assert route["mirror"] == {"host": "credit-default-challenger-predictor.flywheel-staging.svc.cluster.local",
                                "port": {"number": 80}}
     assert route["mirrorPercentage"] == {"value": 25.0}
-    separate = shadow_virtual_service("credit-default", "ns", serving.model_copy(update={"transformer": "separate"}))
+    single = shadow_virtual_service("credit-default", "ns", serving.model_copy(update={"topology": "single"}))
+    assert single["spec"]["hosts"] == ["credit-default-predictor.ns.svc.cluster.local"]  # the one process
+    separate = shadow_virtual_service("credit-default", "ns", serving.model_copy(update={"topology": "separate"}))
     assert separate["spec"]["hosts"] == ["credit-default-transformer.ns.svc.cluster.local"]
     assert separate["spec"]["http"][0]["mirror"]["host"].startswith("credit-default-challenger-transformer.")
 

@@ -231,6 +231,19 @@ def unit_tests() -> list[dict]:
                 alert("FlywheelServingErrors", "25m", None),
             ],
         },
+        {  # the one-process server (serving.topology single) is the client-facing component too
+            "interval": "1m",
+            "input_series": [
+                series("flywheel_serving_requests_total", {**SERVING, "component": "single", "code": "200"},
+                       "0+70x40"),
+                series("flywheel_serving_requests_total", {**SERVING, "component": "single", "code": "422"},
+                       "0+30x40"),
+            ],
+            "alert_rule_test": [
+                alert("FlywheelServingClientErrors", "25m", {**PROD, "model_name": "credit-default"},
+                      "credit-default: 30% of requests are refused with 4xx"),
+            ],
+        },
         {  # p99 latency from the transformer's histogram: 80% of requests between 0.5 and 1 s
             "interval": "1m",
             "input_series": [

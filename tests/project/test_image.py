@@ -1,5 +1,5 @@
 """The project's two images, read from their Dockerfiles (no Docker here): the pipeline image carries
-every package the project installs; the serving image carries exactly what its three entry points
+every package the project installs; the serving image carries exactly what its four entry points
 import, packages and distributions; both start from the official python:3.11-slim pinned by one
 digest, end as a numeric non-root user, pass hadolint, and have the health check they should."""
 import ast
@@ -20,7 +20,7 @@ from deployment.inferenceservice import LIVE_PATH
 from tests.support import ROOT
 
 PIPELINE, SERVING = ROOT / "Dockerfile", ROOT / "Dockerfile.serving"
-SERVING_ENTRY_POINTS = ("serving.predictor", "serving.transformer", "monitoring.service")
+SERVING_ENTRY_POINTS = ("serving.predictor", "serving.transformer", "serving.single", "monitoring.service")
 # Distributions only pipelines and training use: none may reach the serving image.
 TRAINING_ONLY = {"kfp-kubernetes", "kubeflow-training", "kubeflow-trainer-api", "great-expectations", "mlflow",
                  "typer", "matplotlib", "scikit-learn"}

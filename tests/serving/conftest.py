@@ -1,4 +1,4 @@
-"""Fixtures the serving tests share: one model trained in seconds per module, the two servers on it."""
+"""Fixtures the serving tests share: one model trained in seconds per module, the servers on it."""
 import pytest
 
 from stages.dataset import ReferenceTask
@@ -27,17 +27,20 @@ def trained(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def servers(trained, tmp_path_factory):
-    """The predictor and the transformer (gRPC hop) on the trained model, started with no --host
-    (what every local start gets), shared by the module's tests."""
+    """The predictor, the transformer (gRPC hop) and the one-process server on the trained model,
+    started with no --host (what every local start gets), shared by the module's tests."""
     model_dir, _ = trained
     logs = tmp_path_factory.mktemp("fuzz")
     predictor = Server("serving.predictor", logs / "predictor.log", "--model_dir", str(model_dir))
     transformer = Server("serving.transformer", logs / "transformer.log", "--model_dir", str(model_dir),
                          "--predictor_host", f"127.0.0.1:{predictor.grpc_port}", "--predictor_protocol", "grpc-v2")
+    single = Server("serving.single", logs / "single.log", "--model_dir", str(model_dir))
     try:
         predictor.wait()
         transformer.wait()
-        yield {"predictor": predictor, "transformer": transformer}
+        single.wait()
+        yield {"predictor": predictor, "transformer": transformer, "single": single}
     finally:
+        single.stop()
         transformer.stop()
         predictor.stop()

@@ -1,5 +1,5 @@
-"""The predictor and the transformer as real processes on loopback, and the requests the serving
-tests send them: what test_serving.py, the contract, surface and fuzz tests share."""
+"""The predictor, the transformer and the one-process server as real processes on loopback, and the
+requests the serving tests send them: what test_serving.py, the contract, surface and fuzz tests share."""
 import json
 import os
 import subprocess
@@ -61,6 +61,40 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(timeout=10)
+
+
+TOPOLOGIES = ["chain", "single"]  # what clients call: transformer -> predictor, or the one-process server
+
+
+def start_entry(topology: str, model_dir, logs: Path, entry_args=(), predictor_args=(), single_args=()):
+    """The servers clients call on `model_dir`, started and ready, as (predictor, entry, every server):
+    chain: our predictor and a transformer (gRPC hop) in front of it; single: the one-process server,
+    which is both. `entry_args` go to the entry, `predictor_args` to the chain's predictor,
+    `single_args` to the one-process server."""
+    if topology == "single":
+        server = Server("serving.single", logs / "single.log", "--model_dir", str(model_dir), *entry_args,
+                        *single_args)
+        servers = [server]
+        predictor = entry = server
+    else:
+        predictor = Server("serving.predictor", logs / "predictor.log", "--model_dir", str(model_dir),
+                           *predictor_args)
+        entry = Server("serving.transformer", logs / "transformer.log", "--model_dir", str(model_dir),
+                       "--predictor_host", f"127.0.0.1:{predictor.grpc_port}", "--predictor_protocol", "grpc-v2",
+                       *entry_args)
+        servers = [entry, predictor]
+    try:
+        for server in reversed(servers):
+            server.wait()
+    except BaseException:
+        stop_all(servers)
+        raise
+    return predictor, entry, servers
+
+
+def stop_all(servers) -> None:
+    for server in servers:  # the entry first: a transformer calls its predictor
+        server.stop()
 
 
 class Receiver:

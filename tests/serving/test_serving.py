@@ -1,8 +1,9 @@
-"""The predictor and the transformer as real KServe processes on loopback: v1, v2 REST and v2 gRPC
-round trips through the transformer (KServe's own SDK clients and raw HTTP), the tensor contract
-between the two, every bad input answered with its status and field while the servers stay up, a
-predictor's 4xx kept a 4xx, readiness tied to the predictor, request ids end to end, payload
-events and Prometheus metrics."""
+"""The servers clients call as real KServe processes on loopback, both topologies (`chain`: the
+transformer in front of the predictor; `single`: the one-process server) held to one contract: v1,
+v2 REST and v2 gRPC round trips (KServe's own SDK clients and raw HTTP), every bad input answered
+with its status and field while the servers stay up, request ids end to end, payload events and
+Prometheus metrics. The chain's own: the tensor contract between the two, a predictor's 4xx kept a
+4xx, the REST hops (readiness tied to the predictor: test_serving_readiness.py)."""
 import asyncio
 import json
 import time
@@ -15,32 +16,45 @@ import pytest
 from model.loader import load_model
 from serving.contract import model_version
 from serving.transform import FeatureCodec
-from tests.serving.servers import COLUMNS, NAME, Receiver, Server, expected, kserve_inputs, records, v2_body
-from tests.support import free_port
+from tests.serving.servers import (
+    COLUMNS,
+    NAME,
+    TOPOLOGIES,
+    Receiver,
+    Server,
+    expected,
+    kserve_inputs,
+    records,
+    start_entry,
+    stop_all,
+    v2_body,
+)
 
 PREDICTOR_ROWS = 50  # the predictor's max_batch_rows, below the transformer's 1000: its 413 must come through
 TRANSFORMER_BODY_LIMIT = 1_000_000
 
 
-@pytest.fixture(scope="module")
-def stack(trained, tmp_path_factory):
-    """Predictor + transformer (gRPC hop, payload events to a receiver), started side by side."""
+@pytest.fixture(scope="module", params=TOPOLOGIES)
+def stack(request, trained, tmp_path_factory):
+    """(predictor, entry, receiver): the chain's predictor and transformer (gRPC hop), or the
+    one-process server as both; payload events to a receiver, the model process logging latencies
+    (with the request id)."""
     model_dir, _ = trained
-    logs = tmp_path_factory.mktemp("logs")
+    logs = tmp_path_factory.mktemp(f"logs-{request.param}")
     receiver = Receiver()
-    predictor = Server("serving.predictor", logs / "predictor.log", "--model_dir", str(model_dir),
-                       "--max_batch_rows", str(PREDICTOR_ROWS), "--enable_latency_logging", "true")
-    transformer = Server("serving.transformer", logs / "transformer.log", "--model_dir", str(model_dir),
-                         "--predictor_host", f"127.0.0.1:{predictor.grpc_port}", "--predictor_protocol", "grpc-v2",
-                         "--max_body_bytes", str(TRANSFORMER_BODY_LIMIT), "--payload_log_url", receiver.url)
+    latency = ("--enable_latency_logging", "true")
+    predictor, entry, servers = start_entry(
+        request.param, model_dir, logs,
+        entry_args=("--max_body_bytes", str(TRANSFORMER_BODY_LIMIT), "--payload_log_url", receiver.url),
+        predictor_args=("--max_batch_rows", str(PREDICTOR_ROWS), *latency), single_args=latency)
     try:
-        predictor.wait()
-        transformer.wait()
-        yield predictor, transformer, receiver
+        yield predictor, entry, receiver
     finally:
-        transformer.stop()
-        predictor.stop()
+        stop_all(servers)
         receiver.server.shutdown()
+
+
+CHAIN_ONLY = pytest.mark.parametrize("stack", ["chain"], indirect=True)
 
 
 def still_up(*servers: Server) -> None:
@@ -99,6 +113,7 @@ def test_round_trips_with_the_kserve_sdk_clients(stack, trained):
     assert grpc_answer.id == "grpc-1" and grpc_answer.model_version == v1_answer["model_version"]
 
 
+@CHAIN_ONLY
 def test_the_transformer_emits_exactly_what_the_predictor_declares(stack, trained):
     predictor, transformer, _ = stack
     model_dir, frame = trained
@@ -125,6 +140,14 @@ def test_the_transformer_emits_exactly_what_the_predictor_declares(stack, traine
     # And the transformer's own metadata names the raw columns it takes
     mine = httpx.get(f"{transformer.url}/v2/models/{NAME}").json()
     assert [t["name"] for t in mine["inputs"]] == COLUMNS
+
+
+def test_the_entry_declares_the_raw_columns_labels_and_probabilities(stack, trained):
+    _, entry, _ = stack
+    declared = httpx.get(f"{entry.url}/v2/models/{NAME}").json()
+    assert [t["name"] for t in declared["inputs"]] == COLUMNS
+    assert [(t["name"], t["datatype"]) for t in declared["outputs"]] == [("label", "INT64"), ("probability", "FP32")]
+    assert declared["versions"] == [model_version(str(trained[0]), load_model(str(trained[0])).metadata)]
 
 
 # ---- bad inputs -------------------------------------------------------------------------------
@@ -223,6 +246,7 @@ def test_bad_grpc_requests_get_the_status_in_their_details(stack, trained):
     still_up(transformer, predictor)
 
 
+@CHAIN_ONLY
 def test_the_predictor_has_the_same_limits_and_error_body(stack):
     predictor, _, _ = stack
     answer = httpx.post(f"{predictor.url}/v2/models/{NAME}/infer", json={"inputs": [
@@ -236,6 +260,7 @@ def test_the_predictor_has_the_same_limits_and_error_body(stack):
     still_up(predictor)
 
 
+@CHAIN_ONLY
 def test_a_predictor_4xx_stays_a_4xx(stack, trained):
     predictor, transformer, _ = stack
     # Given a batch the transformer accepts (1000 rows allowed) but the predictor refuses (50)
@@ -287,6 +312,9 @@ def test_payload_events_reach_the_sink_as_the_kserve_logger_sends_them(stack, tr
         assert headers["ce-source"].endswith(f"/v1/models/{NAME}:predict") and headers["ce-time"]
         assert headers["ce-inferenceservicename"] == NAME and headers["content-type"] == "application/json"
     assert req_body == request and json.loads(res_body) == answer.json()
+    # ce-component: the KServe component that took the request (the logger agent's value)
+    component = "predictor" if stack[0] is stack[1] else "transformer"
+    assert req_headers["ce-component"] == res_headers["ce-component"] == component
     # And a refused request logs its request only (the agent logs responses for 200s)
     bad_id = uuid.uuid4().hex
     httpx.post(f"{transformer.url}/v1/models/{NAME}:predict", json={"instances": []}, headers={"x-request-id": bad_id})
@@ -294,60 +322,37 @@ def test_payload_events_reach_the_sink_as_the_kserve_logger_sends_them(stack, tr
 
 
 def test_metrics_count_requests_by_code_and_time_stages_and_the_hop(stack, trained):
-    predictor, transformer, _ = stack
-    httpx.post(f"{transformer.url}/v1/models/{NAME}:predict", json={"instances": records(trained[1], 2)})
-    httpx.post(f"{transformer.url}/v1/models/{NAME}:predict", json={"instances": []})
-    text = httpx.get(f"{transformer.url}/metrics").text
+    predictor, entry, _ = stack
+    single = predictor is entry
+    component = "single" if single else "transformer"
+    httpx.post(f"{entry.url}/v1/models/{NAME}:predict", json={"instances": records(trained[1], 2)})
+    httpx.post(f"{entry.url}/v1/models/{NAME}:predict", json={"instances": []})
+    text = httpx.get(f"{entry.url}/metrics").text
     version = model_version(str(trained[0]), load_model(str(trained[0])).metadata)
     for code in ("200", "422"):
         assert any(line.startswith("flywheel_serving_requests_total{") and f'code="{code}"' in line
-                   and 'component="transformer"' in line and f'model_version="{version}"' in line
+                   and f'component="{component}"' in line and f'model_version="{version}"' in line
                    and 'protocol="v1"' in line for line in text.splitlines()), code
     assert "flywheel_serving_request_seconds_bucket{" in text
-    assert 'flywheel_serving_stage_seconds_bucket{component="transformer"' in text and 'stage="preprocess"' in text
-    assert 'flywheel_serving_hop_seconds_bucket{' in text and 'protocol="grpc-v2"' in text
+    for stage in ("preprocess", "postprocess"):  # prometheus_client writes the labels sorted, `le` among them
+        assert any(line.startswith(f'flywheel_serving_stage_seconds_bucket{{component="{component}"')
+                   and f'stage="{stage}"' in line for line in text.splitlines()), stage
     assert "request_preprocess_seconds" in text  # KServe's own stay
+    if single:  # the forward pass is a stage of the one process, and there is no hop
+        assert any(line.startswith('flywheel_serving_stage_seconds_bucket{component="single"')
+                   and 'stage="predict"' in line for line in text.splitlines())
+        assert "flywheel_serving_hop_seconds_bucket{" not in text
+        return
+    assert 'flywheel_serving_hop_seconds_bucket{' in text and 'protocol="grpc-v2"' in text
     text = httpx.get(f"{predictor.url}/metrics").text
     assert any(line.startswith("flywheel_serving_requests_total{") and 'component="predictor"' in line
                and 'protocol="grpc"' in line for line in text.splitlines())
     assert 'stage="predict"' in text
 
 
-# ---- readiness and the REST hops -------------------------------------------------------------
+# ---- the REST hops ---------------------------------------------------------------------------
 
-def test_readiness_follows_the_predictor(trained, tmp_path):
-    model_dir, frame = trained
-    grpc_port = free_port()
-    # Given a transformer whose predictor is not running
-    transformer = Server("serving.transformer", tmp_path / "transformer.log", "--model_dir", str(model_dir),
-                         "--predictor_host", f"127.0.0.1:{grpc_port}")
-    predictor = None
-    try:
-        transformer.wait("/v2/health/live")
-        # Then it answers 503 on every readiness endpoint and for inference
-        for path in ("/v2/health/ready", f"/v2/models/{NAME}/ready", f"/v1/models/{NAME}"):
-            answer = httpx.get(transformer.url + path)
-            assert answer.status_code == 503, (path, answer.text)
-        answer = httpx.post(f"{transformer.url}/v1/models/{NAME}:predict", json={"instances": records(frame, 1)})
-        assert answer.status_code == 503 and answer.json()["error"]["status"] == 503
-        # When the predictor comes up, Then the transformer becomes ready and answers
-        predictor = Server("serving.predictor", tmp_path / "predictor.log", "--model_dir", str(model_dir),
-                           grpc_port=grpc_port).wait()
-        transformer.wait(timeout=30)
-        answer = httpx.post(f"{transformer.url}/v1/models/{NAME}:predict", json={"instances": records(frame, 1)})
-        assert answer.status_code == 200, answer.text
-        # And when it goes away again, readiness follows
-        predictor.stop()
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and httpx.get(transformer.url + "/v2/health/ready").status_code == 200:
-            time.sleep(0.2)
-        assert httpx.get(transformer.url + "/v2/health/ready").status_code == 503
-    finally:
-        transformer.stop()
-        if predictor:
-            predictor.stop()
-
-
+@CHAIN_ONLY
 @pytest.mark.parametrize("protocol", ["v2", "v1"])
 def test_the_rest_hops_answer_and_keep_predictor_errors(stack, trained, tmp_path, protocol):
     predictor, _, _ = stack

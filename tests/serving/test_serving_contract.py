@@ -1,4 +1,5 @@
-"""The request contract on the wire, against real predictor and transformer processes: the
+"""The request contract on the wire, against the servers clients call (the transformer in front of
+the predictor, and the one-process server), as real processes: the
 dataset's id column accepted and echoed (never a feature), categoricals as strings, the Open
 Inference Protocol's request id echoed (REST and gRPC), GET on an inference path a 405,
 gzip-encoded bodies (and gzip bombs) handled, KServe's own clients working unchanged."""
@@ -11,29 +12,25 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.serving.servers import COLUMNS, NAME, NUMERIC, Receiver, Server, expected, records
+from tests.serving.servers import COLUMNS, NAME, NUMERIC, TOPOLOGIES, Receiver, expected, records, start_entry, stop_all
 
 ID = "customer_id"  # config/base.yaml dataset.id_column, the reference task's id
 BODY_LIMIT = 200_000
 
 
-@pytest.fixture(scope="module")
-def stack(trained, tmp_path_factory):
-    """Predictor + transformer told the id column, with payload events to a receiver."""
+@pytest.fixture(scope="module", params=TOPOLOGIES)
+def stack(request, trained, tmp_path_factory):
+    """The entry (transformer in front of a predictor, or the one-process server) told the id
+    column, with payload events to a receiver."""
     model_dir, _ = trained
-    logs = tmp_path_factory.mktemp("contract-logs")
+    logs = tmp_path_factory.mktemp(f"contract-logs-{request.param}")
     receiver = Receiver()
-    predictor = Server("serving.predictor", logs / "predictor.log", "--model_dir", str(model_dir))
-    transformer = Server("serving.transformer", logs / "transformer.log", "--model_dir", str(model_dir),
-                         "--predictor_host", f"127.0.0.1:{predictor.grpc_port}", "--id_column", ID,
-                         "--max_body_bytes", str(BODY_LIMIT), "--payload_log_url", receiver.url)
+    _, entry, servers = start_entry(request.param, model_dir, logs, entry_args=(
+        "--id_column", ID, "--max_body_bytes", str(BODY_LIMIT), "--payload_log_url", receiver.url))
     try:
-        predictor.wait()
-        transformer.wait()
-        yield transformer, receiver
+        yield entry, receiver
     finally:
-        transformer.stop()
-        predictor.stop()
+        stop_all(servers)
         receiver.server.shutdown()
 
 

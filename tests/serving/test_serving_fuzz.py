@@ -102,7 +102,7 @@ def requests(draw, names, version, valid):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("which", ["predictor", "transformer"])
+@pytest.mark.parametrize("which", ["predictor", "transformer", "single"])
 def test_no_request_gets_a_5xx(servers, trained, which):
     server = servers[which]
     metadata = httpx.get(f"{server.url}/v2/models/{NAME}").json()

@@ -132,7 +132,7 @@ def valid_request(which: str, metadata: dict, frame) -> bytes:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("which", ["predictor", "transformer"])
+@pytest.mark.parametrize("which", ["predictor", "transformer", "single"])
 def test_no_grpc_call_gets_internal_or_unknown(servers, trained, which):
     server = servers[which]
     metadata = httpx.get(f"{server.url}/v2/models/{NAME}").json()

@@ -40,7 +40,7 @@ def ipv4(ip: str) -> str:
     return str(getattr(address, "ipv4_mapped", None) or address)
 
 
-def test_both_servers_listen_on_loopback_only(servers):
+def test_every_server_listens_on_loopback_only(servers):
     for server in servers.values():
         listening = {(c.laddr.ip, c.laddr.port) for c in psutil.Process(server.process.pid).connections("inet")
                      if c.status == psutil.CONN_LISTEN}
@@ -56,11 +56,12 @@ def test_a_taken_port_ends_in_one_line(trained, tmp_path):
         taken.listen()
         port = taken.getsockname()[1]
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        done = subprocess.run([sys.executable, "-m", "serving.predictor", "--model_name", NAME, "--model_dir",
-                               str(trained[0]), "--http_port", str(port), "--grpc_port", str(free_port())],
-                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-        assert done.returncode != 0
-        assert (done.stdout + done.stderr).strip() == f"port {port} on 127.0.0.1 is in use"
+        for module in ("serving.predictor", "serving.single"):
+            done = subprocess.run([sys.executable, "-m", module, "--model_name", NAME, "--model_dir",
+                                   str(trained[0]), "--http_port", str(port), "--grpc_port", str(free_port())],
+                                  cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+            assert done.returncode != 0, module
+            assert (done.stdout + done.stderr).strip() == f"port {port} on 127.0.0.1 is in use", module
         # And the local deployer (`flywheel serve --port`) says the same before starting anything
         from deployment.loopback import LocalServing, ServingFailed
         from specs import ServingSpec
@@ -97,7 +98,7 @@ def test_unload_and_load_are_not_served_and_inference_goes_on(servers, trained):
 
 # ---- model versions -----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("which", ["predictor", "transformer"])
+@pytest.mark.parametrize("which", ["predictor", "transformer", "single"])
 def test_the_served_version_is_served_and_another_is_a_404_naming_it(servers, trained, which):
     server = servers[which]
     version = served_version(server)
@@ -123,12 +124,13 @@ def test_the_served_version_is_served_and_another_is_a_404_naming_it(servers, tr
     assert httpx.get(f"{server.url}/v2/models/nothing/versions/1/ready").status_code == 404
 
 
-def test_grpc_checks_the_version_too(servers, trained):
+@pytest.mark.parametrize("which", ["transformer", "single"])
+def test_grpc_checks_the_version_too(servers, trained, which):
     from kserve import InferRequest
     from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
     from kserve.protocol.grpc.grpc_predict_v2_pb2_grpc import GRPCInferenceServiceStub
 
-    transformer = servers["transformer"]
+    transformer = servers[which]
     version = served_version(transformer)
     rows = [r for r in records(trained[1], 40) if None not in r.values()][:2]
     request = InferRequest(NAME, kserve_inputs(rows, binary=True)).to_grpc()

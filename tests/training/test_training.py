@@ -65,6 +65,32 @@ def test_preprocessor_handles_missing_and_unseen_values():
     assert Preprocessor.from_json(pre.to_json()) == pre
 
 
+def test_transform_is_the_column_by_column_definition_for_frames_and_request_columns():
+    # Given a preprocessor fit on the reference task, and rows with nulls, infinities and unseen categories
+    frame = ReferenceTask(rows=600, seed=11).generate()
+    numeric_columns = ["age", "income", "credit_limit", "utilization", "debt_to_income"]
+    pre = Preprocessor.fit(frame, numeric_columns, ["employment", "housing", "region"])
+    live = frame.head(50).copy()
+    live["utilization"] = live["utilization"].astype("float64")
+    live.loc[live.index[:3], "utilization"] = [np.inf, -np.inf, np.nan]
+    live.loc[live.index[3:5], "housing"] = ["castle", None]
+    # When transformed as a frame and as the mapping of columns a serving request is
+    for given in (live, {c: live[c].tolist() for c in live.columns}):
+        numeric, categorical = pre.transform(given)
+        # Then each numeric column is imputed with its median and scaled as fit says, column by column
+        for i, column in enumerate(numeric_columns):
+            values = live[column].to_numpy(dtype="float64", na_value=np.nan)
+            missing = ~np.isfinite(values)
+            scaled = (np.where(missing, pre.medians[column], values) - pre.means[column]) / pre.stds[column]
+            assert numeric[:, 2 * i].tobytes() == scaled.astype(np.float32).tobytes(), column
+            assert numeric[:, 2 * i + 1].tolist() == missing.astype(np.float32).tolist(), column
+        # ... and each category is its vocabulary position + 1 (0: unknown or null)
+        for j, column in enumerate(pre.categorical):
+            codes = [pre.vocabularies[column].index(v) + 1 if isinstance(v, str) and v in pre.vocabularies[column]
+                     else UNKNOWN for v in live[column]]
+            assert categorical[:, j].tolist() == codes, column
+
+
 def test_int_coded_categories_keep_their_index_when_a_null_makes_the_batch_float():
     # Given a preprocessor fit on int-coded categories (an int64 column)
     train = pd.DataFrame({"age": [20, 30, 40], "income": [1.0, 2.0, 3.0], "housing": [1, 2, 3]})
