@@ -51,7 +51,9 @@ def resolve_op(tracking: dict, model: Output[Model], champion: Output[Artifact])
 def screen_op(data_uri: str, suite: dict, scoring_spec: dict, model: Input[Model], clean: Output[Dataset],
               quarantine: Output[Dataset]) -> list:
     """Check every input row against the training suite's blocking row-level expectations and the
-    model's input contract: rows that break one go to the quarantine file with their reasons.
+    model's input contract: rows that break one go to the quarantine file with their reasons. A
+    table with a column named input_row or quarantine_reason, or an id column named like a
+    prediction or lineage column, fails here (ColumnClashError, one line naming the column).
 
     Args:
         data_uri: The table to score (CSV, CSV.gz or Parquet; a path or an object-store URI).
@@ -60,7 +62,8 @@ def screen_op(data_uri: str, suite: dict, scoring_spec: dict, model: Input[Model
         model: The champion's model directory (its features, id column, preprocessing).
 
     Returns:
-        clean: The rows to score (Parquet, one row group per partition).
+        clean: The rows to score (Parquet, one row group per partition), each with input_row (its 0-based
+            position in the input table) first.
         quarantine: The quarantined rows with input_row and quarantine_reason (Parquet).
         Output: The partitions' row ranges, each {partition, start, stop}.
     """
@@ -96,7 +99,8 @@ def score_op(clean: Input[Dataset], model: Input[Model], champion: Input[Artifac
         decision_threshold: Probability at or above which a row is predicted the positive class.
 
     Returns:
-        predictions: The partition's predictions (Parquet): id, prediction, probability, lineage columns.
+        predictions: The partition's predictions (Parquet): id (when the table has one), input_row (the row's
+            0-based position in the input table), prediction, probability, lineage columns.
         Output: How many rows were scored.
     """
     import json
@@ -120,7 +124,8 @@ def score_op(clean: Input[Dataset], model: Input[Model], champion: Input[Artifac
 def collect_op(parts: Input[list[Dataset]], champion: Input[Artifact], quarantine: Input[Dataset], data_uri: str,
                out_uri: str, predictions: Output[Dataset]) -> dict:
     """Join the partitions' predictions in row order, check that they cover every row once, and
-    write them (and the quarantined rows beside them, when there are any) to the output URI.
+    write them (and the quarantined rows beside them, when there are any) to the output URI,
+    copied in chunks. Each prediction's input_row is its row's position in the input table.
 
     Args:
         parts: Every partition's predictions.
@@ -130,7 +135,8 @@ def collect_op(parts: Input[list[Dataset]], champion: Input[Artifact], quarantin
         out_uri: Where the predictions go (Parquet; a path or an object-store URI).
 
     Returns:
-        predictions: All predictions (Parquet), with lineage metadata: model name/version/URI, input, rows, quarantined.
+        predictions: All predictions (Parquet: id, input_row, prediction, probability, lineage columns), with
+            lineage metadata: model name/version/URI, input, rows, quarantined.
         Output: {rows, quarantined, partitions, out_uri, quarantine_uri, model_version}.
     """
     import json

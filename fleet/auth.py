@@ -25,9 +25,10 @@ serving pods (`serving.kserve.io/inferenceservice: <isvc>`)
   - kubelet probes need no rule: Istio rewrites them to pilot-agent's 15020 by default
     (`sidecar.istio.io/rewriteAppHTTPProbers`, default true), which calls the app over localhost.
 monitor pods (`app.kubernetes.io/name: flywheel-monitor`), port 8080
-  - POST /events: the serving pods' ServiceAccount (KServe's logger agent), or a valid token;
+  - POST /events: the serving pods' ServiceAccount (KServe's logger agent) only;
   - POST /ground_truth and /drift: the pipeline runner's ServiceAccount (the monitoring check, a
-    labelling step), or a valid token (a labelling job);
+    labelling step), or a token of a subject that may call the model (`auth.principals`; any valid
+    token where none are listed) for a labelling job;
   - GET /metrics: Prometheus only; POST /alerts: Alertmanager only; GET /healthz: any mesh workload.
 """
 from __future__ import annotations
@@ -133,7 +134,9 @@ def monitor_rules(ctx: FleetContext) -> list[dict]:
                   methods=["POST"]),
             _rule({"principals": [principal(ctx, PIPELINE_RUNNER)]}, ports=port,
                   paths=["/ground_truth", "/drift"], methods=["POST"]),
-            _rule({"requestPrincipals": ["*"]}, ports=port, paths=["/events", "/ground_truth", "/drift"],
+            # A labelling job (ground truth) or a check run elsewhere (drift) with a token: the same
+            # subjects that may call the model (auth.principals), never payload events (the logger's).
+            _rule({"requestPrincipals": request_principals(ctx)}, ports=port, paths=["/ground_truth", "/drift"],
                   methods=["POST"]),
             _rule({"principals": [auth.prometheus]}, ports=port, paths=[METRICS_PATH], methods=["GET"]),
             _rule({"principals": [auth.alertmanager]}, ports=port, paths=["/alerts"], methods=["POST"]),

@@ -150,13 +150,17 @@ def _deployment(ctx: FleetContext, count: int) -> k8s.V1Deployment:
     labels = {**ctx.labels, **POD_LABELS, "app.kubernetes.io/component": "monitoring"}
     digest = hashlib.sha256(_config_text(ctx).encode()).hexdigest()
     tolerations = [k8s.V1Toleration(key=t.key, operator=t.operator, value=t.value, effect=t.effect)
-                   for t in ctx.cluster.tolerations]
+                   for t in ctx.cluster.serving_tolerations]
     pod = k8s.V1PodSpec(
         service_account_name=MONITOR, automount_service_account_token=False,
         security_context=hardening.pod_security(), containers=[_container(ctx)], volumes=_volumes(ctx),
-        node_selector=dict(ctx.cluster.node_selector) or None, tolerations=tolerations or None,
+        node_selector=dict(ctx.cluster.serving_node_selector) or None, tolerations=tolerations or None,
         topology_spread_constraints=_spread(), termination_grace_period_seconds=GRACE_SECONDS)
-    # Surge, never below the serving count: the new pod is ready before the old one drains.
+    # Surge, never below the serving count: the new pod is ready before the old one drains. For the
+    # length of a rollout two pods take events, so a call whose request and response halves land on
+    # different pods is not paired (each half is spilled to _pending/ on shutdown). Recreate would
+    # instead leave no pod at all for the drain plus a start, and KServe's logger agent does not
+    # retry a failed send: losing the few calls that straddle the swap is the smaller loss.
     strategy = k8s.V1DeploymentStrategy(type="RollingUpdate", rolling_update=k8s.V1RollingUpdateDeployment(
         max_surge=1, max_unavailable=0))
     return k8s.V1Deployment(

@@ -61,8 +61,8 @@ def min_replicas(ctx: FleetContext) -> int:
 
 def placement(ctx: FleetContext) -> Placement:
     tolerations = tuple(k8s.V1Toleration(key=t.key, operator=t.operator, value=t.value, effect=t.effect)
-                        for t in ctx.cluster.tolerations)
-    return Placement(service_account=SERVICE_ACCOUNT, node_selector=dict(ctx.cluster.node_selector),
+                        for t in ctx.cluster.serving_tolerations)
+    return Placement(service_account=SERVICE_ACCOUNT, node_selector=dict(ctx.cluster.serving_node_selector),
                      tolerations=tolerations, min_replicas=ctx.cluster.predictor_replicas,
                      spread=min_replicas(ctx) >= 2)
 

@@ -114,7 +114,10 @@ def render(
     if out is None:
         typer.echo("---\n".join(f"# cluster: {name}\n{text}" for name, text in rendered.items()), nl=False)
     else:
-        typer.echo(gitops.write_objects(rendered, out), nl=False)
+        try:
+            typer.echo(gitops.write_objects(rendered, out), nl=False)
+        except OSError as err:
+            fail(f"--out {out}: cannot write there: {err.strerror or err}")
 
 
 def _check_rendered(rendered: dict[str, str]) -> None:

@@ -159,6 +159,9 @@ def shadow(
     if action not in ("start", "report", "stop"):
         fail(f"unknown action {action!r}: start, report or stop")
     settings = settings_or_exit(env)
+    if not settings.embedded:
+        fail(f"env {env!r} runs on a cluster (kfp.host is set); shadowing runs behind `flywheel serve` on "
+             "this machine only")
     if action == "report":
         raise typer.Exit(0 if shadowing.report(settings, typer.echo) is not None else 1)
     raise typer.Exit(getattr(shadowing, action)(settings, typer.echo))
@@ -239,14 +242,22 @@ def score(
     """Score a table with ENV's champion (batch scoring pipeline on kfp.local): predictions with lineage."""
     from rich.console import Console
 
-    from pipelines.scoring_run import NoChampion, champion_version, print_summary, run_scoring
+    from pipelines.scoring_run import (
+        NoChampion,
+        UnusablePath,
+        champion_version,
+        check_paths,
+        print_summary,
+        run_scoring,
+    )
 
     settings = settings_or_exit(env)
     if not settings.embedded:
         fail(f"env {env!r} runs on a cluster (kfp.host is set); use 'flywheel submit scoring --env {env}'")
     try:
         champion_version(settings)
-    except NoChampion as err:
+        check_paths(data, out)  # before the pipeline starts, not after the champion's download
+    except (NoChampion, UnusablePath) as err:
         fail(str(err))
     console = Console()
     try:

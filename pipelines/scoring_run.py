@@ -2,6 +2,7 @@
 line per finished task and an 80-column summary at the end."""
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -14,6 +15,41 @@ WIDTH = 80
 
 class NoChampion(LookupError):
     """The registry has no champion to score with; the message is the one line to show."""
+
+
+class UnusablePath(ValueError):
+    """--data cannot be read or --out cannot be written; the message is the one line to show."""
+
+
+def check_paths(data: str, out: str) -> None:
+    """Before the pipeline starts (it resolves and downloads the champion first): UnusablePath
+    when the input table does not exist (a path or a storage URI), or when a local --out could
+    not be written: an existing directory, or a parent that is not a directory, cannot be
+    created or is not writable. An object-store --out is the store's to refuse (credentials,
+    bucket), at the write."""
+    import storage
+
+    if not data:
+        raise UnusablePath("no input table: --data is empty")
+    if not storage.exists(data):
+        raise UnusablePath(f"input table not found: {data}")
+    if not out:
+        raise UnusablePath("no output: --out is empty")
+    if "://" in out and not out.startswith("file://"):
+        return
+    target = Path(out.removeprefix("file://")).expanduser().resolve()
+    if target.is_dir():
+        raise UnusablePath(f"--out {out} is a directory: name the predictions file (e.g. {target / 'preds.parquet'})")
+    ancestor = target.parent  # the nearest folder that exists: the run creates the rest under it
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise UnusablePath(f"cannot write --out {out}: {ancestor} is not a directory")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        if ancestor == target.parent:
+            raise UnusablePath(f"cannot write --out {out}: its folder {ancestor} is not writable")
+        raise UnusablePath(f"cannot write --out {out}: its folder {target.parent} cannot be created "
+                           f"({ancestor} is not writable)")
 
 
 def champion_version(settings: Settings) -> str:

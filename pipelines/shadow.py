@@ -11,8 +11,9 @@ champion keeps answering). Then:
 - `stop`: the report; the shadow stops; the challenger becomes the champion when the report passes
   (the running serve swaps to it at its next poll), else says why not (exit 1).
 
-On a cluster the same challenger is its own InferenceService and an Istio VirtualService mirrors to
-it (`fleet/shadow.py`); this module is the local path.
+This is the local path. On a cluster, `fleet/shadow.py` builds the Istio VirtualService that would
+mirror to a `<name>-challenger` InferenceService, but nothing deploys a challenger there yet, so
+config refuses `evaluation.shadow` for a cluster env (pipelines/config.py).
 """
 from __future__ import annotations
 

@@ -33,8 +33,13 @@ class ClusterSpec(Strict):
     name: Annotated[str, Field(pattern=DNS_LABEL)]
     zone: str = Field(description="topology.kubernetes.io/zone of its nodes, e.g. eu-west-1a")
     gpu: GpuPool | None = Field(None, description="null: no GPUs here (training cannot run on it)")
-    node_selector: dict[str, str] = Field(default_factory=dict, description="added to every pod the env starts there")
-    tolerations: list[Toleration] = Field(default_factory=list, description="added to every pod the env starts there")
+    node_selector: dict[str, str] = Field(
+        default_factory=dict, description="the GPU pool's node labels (Kueue's ResourceFlavor puts training there)")
+    tolerations: list[Toleration] = Field(default_factory=list, description="the GPU pool's taints training tolerates")
+    serving_node_selector: dict[str, str] = Field(
+        default_factory=dict, description="where the serving and monitor pods run (CPU nodes: not the GPU pool)")
+    serving_tolerations: list[Toleration] = Field(default_factory=list,
+                                                  description="taints the serving and monitor pods tolerate")
     predictor_replicas: Annotated[int | None, Field(ge=0)] = Field(
         None, description="serving.min_replicas on this cluster; 0 scales to zero (Knative mode only); null: the env's")
     runs: list[Runs] = Field(["training", "serving", "monitoring"], description="what of the lifecycle runs here")

@@ -13,10 +13,17 @@ is right or wrong: not null, between, in set, type, unique, column pair) and on 
 feature columns or the id column; one with `mostly` < 1 tolerates its unexpected rows (as
 training did), so they are scored. Batch-level expectations (means, quantiles, row counts) are
 the monitoring check's business: the drift step runs the suite on the scored rows in GX.
+
+Joining back: every clean row keeps `input_row`, its 0-based position in the input table (as the
+quarantine file has it), through the partitions into the predictions, so prediction k joins
+input row `input_row` whether or not the table has an id column and whatever was quarantined.
+A table whose columns would collide with what scoring adds is refused up front (ColumnClashError).
 """
 from __future__ import annotations
 
 import datetime as dt
+import os
+import shutil
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,10 +39,35 @@ LINEAGE = ("model_name", "model_version", "run_id", "scored_at")
 PREDICTION, PROBABILITY = "prediction", "probability"
 FORWARD_ROWS = 65_536  # rows per forward pass: bounds the tensors' memory inside a partition
 NUMERIC_TYPE_PREFIXES = ("int", "uint", "float", "number", "decimal", "double")
+COPY_BYTES = 8 << 20  # chunk size when the predictions are copied to their destination
 
 
 class QuarantineError(ValueError):
     """More rows broke the rules than `scoring.max_quarantine_share` allows; the message says which."""
+
+
+class ColumnClashError(ValueError):
+    """A column of the input has a name scoring adds itself; the message (one line) names it and why."""
+
+
+def check_columns(columns: Sequence[str], id_column: str | None = None) -> None:
+    """ColumnClashError when the table cannot be scored without losing a column: an input column
+    named like the ones screening adds (`input_row`, `quarantine_reason`), or an id column (the
+    one input column the predictions carry) named like a prediction or lineage column."""
+    present = set(columns)
+    for name, why in ((ROW, "each row's 0-based position in the input"), (REASON, "why a row was quarantined")):
+        if name in present:
+            raise ColumnClashError(f"the input has a column named {name!r}, which scoring adds itself ({why}) "
+                                   "to the predictions and the quarantine file: rename that column")
+    if id_column and id_column in present:
+        _check_id(id_column)
+
+
+def _check_id(id_column: str) -> None:
+    if id_column in (ROW, PREDICTION, PROBABILITY, *LINEAGE):
+        raise ColumnClashError(f"the id column {id_column!r} has the name of a column the predictions carry "
+                               f"({', '.join((ROW, PREDICTION, PROBABILITY, *LINEAGE))}): "
+                               "rename it in the input and in dataset.id_column")
 
 
 @dataclass(frozen=True)
@@ -198,13 +230,17 @@ def row_reasons(frame: pd.DataFrame, suite: dict, preprocessor: Preprocessor,
 
 
 def screen(frame: pd.DataFrame, suite: dict, preprocessor: Preprocessor, id_column: str | None = None) -> Screened:
-    """Split `frame` into the rows to score (index reset) and the quarantined rows, each with its
-    0-based position in the input (`input_row`) and its reasons (`quarantine_reason`)."""
+    """Split `frame` into the rows to score and the quarantined rows (both index reset), each row
+    with its 0-based position in the input as the first column (`input_row`: the predictions
+    carry it, so they join back to the input without an id column); the quarantined rows also
+    with their reasons (`quarantine_reason`). ColumnClashError first for a table with a column
+    named like one scoring adds (`check_columns`)."""
+    check_columns(list(frame.columns), id_column)
     frame = frame.reset_index(drop=True)
     reasons = row_reasons(frame, suite, preprocessor, id_column)
     bad = reasons.to_numpy() != ""
+    frame.insert(0, ROW, np.arange(len(frame), dtype=np.int64))
     quarantined = frame[bad].copy()
-    quarantined.insert(0, ROW, np.flatnonzero(bad))
     quarantined[REASON] = reasons[bad].to_numpy()
     return Screened(frame[~bad].reset_index(drop=True), quarantined.reset_index(drop=True), len(frame))
 
@@ -267,12 +303,18 @@ def labels_of(scores: np.ndarray, labels: LabelMapping, decision_threshold: floa
 
 def score_frame(model, frame: pd.DataFrame, *, decision_threshold: float, lineage: dict,
                 id_column: str | None = None, scored_at: dt.datetime | None = None) -> pd.DataFrame:
-    """Predictions for `frame`: the id column (when the table has it), `prediction` (label values),
-    `probability`, and the lineage columns (model_name, model_version, run_id, scored_at)."""
+    """Predictions for `frame`: the id column (when the table has it), `input_row` (when `frame`
+    has it: the screened rows do, so every partition's predictions join back to the input),
+    `prediction` (label values), `probability`, and the lineage columns (model_name,
+    model_version, run_id, scored_at). ColumnClashError for an id column named like one of those."""
+    if id_column and id_column in frame.columns:
+        _check_id(id_column)
     scores = probabilities(model, frame)
     out = pd.DataFrame(index=range(len(frame)))
     if id_column and id_column in frame.columns:
         out[id_column] = frame[id_column].to_numpy()
+    if ROW in frame.columns:
+        out[ROW] = frame[ROW].to_numpy(dtype=np.int64)
     out[PREDICTION] = labels_of(scores, model.labels, decision_threshold).to_numpy()
     out[PROBABILITY] = scores
     stamp = pd.Timestamp(scored_at or dt.datetime.now(dt.UTC))
@@ -320,14 +362,44 @@ def quarantine_uri(out_uri: str) -> str:
     return f"{stem}.quarantine.parquet"
 
 
+def copy_to(local_path: str, uri: str, chunk_bytes: int = COPY_BYTES) -> None:
+    """Copy a local file to `uri` in chunks of `chunk_bytes` (never the whole file in memory).
+    Readers see the old content or the new, never a torn file: on a local disk a temporary file
+    beside the target, fsynced, then renamed; on an object store the upload completes or fails
+    as a whole (a PUT, or a multipart upload completed at the end)."""
+    import storage
+
+    fs, path = storage.filesystem(uri)
+    if not storage.is_local(fs):
+        fs.put_file(local_path, path)
+        return
+    directory = os.path.dirname(path) or "."
+    os.makedirs(directory, exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(local_path, "rb") as source, open(tmp, "wb") as target:
+            shutil.copyfileobj(source, target, chunk_bytes)
+            target.flush()
+            os.fsync(target.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    handle = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(handle)  # the rename itself survives a crash of the node
+    finally:
+        os.close(handle)
+
+
 def write_predictions(parts: Sequence[tuple[dict, str]], local_path: str, out_uri: str, quarantine_path: str,
                       expected_rows: int) -> dict:
     """Join the partitions' Parquet files (metadata with start/stop, path) in row order into
     `local_path` one at a time (memory: one partition), check they cover `expected_rows` rows
-    once, copy the result to `out_uri` and any quarantined rows beside it. Returns the counts."""
+    once, copy the result to `out_uri` in chunks (`copy_to`: memory stays one chunk) and any
+    quarantined rows beside it. Returns the counts."""
     import pyarrow.parquet as pq
-
-    import storage
 
     ordered = sorted(parts, key=lambda part: int(part[0]["start"]))
     check_coverage([meta for meta, _ in ordered], expected_rows)
@@ -341,22 +413,23 @@ def write_predictions(parts: Sequence[tuple[dict, str]], local_path: str, out_ur
         if writer is not None:
             writer.close()
     if writer is None:  # nothing to score: an empty table with the columns
-        pd.DataFrame({PREDICTION: [], PROBABILITY: [], **{k: [] for k in LINEAGE}}).to_parquet(local_path)
-    with open(local_path, "rb") as handle:
-        storage.write_atomic(out_uri, handle.read())
+        pd.DataFrame({ROW: pd.Series([], dtype="int64"), PREDICTION: [], PROBABILITY: [],
+                      **{k: [] for k in LINEAGE}}).to_parquet(local_path, index=False)
+    copy_to(local_path, out_uri)
     quarantined = pq.ParquetFile(quarantine_path).metadata.num_rows
     target = quarantine_uri(out_uri) if quarantined else ""
     if quarantined:
-        with open(quarantine_path, "rb") as handle:
-            storage.write_atomic(target, handle.read())
+        copy_to(quarantine_path, target)
     return {"rows": expected_rows, "quarantined": quarantined, "partitions": len(ordered), "out_uri": out_uri,
             "quarantine_uri": target}
 
 
 def drift_window(clean_path: str, predictions_path: str, target: str | None) -> pd.DataFrame:
     """The scored batch as a monitoring window: the features as read, `probability`, and `truth`
-    (the label) when the table has one (so the check computes the live AUC)."""
+    (the label) when the table has one (so the check computes the live AUC). Not `input_row`:
+    screening added it, the suite and the reference profile know nothing of it."""
     frame = pd.read_parquet(clean_path)
+    frame = frame.drop(columns=[ROW], errors="ignore")
     frame["probability"] = pd.read_parquet(predictions_path, columns=[PROBABILITY])[PROBABILITY].to_numpy()
     if target and target in frame.columns:
         frame["truth"] = frame.pop(target)

@@ -32,6 +32,14 @@ def fleet_ctx(request):
     return contexts(env)[index]
 
 
+@pytest.fixture(params=[(env, c.cluster.name) for env in CLUSTER_ENVS for c in contexts(env) if c.runs("training")],
+                ids=lambda p: p[1])
+def training_ctx(request):
+    """Every cluster that runs training, one at a time."""
+    env, name = request.param
+    return next(c for c in contexts(env) if c.cluster.name == name)
+
+
 @pytest.fixture
 def pinned_checkout(tmp_path, monkeypatch):
     """A copy of config/ and manifests/ as a user has them after `make image ENV=prod` pinned prod's

@@ -140,7 +140,12 @@ def test_the_monitor_takes_each_path_from_its_callers_only(fleet_ctx):
     assert allowed(monitor, Request(8080, "/alerts", principal=alertmanager))
     assert not allowed(monitor, Request(8080, "/events", principal=alertmanager))
     assert allowed(monitor, Request(8080, "/drift", principal=runner))  # the pipeline's monitoring check
-    assert allowed(monitor, Request(8080, "/ground_truth", token=TOKEN))  # a labelling job with a token
+    labeller = (fleet_ctx.fleet.auth.principals or [TOKEN])[0]  # a labelling job with a token
+    assert allowed(monitor, Request(8080, "/ground_truth", token=labeller))
+    assert not allowed(monitor, Request(8080, "/events", token=labeller))  # payload events: the logger only
+    if fleet_ctx.fleet.auth.principals:  # prod: a valid token of another subject writes nothing
+        assert not allowed(monitor, Request(8080, "/ground_truth", token=TOKEN))
+        assert not allowed(monitor, Request(8080, "/drift", token=TOKEN))
     assert not allowed(monitor, Request(8080, "/ground_truth", principal=stranger))
     assert not allowed(monitor, Request(8080, "/events", principal=stranger))
     assert not allowed(monitor, Request(8080, "/alerts", token=TOKEN))  # a token is no Alertmanager

@@ -12,7 +12,8 @@ def test_the_example_fleet():
     assert [(c.name, c.gpu.resource) for c in dev.clusters] == [("dev-mig", "nvidia.com/mig-1g.5gb")]
     assert len(staging.clusters) == 1
     assert {c.zone for c in prod.clusters} == {"eu-west-1a", "eu-west-1b"}
-    assert {c.gpu.resource for c in prod.clusters} == {"nvidia.com/gpu"}
+    assert [c.gpu.resource for c in prod.clusters if "training" in c.runs] == ["nvidia.com/gpu"]
+    assert all("serving" in c.runs and "monitoring" in c.runs for c in prod.clusters)
     assert load_settings("local").fleet.clusters == []
 
 
@@ -50,7 +51,7 @@ def test_cluster_mistakes_name_the_file_key_and_rule(config_dir, change, message
 def test_every_part_of_the_lifecycle_runs_somewhere(config_dir):
     data = yaml.safe_load((config_dir / "prod.yaml").read_text())
     for cluster in data["fleet"]["clusters"]:
-        cluster["runs"] = ["training", "serving"]
+        cluster["runs"] = ["training", "serving"] if cluster.get("gpu") else ["serving"]
     (config_dir / "prod.yaml").write_text(yaml.safe_dump(data))
     with pytest.raises(ConfigError, match="no cluster runs monitoring"):
         load_settings("prod", config_dir)
@@ -60,3 +61,19 @@ def test_auth_issuer_and_keys_go_together(config_dir):
     patch(config_dir, "staging", {"fleet": {"auth": {"jwks_uri": None}}})
     with pytest.raises(ConfigError, match="auth.issuer and auth.jwks_uri go together"):
         load_settings("staging", config_dir)
+
+
+def test_shadow_promotion_is_refused_where_nothing_serves_a_challenger(config_dir):
+    patch(config_dir, "staging", {"evaluation": {"shadow": {"rows": 100}}})
+    with pytest.raises(ConfigError, match="staging.yaml: .*evaluation.shadow runs behind `flywheel serve`"):
+        load_settings("staging", config_dir)
+
+
+def test_flywheel_shadow_on_a_cluster_env_is_one_line():
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+
+    result = CliRunner().invoke(app, ["shadow", "start", "--env", "staging"])
+    assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1
+    assert "runs on a cluster" in result.output

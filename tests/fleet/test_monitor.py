@@ -109,8 +109,10 @@ def test_probes_credentials_and_kfp_token(fleet_ctx):
 
 def test_placement_follows_the_cluster(fleet_ctx):
     pod = pod_of(monitor.objects(fleet_ctx))
-    assert pod.get("nodeSelector", {}) == fleet_ctx.cluster.node_selector
-    assert pod.get("tolerations", []) == [t.model_dump(exclude_none=True) for t in fleet_ctx.cluster.tolerations]
+    assert pod.get("nodeSelector", {}) == fleet_ctx.cluster.serving_node_selector
+    assert pod.get("tolerations", []) == [t.model_dump(exclude_none=True)
+                                          for t in fleet_ctx.cluster.serving_tolerations]
+    assert not {t.key for t in fleet_ctx.cluster.tolerations} & {t["key"] for t in pod.get("tolerations", [])}
     spread = {c["topologyKey"]: c for c in pod["topologySpreadConstraints"]}
     assert spread["topology.kubernetes.io/zone"]["whenUnsatisfiable"] == "ScheduleAnyway"
     assert spread["kubernetes.io/hostname"]["labelSelector"]["matchLabels"] == monitor.POD_LABELS

@@ -48,13 +48,13 @@ def cel_problems(cq: dict) -> list[str]:
     return problems
 
 
-def test_every_kueue_object_holds_to_its_vendored_crd(fleet_ctx):
-    objs = kueue_objects(fleet_ctx)
+def test_every_kueue_object_holds_to_its_vendored_crd(training_ctx):
+    objs = kueue_objects(training_ctx)
     assert sorted(o["kind"] for o in objs) == ["ClusterQueue", "LocalQueue", "ResourceFlavor", "ResourceFlavor"]
     for obj in objs:
         assert obj["apiVersion"] == queues.API_VERSION
         assert crds.schema_problems(obj, CRD_OF[obj["kind"]], queues.VERSION) == [], obj["metadata"]["name"]
-        assert obj["metadata"]["labels"] == fleet_ctx.labels
+        assert obj["metadata"]["labels"] == training_ctx.labels
     assert cel_problems(by_kind(objs, "ClusterQueue")[0]) == []
 
 
@@ -73,20 +73,20 @@ def test_cel_check_catches_borrowing_without_a_cohort():
     assert "cohortName" not in no_cohort["spec"] and cel_problems(no_cohort) == []
 
 
-def test_gpu_flavor_matches_the_clusters_pool(fleet_ctx):
-    pool, objs = fleet_ctx.cluster.gpu, queues.platform_objects(fleet_ctx)
+def test_gpu_flavor_matches_the_clusters_pool(training_ctx):
+    pool, objs = training_ctx.cluster.gpu, queues.platform_objects(training_ctx)
     flavors = {f["metadata"]["name"]: f for f in by_kind(objs, "ResourceFlavor")}
     cq = by_kind(objs, "ClusterQueue")[0]["spec"]
     gpu_group = next(g for g in cq["resourceGroups"] if g["coveredResources"] == [pool.resource])
     (gpu_flavor,) = gpu_group["flavors"]
     flavor = flavors[gpu_flavor["name"]]["spec"]  # the queue names a flavor that is rendered
-    assert flavor["nodeLabels"] == {**fleet_ctx.cluster.node_selector, "nvidia.com/gpu.product": pool.product}
-    assert flavor.get("tolerations", []) == [t.model_dump(exclude_none=True) for t in fleet_ctx.cluster.tolerations]
+    assert flavor["nodeLabels"] == {**training_ctx.cluster.node_selector, "nvidia.com/gpu.product": pool.product}
+    assert flavor.get("tolerations", []) == [t.model_dump(exclude_none=True) for t in training_ctx.cluster.tolerations]
     assert gpu_flavor["resources"] == [{"name": pool.resource, "nominalQuota": str(pool.quota),
-                                        "borrowingLimit": str(fleet_ctx.fleet.queue.borrowing_limit_gpus)}]
+                                        "borrowingLimit": str(training_ctx.fleet.queue.borrowing_limit_gpus)}]
     assert {f["name"] for g in cq["resourceGroups"] for f in g["flavors"]} <= set(flavors)
-    assert cq["namespaceSelector"] == {"matchLabels": {"kubernetes.io/metadata.name": fleet_ctx.namespace}}
-    assert cq["cohortName"] == fleet_ctx.fleet.queue.cohort
+    assert cq["namespaceSelector"] == {"matchLabels": {"kubernetes.io/metadata.name": training_ctx.namespace}}
+    assert cq["cohortName"] == training_ctx.fleet.queue.cohort
 
 
 def test_flavor_names_say_product_and_slice():
@@ -95,16 +95,16 @@ def test_flavor_names_say_product_and_slice():
     assert queues.flavor_name("NVIDIA-H100-PCIe", "nvidia.com/gpu") == "h100"
 
 
-def test_the_queue_covers_what_a_training_job_asks_and_admits_one(fleet_ctx):
-    t, queue, pool = fleet_ctx.training, fleet_ctx.fleet.queue, fleet_ctx.cluster.gpu
-    cq = by_kind(queues.platform_objects(fleet_ctx), "ClusterQueue")[0]["spec"]
+def test_the_queue_covers_what_a_training_job_asks_and_admits_one(training_ctx):
+    t, queue, pool = training_ctx.training, training_ctx.fleet.queue, training_ctx.cluster.gpu
+    cq = by_kind(queues.platform_objects(training_ctx), "ClusterQueue")[0]["spec"]
     covered = {r for g in cq["resourceGroups"] for r in g["coveredResources"]}
     asked = {"cpu", "memory"} | ({t.resources.gpu.resource} if t.resources.gpu.count else set())
     assert asked <= covered  # an uncovered resource makes Kueue refuse the job for good
     assert t.workers * parse(t.resources.cpu) <= parse(queue.cpu)
     assert t.workers * parse(t.resources.memory) <= parse(queue.memory)
     assert t.workers * t.resources.gpu.count <= pool.quota + queue.borrowing_limit_gpus
-    assert queues.admitted_jobs(fleet_ctx) >= 1
+    assert queues.admitted_jobs(training_ctx) >= 1
 
 
 @pytest.mark.parametrize(("change", "keys"), [
@@ -144,12 +144,12 @@ def test_local_queue_points_at_the_envs_cluster_queue(fleet_ctx):
 # -- the namespace quota ---------------------------------------------------------------------
 
 
-def test_quota_admits_one_training_run_serving_and_the_monitor_at_once(fleet_ctx):
-    hard, t, s = queues.namespace_quota(fleet_ctx), fleet_ctx.training, fleet_ctx.serving
-    replicas = max(s.max_replicas, fleet_ctx.cluster.predictor_replicas or 0)
+def test_quota_admits_one_training_run_serving_and_the_monitor_at_once(training_ctx):
+    hard, t, s = queues.namespace_quota(training_ctx), training_ctx.training, training_ctx.serving
+    replicas = max(s.max_replicas, training_ctx.cluster.predictor_replicas or 0)
     # A lower bound computed apart from the module: one job, serving's model containers, and the
     # monitor's containers as fleet/monitor.py renders them.
-    (deployment,) = [o for o in monitor.objects(fleet_ctx) if o["kind"] == "Deployment"]
+    (deployment,) = [o for o in monitor.objects(training_ctx) if o["kind"] == "Deployment"]
     pod = deployment["spec"]["template"]["spec"]
     monitor_pods = deployment["spec"]["replicas"]
     limits = [c["resources"]["limits"] for c in pod["containers"]]
@@ -164,9 +164,9 @@ def test_quota_admits_one_training_run_serving_and_the_monitor_at_once(fleet_ctx
     assert hard["services.loadbalancers"] == hard["services.nodeports"] == "0"
 
 
-def test_quota_gpus_are_what_the_cluster_queue_admits(fleet_ctx):
-    hard, pool = queues.namespace_quota(fleet_ctx), fleet_ctx.cluster.gpu
-    assert hard[f"requests.{pool.resource}"] == str(pool.quota + fleet_ctx.fleet.queue.borrowing_limit_gpus)
+def test_quota_gpus_are_what_the_cluster_queue_admits(training_ctx):
+    hard, pool = queues.namespace_quota(training_ctx), training_ctx.cluster.gpu
+    assert hard[f"requests.{pool.resource}"] == str(pool.quota + training_ctx.fleet.queue.borrowing_limit_gpus)
     if pool.resource != "nvidia.com/gpu":
         assert hard["requests.nvidia.com/gpu"] == "0"  # a MIG env may not take whole GPUs
 
@@ -188,8 +188,8 @@ def test_a_cluster_without_training_gets_no_training_quota():
     assert parse(hard["requests.cpu"]) < parse(queues.namespace_quota(ctx)["requests.cpu"])
 
 
-def test_quota_summary_is_one_line_with_the_numbers(fleet_ctx):
-    line, hard = queues.quota_summary(fleet_ctx), queues.namespace_quota(fleet_ctx)
+def test_quota_summary_is_one_line_with_the_numbers(training_ctx):
+    line, hard = queues.quota_summary(training_ctx), queues.namespace_quota(training_ctx)
     assert "\n" not in line and hard["requests.cpu"] in line and f"{hard['pods']} pods" in line
     assert "admitted job(s)" in line and "monitor" in line
 

@@ -56,22 +56,22 @@ def test_storage_initializer_image_is_kserves_at_the_vendored_crd_tag():
     assert recorded[crds.INFERENCESERVICE]["version"] == tag
 
 
-def test_training_runtime_is_restricted_runs_our_image_and_holds_to_its_crd(fleet_ctx):
-    obj = by_kind(fleet_ctx, "ClusterTrainingRuntime")
+def test_training_runtime_is_restricted_runs_our_image_and_holds_to_its_crd(training_ctx):
+    obj = by_kind(training_ctx, "ClusterTrainingRuntime")
     assert obj["metadata"]["name"] == "flywheel-torch-distributed"
     assert crds.schema_problems(obj, runtimes.TRAINING_RUNTIME_CRD, "v1alpha1") == []
     pod = runtime_pod(obj)
     assert restricted_problems(pod, "pod") == []
     (node,) = pod["containers"]
-    assert node["name"] == "node" and node["image"] == fleet_ctx.image
+    assert node["name"] == "node" and node["image"] == training_ctx.image
     assert pod["automountServiceAccountToken"] is False
-    assert node["resources"]["requests"]["cpu"] == str(fleet_ctx.training.resources.cpu)
-    gpu = fleet_ctx.training.resources.gpu
+    assert node["resources"]["requests"]["cpu"] == str(training_ctx.training.resources.cpu)
+    gpu = training_ctx.training.resources.gpu
     assert node["resources"]["limits"].get(gpu.resource) == str(gpu.count)
     # Trainer's webhook: the `trainer` ancestor job has replicas 1 and a container `node`.
     (job,) = obj["spec"]["template"]["spec"]["replicatedJobs"]
     assert job["replicas"] == 1 and job["template"]["metadata"]["labels"] == runtimes.ANCESTOR_LABEL
-    assert obj["spec"]["template"]["spec"]["failurePolicy"]["maxRestarts"] == fleet_ctx.training.backoff_limit
+    assert obj["spec"]["template"]["spec"]["failurePolicy"]["maxRestarts"] == training_ctx.training.backoff_limit
 
 
 def test_each_object_only_where_the_cluster_runs_its_part():

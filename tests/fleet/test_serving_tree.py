@@ -69,8 +69,8 @@ def test_placement_identity_and_flux_ownership(fleet_ctx):
         if not part:
             continue
         assert part["serviceAccountName"] == "flywheel-serving" and part["automountServiceAccountToken"] is False
-        assert part.get("nodeSelector", {}) == cluster.node_selector
-        assert [t["key"] for t in part.get("tolerations", [])] == [t.key for t in cluster.tolerations]
+        assert part.get("nodeSelector", {}) == cluster.serving_node_selector  # not the GPU pool's
+        assert [t["key"] for t in part.get("tolerations", [])] == [t.key for t in cluster.serving_tolerations]
         assert part["minReplicas"] == want_min and part["maxReplicas"] >= want_min
         spread = part.get("topologySpreadConstraints", [])
         assert bool(spread) == (want_min >= 2)

@@ -162,6 +162,17 @@ def test_an_unpinned_prod_is_refused_in_one_line():
     assert result.output.startswith("error: config/prod.yaml: image.digest is the all-zero placeholder")
 
 
+def test_render_out_to_a_file_is_one_line(tmp_path):
+    _kubectl()
+    from pipelines.cli import app
+
+    taken = tmp_path / "a-file"
+    taken.write_text("")
+    result = runner.invoke(app, ["render", "--env", "staging", "--out", str(taken), "--no-check"])
+    assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1
+    assert result.output.startswith(f"error: --out {taken}: cannot write there")
+
+
 def test_render_out_writes_one_file_per_object(pinned_checkout, tmp_path):
     """After pinning prod's image: every object of each prod cluster, validated and policy-checked."""
     _kubectl()

