@@ -60,8 +60,8 @@ def features(ctx: FleetContext) -> list[str]:
 
 def _header(env: str | None, extra: str = "") -> str:
     source = f"config/base.yaml + config/{env}.yaml" if env else "config/*.yaml"
-    command = f"flywheel render --env {env} --write" if env else "flywheel render --env ENV --write"
-    return (f"# GENERATED from {source} and fleet/ by `{command}`; do not edit.\n"
+    # --write regenerates the whole tree from any cluster env (prod refuses to render unpinned).
+    return (f"# GENERATED from {source} and fleet/ by `flywheel render --env dev --write`; do not edit.\n"
             "# Change config (or a builder) and regenerate; tests/fleet/test_tree.py fails when they disagree.\n"
             + extra)
 

@@ -6,7 +6,7 @@ Two Dockerfiles at the repository root build from one `constraints.txt`:
   while config names one image per env); CPU torch by default, CUDA torch for an env that trains
   on NVIDIA GPUs (`--build-arg TORCH_INDEX=...`, see `build_args`).
 * `Dockerfile.serving`: the serving image (predictor, transformer, monitor service): CPU torch,
-  and only the distributions `serving-requirements.txt` names.
+  and only the distributions `requirements-serving.txt` names.
 
 `config/<env>.yaml`'s `image.digest` is what an env runs (`Image.ref` prefers it to the tag). An env
 with `image.require_digest: true` (prod) must not render with the all-zero placeholder: that is
