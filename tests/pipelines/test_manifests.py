@@ -15,7 +15,7 @@ from pipelines import gitops, manifests
 from pipelines.arguments import train_spec
 from pipelines.config import CONFIG_DIR, environments, load_settings
 from tests.fleet.conftest import pinned_checkout  # noqa: F401  (a fixture)
-from tests.support import ROOT
+from tests.support import ROOT, kubectl_or_skip
 
 MANIFESTS = ROOT / "manifests"
 ENVS = [env for env in environments() if not load_settings(env).embedded]  # the committed overlays
@@ -47,12 +47,7 @@ runner = CliRunner()
 
 
 def _kubectl():
-    try:
-        kubectl = manifests.find_kubectl()
-        manifests.kustomize_version(kubectl)
-        return kubectl
-    except manifests.ManifestError as err:
-        return pytest.skip(f"kubectl with kustomize unavailable: {err}")
+    return kubectl_or_skip()
 
 
 def add_qa(config_dir: Path) -> None:
