@@ -210,8 +210,8 @@ def _monitor_egress(ctx: FleetContext) -> list[k8s.V1NetworkPolicyEgressRule]:
     # ingress gateway's) means HTTPS out, an in-cluster one (ml-pipeline.kubeflow:8888) that namespace.
     for key in ("mlflow.tracking_uri", "kfp.host"):
         endpoint = _endpoint(ctx, key)
-        if endpoint is not None:
-            rules.append(_to_endpoint(ctx, endpoint))
+        if endpoint is not None and (rule := _to_endpoint(ctx, endpoint)) not in rules:
+            rules.append(rule)  # an outside KFP is the object store's HTTPS-out rule again: once is enough
     return rules
 
 

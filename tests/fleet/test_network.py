@@ -282,3 +282,12 @@ def test_serving_and_monitor_pods_start_from_default_deny(world):
     for deny in ("flywheel-serving-default-deny", "flywheel-monitor-default-deny"):
         spec = names[deny]["spec"]
         assert spec["policyTypes"] == ["Ingress", "Egress"] and not spec.get("ingress") and not spec.get("egress")
+
+
+def test_no_policy_repeats_a_rule(fleet_ctx):
+    import json
+
+    for policy in network.objects(fleet_ctx):
+        for direction in ("ingress", "egress"):
+            rules = [json.dumps(r, sort_keys=True) for r in policy["spec"].get(direction) or []]
+            assert len(rules) == len(set(rules)), f"{policy['metadata']['name']}: a {direction} rule twice"
