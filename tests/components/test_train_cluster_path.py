@@ -52,9 +52,10 @@ DATA_HASH = "sha256:0f1e2d3c4b5a"
 
 
 @pytest.mark.parametrize("kind, run_id, parts", [
-    ("trial", str(uuid.uuid4()), (0, "r1")),
-    ("trial", str(uuid.uuid4()), (12, "r3")),
-    ("train", str(uuid.uuid4()), ()),
+    # KFP run ids are UUIDs; fixed ones keep the test ids stable (pytest-xdist collects per worker)
+    ("trial", "d28aba9e-7843-429d-9c01-d4faba2c7909", (0, "r1")),
+    ("trial", "9bfa4230-4c33-4e67-b107-c1c0d415270c", (12, "r3")),
+    ("train", "46e4ef9a-b27e-4fda-a83a-71fe718c9eb9", ()),
     ("Train_Stage", "Run.ID_with UPPER/and/slashes", ("Part_One", "--", "")),
     ("train", "x" * 300, ("a-very-long-part-" * 6, 99999)),
     ("", "", ()),

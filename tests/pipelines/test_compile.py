@@ -4,6 +4,7 @@ import yaml
 
 from pipelines.catalog import (
     PIPELINES,
+    built_spec,
     check_all,
     compile_pipeline,
     load_compiled,
@@ -93,6 +94,13 @@ def test_signature_errors_catch_unknown_missing_and_mistyped_arguments(compiled)
         "parameter 'train_spec' expects STRUCT, config gives str"]
     args.pop("env")
     assert signature_errors(spec, args) == []  # env has a default, so it may be omitted
+
+
+@pytest.mark.parametrize("env", ["local", "prod"])  # prod: a second (kfp-kubernetes platform) document
+def test_check_reads_the_spec_the_compiler_writes(compiled, env):
+    """check_all skips the YAML round trip; what it reads must be the file compile writes."""
+    for name in PIPELINES:
+        assert built_spec(load_settings(env), name) == compiled[(env, name)]
 
 
 def test_check_passes_on_the_shipped_config():
