@@ -17,6 +17,9 @@ def deploy_op(model: Input[Model], test_data: Input[Dataset], version: str, depl
     Returns:
         Output: What is live: {deployer, version, outcome, live, url, detail}.
     """
+    from components.factory import skip_final_gc
+
+    skip_final_gc()
     import json
 
     from deployment.deployers import deploy_model

@@ -32,6 +32,9 @@ def evaluate_op(
         roc_auc: Test ROC AUC.
         run_id: The MLflow run the evaluation was logged to.
     """
+    from components.factory import skip_final_gc
+
+    skip_final_gc()
     import os
     from collections import namedtuple
 
@@ -90,6 +93,9 @@ def gate_op(
             champion is registered here under the `challenger` alias and nothing is deployed; it is
             promoted after its shadow report passes (`flywheel shadow`).
     """
+    from components.factory import skip_final_gc
+
+    skip_final_gc()
     import os
 
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -164,6 +170,9 @@ def register_op(
     Returns:
         version: The new registered model version.
     """
+    from components.factory import skip_final_gc
+
+    skip_final_gc()
     import os
     from collections import namedtuple
 

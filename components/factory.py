@@ -28,3 +28,19 @@ def named_file(artifact, suffix: str) -> str:
     if not artifact.uri.endswith(suffix):
         artifact.uri += suffix
     return artifact.path
+
+
+def skip_final_gc() -> None:
+    """Let this task's process exit without CPython's last garbage collection.
+
+    Every op calls it first. A task imports torch, MLflow or Great Expectations, and at exit the
+    interpreter walks every object they allocated to free memory the OS takes back anyway: 0.3-0.9 s
+    per task, ~15 s over `make run`'s two pipeline runs. `gc.freeze()` moves every tracked object to
+    the permanent generation, which that collection skips (docs.python.org/3/library/gc.html#gc.freeze).
+    Registered before the op's imports, it runs after their atexit handlers (atexit is last in, first
+    out); flushes, handlers and the exit status are untouched.
+    """
+    import atexit
+    import gc
+
+    atexit.register(gc.freeze)

@@ -14,6 +14,9 @@ def ingest_op(dataset_spec: dict, dataset: Output[Dataset]):
         dataset: The snapshot: the generated reference task as Parquet, or the configured file byte for
             byte; metadata carries its source, format and content hash.
     """
+    from components.factory import skip_final_gc
+
+    skip_final_gc()
     from specs import DatasetSpec
     from stages.dataset import materialise
 
@@ -32,6 +35,9 @@ def split_op(dataset: Input[Dataset], dataset_spec: dict, train_data: Output[Dat
         train_data: Rows for training and tuning (Parquet), with their content hash.
         test_data: Held-out rows for evaluation and the gate (Parquet), with their content hash.
     """
+    from components.factory import skip_final_gc
+
+    skip_final_gc()
     from specs import DatasetSpec
     from stages.dataset import split_snapshot
 

@@ -21,6 +21,9 @@ def champion_op(tracking: dict, champion: Output[Artifact]) -> str:
         champion: JSON with the champion's version, reference profile, label mapping and features.
         Output: The champion's version: the window is read for it alone.
     """
+    from components.factory import skip_final_gc
+
+    skip_final_gc()
     import json
     import os
     import tempfile
@@ -56,6 +59,9 @@ def window_op(monitoring_spec: dict, model_version: str, window: Output[Dataset]
         window: The rows (Parquet): the features as sent, probability, prediction, truth where joined.
         Output: How many rows the window holds.
     """
+    from components.factory import skip_final_gc
+
+    skip_final_gc()
     from monitoring.check import window_key
     from monitoring.windows import read_window
     from specs import MonitoringSpec
@@ -96,6 +102,9 @@ def drift_op(
         breaches: How many breaches the window has.
         enough_data: Whether the window had min_samples rows (no tests, no decision otherwise).
     """
+    from components.factory import skip_final_gc
+
+    skip_final_gc()
     import json
     from collections import namedtuple
 
@@ -149,6 +158,9 @@ def decide_op(summary: Input[Artifact], monitoring_spec: dict, env: str, decisio
         decision: JSON {retrain, reasons, dedup_key, streak of the history}.
         Output: "retrain" or "hold".
     """
+    from components.factory import skip_final_gc
+
+    skip_final_gc()
     import json
 
     from monitoring.check import conclude
@@ -186,6 +198,9 @@ def trigger_op(decision: Input[Artifact], retraining_spec: dict, kfp_target: dic
     Returns:
         Output: The trigger's decision: {started, run_id, why, guard, reasons, dedup_key, ...}.
     """
+    from components.factory import skip_final_gc
+
+    skip_final_gc()
     import json
     import os
 

@@ -20,6 +20,9 @@ def resolve_op(tracking: dict, model: Output[Model], champion: Output[Artifact])
         champion: JSON lineage: model name, version, MLflow run id, model URI, reference profile, labels, features.
         Output: The champion's version.
     """
+    from components.factory import skip_final_gc
+
+    skip_final_gc()
     import json
     import os
     import shutil
@@ -67,6 +70,9 @@ def screen_op(data_uri: str, suite: dict, scoring_spec: dict, model: Input[Model
         quarantine: The quarantined rows with input_row and quarantine_reason (Parquet).
         Output: The partitions' row ranges, each {partition, start, stop}.
     """
+    from components.factory import skip_final_gc
+
+    skip_final_gc()
     from model.artifact import read_metadata, read_preprocessor
     from specs.scoring import ScoringSpec
     from stages.scoring import check_share, partitions, read_input, screen
@@ -103,6 +109,9 @@ def score_op(clean: Input[Dataset], model: Input[Model], champion: Input[Artifac
             0-based position in the input table), prediction, probability, lineage columns.
         Output: How many rows were scored.
     """
+    from components.factory import skip_final_gc
+
+    skip_final_gc()
     import json
 
     from model.loader import load_model
@@ -139,6 +148,9 @@ def collect_op(parts: Input[list[Dataset]], champion: Input[Artifact], quarantin
             lineage metadata: model name/version/URI, input, rows, quarantined.
         Output: {rows, quarantined, partitions, out_uri, quarantine_uri, model_version}.
     """
+    from components.factory import skip_final_gc
+
+    skip_final_gc()
     import json
 
     from stages.scoring import write_predictions
@@ -176,6 +188,9 @@ def batch_drift_op(clean: Input[Dataset], predictions: Input[Dataset], champion:
         summary: JSON of the check (breaches, notes, metrics).
         Output: The verdict: "drift", "no drift" or "not enough data".
     """
+    from components.factory import skip_final_gc
+
+    skip_final_gc()
     import json
 
     from components.factory import named_file

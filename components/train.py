@@ -23,6 +23,9 @@ def train_op(train_data: Input[Dataset], train_spec: dict, dataset_spec: dict, r
             metadata names the MLflow training run (`mlflow_run_id`).
         Output: The best validation ROC AUC of the run.
     """
+    from components.factory import skip_final_gc
+
+    skip_final_gc()
     from specs import DatasetSpec, TrackingSpec, TrainSpec
     from stages.tracking import DatasetRef, log_training_run, record_run
     from training.backends import backend_for, build_job

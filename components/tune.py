@@ -15,6 +15,9 @@ def propose_op(tuning_spec: dict, train_spec: dict) -> list:
     Returns:
         Output: The trials to run, each a dict {trial, params}.
     """
+    from components.factory import skip_final_gc
+
+    skip_final_gc()
     from specs import TrainSpec, TuningSpec
     from stages.tuning import proposals
 
@@ -30,6 +33,9 @@ def promote_op(trials: list) -> list:
     Returns:
         Output: The trials to run again on the larger budget, each a dict {trial, params}.
     """
+    from components.factory import skip_final_gc
+
+    skip_final_gc()
     from stages.tuning import normalise, promote
 
     results = normalise(trials)
@@ -54,6 +60,9 @@ def trial_op(train_data: Input[Dataset], train_spec: dict, dataset_spec: dict, t
     Returns:
         Output: {trial, params, epochs, val_roc_auc, val_loss, history}.
     """
+    from components.factory import skip_final_gc
+
+    skip_final_gc()
     from specs import DatasetSpec, TrainSpec, TuningSpec
     from stages.tuning import trial_spec, typed
     from training.backends import backend_for, build_job
@@ -87,6 +96,9 @@ def select_op(trials: list, train_spec: dict, tracking: dict, env: str, run_id: 
         train_spec: The train spec with the winning hyperparameters.
         best: The winning trial.
     """
+    from components.factory import skip_final_gc
+
+    skip_final_gc()
     import os
     from collections import namedtuple
 

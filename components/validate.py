@@ -25,6 +25,9 @@ def validate_op(
         result: The full validation result as JSON (result.json).
         metrics: Expectation counts and the unexpected-value rate.
     """
+    from components.factory import skip_final_gc
+
+    skip_final_gc()
     import json
     import os
 
