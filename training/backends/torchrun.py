@@ -27,8 +27,9 @@ def torchrun_command(workers: int, max_restarts: int, args: list[str]) -> list[s
     # jobs started side by side (parallel tuning trials) can never meet in one rendezvous. A port
     # picked beforehand and a shared default id did exactly that: the second job joined the first
     # job's closed rendezvous and torchrun died with "'NoneType' object has no attribute 'is_failed'".
+    # training.launch is torch.distributed.run, exiting without the interpreter's last GC
     return [
-        sys.executable, "-m", "torch.distributed.run", "--standalone",
+        sys.executable, "-m", "training.launch", "--standalone",
         "--nnodes", "1", "--nproc-per-node", str(workers),
         "--max-restarts", str(max_restarts),
         "--module", ENTRY_MODULE, *args,
