@@ -115,7 +115,9 @@ def _local(spec: DeploySpec, model_dir: str, version: str, records: list[dict], 
     predictions = answers["v1"]["predictions"]
     return {"deployer": LOCAL, "version": version, "outcome": "served", "live": f"{spec.model_name} v{version}",
             "url": url, "detail": f"smoke test passed on loopback (v1 and v2, {len(predictions)} rows); "
-                                  f"`flywheel serve --env {spec.env}` keeps the champion up"}
+                                  f"`flywheel serve --env {spec.env}` keeps the champion up",
+            # what a client sent and got back: `flywheel run` shows it instead of serving the model again
+            "smoke": {"records": records, **answers}}
 
 
 # --- the InferenceService path ---------------------------------------------------------------

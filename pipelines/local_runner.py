@@ -249,41 +249,54 @@ def run_local(settings: Settings, verbose: bool = False, predictions: bool = Tru
         table.add_row(f"[bold]{label}[/bold]", value)
     console.print(table)
     if predictions:
-        show_predictions(settings, console)
+        show_predictions(settings, console, run)
     console.print(f"Browse runs: mlflow ui --backend-store-uri {settings.mlflow.tracking_uri}")
     return run
 
 
-def show_predictions(settings: Settings, console) -> None:
-    """Serve the registry's champion on loopback (`serving.topology`) and print a few real
-    predictions over v1 and v2, as a client would see them."""
+def show_predictions(settings: Settings, console, run: LocalRun | None = None) -> None:
+    """A few real predictions over v1 and v2, as a client sees them: the deploy step's smoke test
+    when this run deployed (that server has stopped; serving the model again costs seconds), else
+    the registry's champion served on loopback (`serving.topology`) for the length of the requests."""
     import tempfile
-
-    from rich.table import Table
 
     from deployment.loopback import LocalServing
     from pipelines.serving import example_records, local_champion
 
     name = settings.mlflow.registered_model
-    with tempfile.TemporaryDirectory(prefix="flywheel-serve-") as tmp:
-        try:
-            version, model_dir = local_champion(settings, tmp)
-        except LookupError as err:
-            console.print(f"nothing served: {err}")
-            return
-        records = example_records(settings, version)
-        with LocalServing(model_dir, name, settings.serving, PIPELINE_ROOT / "serve",
-                          decision_threshold=settings.evaluation.decision_threshold, model_version=version) as serving:
-            v1 = serving.predict_v1(records, request_id="flywheel-run-v1")
-            v2 = {o["name"]: o["data"] for o in serving.predict_v2(records, request_id="flywheel-run-v2")["outputs"]}
-            url = serving.url
     shape = "one process" if settings.serving.topology == "single" else "transformer -> predictor"
-    table = Table(title=f"{name} v{version} served at {url} ({shape})")
+    deployed = run.tasks["deploy-op"].parameters.get("Output", {}) if run and "deploy-op" in run.tasks else {}
+    if "smoke" in deployed:
+        smoke = deployed["smoke"]
+        title = f"{name} v{deployed['version']}: the deploy step's smoke test at {deployed['url']} ({shape})"
+        console.print(_prediction_table(settings, title, smoke["records"], smoke["v1"], smoke["v2"]))
+    else:
+        with tempfile.TemporaryDirectory(prefix="flywheel-serve-") as tmp:
+            try:
+                version, model_dir = local_champion(settings, tmp)
+            except LookupError as err:
+                console.print(f"nothing served: {err}")
+                return
+            records = example_records(settings, version)
+            with LocalServing(model_dir, name, settings.serving, PIPELINE_ROOT / "serve",
+                              decision_threshold=settings.evaluation.decision_threshold,
+                              model_version=version) as serving:
+                v1 = serving.predict_v1(records, request_id="flywheel-run-v1")
+                v2 = serving.predict_v2(records, request_id="flywheel-run-v2")
+                title = f"{name} v{version} served at {serving.url} ({shape})"
+        console.print(_prediction_table(settings, title, records, v1, v2))
+    console.print(f"`flywheel serve --env {settings.env}` keeps it up (Ctrl-C stops it)")
+
+
+def _prediction_table(settings: Settings, title: str, records: list[dict], v1: dict, v2: dict):
+    from rich.table import Table
+
+    outputs = {o["name"]: o["data"] for o in v2["outputs"]}
+    table = Table(title=title)
     shown = settings.dataset.features.columns[:4]
     for column in [*shown, "v1 label", "v1 P(positive)", "v2 label", "v2 P(positive)"]:
         table.add_column(column)
     for i, record in enumerate(records):
         table.add_row(*(str(record.get(c)) for c in shown), str(v1["predictions"][i]), f"{v1['probabilities'][i]:.3f}",
-                      str(v2["label"][i]), f"{v2['probability'][i]:.3f}")
-    console.print(table)
-    console.print(f"`flywheel serve --env {settings.env}` keeps it up (Ctrl-C stops it)")
+                      str(outputs["label"][i]), f"{outputs['probability'][i]:.3f}")
+    return table

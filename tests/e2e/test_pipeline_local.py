@@ -78,6 +78,27 @@ def test_first_run_promotes_and_second_is_judged_against_the_champion(lifecycle)
 
 
 @pytest.mark.slow
+def test_the_summary_shows_the_deploy_steps_answers_without_serving_again(lifecycle, monkeypatch):
+    from rich.console import Console
+
+    from pipelines.local_runner import show_predictions
+
+    settings, first, _ = lifecycle
+    monkeypatch.setattr("deployment.loopback.LocalServing.start",
+                        lambda *a, **k: pytest.fail("the deploy step's smoke test is shown, nothing is served again"))
+    console = Console(record=True, width=200)
+    show_predictions(settings, console, first)
+    text = console.export_text()
+    smoke = first.tasks["deploy-op"].parameters["Output"]["smoke"]
+    assert f"v1: the deploy step's smoke test at {first.tasks['deploy-op'].parameters['Output']['url']}" in text
+    rows = [[c.strip() for c in line.strip("│").split("│")] for line in text.splitlines() if line.startswith("│")]
+    assert len(rows) == len(smoke["records"]) >= 3
+    for row, p1 in zip(rows, smoke["v1"]["probabilities"]):
+        v1_label, v1_p, v2_label, v2_p = row[-4:]
+        assert v1_label == v2_label and v1_label in ("0", "1") and v1_p == v2_p == f"{p1:.3f}"
+
+
+@pytest.mark.slow
 def test_a_user_csv_named_in_config_trains_and_evaluates_with_no_code_change(config_dir, tmp_path):
     frame = ReferenceTask(rows=5000, seed=21).generate()
     frame = frame.rename(columns={"default": "defaulted", "customer_id": "account"}).drop(columns=["region"])
