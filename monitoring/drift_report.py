@@ -15,9 +15,17 @@ from monitoring.drift import DriftReport, FeatureDrift
 TRAINING, LIVE = ("training", "#4c78a8"), ("live", "#f58518")
 
 
+def _figure():
+    """A plot's figure. Constrained layout fits titles, labels and rotated ticks in one layout pass;
+    `bbox_inches="tight"` drew every figure twice (~2x the time of 11 plots per checked window)."""
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(4.2, 2.8), layout="constrained")
+
+
 def _png(fig) -> str:
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=80, bbox_inches="tight")
+    fig.savefig(buffer, format="png", dpi=80)
     return base64.b64encode(buffer.getvalue()).decode()
 
 
@@ -50,12 +58,10 @@ def _density_plot(ax, edges: np.ndarray, reference_counts, live_counts) -> None:
 
 
 def _numeric_figure(row: FeatureDrift, ref: dict) -> str:
-    from matplotlib.figure import Figure
-
     low = min(v for v in (ref.get("min"), row.live_min) if v is not None) if ref.get("min") is not None else None
     high = max(v for v in (ref.get("max"), row.live_max) if v is not None) if ref.get("max") is not None else None
     edges = _outer_edges(ref["edges"], low, high)
-    fig = Figure(figsize=(4.2, 2.8))
+    fig = _figure()
     ax = fig.add_subplot()
     _density_plot(ax, edges, ref["counts"], row.counts)
     ax.set(title=row.feature, xlabel="value (training decile bins; outer bins open-ended)", ylabel="density")
@@ -64,13 +70,11 @@ def _numeric_figure(row: FeatureDrift, ref: dict) -> str:
 
 
 def _categorical_figure(row: FeatureDrift, ref: dict) -> str:
-    from matplotlib.figure import Figure
-
     reference = np.array([*ref["counts"], ref.get("other", 0), 0], dtype=np.float64)
     keep = (reference > 0) | (np.asarray(row.counts) > 0)
     names = [b for b, k in zip(row.buckets, keep) if k]
     x = np.arange(len(names))
-    fig = Figure(figsize=(4.2, 2.8))
+    fig = _figure()
     ax = fig.add_subplot()
     for offset, (name, color), counts in ((-0.2, TRAINING, reference), (0.2, LIVE, np.asarray(row.counts))):
         ax.bar(x + offset, _shares(counts)[keep], width=0.4, color=color, label=name)
@@ -81,11 +85,9 @@ def _categorical_figure(row: FeatureDrift, ref: dict) -> str:
 
 
 def _score_figure(report: DriftReport, score: dict) -> str:
-    from matplotlib.figure import Figure
-
     low, high = score.get("range", [0.0, 1.0])
     edges = np.concatenate(([low], np.asarray(score["edges"], dtype=np.float64), [high]))
-    fig = Figure(figsize=(4.2, 2.8))
+    fig = _figure()
     ax = fig.add_subplot()
     _density_plot(ax, edges, score["counts"], report.prediction_counts)
     ax.set(title="predicted probability", xlabel="P(positive) (held-out decile bins)", ylabel="density")
