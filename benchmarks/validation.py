@@ -148,9 +148,9 @@ def one(method: str, path: Path) -> dict:
     s = suite()
     prepared = None
     if method == "ours":
-        from stages.validation.engine import _gx_engine
+        from stages.validation.engine import gx_engine
 
-        _gx_engine()
+        gx_engine()
     elif method.startswith("gx"):
         prepared = _naive_context()
     else:

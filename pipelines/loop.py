@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -75,7 +76,7 @@ class MonitorService:
 
     def __enter__(self) -> MonitorService:
         with open(self.log, "ab") as log:
-            settings = ["--config", str(self.config)] if self.config else ["--flush-seconds", "0.5"]
+            settings = ["--config", str(self.config)] if self.config else ["--flush-seconds", "0.2"]
             self.proc = subprocess.Popen([sys.executable, "-m", "monitoring.service", "--root", str(self.root),
                                           "--host", "127.0.0.1", "--port", str(self.port), *settings,
                                           "--log-level", "warning"], stdout=log, stderr=subprocess.STDOUT,
@@ -127,7 +128,7 @@ def _wait_for_rows(root: Path, version: str, expected: int, timeout: float = 30.
         window = read_window(str(root), model_version=version)
         if len(window) >= expected or time.monotonic() > deadline:
             return window
-        time.sleep(0.3)
+        time.sleep(0.1)
 
 
 def _windows(settings: Settings, looped: Settings, serving, reference, work: Path, rows: int, version: str,
@@ -155,6 +156,25 @@ def _challenger(settings: Settings) -> str | None:
     from stages.versions import version_behind
 
     return version_behind(settings.mlflow.tracking_uri, settings.mlflow.registered_model, CHALLENGER)
+
+
+def preload() -> threading.Thread:
+    """Import what `turn` needs (torch and MLflow for the registry, Great Expectations and scipy for
+    the window checks, matplotlib for the reports: ~4 s) on a daemon thread, while the first pipeline
+    run's tasks work in their own processes and this one waits on them."""
+    def load() -> None:
+        from monitoring.drift_report import render_report  # noqa: F401 - imported for its side effect
+        from pipelines.retrain import guarded_trigger  # noqa: F401
+        from pipelines.shadow import loop_shadow  # noqa: F401
+        from pipelines.traffic_check import check_traffic  # noqa: F401
+        from stages.registry import CHALLENGER  # noqa: F401
+        from stages.validation.engine import gx_engine
+
+        gx_engine()
+
+    thread = threading.Thread(target=load, name="flywheel-preload", daemon=True)
+    thread.start()
+    return thread
 
 
 def turn(settings: Settings, console, rows_per_window: int | None = None) -> list[tuple[str, str]]:

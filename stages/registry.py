@@ -19,7 +19,6 @@ import pandas as pd
 import model
 from gateways.mlflow_api import Registry, is_unreachable, log_pyfunc
 from model.artifact import PROFILE_KEY, feature_columns, read_metadata, reference_profile
-from model.loader import load_model
 from specs import TrackingSpec
 from stages.metrics import predict_scores
 from stages.tracking import experiment_id
@@ -81,6 +80,8 @@ def register_model(tracking_uri: str, registered_model: str, model_dir: str, run
     return the new version number."""
     if not run_id and not experiment:
         raise ValueError("register_model needs run_id or experiment")
+    from model.loader import load_model  # torch: not imported by the ops that only read the registry
+
     model = load_model(model_dir)
     tags = {k: str(v)[:5000] for k, v in lineage.items() if v not in (None, "")}
     profile = reference_profile(model.metadata)  # what monitoring compares this version's traffic with

@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import os
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from stages.validation.suite import SuiteError
 from storage.tables import read_table, table_format
 
 _ENGINE: dict = {}
+_ENGINE_LOCK = threading.Lock()
 
 
 @contextmanager
@@ -39,8 +41,14 @@ def _quiet_gx_logs():
                 child.setLevel(logging.NOTSET)  # inherit WARNING from the package logger
 
 
-def _gx_engine():
-    """One ephemeral GX context per process: no files, no $HOME, no analytics, no progress bars."""
+def gx_engine():
+    """One ephemeral GX context per process: no files, no $HOME, no analytics, no progress bars.
+    Thread-safe: `flywheel run` builds it on a preloading thread while its first pipeline runs."""
+    with _ENGINE_LOCK:
+        return _engine()
+
+
+def _engine():
     if not _ENGINE:
         os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
         with _quiet_gx_logs():
@@ -60,7 +68,7 @@ def _gx_engine():
 
 def gx_suite(suite: dict):
     """Build the GX ExpectationSuite; errors name the entry, its type and what is wrong."""
-    engine = _gx_engine()
+    engine = gx_engine()
     from great_expectations.expectations.registry import get_expectation_impl
 
     gx_suite_ = engine["gx"].ExpectationSuite(name=suite["name"])
@@ -221,7 +229,7 @@ def validate_frame(frame, suite: dict, id_column: str | None = None, source: str
     failed row-wise are re-run with SUMMARY, for their sample offending rows (row numbers are
     0-based positions in the data, header excluded).
     """
-    engine = _gx_engine()
+    engine = gx_engine()
     if frame.index.has_duplicates or not frame.index.is_monotonic_increasing:
         frame = frame.reset_index(drop=True)
     from great_expectations.validator.v1_validator import Validator
