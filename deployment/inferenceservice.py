@@ -321,13 +321,14 @@ def render(spec: ServingSpec, *, image: str, namespace: str, env: str, model: Se
         spec=V1beta1InferenceServiceSpec(predictor=predictor, transformer=transformer))
 
 
-def render_for(settings, model: ServedModel, *, canary: bool = True):
+def render_for(settings, model: ServedModel, *, canary: bool = True, name: str | None = None):
     """`render` for one environment: `settings` is a `pipelines.config.Settings` (or anything with
-    its `.serving`, `.image.ref`, `.namespace`, `.env`, `.kfp.object_store_endpoint`)."""
+    its `.serving`, `.image.ref`, `.namespace`, `.env`, `.kfp.object_store_endpoint`). `name`: the
+    InferenceService's, when not the model's (a shadow's challenger, fleet/shadow.py)."""
     kfp, evaluation = getattr(settings, "kfp", None), getattr(settings, "evaluation", None)
     return render(settings.serving, image=settings.image.ref, namespace=settings.namespace, env=settings.env,
-                  model=model, object_store_endpoint=getattr(kfp, "object_store_endpoint", None), canary=canary,
-                  decision_threshold=getattr(evaluation, "decision_threshold", 0.5))
+                  model=model, name=name, object_store_endpoint=getattr(kfp, "object_store_endpoint", None),
+                  canary=canary, decision_threshold=getattr(evaluation, "decision_threshold", 0.5))
 
 
 def steady_state(obj: dict) -> dict:

@@ -137,8 +137,10 @@ class InferenceServiceDeployer:
     """Create-or-patch one namespace's InferenceServices, wait for them, roll out and back."""
 
     def __init__(self, namespace: str, *, kube: KubeApi | None = None, client_configuration=None,
-                 timeout: float = 300.0, poll_interval: float = 5.0, log: Callable[[str], None] = print):
+                 timeout: float = 300.0, poll_interval: float = 5.0, log: Callable[[str], None] = print,
+                 progress: bool = False):
         self.namespace, self.timeout, self.poll_interval, self.log = namespace, timeout, poll_interval, log
+        self.progress = progress  # log each new reason a wait is still waiting for
         # Connected on first use: rendering and validating need no cluster.
         self.kube = kube or KubeApi(client_configuration)
         self._steps: list[str] = []
@@ -186,12 +188,15 @@ class InferenceServiceDeployer:
 
     def _wait(self, name: str, what: str, check: Callable[[dict], str | None]) -> dict:
         """Poll until `check(obj)` returns None (done); it returns why not otherwise."""
-        deadline = time.monotonic() + self.timeout
+        deadline, said = time.monotonic() + self.timeout, None
         while True:
             obj = self.get(name)
             reason = check(obj) if obj is not None else "the InferenceService does not exist"
             if reason is None:
                 return obj
+            if self.progress and reason != said:
+                said = reason
+                self.log(f"  waiting for {name} ({what}): {reason}")
             if time.monotonic() >= deadline:
                 raise RolloutTimeout(f"{self.namespace}/{name}: {what}", self.timeout,
                                      reason + status.last_failure(obj), obj)

@@ -31,6 +31,11 @@ def challenger_name(model_name: str) -> str:
     return f"{isvc_name(model_name)}{CHALLENGER_SUFFIX}"
 
 
+def route_name(model_name: str) -> str:
+    """The shadow VirtualService's name: the champion InferenceService's, with `-shadow`."""
+    return f"{isvc_name(model_name)}-shadow"
+
+
 def client_host(isvc: str, namespace: str, spec: ServingSpec) -> str:
     """The Service an InferenceService's clients call: its transformer when separate, else its predictor
     (the one-process server, or the collocated transformer, takes the traffic in the predictor pod)."""
@@ -53,7 +58,7 @@ def shadow_virtual_service(model_name: str, namespace: str, spec: ServingSpec, *
     return {
         "apiVersion": API_VERSION,
         "kind": "VirtualService",
-        "metadata": {"name": f"{champion}-shadow", "namespace": namespace,
+        "metadata": {"name": route_name(model_name), "namespace": namespace,
                      "labels": {"app.kubernetes.io/part-of": "flywheel", "app.kubernetes.io/component": "shadow",
                                 "flywheel/champion": champion, "flywheel/challenger": challenger}},
         "spec": {

@@ -1,5 +1,6 @@
-"""The one way to the Kubernetes API: KServe InferenceServices, Training Operator PyTorchJobs and
-Trainer TrainJobs (custom objects), Deployments, pods and their logs.
+"""The one way to the Kubernetes API: KServe InferenceServices, Istio VirtualServices (the shadow
+route), Training Operator PyTorchJobs and Trainer TrainJobs (custom objects), Deployments, pods and
+their logs.
 
     kube = KubeApi()                          # in a pod its service account, else $KUBECONFIG / ~/.kube/config
     kube = KubeApi(configuration)             # or a `kubernetes.client.Configuration` (tests: a fake server)
@@ -57,6 +58,7 @@ class Resource:
 INFERENCE_SERVICES = Resource("serving.kserve.io", "v1beta1", "inferenceservices", "InferenceService")
 PYTORCHJOBS = Resource("kubeflow.org", "v1", "pytorchjobs", "PyTorchJob")
 TRAINJOBS = Resource("trainer.kubeflow.org", "v1alpha1", "trainjobs", "TrainJob")
+VIRTUAL_SERVICES = Resource("networking.istio.io", "v1", "virtualservices", "VirtualService")
 
 
 class KubeApiError(RuntimeError):

@@ -155,20 +155,60 @@ def rollback(
 def shadow(
     action: str = typer.Argument(..., help="start | report | stop"),
     env: str = EnvOption,
+    dry_run: bool = typer.Option(False, "--dry-run", help="with start on a cluster env: print the challenger's "
+                                 "InferenceService and the VirtualService, apply nothing"),
+    version: Optional[str] = typer.Option(None, "--version", help="with --dry-run: the challenger version to render "
+                                          "(with --model-uri, no registry needed)"),
+    model_uri: Optional[str] = typer.Option(None, "--model-uri", help="with --dry-run --version: its model directory "
+                                            "(s3://...)"),
+    out: Optional[str] = typer.Option(None, "--out", help="on a cluster env: the report's folder "
+                                      "(default runs/shadow/<env>)"),
 ) -> None:
-    """Shadow the challenger behind a running `flywheel serve` on mirrored traffic (start), compare it with
-    the champion (report: HTML + JSON), stop and promote it when the report passes (stop)."""
-    from pipelines import shadow as shadowing
-
+    """Shadow the challenger on mirrored traffic (start): behind a running `flywheel serve` here, or as
+    `<isvc>-challenger` behind an Istio mirror route on a cluster; compare it with the champion (report:
+    HTML + JSON); stop, and promote it when the report passes (stop)."""
     if action not in ("start", "report", "stop"):
         fail(f"unknown action {action!r}: start, report or stop")
     settings = settings_or_exit(env)
-    if not settings.embedded:
-        fail(f"env {env!r} runs on a cluster (kfp.host is set); shadowing runs behind `flywheel serve` on "
-             "this machine only")
-    if action == "report":
-        raise typer.Exit(0 if shadowing.report(settings, typer.echo) is not None else 1)
-    raise typer.Exit(getattr(shadowing, action)(settings, typer.echo))
+    if (version or model_uri) and not dry_run:
+        fail("--version and --model-uri go with --dry-run: start shadows the registry's challenger")
+    if settings.embedded:
+        if dry_run or out:
+            fail(f"--dry-run and --out are for a cluster env; env {env!r} shadows behind `flywheel serve` here "
+                 "(its report goes to runs/serve/)")
+        from pipelines import shadow as shadowing
+
+        if action == "report":
+            raise typer.Exit(0 if shadowing.report(settings, typer.echo) is not None else 1)
+        raise typer.Exit(getattr(shadowing, action)(settings, typer.echo))
+    if dry_run and action != "start":
+        fail("--dry-run goes with start")
+    raise typer.Exit(_shadow_cluster(action, settings, dry_run, version, model_uri, out))
+
+
+def _shadow_cluster(action: str, settings, dry_run: bool, version: str | None, model_uri: str | None,
+                    out: str | None) -> int:
+    from pipelines import shadow_cluster
+
+    why = shadow_cluster.refusal(settings)
+    if why:
+        fail(why)
+    try:
+        if dry_run:
+            import yaml
+
+            typer.echo(yaml.safe_dump_all(shadow_cluster.dry_run(settings, version, model_uri), sort_keys=False),
+                       nl=False)
+            return 0
+        if action == "report":
+            result = shadow_cluster.report(settings, typer.echo, out)
+            return 0 if result is not None and result.passed else 1
+        if action == "stop":
+            return shadow_cluster.stop(settings, typer.echo, out=out)
+        return shadow_cluster.start(settings, typer.echo)
+    except (LookupError, ValueError, RuntimeError) as err:
+        fail(str(err))
+    return 1
 
 
 @app.command()

@@ -33,6 +33,8 @@ class ShadowSpec(Strict):
         0.01, description="how far the challenger's live ROC AUC may fall below the champion's")
     min_agreement: Annotated[float | None, Field(ge=0.0, le=1.0)] = Field(
         None, description="share of rows both must decide alike (None: not checked; a better model disagrees)")
+    percent: Annotated[float, Field(gt=0.0, le=100.0)] = Field(
+        100.0, description="on a cluster: the share of requests the Istio route mirrors to the challenger")
 
 
 class EvaluationSpec(Strict):

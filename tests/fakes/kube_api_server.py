@@ -11,10 +11,11 @@ and KServe) and is put together from one file per concern:
     kube_trainjobs.py          TrainJobs and JobSet's node pods
     kube_inferenceservices.py  InferenceServices (validation, webhook, patches), Deployments
     kube_isvc_controllers.py   the KServe/Knative controllers' part, scripted (`IsvcScript`)
+    kube_virtualservices.py    Istio VirtualServices (the shadow route)
     json_patch.py              JSON merge patch and JSON patch
 
 `FakeKubernetesApi` serves the training jobs (fixture `fake_k8s`); `FakeKServeApi` serves all of
-that plus InferenceServices and Deployments (fixture `fake_kserve`).
+that plus InferenceServices, Deployments and VirtualServices (fixture `fake_kserve`).
 """
 from __future__ import annotations
 
@@ -23,14 +24,15 @@ import pytest
 from tests.fakes.kube_inferenceservices import InferenceServices
 from tests.fakes.kube_pytorchjobs import PyTorchJobs
 from tests.fakes.kube_trainjobs import TrainJobs
+from tests.fakes.kube_virtualservices import VirtualServices
 
 
 class FakeKubernetesApi(TrainJobs, PyTorchJobs):
     """PyTorchJobs, TrainJobs and their pods, on a free loopback port once `start()`ed."""
 
 
-class FakeKServeApi(InferenceServices, FakeKubernetesApi):
-    """InferenceServices and their Deployments, and all FakeKubernetesApi serves."""
+class FakeKServeApi(VirtualServices, InferenceServices, FakeKubernetesApi):
+    """InferenceServices and their Deployments, Istio VirtualServices, and all FakeKubernetesApi serves."""
 
 
 @pytest.fixture
@@ -45,7 +47,7 @@ def fake_k8s():
 
 @pytest.fixture
 def fake_kserve():
-    """A started FakeKServeApi (InferenceServices, Deployments, and all FakeKubernetesApi serves)."""
+    """A started FakeKServeApi (InferenceServices, Deployments, VirtualServices, and all FakeKubernetesApi serves)."""
     api = FakeKServeApi().start()
     try:
         yield api

@@ -50,16 +50,19 @@ def warning_headers(warnings: list[str]) -> dict | None:
     return {"Warning": ", ".join(f'299 - "unknown field \\"{w}\\""' for w in warnings)} if warnings else None
 
 
-def load_crd_schema(crd_file: str, version: str) -> dict:
+def load_crd_schema(crd_file: str, version: str, kind: str | None = None) -> dict:
     # The repository's copy of the upstream CRD file, read here on its own (not through crds/,
-    # the code under test), so the fake holds requests to the published schema.
+    # the code under test), so the fake holds requests to the published schema. `kind` picks one
+    # CRD from a bundle (Istio's crd-all.gen.yaml).
     folder = Path(os.environ.get("FLYWHEEL_CRD_DIR") or Path(__file__).resolve().parents[2] / "crds")
-    return _load_schema(str(folder / crd_file), version)
+    return _load_schema(str(folder / crd_file), version, kind)
 
 
 @lru_cache(maxsize=4)
-def _load_schema(path: str, version: str) -> dict:
-    crd = yaml.load(Path(path).read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+def _load_schema(path: str, version: str, kind: str | None = None) -> dict:
+    docs = yaml.load_all(Path(path).read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    crd = next(d for d in docs if d and d.get("kind") == "CustomResourceDefinition"
+               and (kind is None or d["spec"]["names"]["kind"] == kind))
     return next(v for v in crd["spec"]["versions"] if v["name"] == version)["schema"]["openAPIV3Schema"]
 
 

@@ -1,0 +1,292 @@
+"""`flywheel shadow` on a cluster env (pipelines/shadow_cluster.py) against the fake Kubernetes API
+(every body held to the vendored KServe and Istio CRDs) and a real SQLite MLflow registry: start
+creates the challenger's InferenceService and the mirror route and leaves the champion alone, a
+second start updates them, stop deletes both and promotes only on a passing report; the dry run
+and the CLI's one-line errors need no server."""
+import time
+from datetime import UTC, datetime
+
+import pandas as pd
+import pyarrow as pa
+import pytest
+import yaml
+from mlflow import MlflowClient
+from typer.testing import CliRunner
+
+import crds
+import storage
+from deployment.deployers import deploy
+from deployment.inferenceservice import MODEL_VERSION, ServedModel
+from fleet.validate import problems
+from gateways.kube_api import KubeApi
+from monitoring.windows import parquet_bytes, window_file
+from pipelines import cli, cli_app, shadow_cluster
+from pipelines.config import ConfigError, load_settings
+from stages.registry import CHALLENGER
+from stages.versions import CHAMPION, PREVIOUS_CHAMPION
+from tests.fakes.kube_api_server import fake_kserve  # noqa: F401 - the fixture
+from tests.support import free_port
+
+NAME, NS = "credit-default", "flywheel-dev"
+CHALLENGER_ISVC, ROUTE = f"{NAME}-challenger", f"{NAME}-shadow"
+
+
+def uri_of(version) -> str:
+    return f"s3://flywheel-dev-artifacts/models/{version}/artifacts/model"
+
+
+@pytest.fixture
+def registry(tmp_path, monkeypatch):
+    """v1 the champion, v2 the challenger; a version's model directory is at `uri_of(version)`."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri, uri)
+    client.create_registered_model(NAME)
+    for number in (1, 2, 3):
+        client.create_model_version(NAME, source=str(tmp_path / f"v{number}"))
+    client.set_registered_model_alias(NAME, CHAMPION, "1")
+    client.set_registered_model_alias(NAME, CHALLENGER, "2")
+    monkeypatch.setattr("stages.versions.model_dir_uri", lambda tracking_uri, name, version: uri_of(version))
+    return uri, client
+
+
+def dev(tracking_uri: str, tmp_path, **shadow) -> object:
+    return load_settings("dev", overrides={
+        "mlflow": {"tracking_uri": tracking_uri}, "serving": {"ready_timeout_seconds": 5},
+        "evaluation": {"shadow": {"rows": 40, "max_regression": 0.01, **shadow}},
+        "monitoring": {"sink": {"root": f"file://{tmp_path / 'sink'}"}}})
+
+
+def aliases(client) -> dict:
+    return {alias: str(v) for alias, v in client.get_registered_model(NAME).aliases.items()}
+
+
+def serve_champion(fake, settings) -> dict:
+    deploy(settings, ServedModel(NAME, "1", uri_of(1)), client_configuration=fake.configuration(),
+           poll_interval=0.005, timeout=3, log=lambda _: None)
+    return fake.isvc(NS, NAME)
+
+
+def writes(fake) -> list[tuple[str, str]]:
+    return [(r.method, r.path) for r in fake.requests if r.method != "GET"]
+
+
+def start(fake, settings, lines: list) -> int:
+    return shadow_cluster.start(settings, lines.append, kube=KubeApi(fake.configuration()), poll_interval=0.005)
+
+
+def test_start_creates_the_challenger_and_the_route_and_leaves_the_champion_alone(fake_kserve, registry, tmp_path):
+    # Given dev (Standard mode) serving champion v1, and v2 the registry's challenger
+    settings, lines = dev(registry[0], tmp_path, percent=50), []
+    champion = serve_champion(fake_kserve, settings)
+    before = len(fake_kserve.requests)
+    # When the shadow starts
+    assert start(fake_kserve, settings, lines) == 0, lines
+    # Then exactly two objects were created, the challenger's InferenceService and the route, nothing else written
+    done = [(r.method, r.path) for r in fake_kserve.requests[before:] if r.method != "GET"]
+    assert done == [("POST", f"/apis/serving.kserve.io/v1beta1/namespaces/{NS}/inferenceservices"),
+                    ("POST", f"/apis/networking.istio.io/v1/namespaces/{NS}/virtualservices")]
+    assert fake_kserve.warnings == []  # nothing pruned: both bodies are what the CRDs know
+    isvc, route = fake_kserve.isvc(NS, CHALLENGER_ISVC), fake_kserve.virtual_service(NS, ROUTE)
+    assert crds.schema_problems(isvc, crds.INFERENCESERVICE, "v1beta1") == []
+    assert problems({k: v for k, v in route.items() if k != "status"}) == []
+    # ... the challenger serves v2 as `2-shadow` (its own sink partition), from v2's model directory
+    assert isvc["metadata"]["annotations"][MODEL_VERSION] == "2-shadow"
+    args = isvc["spec"]["predictor"]["containers"][0]["args"]
+    assert args[args.index("--model_version") + 1] == "2-shadow" and uri_of(2) in args
+    # ... built as the champion is: the same hardening, the same payload logger to the env's sink
+    for key in ("securityContext", "automountServiceAccountToken", "logger"):
+        assert isvc["spec"]["predictor"].get(key) == champion["spec"]["predictor"].get(key), key
+    assert isvc["spec"]["predictor"]["logger"]["url"] == settings.serving.payload_logging.url
+    ours, theirs = isvc["spec"]["predictor"]["containers"][0], champion["spec"]["predictor"]["containers"][0]
+    assert ours["securityContext"] == theirs["securityContext"] and ours["resources"] == theirs["resources"]
+    # ... the route answers with the champion and mirrors half of its requests to the challenger
+    (http,) = route["spec"]["http"]
+    assert http["route"][0]["destination"]["host"] == f"{NAME}-predictor.{NS}.svc.cluster.local"
+    assert http["mirror"]["host"] == f"{CHALLENGER_ISVC}-predictor.{NS}.svc.cluster.local"
+    assert http["mirrorPercentage"] == {"value": 50.0}
+    # ... the champion is as it was, and the progress was told
+    after = fake_kserve.isvc(NS, NAME)
+    assert after["metadata"]["generation"] == champion["metadata"]["generation"]
+    assert after["spec"] == champion["spec"] and after["metadata"]["annotations"][MODEL_VERSION] == "1"
+    assert any(line.startswith(f"  waiting for {CHALLENGER_ISVC}") for line in lines)
+    assert lines[-1].startswith(f"shadowing {NAME} v2 behind InferenceService {NS}/{NAME}: 50% of its requests")
+
+
+def test_starting_again_updates_rather_than_duplicates(fake_kserve, registry, tmp_path):
+    # Given a running shadow of v2
+    uri, client = registry
+    serve_champion(fake_kserve, dev(uri, tmp_path))
+    assert start(fake_kserve, dev(uri, tmp_path), []) == 0
+    # When it starts again unchanged: nothing is written
+    before = len(fake_kserve.requests)
+    lines = []
+    assert start(fake_kserve, dev(uri, tmp_path), lines) == 0
+    assert [r.method for r in fake_kserve.requests[before:] if r.method != "GET"] == []
+    assert any("unchanged" in line for line in lines)
+    # When the challenger moves to v3 and the mirror share to 25%: both are patched, nothing created
+    client.set_registered_model_alias(NAME, CHALLENGER, "3")
+    before = len(fake_kserve.requests)
+    assert start(fake_kserve, dev(uri, tmp_path, percent=25), []) == 0
+    methods = [(r.method, r.path.rsplit("/", 1)[-1]) for r in fake_kserve.requests[before:] if r.method != "GET"]
+    assert methods == [("PATCH", CHALLENGER_ISVC), ("PATCH", ROUTE)]
+    assert fake_kserve.isvc(NS, CHALLENGER_ISVC)["metadata"]["annotations"][MODEL_VERSION] == "3-shadow"
+    assert fake_kserve.virtual_service(NS, ROUTE)["spec"]["http"][0]["mirrorPercentage"] == {"value": 25.0}
+    assert len(fake_kserve.isvcs) == 2 and len(fake_kserve.virtual_services) == 1
+
+
+def test_start_without_a_challenger_or_a_champion_says_so_in_one_line(fake_kserve, registry, tmp_path):
+    uri, client = registry
+    lines = []
+    assert start(fake_kserve, dev(uri, tmp_path), lines) == 1  # no champion InferenceService yet
+    assert lines == [f"no champion to shadow: InferenceService {NS}/{NAME} does not exist "
+                     "(`flywheel deploy --env dev` serves it)"]
+    client.delete_registered_model_alias(NAME, CHALLENGER)
+    lines.clear()
+    assert start(fake_kserve, dev(uri, tmp_path), lines) == 1
+    (line,) = lines
+    assert line.startswith(f"no challenger: {NAME} has no `challenger` alias")
+    assert writes(fake_kserve) == []
+
+
+def write_rows(root: str, version: str, probabilities, request_ids) -> None:
+    n = len(probabilities)
+    frame = pd.DataFrame({"request_id": request_ids, "instance": [i % 10 for i in range(n)],
+                          "event_time": pd.Timestamp.now(tz="UTC"), "model_name": NAME, "model_version": version,
+                          "probability": probabilities, "prediction": ["1" if p >= 0.5 else "0" for p in probabilities],
+                          "truth": pd.Series([None] * n, dtype=object)})
+    storage.write_atomic(window_file(root, version, datetime.now(UTC)), parquet_bytes(pa.Table.from_pandas(frame)))
+
+
+def shadowed(fake, registry, tmp_path, rows: int):
+    """A running shadow of v2 behind v1 whose sink holds `rows` rows answered by both."""
+    settings = dev(registry[0], tmp_path)
+    serve_champion(fake, settings)
+    assert start(fake, settings, []) == 0
+    ids = [f"r{i // 10}" for i in range(rows)]
+    scores = [(i % 17) / 17 for i in range(rows)]
+    write_rows(settings.monitoring.sink.root, "1", scores, ids)
+    write_rows(settings.monitoring.sink.root, "2-shadow", scores, ids)  # Envoy's copy keeps the request id
+    return settings
+
+
+def stop(fake, settings, tmp_path, lines: list) -> int:
+    return shadow_cluster.stop(settings, lines.append, kube=KubeApi(fake.configuration()), out=tmp_path / "report")
+
+
+def test_stop_after_a_passing_report_deletes_both_and_promotes_the_challenger(fake_kserve, registry, tmp_path):
+    # Given v2 shadowing v1 with the 40 rows evaluation.shadow asks for
+    settings, lines = shadowed(fake_kserve, registry, tmp_path, rows=40), []
+    # When the shadow stops
+    assert stop(fake_kserve, settings, tmp_path, lines) == 0, lines
+    # Then the route and the challenger are gone, the champion serves on, and v2 is the champion in the registry
+    assert fake_kserve.virtual_service(NS, ROUTE) is None and fake_kserve.isvc(NS, CHALLENGER_ISVC) is None
+    assert fake_kserve.isvc(NS, NAME)["metadata"]["annotations"][MODEL_VERSION] == "1"
+    assert aliases(registry[1]) == {CHAMPION: "2", PREVIOUS_CHAMPION: "1"}
+    assert lines[0].startswith("shadow v2 vs champion v1 (file://") and "40 rows mirrored" in lines[0]
+    assert (tmp_path / "report" / "report.html").is_file() and (tmp_path / "report" / "report.json").is_file()
+    assert lines[-1] == (f"promoted: v2 is the champion (was v1); `flywheel deploy --env dev` rolls "
+                         f"InferenceService {NS}/{NAME} to it")
+
+
+def test_stop_after_a_failing_report_deletes_both_and_promotes_nothing(fake_kserve, registry, tmp_path):
+    # Given v2 shadowing v1 with only 10 of the 40 rows asked for
+    settings, lines = shadowed(fake_kserve, registry, tmp_path, rows=10), []
+    # When the shadow stops
+    assert stop(fake_kserve, settings, tmp_path, lines) == 1
+    # Then both objects are gone, and the registry is as it was: v1 the champion, v2 the challenger
+    assert fake_kserve.virtual_service(NS, ROUTE) is None and fake_kserve.isvc(NS, CHALLENGER_ISVC) is None
+    assert aliases(registry[1]) == {CHAMPION: "1", CHALLENGER: "2"}
+    assert lines[-1].startswith("not promoted: only 10 of the 40 shadow rows required; ")
+    assert lines[-1].endswith("v2 stays the challenger (`flywheel shadow --env dev start` shadows it again)")
+    # ... and stopping again finds nothing to delete, which is fine
+    lines.clear()
+    assert stop(fake_kserve, settings, tmp_path, lines) == 1
+    assert f"VirtualService {NS}/{ROUTE} was not there" in lines
+
+
+# --- the CLI ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def offline(monkeypatch, tmp_path):
+    """dev with an MLflow that refuses connections and no kubeconfig at all."""
+    port = free_port()
+    settings = dev(f"http://127.0.0.1:{port}", tmp_path)
+    monkeypatch.setattr(cli_app, "load_settings", lambda env: settings)
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "no-kubeconfig"))
+    monkeypatch.setenv("FLYWHEEL_FAIL_FAST", "1")
+    return port
+
+
+def test_the_dry_run_prints_both_objects_and_needs_no_server(offline):
+    result = CliRunner().invoke(cli.app, ["shadow", "start", "--env", "dev", "--dry-run", "--version", "2",
+                                          "--model-uri", uri_of(2)])
+    assert result.exit_code == 0, result.output
+    isvc, route = yaml.safe_load_all(result.stdout)
+    assert isvc["metadata"]["name"] == CHALLENGER_ISVC and route["metadata"]["name"] == ROUTE
+    assert isvc["metadata"]["annotations"][MODEL_VERSION] == "2-shadow"
+    assert crds.schema_problems(isvc, crds.INFERENCESERVICE, "v1beta1") == [] and problems(route) == []
+    # Without a version it needs the registry: one line naming the host
+    started = time.monotonic()
+    result = CliRunner().invoke(cli.app, ["shadow", "start", "--env", "dev", "--dry-run"])
+    assert result.exit_code == 1 and time.monotonic() - started < 5
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"error: cannot reach MLflow at http://127.0.0.1:{offline} "
+                           f"(reading {NAME}@challenger): ")
+
+
+@pytest.mark.parametrize("action", ["start", "report", "stop"])
+def test_an_unreachable_registry_is_one_line(offline, action):
+    started = time.monotonic()
+    result = CliRunner().invoke(cli.app, ["shadow", action, "--env", "dev"])
+    assert result.exit_code == 1 and time.monotonic() - started < 5
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"error: cannot reach MLflow at http://127.0.0.1:{offline}")
+
+
+def test_an_unreachable_cluster_is_one_line(registry, tmp_path, monkeypatch):
+    from kubernetes import client as k8s
+
+    port = free_port()
+    settings = dev(registry[0], tmp_path)
+    monkeypatch.setattr(cli_app, "load_settings", lambda env: settings)
+    # what a kubeconfig naming a server that is not there gives
+    monkeypatch.setattr("gateways.kube_api.load_configuration",
+                        lambda: k8s.Configuration(host=f"https://127.0.0.1:{port}"))
+    monkeypatch.setenv("FLYWHEEL_FAIL_FAST", "1")
+    started = time.monotonic()
+    result = CliRunner().invoke(cli.app, ["shadow", "start", "--env", "dev"])
+    assert result.exit_code == 1 and time.monotonic() - started < 5
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"error: cannot reach the Kubernetes API at https://127.0.0.1:{port} "
+                           f"(reading InferenceService {NS}/{NAME}): ")
+
+
+def test_the_clis_refusals_are_one_line(offline, monkeypatch):
+    for args, says in ((["shadow", "begin", "--env", "dev"], "unknown action 'begin'"),
+                       (["shadow", "start", "--env", "dev", "--version", "2"], "go with --dry-run"),
+                       (["shadow", "stop", "--env", "dev", "--dry-run"], "--dry-run goes with start")):
+        result = CliRunner().invoke(cli.app, args)
+        assert result.exit_code == 1
+        (line,) = result.stderr.strip().splitlines()
+        assert says in line, line
+    knative = load_settings("staging")
+    monkeypatch.setattr(cli_app, "load_settings", lambda env: knative)
+    result = CliRunner().invoke(cli.app, ["shadow", "start", "--env", "staging", "--dry-run"])
+    assert result.exit_code == 1
+    (line,) = result.stderr.strip().splitlines()
+    assert "serving.deployment_mode Knative" in line and "needs Standard" in line
+
+
+def test_config_takes_shadow_on_a_standard_cluster_env_and_refuses_it_on_knative(config_dir):
+    assert load_settings("dev", config_dir, overrides={"evaluation": {"shadow": {"percent": 10}}}
+                         ).evaluation.shadow.percent == 10
+    staging = config_dir / "staging.yaml"
+    data = yaml.safe_load(staging.read_text())
+    data["evaluation"]["shadow"] = {"rows": 100}
+    staging.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError) as err:
+        load_settings("staging", config_dir)
+    assert str(err.value).startswith(f"{staging}: evaluation.shadow: ") and "deployment_mode Standard" in str(err.value)
+    with pytest.raises(ConfigError, match=r"<overrides>: evaluation.shadow.percent: Input should be greater than 0"):
+        load_settings("dev", config_dir, overrides={"evaluation": {"shadow": {"percent": 0}}})
