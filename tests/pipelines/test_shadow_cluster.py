@@ -21,7 +21,7 @@ from fleet.validate import problems
 from gateways.kube_api import KubeApi
 from monitoring.windows import parquet_bytes, window_file
 from pipelines import cli, cli_app, shadow_cluster
-from pipelines.config import ConfigError, load_settings
+from pipelines.config import load_settings
 from stages.registry import CHALLENGER
 from stages.versions import CHAMPION, PREVIOUS_CHAMPION
 from tests.fakes.kube_api_server import fake_kserve  # noqa: F401 - the fixture
@@ -277,16 +277,3 @@ def test_the_clis_refusals_are_one_line(offline, monkeypatch):
     (line,) = result.stderr.strip().splitlines()
     assert "serving.deployment_mode Knative" in line and "needs Standard" in line
 
-
-def test_config_takes_shadow_on_a_standard_cluster_env_and_refuses_it_on_knative(config_dir):
-    assert load_settings("dev", config_dir, overrides={"evaluation": {"shadow": {"percent": 10}}}
-                         ).evaluation.shadow.percent == 10
-    staging = config_dir / "staging.yaml"
-    data = yaml.safe_load(staging.read_text())
-    data["evaluation"]["shadow"] = {"rows": 100}
-    staging.write_text(yaml.safe_dump(data))
-    with pytest.raises(ConfigError) as err:
-        load_settings("staging", config_dir)
-    assert str(err.value).startswith(f"{staging}: evaluation.shadow: ") and "deployment_mode Standard" in str(err.value)
-    with pytest.raises(ConfigError, match=r"<overrides>: evaluation.shadow.percent: Input should be greater than 0"):
-        load_settings("dev", config_dir, overrides={"evaluation": {"shadow": {"percent": 0}}})
