@@ -11,9 +11,8 @@ champion keeps answering). Then:
 - `stop`: the report; the shadow stops; the challenger becomes the champion when the report passes
   (the running serve swaps to it at its next poll), else says why not (exit 1).
 
-This is the local path. On a cluster, `fleet/shadow.py` builds the Istio VirtualService that would
-mirror to a `<name>-challenger` InferenceService, but nothing deploys a challenger there yet, so
-config refuses `evaluation.shadow` for a cluster env (pipelines/config.py).
+This is the local path. On a cluster env, pipelines/shadow_cluster.py serves the challenger as its
+own InferenceService behind the Istio mirror route fleet/shadow.py builds.
 """
 from __future__ import annotations
 
