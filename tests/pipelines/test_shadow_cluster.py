@@ -169,13 +169,23 @@ def shadowed(fake, registry, tmp_path, rows: int):
     return settings
 
 
+def report_exit_code(settings, tmp_path, monkeypatch) -> int:
+    """`flywheel shadow report` on the settings: 0 when the report passes."""
+    monkeypatch.setattr(cli_app, "load_settings", lambda env: settings)
+    result = CliRunner().invoke(cli.app, ["shadow", "report", "--env", "dev", "--out", str(tmp_path / "cli-report")])
+    assert (tmp_path / "cli-report" / "report.json").is_file(), result.output
+    return result.exit_code
+
+
 def stop(fake, settings, tmp_path, lines: list) -> int:
     return shadow_cluster.stop(settings, lines.append, kube=KubeApi(fake.configuration()), out=tmp_path / "report")
 
 
-def test_stop_after_a_passing_report_deletes_both_and_promotes_the_challenger(fake_kserve, registry, tmp_path):
-    # Given v2 shadowing v1 with the 40 rows evaluation.shadow asks for
+def test_stop_after_a_passing_report_deletes_both_and_promotes_the_challenger(fake_kserve, registry, tmp_path,
+                                                                              monkeypatch):
+    # Given v2 shadowing v1 with the 40 rows evaluation.shadow asks for: its report passes
     settings, lines = shadowed(fake_kserve, registry, tmp_path, rows=40), []
+    assert report_exit_code(settings, tmp_path, monkeypatch) == 0
     # When the shadow stops
     assert stop(fake_kserve, settings, tmp_path, lines) == 0, lines
     # Then the route and the challenger are gone, the champion serves on, and v2 is the champion in the registry
@@ -188,9 +198,10 @@ def test_stop_after_a_passing_report_deletes_both_and_promotes_the_challenger(fa
                          f"InferenceService {NS}/{NAME} to it")
 
 
-def test_stop_after_a_failing_report_deletes_both_and_promotes_nothing(fake_kserve, registry, tmp_path):
-    # Given v2 shadowing v1 with only 10 of the 40 rows asked for
+def test_stop_after_a_failing_report_deletes_both_and_promotes_nothing(fake_kserve, registry, tmp_path, monkeypatch):
+    # Given v2 shadowing v1 with only 10 of the 40 rows asked for: its report does not pass
     settings, lines = shadowed(fake_kserve, registry, tmp_path, rows=10), []
+    assert report_exit_code(settings, tmp_path, monkeypatch) == 1
     # When the shadow stops
     assert stop(fake_kserve, settings, tmp_path, lines) == 1
     # Then both objects are gone, and the registry is as it was: v1 the champion, v2 the challenger
