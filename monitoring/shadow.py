@@ -31,19 +31,19 @@ import pandas as pd
 
 from monitoring.drift import ks_2samp_sorted, psi
 from monitoring.windows import INSTANCE, PREDICTION, PROBABILITY, REQUEST_ID, TRUTH, read_window
+from specs.evaluation import SHADOW_SUFFIX, shadow_id
 
-SHADOW_SUFFIX = "-shadow"
 MIN_TRUTH_ROWS = 50  # rows with ground truth (both classes) before live AUCs are compared
 
 
 def shadow_version(version: str) -> str:
     """The version a shadow pair reports, so its rows get a partition of their own."""
-    return f"{version}{SHADOW_SUFFIX}"
+    return shadow_id(version)
 
 
 def shadow_request_id(request_id: str) -> str:
     """The request id of a mirrored copy (the sink pairs request and response by it)."""
-    return f"{request_id}{SHADOW_SUFFIX}"
+    return shadow_id(request_id)
 
 
 @dataclass

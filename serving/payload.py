@@ -21,6 +21,7 @@ from datetime import UTC, datetime
 
 from serving.middleware import BODY_KEY, REQUEST_ID, header
 from serving.server_metrics import INFERENCE_SUFFIXES, PAYLOAD_EVENTS, PAYLOAD_QUEUE
+from specs.evaluation import shadow_id
 
 log = logging.getLogger("flywheel.serving")
 REQUEST_TYPE = "org.kubeflow.serving.inference.request"
@@ -48,11 +49,16 @@ class PayloadLogger:
         component: `ce-component`.
         queue_size: Events held before new ones are dropped.
         timeout: Seconds per send.
+        shadow: This server is a challenger shadowing the champion: its events' ids get the shadow
+            suffix. A mesh mirror (Istio/Envoy) copies the request with the client's x-request-id,
+            and the sink pairs request and response by ce-id: unsuffixed, the challenger's halves
+            would pair with the champion's.
     """
 
     def __init__(self, url: str, mode: str = "all", sample_rate: float = 1.0, model_name: str = "",
-                 component: str = "transformer", queue_size: int = 1000, timeout: float = 5.0):
-        self.url, self.mode, self.sample_rate = url, mode, float(sample_rate)
+                 component: str = "transformer", queue_size: int = 1000, timeout: float = 5.0,
+                 shadow: bool = False):
+        self.url, self.mode, self.sample_rate, self.shadow = url, mode, float(sample_rate), shadow
         self.model_name, self.component, self.timeout = model_name, component, timeout
         self.namespace = os.environ.get("POD_NAMESPACE", "")
         self.queue_size = queue_size
@@ -64,6 +70,8 @@ class PayloadLogger:
 
     def call(self, request_id: str, source: str, request: bytes, status: int, response: bytes) -> None:
         """Queue the events of one finished call, as the mode says."""
+        if self.shadow:
+            request_id = shadow_id(request_id)
         if self.mode in ("all", "request"):
             self.put(Event(REQUEST_TYPE, request_id, source, request))
         if self.mode in ("all", "response") and status == 200:

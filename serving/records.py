@@ -18,6 +18,7 @@ from serving import server
 from serving.payload import PayloadLogger, PayloadMiddleware
 from serving.tensors import response, to_tensor
 from serving.transform import LABEL, PROBABILITY, FeatureCodec
+from specs.evaluation import SHADOW_SUFFIX
 from specs.serving import PayloadLogging, ServingSpec
 
 # A header value both hops carry: gRPC metadata takes printable ASCII only (the aio call fails with
@@ -132,6 +133,8 @@ def payload_middleware(spec: ServingSpec, args: argparse.Namespace, component: s
     events' `ce-component`: the KServe component that takes the client's request."""
     if not spec.payload_logging.url:
         return []
+    # A challenger reports a shadow version (monitoring/shadow.py); its events get shadow ids too.
+    shadow = str(args.model_version or "").endswith(SHADOW_SUFFIX)
     return [(PayloadMiddleware, {"logger": PayloadLogger(
         spec.payload_logging.url, spec.payload_logging.mode, spec.payload_logging.sample_rate, args.model_name,
-        component=component, queue_size=args.payload_queue_size)})]
+        component=component, queue_size=args.payload_queue_size, shadow=shadow)})]

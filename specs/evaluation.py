@@ -21,6 +21,16 @@ class Thresholds(Strict):
         return {k: v for k, v in self.model_dump().items() if v is not None}
 
 
+# A shadow's model version and request ids carry this suffix: its rows get a sink partition of their
+# own, and its payload events never pair with the champion's (the sink pairs halves by ce-id).
+SHADOW_SUFFIX = "-shadow"
+
+
+def shadow_id(value: str) -> str:
+    """`value` (a version or a request id) as the shadow's, once: `7` -> `7-shadow`."""
+    return value if value.endswith(SHADOW_SUFFIX) else f"{value}{SHADOW_SUFFIX}"
+
+
 class ShadowSpec(Strict):
     """Promotion after live shadow traffic: a candidate that passes the gate becomes the
     `challenger` (not the champion), is served beside the champion on a mirrored copy of live

@@ -193,6 +193,26 @@ def test_every_error_renders_to_one_body():
     assert validation_field(("body", "InferenceRequest", "inputs", 0, "shape")) == "inputs[0].shape"
 
 
+@pytest.mark.parametrize("version, ids", [("3", ["req-1", "req-1"]), ("3-shadow", ["req-1-shadow", "req-1-shadow"])])
+def test_a_challengers_payload_events_never_share_the_champions_ids(version, ids):
+    """A mesh mirror copies the client's x-request-id to the challenger, and the sink pairs halves by
+    ce-id: the challenger (serving a shadow version) suffixes its events' ids, the champion does not."""
+    import argparse
+
+    from serving.records import payload_middleware
+    from specs.serving import PayloadLogging, ServingSpec
+
+    spec = ServingSpec(payload_logging=PayloadLogging(url="http://127.0.0.1:9/events"))
+    args = argparse.Namespace(model_name="credit", model_version=version, payload_queue_size=10)
+    ((_, options),) = payload_middleware(spec, args, "predictor")
+    logger, sent = options["logger"], []
+    logger.put = sent.append
+    logger.call("req-1", "http://x/v1/models/credit:predict", b"{}", 200, b"{}")
+    logger.call("req-2-shadow", "http://x/v1/models/credit:predict", b"{}", 200, b"{}")  # a local mirror's copy
+    assert [event.id for event in sent[:2]] == ids
+    assert [event.id for event in sent[2:]] == ["req-2-shadow"] * 2, "suffixed once"
+
+
 def test_payload_events_never_wait_and_are_dropped_when_the_queue_is_full():
     from serving.payload import REQUEST_TYPE, Event, PayloadLogger
     from serving.server_metrics import PAYLOAD_EVENTS
