@@ -148,15 +148,17 @@ def test_a_slow_shadow_drops_copies_and_does_not_move_the_clients_p99(pair):
 def test_only_inference_posts_are_mirrored_and_a_missing_request_id_is_added(pair):
     champion, front = pair
     shadow = Server("shadow").start()
-    front.mirror_to(shadow.port)
+    front.mirror_to(shadow.port, workers=1)  # one sender: the shadow sees the copies in the order they came
     url = f"http://127.0.0.1:{front.ports['transformer_http']}"
     with httpx.Client() as client:
         answer = client.post(f"{url}/v1/models/m:predict", json={"instances": [{"a": 1}]})
         client.post(f"{url}/v2/health/ready", json={})
         client.post(f"{url}/v2/models/m/infer", json={"inputs": []},
                     headers={"x-request-id": "mine", "connection": "close"})  # as urllib sends them
+    # Wait for what is asserted: a copy counts as sent once the shadow has answered it, which is after
+    # the shadow has seen it (stopping the mirror in between cancels that send and counts it dropped)
     deadline = time.monotonic() + 5
-    while len(shadow.seen) < 2 and time.monotonic() < deadline:
+    while front.mirror_stats().get("sent", 0) < 2 and time.monotonic() < deadline:
         time.sleep(0.05)
     counts = front.mirror_to(None)
     shadow.kill()
