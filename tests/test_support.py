@@ -54,3 +54,23 @@ def test_wait_for_url_fails_when_the_process_exits_or_time_runs_out():
     url = f"http://127.0.0.1:{free_port()}/health"
     with pytest.raises(NotReady, match=f"server not ready at {url} after 0.5 s"):
         wait_for_url(url, timeout=0.5)
+
+
+def test_the_kfp_caller_name_shim_is_on_and_raises_kfps_own_error(kfp_caller_name_without_the_whole_stack):
+    # conftest swaps KFP's stack walk for the caller's frame (a speed-up): while KFP is the pinned one, it is on
+    original = kfp_caller_name_without_the_whole_stack
+    assert original, "KFP's _ensure_container_spec_exists changed: review the shim in tests/conftest.py"
+    from types import SimpleNamespace
+
+    from kfp.dsl.pipeline_task import PipelineTask
+
+    def set_cpu_limit(check, task):  # as KFP's setters call it
+        with pytest.raises(ValueError) as err:
+            check(task)
+        return str(err.value)
+
+    not_a_container = SimpleNamespace(container_spec=None)
+    assert set_cpu_limit(PipelineTask._ensure_container_spec_exists, not_a_container) \
+        == set_cpu_limit(original, not_a_container)
+    assert set_cpu_limit(original, not_a_container).startswith("set_cpu_limit can only be used on single-step")
+    PipelineTask._ensure_container_spec_exists(SimpleNamespace(container_spec=object()))  # a container: no error
