@@ -26,11 +26,16 @@ venv: $(STAMP) ## Create .venv and install the project with pinned dependencies
 run: $(STAMP) ## Run the whole lifecycle on the embedded `local` environment
 	$(BIN)/flywheel run --env $(ENV)
 
+# test-fast's pytest-xdist workers: 2 fits a 2-core laptop or runner (measured there); each worker
+# collects and imports on its own (~10 s of CPU) and many tests start servers or subprocesses of
+# their own, so more workers than cores only adds load. TEST_WORKERS=4 on a bigger machine, 0 for one process.
+TEST_WORKERS ?= 2
+
 test: lint $(STAMP) ## Lint (ruff, layer contracts), then run the test suite
 	$(BIN)/pytest $(PYTEST_ARGS)
 
-test-fast: lint $(STAMP) ## The inner loop: lint, then every test not marked `slow` (no pipelines, no multi-process jobs)
-	$(BIN)/pytest -m "not slow" $(PYTEST_ARGS)
+test-fast: lint $(STAMP) ## The inner loop: lint, then every test not marked `slow` (no pipelines, no multi-process jobs), on TEST_WORKERS=2 workers
+	$(BIN)/pytest -m "not slow" -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
 lint: $(STAMP) ## ruff, and the import contracts that keep each layer off the ones above it
 	$(BIN)/ruff check --quiet .
