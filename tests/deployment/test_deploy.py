@@ -18,6 +18,7 @@ from deployment.smoke import DeployError, SmokeFailed, SmokeTarget, http_smoke_t
 from pipelines.config import load_settings
 from tests.fakes.kube_api_server import fake_kserve  # noqa: F401 - the fixture, shared with the other fakes' users
 from tests.fakes.kube_isvc_controllers import Failure, IsvcScript
+from tests.support import mlflow_store
 
 NAME = "credit-default"
 
@@ -430,7 +431,7 @@ def test_the_registry_lookup_finds_the_model_directory_inside_the_registered_ver
     # pyfunc carrying the flywheel model directory as its `model_dir` artifact (as register_model logs it)
     from gateways.mlflow_api import mlflow_at, mlflow_module
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = mlflow_store(tmp_path / "mlflow.db")
     mlflow = mlflow_module()
 
     class Identity(mlflow.pyfunc.PythonModel):

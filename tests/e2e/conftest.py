@@ -8,7 +8,7 @@ from pipelines.config import load_settings
 from stages.dataset import ReferenceTask
 from stages.registry import register_model
 from tests.e2e.serving import NAME, train_quickly
-from tests.support import CONFIG_DIR
+from tests.support import CONFIG_DIR, mlflow_store
 
 
 @pytest.fixture(scope="module")
@@ -16,7 +16,7 @@ def registry(tmp_path_factory):
     """Two versions registered in a SQLite MLflow: v2 is the champion, v1 the previous champion;
     and a config dir whose environments all point at that registry."""
     tmp = tmp_path_factory.mktemp("serve-cli")
-    tracking = f"sqlite:///{tmp / 'mlflow.db'}"
+    tracking = mlflow_store(tmp / "mlflow.db")
     example = ReferenceTask(rows=20, seed=1).generate()[load_settings("local").dataset.features.columns].head(5)
     for version, seed in ((1, 3), (2, 4)):
         model_dir = train_quickly(tmp / f"v{version}", seed)

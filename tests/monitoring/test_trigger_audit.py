@@ -2,12 +2,13 @@
 fails does not undo the decision."""
 from monitoring.audit import STAGE, mlflow_audit
 from tests.monitoring.trigger_fakes import REASONS, Clock, Runs, make_trigger
+from tests.support import mlflow_store
 
 
 def test_every_decision_is_an_mlflow_run(tmp_path):
     from mlflow import MlflowClient
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = mlflow_store(tmp_path / "mlflow.db")
     tracking = {"tracking_uri": uri, "experiment": "credit-default-staging", "registered_model": "credit-default"}
     runs, clock = Runs(), Clock()
     trigger = make_trigger(tmp_path, runs, clock, audit=mlflow_audit(tracking))

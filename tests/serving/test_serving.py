@@ -29,6 +29,7 @@ from tests.serving.servers import (
     stop_all,
     v2_body,
 )
+from tests.support import mlflow_store
 
 PREDICTOR_ROWS = 50  # the predictor's max_batch_rows, below the transformer's 1000: its 413 must come through
 TRANSFORMER_BODY_LIMIT = 1_000_000
@@ -377,7 +378,7 @@ def test_a_registry_uri_resolves_to_the_logged_model_dir(trained, tmp_path):
     from stages.registry import register_model
 
     model_dir, frame = trained
-    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracking = mlflow_store(tmp_path / "mlflow.db")
     version = register_model(tracking, "credit-default", str(model_dir), None, {"data_hash": "sha256:abc"},
                              frame[COLUMNS].head(5), experiment="serving")
     # Given the champion alias in the registry, When the servers resolve models:/NAME@champion

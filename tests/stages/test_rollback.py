@@ -9,6 +9,7 @@ from mlflow.tracking import MlflowClient
 
 from stages.registry import NothingToRollBack, check_version, promote_version, roll_back, rollback_target
 from stages.versions import CHAMPION, PREVIOUS_CHAMPION
+from tests.support import mlflow_store
 
 NAME = "credit-default"
 
@@ -19,7 +20,7 @@ def _history_db(tmp_path_factory):
     previous champion, each version tagged with the champion it replaced. Built once per module
     (creating an MLflow database runs its schema migrations, seconds); each test gets a copy."""
     folder = tmp_path_factory.mktemp("history")
-    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    uri = mlflow_store(folder / "mlflow.db")
     client = MlflowClient(uri, uri)
     client.create_registered_model(NAME)
     for number in (1, 2, 3):

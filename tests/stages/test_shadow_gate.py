@@ -12,6 +12,7 @@ from specs.evaluation import ShadowSpec
 from stages.gate import decide, shadowed
 from stages.registry import CHALLENGER, drop_challenger, promote_challenger
 from stages.versions import CHAMPION, PREVIOUS_CHAMPION
+from tests.support import mlflow_store
 
 NAME = "credit-default"
 SHADOW = EvaluationSpec(shadow=ShadowSpec(rows=100, max_regression=0.01))
@@ -34,7 +35,7 @@ def test_a_winner_against_a_champion_becomes_the_challenger_only_when_shadow_is_
 @pytest.fixture
 def registry(tmp_path):
     """v1 the champion, v2 registered by a shadowing gate: the `challenger`."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = mlflow_store(tmp_path / "mlflow.db")
     client = MlflowClient(uri, uri)
     client.create_registered_model(NAME)
     for number in (1, 2):

@@ -22,6 +22,7 @@ from stages.tracking import (
     log_training_run,
     record_run,
 )
+from tests.support import mlflow_store
 from training.backends import entry_spec
 
 CURVES = ("train_loss", "val_loss", "val_roc_auc")
@@ -60,7 +61,7 @@ def trained(tmp_path_factory):
 def tracking_uri(tmp_path_factory) -> str:
     """One SQLite store for the module (creating its tables takes seconds); each test has its own
     experiment and registered model in it."""
-    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+    return mlflow_store(tmp_path_factory.mktemp("mlflow") / "mlflow.db")
 
 
 @pytest.fixture
