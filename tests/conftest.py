@@ -23,8 +23,8 @@ def kfp_caller_name_without_the_whole_stack():
     `PipelineTask._ensure_container_spec_exists`, which takes its caller's name, for an error message,
     from `inspect.stack()`: every frame's source line and module, and for each frame whose file is no
     module's (pytest-xdist's `<string>` frames, `python -m`'s `<frozen runpy>`) a scan of sys.modules.
-    Under a test runner's deep stack that is most of the cost of building a pipeline (check: 21 -> 14 s
-    of CPU for test_byod and test_config serially, 28 -> 18 s under `-n 2`). Same name from the
+    Under a test runner's deep stack that is most of the cost of building a pipeline (test_byod and
+    test_config: 28 -> 18 s of CPU under `-n 2`, 21 -> 14 s under `python -m pytest`). Same name from the
     caller's frame, same check, same error; only while KFP's method is the one read here (a KFP that
     changes it runs unpatched)."""
     import inspect
