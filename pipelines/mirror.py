@@ -81,7 +81,7 @@ class Mirror:
             try:
                 answer = await self._client.post(copy.target, content=copy.body, headers=copy.headers)
                 self.counts["sent" if answer.status_code < 500 else "failed"] += 1
-            except asyncio.CancelledError:  # stopped mid-send: that copy never arrived
+            except asyncio.CancelledError:  # stopped mid-send: unanswered (it may have arrived)
                 self.counts["dropped"] += 1
                 raise
             except httpx.TimeoutException:
