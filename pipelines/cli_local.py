@@ -35,10 +35,6 @@ def run(
 
     started = time.perf_counter()
     try:
-        if loop:
-            from pipelines.loop import preload
-
-            preload()  # the loop's imports, while the first run's tasks work in their own processes
         run_local(settings, verbose=verbose)
         if loop:
             from pipelines.loop import turn

@@ -13,7 +13,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -156,25 +155,6 @@ def _challenger(settings: Settings) -> str | None:
     from stages.versions import version_behind
 
     return version_behind(settings.mlflow.tracking_uri, settings.mlflow.registered_model, CHALLENGER)
-
-
-def preload() -> threading.Thread:
-    """Import what `turn` needs (torch and MLflow for the registry, Great Expectations and scipy for
-    the window checks, matplotlib for the reports: ~4 s) on a daemon thread, while the first pipeline
-    run's tasks work in their own processes and this one waits on them."""
-    def load() -> None:
-        from monitoring.drift_report import render_report  # noqa: F401 - imported for its side effect
-        from pipelines.retrain import guarded_trigger  # noqa: F401
-        from pipelines.shadow import loop_shadow  # noqa: F401
-        from pipelines.traffic_check import check_traffic  # noqa: F401
-        from stages.registry import CHALLENGER  # noqa: F401
-        from stages.validation.engine import gx_engine
-
-        gx_engine()
-
-    thread = threading.Thread(target=load, name="flywheel-preload", daemon=True)
-    thread.start()
-    return thread
 
 
 def turn(settings: Settings, console, rows_per_window: int | None = None) -> list[tuple[str, str]]:

@@ -7,7 +7,6 @@ import json
 import logging
 import math
 import os
-import threading
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -16,7 +15,6 @@ from stages.validation.suite import SuiteError
 from storage.tables import read_table, table_format
 
 _ENGINE: dict = {}
-_ENGINE_LOCK = threading.Lock()
 
 
 @contextmanager
@@ -42,13 +40,7 @@ def _quiet_gx_logs():
 
 
 def gx_engine():
-    """One ephemeral GX context per process: no files, no $HOME, no analytics, no progress bars.
-    Thread-safe: `flywheel run` builds it on a preloading thread while its first pipeline runs."""
-    with _ENGINE_LOCK:
-        return _engine()
-
-
-def _engine():
+    """One ephemeral GX context per process: no files, no $HOME, no analytics, no progress bars."""
     if not _ENGINE:
         os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
         with _quiet_gx_logs():
