@@ -186,7 +186,7 @@ def _shadow_cluster(action: str, settings, dry_run: bool, version: str | None, m
                     out: str | None) -> int:
     from pipelines import shadow_cluster
 
-    why = shadow_cluster.refusal(settings)
+    why = shadow_cluster.refusal(settings, dry_run)
     if why:
         fail(why)
     try:

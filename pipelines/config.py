@@ -123,6 +123,10 @@ class Settings(Strict):
                              "monitoring tasks and the monitor service run in separate pods: use an object store "
                              "(s3://bucket/monitoring)")
         self._fleet_fits()
+        if self.evaluation.shadow is not None and not self.embedded:
+            raise ValueError("evaluation.shadow runs behind `flywheel serve` on this machine; on a cluster a "
+                             "challenger is not served yet (`flywheel shadow start --dry-run` renders its objects), "
+                             "so the gate would park every winner: remove it here")
         if (self.serving.deployer == "local") != self.embedded:
             fits = "local (no kfp.host: this machine)" if self.embedded else "inferenceservice (kfp.host: a cluster)"
             raise ValueError(f"serving.deployer {self.serving.deployer!r} does not fit this environment; use {fits}")
@@ -331,20 +335,7 @@ def load_settings(env: str, config_dir: Path | str | None = None, overrides: dic
         settings = Settings.model_validate(merged)
     except ValidationError as err:
         raise ConfigError("\n".join(_describe(e, sources) for e in err.errors())) from None
-    _shadow_fits(settings, sources)
     return _resolve_local_paths(settings, config_dir.parent)
-
-
-def _shadow_fits(settings: Settings, sources: list[tuple[Path, dict]]) -> None:
-    """On a cluster, `evaluation.shadow` mirrors with an Istio route (fleet/shadow.py), which cannot
-    route a Knative InferenceService: refused, naming the file that sets it."""
-    if settings.evaluation.shadow is None or settings.embedded or settings.serving.deployment_mode == "Standard":
-        return
-    mode_file = origin(sources, ("serving", "deployment_mode"))
-    raise ConfigError(f"{origin(sources, ('evaluation', 'shadow'))}: evaluation.shadow: a cluster shadows through an "
-                      f"Istio mirror route, which needs serving.deployment_mode Standard, not "
-                      f"{settings.serving.deployment_mode} ({mode_file}): Knative owns a Knative InferenceService's "
-                      "routes; remove evaluation.shadow or serve in Standard mode")
 
 
 def _resolve_local_paths(settings: Settings, root: Path) -> Settings:

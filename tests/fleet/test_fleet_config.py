@@ -63,25 +63,17 @@ def test_auth_issuer_and_keys_go_together(config_dir):
         load_settings("staging", config_dir)
 
 
-def test_shadow_promotion_is_refused_where_the_mirror_route_cannot_route(config_dir):
-    # staging serves in Knative mode: Knative owns the routes, fleet/shadow.py cannot mirror there
+def test_shadow_promotion_is_refused_where_nothing_serves_a_challenger(config_dir):
     patch(config_dir, "staging", {"evaluation": {"shadow": {"rows": 100}}})
-    with pytest.raises(ConfigError, match=r"staging.yaml: evaluation.shadow: .*needs serving.deployment_mode Standard, "
-                                          "not Knative"):
+    with pytest.raises(ConfigError, match="staging.yaml: .*evaluation.shadow runs behind `flywheel serve`"):
         load_settings("staging", config_dir)
-    # dev serves in Standard mode: its cluster shadows (`flywheel shadow --env dev start`)
-    patch(config_dir, "dev", {"evaluation": {"shadow": {"rows": 100, "percent": 10}}})
-    assert load_settings("dev", config_dir).evaluation.shadow.percent == 10
-    patch(config_dir, "dev", {"evaluation": {"shadow": {"percent": 0}}})
-    with pytest.raises(ConfigError, match=r"dev.yaml: evaluation.shadow.percent: Input should be greater than 0"):
-        load_settings("dev", config_dir)
 
 
-def test_flywheel_shadow_on_a_knative_cluster_env_is_one_line():
+def test_flywheel_shadow_on_a_cluster_env_is_one_line():
     from typer.testing import CliRunner
 
     from pipelines.cli import app
 
-    result = CliRunner().invoke(app, ["shadow", "start", "--env", "staging"])
+    result = CliRunner().invoke(app, ["shadow", "start", "--env", "dev"])
     assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1
-    assert "serving.deployment_mode Knative" in result.output and "needs Standard" in result.output
+    assert "on a cluster, shadowing renders its objects only" in result.output

@@ -22,6 +22,7 @@ from gateways.kube_api import KubeApi
 from monitoring.windows import parquet_bytes, window_file
 from pipelines import cli, cli_app, shadow_cluster
 from pipelines.config import load_settings
+from specs.evaluation import ShadowSpec
 from stages.registry import CHALLENGER
 from stages.versions import CHAMPION, PREVIOUS_CHAMPION
 from tests.fakes.kube_api_server import fake_kserve  # noqa: F401 - the fixture
@@ -50,10 +51,13 @@ def registry(tmp_path, monkeypatch):
 
 
 def dev(tracking_uri: str, tmp_path, **shadow) -> object:
-    return load_settings("dev", overrides={
+    """dev with `evaluation.shadow` set after validation: config refuses it on a cluster env while the
+    cluster path is render-only (pipelines/shadow_cluster.py NOT_YET); these tests hold what is built."""
+    settings = load_settings("dev", overrides={
         "mlflow": {"tracking_uri": tracking_uri}, "serving": {"ready_timeout_seconds": 5},
-        "evaluation": {"shadow": {"rows": 40, "max_regression": 0.01, **shadow}},
         "monitoring": {"sink": {"root": f"file://{tmp_path / 'sink'}"}}})
+    spec = ShadowSpec(rows=40, max_regression=0.01, **shadow)
+    return settings.model_copy(update={"evaluation": settings.evaluation.model_copy(update={"shadow": spec})})
 
 
 def aliases(client) -> dict:
@@ -170,11 +174,11 @@ def shadowed(fake, registry, tmp_path, rows: int):
 
 
 def report_exit_code(settings, tmp_path, monkeypatch) -> int:
-    """`flywheel shadow report` on the settings: 0 when the report passes."""
-    monkeypatch.setattr(cli_app, "load_settings", lambda env: settings)
-    result = CliRunner().invoke(cli.app, ["shadow", "report", "--env", "dev", "--out", str(tmp_path / "cli-report")])
-    assert (tmp_path / "cli-report" / "report.json").is_file(), result.output
-    return result.exit_code
+    """The report on the settings (what `flywheel shadow report` will run once the CLI offers it on a
+    cluster): 0 when it passes."""
+    result = shadow_cluster.report(settings, lambda line: None, tmp_path / "cli-report")
+    assert (tmp_path / "cli-report" / "report.json").is_file()
+    return 0 if result is not None and result.passed else 1
 
 
 def stop(fake, settings, tmp_path, lines: list) -> int:
@@ -247,30 +251,32 @@ def test_the_dry_run_prints_both_objects_and_needs_no_server(offline):
 
 
 @pytest.mark.parametrize("action", ["start", "report", "stop"])
-def test_an_unreachable_registry_is_one_line(offline, action):
-    started = time.monotonic()
+def test_on_a_cluster_only_the_dry_run_is_offered_and_says_why_in_one_line(offline, action):
+    """Not before the challenger gets the champion's auth and network policies and its events an id
+    the report can pair with the champion's (pipelines/shadow_cluster.py NOT_YET)."""
     result = CliRunner().invoke(cli.app, ["shadow", action, "--env", "dev"])
-    assert result.exit_code == 1 and time.monotonic() - started < 5
+    assert result.exit_code == 1
     (line,) = result.stderr.strip().splitlines()
-    assert line.startswith(f"error: cannot reach MLflow at http://127.0.0.1:{offline}")
+    assert "shadowing renders its objects only" in line and "--dry-run" in line and "policies" in line
 
 
-def test_an_unreachable_cluster_is_one_line(registry, tmp_path, monkeypatch):
+def test_an_unreachable_cluster_names_its_host(registry, tmp_path, monkeypatch):
     from kubernetes import client as k8s
+
+    from pipelines import shadow_cluster
 
     port = free_port()
     settings = dev(registry[0], tmp_path)
-    monkeypatch.setattr(cli_app, "load_settings", lambda env: settings)
     # what a kubeconfig naming a server that is not there gives
     monkeypatch.setattr("gateways.kube_api.load_configuration",
                         lambda: k8s.Configuration(host=f"https://127.0.0.1:{port}"))
     monkeypatch.setenv("FLYWHEEL_FAIL_FAST", "1")
     started = time.monotonic()
-    result = CliRunner().invoke(cli.app, ["shadow", "start", "--env", "dev"])
-    assert result.exit_code == 1 and time.monotonic() - started < 5
-    (line,) = result.stderr.strip().splitlines()
-    assert line.startswith(f"error: cannot reach the Kubernetes API at https://127.0.0.1:{port} "
-                           f"(reading InferenceService {NS}/{NAME}): ")
+    with pytest.raises(RuntimeError) as err:
+        shadow_cluster.start(settings, lambda line: None)
+    assert time.monotonic() - started < 5
+    assert str(err.value).startswith(f"cannot reach the Kubernetes API at https://127.0.0.1:{port} "
+                                     f"(reading InferenceService {NS}/{NAME}): ")
 
 
 def test_the_clis_refusals_are_one_line(offline, monkeypatch):
