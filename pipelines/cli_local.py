@@ -157,20 +157,20 @@ def shadow(
                                           "(with --model-uri, no registry needed)"),
     model_uri: Optional[str] = typer.Option(None, "--model-uri", help="with --dry-run --version: its model directory "
                                             "(s3://...)"),
-    out: Optional[str] = typer.Option(None, "--out", help="on a cluster env: the report's folder "
-                                      "(default runs/shadow/<env>)"),
 ) -> None:
-    """Shadow the challenger on mirrored traffic (start): behind a running `flywheel serve` here, or as
-    `<isvc>-challenger` behind an Istio mirror route on a cluster; compare it with the champion (report:
-    HTML + JSON); stop, and promote it when the report passes (stop)."""
+    """Shadow the challenger behind a running `flywheel serve` on mirrored traffic (start), compare it with
+    the champion (report: HTML + JSON), stop and promote it when the report passes (stop). On a cluster
+    env: `start --dry-run` prints the challenger's InferenceService and the Istio mirror route."""
     if action not in ("start", "report", "stop"):
         fail(f"unknown action {action!r}: start, report or stop")
     settings = settings_or_exit(env)
     if (version or model_uri) and not dry_run:
         fail("--version and --model-uri go with --dry-run: start shadows the registry's challenger")
+    if model_uri and not version:
+        fail("--model-uri goes with --version: without one the registry names the challenger and its model")
     if settings.embedded:
-        if dry_run or out:
-            fail(f"--dry-run and --out are for a cluster env; env {env!r} shadows behind `flywheel serve` here "
+        if dry_run:
+            fail(f"--dry-run is for a cluster env; env {env!r} shadows behind `flywheel serve` here "
                  "(its report goes to runs/serve/)")
         from pipelines import shadow as shadowing
 
@@ -179,11 +179,10 @@ def shadow(
         raise typer.Exit(getattr(shadowing, action)(settings, typer.echo))
     if dry_run and action != "start":
         fail("--dry-run goes with start")
-    raise typer.Exit(_shadow_cluster(action, settings, dry_run, version, model_uri, out))
+    raise typer.Exit(_shadow_cluster(action, settings, dry_run, version, model_uri))
 
 
-def _shadow_cluster(action: str, settings, dry_run: bool, version: str | None, model_uri: str | None,
-                    out: str | None) -> int:
+def _shadow_cluster(action: str, settings, dry_run: bool, version: str | None, model_uri: str | None) -> int:
     from pipelines import shadow_cluster
 
     why = shadow_cluster.refusal(settings, dry_run)
@@ -197,10 +196,10 @@ def _shadow_cluster(action: str, settings, dry_run: bool, version: str | None, m
                        nl=False)
             return 0
         if action == "report":
-            result = shadow_cluster.report(settings, typer.echo, out)
+            result = shadow_cluster.report(settings, typer.echo)
             return 0 if result is not None and result.passed else 1
         if action == "stop":
-            return shadow_cluster.stop(settings, typer.echo, out=out)
+            return shadow_cluster.stop(settings, typer.echo)
         return shadow_cluster.start(settings, typer.echo)
     except (LookupError, ValueError, RuntimeError) as err:
         fail(str(err))

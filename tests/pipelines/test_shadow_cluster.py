@@ -282,6 +282,8 @@ def test_an_unreachable_cluster_names_its_host(registry, tmp_path, monkeypatch):
 def test_the_clis_refusals_are_one_line(offline, monkeypatch):
     for args, says in ((["shadow", "begin", "--env", "dev"], "unknown action 'begin'"),
                        (["shadow", "start", "--env", "dev", "--version", "2"], "go with --dry-run"),
+                       (["shadow", "start", "--env", "dev", "--dry-run", "--model-uri", "s3://b/m"],
+                        "--model-uri goes with --version"),
                        (["shadow", "stop", "--env", "dev", "--dry-run"], "--dry-run goes with start")):
         result = CliRunner().invoke(cli.app, args)
         assert result.exit_code == 1
