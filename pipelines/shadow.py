@@ -100,18 +100,24 @@ def report(settings: Settings, echo: Callable[[str], None] = print):
 
 def stop(settings: Settings, echo: Callable[[str], None] = print) -> int:
     """Report, stop the shadow, and promote the challenger when the report passes."""
-    from stages.registry import promote_challenger
-
     result = report(settings, echo)
     request_path(settings.env).unlink(missing_ok=True)  # the serve stops the shadow at its next poll
+    return promote_if_passed(settings, result, echo, "resumes", "a running serve swaps to it at its next poll")
+
+
+def promote_if_passed(settings: Settings, result, echo: Callable[[str], None], again: str, then: str) -> int:
+    """`stop`'s end, here and on a cluster: promote the challenger when its shadow report passed (0),
+    else say why it stays the challenger (1). `again`: what `start` does then; `then`: what follows."""
+    from stages.registry import promote_challenger
+
     if result is None:
         return 1
     if not result.passed:
         echo(f"not promoted: {'; '.join(result.reasons)}; v{result.challenger_version} stays the challenger "
-             f"(`flywheel shadow --env {settings.env} start` resumes)")
+             f"(`flywheel shadow --env {settings.env} start` {again})")
         return 1
     version, previous = promote_challenger(settings.mlflow.tracking_uri, settings.mlflow.registered_model)
-    echo(f"promoted: v{version} is the champion (was v{previous}); a running serve swaps to it at its next poll")
+    echo(f"promoted: v{version} is the champion (was v{previous}); {then}")
     return 0
 
 

@@ -28,6 +28,7 @@ from fleet.validate import problems
 from gateways.kube_api import INFERENCE_SERVICES, VIRTUAL_SERVICES, KubeApi, KubeApiError
 from monitoring.shadow import shadow_version
 from pipelines.config import Settings
+from pipelines.shadow import promote_if_passed
 from storage.endpoints import doing
 
 Echo = Callable[[str], None]
@@ -188,19 +189,9 @@ def remove(settings: Settings, kube: KubeApi) -> list[str]:
 def stop(settings: Settings, echo: Echo = print, *, kube: KubeApi | None = None,
          out: str | Path | None = None) -> int:
     """Report, stop the shadow, and promote the challenger when the report passes."""
-    from stages.registry import promote_challenger
-
     result = report(settings, echo, out)
     for line in remove(settings, kube or KubeApi()):
         echo(line)
-    if result is None:
-        return 1
-    if not result.passed:
-        echo(f"not promoted: {'; '.join(result.reasons)}; v{result.challenger_version} stays the challenger "
-             f"(`flywheel shadow --env {settings.env} start` shadows it again)")
-        return 1
-    version, previous = promote_challenger(settings.mlflow.tracking_uri, settings.mlflow.registered_model)
     champion = isvc_name(settings.mlflow.registered_model)
-    echo(f"promoted: v{version} is the champion (was v{previous}); `flywheel deploy --env {settings.env}` rolls "
-         f"InferenceService {settings.namespace}/{champion} to it")
-    return 0
+    return promote_if_passed(settings, result, echo, "shadows it again", f"`flywheel deploy --env {settings.env}` "
+                             f"rolls InferenceService {settings.namespace}/{champion} to it")
