@@ -21,6 +21,9 @@ def run(
     settings = settings_or_exit(env)
     if not settings.embedded:
         fail(f"env {env!r} runs on a cluster (kfp.host is set); use 'flywheel submit training --env {env}'")
+    from pipelines.local_runner import prepare_tasks
+
+    prepare_tasks()  # first: the task zygote imports while the columns are checked and the pipeline built
     from pipelines.config import column_problems
 
     columns, _ = column_problems(settings)  # before minutes of tuning and training, not after

@@ -62,12 +62,24 @@ def execute(settings: Settings, pipeline: str = "training", pipeline_root: Path 
     from kfp import local
 
     from pipelines.catalog import get, pipeline_arguments
+    from pipelines.task_zygote import forked_tasks
+
+    prepare_tasks()
+    pipeline_root.mkdir(parents=True, exist_ok=True)
+    with forked_tasks():
+        local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root),
+                   raise_on_error=True)
+        return run_function(get(pipeline).build(settings), arguments or pipeline_arguments(settings, pipeline),
+                            pipeline_root)
+
+
+def prepare_tasks() -> None:
+    """The environment every local task gets, and the task zygote started in it
+    (pipelines.task_zygote): it imports the tasks' libraries while the pipeline is being built."""
+    from pipelines.task_zygote import shared
 
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    pipeline_root.mkdir(parents=True, exist_ok=True)
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root), raise_on_error=True)
-    return run_function(get(pipeline).build(settings), arguments or pipeline_arguments(settings, pipeline),
-                        pipeline_root)
+    shared()
 
 
 def run_function(function, arguments: dict, pipeline_root: Path) -> LocalRun:
