@@ -23,8 +23,10 @@ $(STAMP): pyproject.toml constraints.txt
 
 venv: $(STAMP) ## Create .venv and install the project with pinned dependencies
 
-run: $(STAMP) ## Run the whole lifecycle on the embedded `local` environment
-	$(BIN)/flywheel run --env $(ENV)
+# --fresh: every `make run` tells the whole story from no champion (an earlier run's registry is
+# moved to runs/earlier/); `flywheel run` without it continues from the registry's champion.
+run: $(STAMP) ## Run the whole lifecycle on the embedded `local` environment, from an empty registry
+	$(BIN)/flywheel run --env $(ENV) --fresh
 
 # test-fast's pytest-xdist workers: 2 fits a 2-core laptop or runner (measured there); each worker
 # collects and imports on its own (~10 s of CPU) and many tests start servers or subprocesses of

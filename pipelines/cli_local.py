@@ -16,13 +16,24 @@ def run(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="stream every task's output instead of a log file"),
     loop: bool = typer.Option(True, "--loop/--no-loop",
                               help="then turn the flywheel: serve, shift the traffic, detect drift, retrain"),
+    fresh: bool = typer.Option(False, "--fresh",
+                               help="start from an empty registry: an earlier run's SQLite store, artifacts and "
+                                    "monitor windows are moved to runs/earlier/<time>/ (`make run` does)"),
 ) -> None:
     """Run the whole lifecycle on an embedded environment (kfp.local + torchrun + MLflow + KServe)."""
     settings = settings_or_exit(env)
     if not settings.embedded:
         fail(f"env {env!r} runs on a cluster (kfp.host is set); use 'flywheel submit training --env {env}'")
-    from pipelines.local_runner import prepare_tasks
+    from pipelines.local_runner import prepare_tasks, set_aside
 
+    if fresh:
+        try:
+            earlier = set_aside(settings)
+        except ValueError as err:
+            fail(str(err))
+        if earlier:
+            where = earlier.relative_to(Path.cwd()) if earlier.is_relative_to(Path.cwd()) else earlier
+            typer.echo(f"--fresh: the earlier registry and windows are in {where}")
     prepare_tasks()  # first: the task zygote imports while the columns are checked and the pipeline built
     from pipelines.config import column_problems
 

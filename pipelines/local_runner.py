@@ -73,6 +73,30 @@ def execute(settings: Settings, pipeline: str = "training", pipeline_root: Path 
                             pipeline_root)
 
 
+def set_aside(settings: Settings) -> Path | None:
+    """`flywheel run --fresh`: move an earlier run's registry (the SQLite store and the artifacts
+    kept beside it, gateways/mlflow_api.py `artifact_location`) and the monitor's windows (their
+    versions would be reused by the new registry) to `<store's folder>/earlier/<time>/`, so this run
+    starts from no champion. Where they went, or None when there was nothing; ValueError when the
+    env tracks to anything but a local SQLite file (a server's registry is not ours to move)."""
+    import shutil
+
+    uri = settings.mlflow.tracking_uri
+    if not uri.startswith("sqlite:///"):
+        raise ValueError(f"--fresh starts an empty SQLite registry; env {settings.env!r} tracks to {uri} "
+                         "(mlflow.tracking_uri): leave --fresh out")
+    db = Path(uri.removeprefix("sqlite:///"))
+    sink = settings.monitoring.sink.root
+    found = [p for p in (db, db.parent / "artifacts", None if "://" in sink else Path(sink)) if p and p.exists()]
+    if not found:
+        return None
+    earlier = db.parent / "earlier" / time.strftime("%Y%m%d-%H%M%S")
+    earlier.mkdir(parents=True)
+    for path in found:
+        shutil.move(str(path), earlier / path.name)
+    return earlier
+
+
 def prepare_tasks() -> None:
     """The environment every local task gets, and the task zygote started in it
     (pipelines.task_zygote): it imports the tasks' libraries while the pipeline is being built."""

@@ -159,3 +159,37 @@ def test_data_refuses_zero_or_negative_rows_naming_the_option(tmp_path):
         assert result.exit_code != 0
         assert "Invalid value for '--rows'" in result.output and "greater than or equal to 1" in result.output
         assert not out.exists()
+
+
+def test_run_fresh_moves_an_earlier_registry_aside_and_loses_nothing(tmp_path):
+    from pipelines.config import load_settings
+    from pipelines.local_runner import set_aside
+
+    runs = tmp_path / "runs"
+    overrides = {"mlflow": {"tracking_uri": f"sqlite:///{runs / 'mlflow.db'}"},
+                 "monitoring": {"sink": {"root": str(runs / "monitoring")}}}
+    settings = load_settings("local", overrides=overrides)
+    assert set_aside(settings) is None, "nothing earlier: nothing moved"
+    (runs / "artifacts" / "credit-default").mkdir(parents=True)
+    (runs / "artifacts" / "credit-default" / "model.pt").write_bytes(b"weights")
+    (runs / "mlflow.db").write_bytes(b"registry")
+    (runs / "monitoring" / "model_version=1").mkdir(parents=True)
+    (runs / "local").mkdir()  # pipeline roots stay: each run has its own folder there
+    earlier = set_aside(settings)
+    assert earlier.parent == runs / "earlier"
+    assert sorted(p.name for p in runs.iterdir()) == ["earlier", "local"]
+    assert (earlier / "mlflow.db").read_bytes() == b"registry"
+    assert (earlier / "artifacts" / "credit-default" / "model.pt").read_bytes() == b"weights"
+    assert (earlier / "monitoring" / "model_version=1").is_dir()
+
+
+def test_run_fresh_refuses_a_registry_that_is_not_a_local_file(config_dir, monkeypatch):
+    import pipelines.config
+
+    local = yaml.safe_load((config_dir / "local.yaml").read_text())
+    local["mlflow"] = {"tracking_uri": "http://mlflow.example:5000"}
+    (config_dir / "local.yaml").write_text(yaml.safe_dump(local))
+    monkeypatch.setattr(pipelines.config, "CONFIG_DIR", config_dir)
+    result = runner.invoke(app, ["run", "--fresh"])
+    assert result.exit_code == 1
+    assert "--fresh starts an empty SQLite registry; env 'local' tracks to http://mlflow.example:5000" in result.output
