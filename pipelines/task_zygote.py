@@ -106,6 +106,8 @@ def _child(request: dict, out_fd: int) -> None:
         os.chdir(request["cwd"])
         os.environ.clear()
         os.environ.update(request["env"])
+        if "numpy.random" in sys.modules:  # a fresh process seeds numpy's global generator from the OS
+            sys.modules["numpy.random"].seed()  # (`random` reseeds itself after a fork)
         code = _run_executor(request["source"], request["args"])
     except BaseException:  # a failure here is the task's failure, with its traceback
         import traceback
@@ -250,9 +252,10 @@ _guard = threading.Lock()
 
 def shared() -> Zygote | None:
     """This process's zygote, (re)started when it is missing, dead or started with another
-    environment; None where turned off or where fork is not how processes start (Windows)."""
+    environment; None where turned off, and off Linux: Windows has no fork, and on macOS a fork
+    after system frameworks are loaded is unsafe (CPython's multiprocessing spawns there, bpo-33725)."""
     global _zygote
-    if os.environ.get("FLYWHEEL_TASK_ZYGOTE", "1") == "0" or not hasattr(os, "fork"):
+    if os.environ.get("FLYWHEEL_TASK_ZYGOTE", "1") == "0" or sys.platform != "linux":
         return None
     with _guard:
         if _zygote is not None and (_zygote.process.poll() is not None or not _zygote.same_environment()):

@@ -144,6 +144,19 @@ def test_what_the_zygote_cannot_serve_exactly_runs_as_kfp_starts_it(zygote, tmp_
     assert zygote.forked == 0
 
 
+def test_each_task_draws_its_own_random_numbers_as_a_fresh_process_does(capsys):
+    zygote = ready(Zygote((*LIGHT, "numpy.random")))  # its global generator made in the zygote
+    try:
+        source = "import random, numpy\nprint('draws', random.random(), numpy.random.random())\nraise SystemExit(0)\n"
+        for _ in range(2):
+            assert zygote.run(source, ["--function_to_execute", "f"], None) == 0
+    finally:
+        zygote.close()
+    draws = [line for line in capsys.readouterr().out.splitlines() if line.startswith("draws")]
+    first, second = (line.split()[1:] for line in draws)
+    assert first[0] != second[0] and first[1] != second[1]
+
+
 def test_a_zygote_that_died_says_so_in_one_line(zygote):
     ready(zygote)
     zygote.process.kill()
