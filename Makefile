@@ -52,13 +52,14 @@ compile: $(STAMP) ## Compile every pipeline for ENV (default local) into dist/EN
 render: $(STAMP) ## Regenerate the GitOps tree (manifests/) from config, then print ENV's clusters (ENV=dev|staging|prod)
 	$(BIN)/flywheel render --env $(ENV) --write
 
-bench: $(STAMP) ## Run the benchmarks (validation, training, serving under wrk, drift checks, sink ingest, batch scoring)
+bench: $(STAMP) ## Run the benchmarks (validation, training, serving under wrk, drift checks, sink ingest, batch scoring, task start-up)
 	$(BIN)/python benchmarks/validation.py --sizes 10k,100k,1M
 	$(BIN)/python benchmarks/training.py
 	$(BIN)/python benchmarks/serving.py
 	$(BIN)/python benchmarks/monitoring.py
 	$(BIN)/python benchmarks/monitoring_sink.py
 	$(BIN)/python benchmarks/scoring.py --rows 1M
+	$(BIN)/python benchmarks/tasks.py
 
 IMAGE_METADATA ?= dist/image-$(ENV).json
 image: $(STAMP) ## Build and push ENV's pipeline image (docker buildx), then pin its digest in config/ENV.yaml
