@@ -81,6 +81,7 @@ from deployment.isvc_policy import (  # noqa: F401  (re-exported)
     schema_problems,
     validate_inferenceservice,
 )
+from monitoring.events import TRACE_HEADER
 from specs import ServingSpec
 
 # --- rendering --------------------------------------------------------------------------------
@@ -246,7 +247,11 @@ def _logger(spec: ServingSpec):
     if spec.payload_logging.url and spec.payload_logging.sample_rate < 1.0:
         raise ValueError("serving.payload_logging.sample_rate < 1 cannot be honoured on a cluster: KServe's logger "
                          "sends every request (it has no sampling); set 1.0 and sample in the sink")
-    return (V1beta1LoggerSpec(url=spec.payload_logging.url, mode=spec.payload_logging.mode)
+    # The agent forwards x-request-id into each event (`metadata`), which Envoy keeps on a mirrored
+    # copy: the sink's rows of a champion and its shadow pair on it (monitoring/shadow.py), where
+    # each pod's agent gives the events their own ce-id (kserve pkg/logger/handler.go getOrCreateID).
+    return (V1beta1LoggerSpec(url=spec.payload_logging.url, mode=spec.payload_logging.mode,
+                              metadata_headers=[TRACE_HEADER])
             if spec.payload_logging.url else None)
 
 

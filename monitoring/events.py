@@ -42,7 +42,12 @@ KINDS = {REQUEST_TYPE: "request", RESPONSE_TYPE: "response"}
 SPEC_VERSIONS = ("1.0",)
 JSON_TYPES = ("application/json", "text/plain", "application/x-www-form-urlencoded", "")  # curl -d sends form
 CE_ATTRIBUTES = ("ce-specversion", "ce-type", "ce-id", "ce-source", "ce-time", "ce-inferenceservicename",
-                 "ce-namespace", "ce-component", "ce-endpoint", "content-type")
+                 "ce-namespace", "ce-component", "ce-endpoint", "ce-metadata", "content-type")
+# The request header that ties a mirrored copy to its original: Envoy sets `x-request-id` on every
+# request and keeps it on the mirror; KServe's agent forwards the headers `logger.metadataHeaders`
+# names as the `metadata` extension, `{"<Canonical-Name>": [values]}` (kserve pkg/logger/handler.go
+# matches Go's canonical header names: hence "X-Request-Id"; worker.go sets the extension).
+TRACE_HEADER = "X-Request-Id"
 ACCEPTED, BAD_REQUEST, UNSUPPORTED, UNPROCESSABLE, BUSY = 202, 400, 415, 422, 503
 LABEL_OUTPUT, PROBABILITY_OUTPUT = "label", "probability"
 MAX_VERSION_CHARS = 200
@@ -225,6 +230,22 @@ def parse_response(data) -> Response:
         rows = len(labels if labels is not None else probabilities)
         return Response(labels, probabilities, rows, name, version)
     raise EventError(UNPROCESSABLE, "not an inference response: no v1 'predictions' or v2 'outputs'")
+
+
+def trace_id(metadata: str | None) -> str | None:
+    """The `X-Request-Id` KServe's agent put in an event's `ce-metadata` (`{"X-Request-Id": ["id"]}`),
+    or None: absent, unreadable or empty metadata never refuses an event, it only cannot be traced."""
+    if not metadata:
+        return None
+    try:
+        found = json.loads(metadata)
+    except ValueError:
+        return None
+    if not isinstance(found, dict):
+        return None
+    values = next((v for k, v in found.items() if str(k).lower() == TRACE_HEADER.lower()), None)
+    value = values[0] if isinstance(values, list) and values else values
+    return value if isinstance(value, str) and value else None
 
 
 def parse_time(value: str | None) -> datetime | None:

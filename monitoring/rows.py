@@ -25,6 +25,7 @@ class Pair:
     model_version: str
     rows: int
     size: int  # body bytes of its two events
+    trace_id: str | None = None  # the request's x-request-id, where the logger forwarded it (events.trace_id)
 
 
 
@@ -55,9 +56,11 @@ def rows_table(pairs: list[Pair], text: bool = False):
             values.extend(pair.request.columns.get(name) or [None] * pair.rows)
         table[name] = _column(values, text)
     ids, instances, times, names, versions, probabilities, predictions = [], [], [], [], [], [], []
+    traces = []
     for pair in pairs:
         n = pair.rows
         ids.extend([pair.request_id] * n)
+        traces.extend([pair.trace_id] * n)
         instances.extend(range(n))
         times.extend([pair.event_time] * n)
         names.extend([pair.model_name] * n)
@@ -66,6 +69,7 @@ def rows_table(pairs: list[Pair], text: bool = False):
         predictions.extend(pair.response.predictions or [None] * n)
     table[windows.REQUEST_ID] = pa.array(ids, pa.string())
     table[windows.INSTANCE] = pa.array(instances, pa.int32())
+    table[windows.TRACE_ID] = pa.array(traces, pa.string())
     table[windows.EVENT_TIME] = pa.array(times, pa.timestamp("us", tz="UTC"))
     table[windows.MODEL_NAME] = pa.array(names, pa.string())
     table[windows.MODEL_VERSION] = pa.array(versions, pa.string())

@@ -2,14 +2,16 @@
 
 Where the rows come from: the champion's payload events land in its own version's windows
 (`model_version=<N>`); the shadow pair serves the challenger as version `<M>-shadow` and its
-mirrored requests carry the request id `<id>-shadow`, so its rows land in `model_version=<M>-shadow`
-(and pair in the sink by their own `ce-id`). Decision, on purpose: shadow rows feed neither the
-champion's drift windows nor the challenger's own windows after it is promoted (they were
-answers nobody received); they are read here only.
+mirrored requests carry the request id `<id>-shadow` (locally; on a cluster each pod's logger its
+own), so its rows land in `model_version=<M>-shadow` (and pair in the sink by their own `ce-id`).
+Decision, on purpose: shadow rows feed neither the champion's drift windows nor the challenger's
+own windows after it is promoted (they were answers nobody received); they are read here only.
 
 A row of the report is one instance both versions answered: champion rows joined to shadow rows
-by (request id without `-shadow`, instance). Ground truth joins the champion's rows (the request
-id clients know), and applies to the matched shadow row too.
+by (call, instance), the call being the trace id (x-request-id) where the rows carry one (a cluster:
+KServe's logger forwards it, `logger.metadataHeaders`), else the request id without `-shadow`.
+Ground truth joins the champion's rows (the request id clients know), and applies to the matched
+shadow row too.
 
 Numbers: rows answered by both; agreement (share of identical decisions); the score distribution
 shift of the challenger against the champion on the same rows (PSI over the champion's score
@@ -30,7 +32,7 @@ import numpy as np
 import pandas as pd
 
 from monitoring.drift import ks_2samp_sorted, psi
-from monitoring.windows import INSTANCE, PREDICTION, PROBABILITY, REQUEST_ID, TRUTH, read_window
+from monitoring.windows import INSTANCE, PREDICTION, PROBABILITY, REQUEST_ID, TRACE_ID, TRUTH, read_window
 from specs.evaluation import SHADOW_SUFFIX, shadow_id
 
 MIN_TRUTH_ROWS = 50  # rows with ground truth (both classes) before live AUCs are compared
@@ -89,19 +91,30 @@ class ShadowReport:
         return {**data, "verdict": self.verdict}
 
 
+def _keyed(frame: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
+    """`frame`'s `columns` keyed by (call, instance). The call is the trace id (x-request-id) where
+    the row has one: on a cluster each pod's logger gives its events their own request id (kserve
+    pkg/logger/handler.go getOrCreateID), so only the header both copies carry pairs them. Else it
+    is the request id without the `-shadow` a local mirror appends (pipelines/shadow.py)."""
+    ids = frame[REQUEST_ID].astype(str)
+    calls = "id:" + ids.where(~ids.str.endswith(SHADOW_SUFFIX), ids.str[: -len(SHADOW_SUFFIX)])
+    if TRACE_ID in frame.columns:
+        traces = frame[TRACE_ID]
+        calls = calls.where(traces.isna(), "trace:" + traces.astype(str))
+    out = frame[columns].copy()
+    out[REQUEST_ID], out[INSTANCE] = calls, frame[INSTANCE].astype("int64")
+    return out.drop_duplicates([REQUEST_ID, INSTANCE], keep="last")
+
+
 def matched(champion: pd.DataFrame, shadow: pd.DataFrame) -> pd.DataFrame:
-    """One row per instance both answered: champion columns `prediction`, `probability`, `truth`,
-    the challenger's as `shadow_prediction`, `shadow_probability`."""
+    """One row per instance both answered (`_keyed` says which rows are one call's): champion
+    columns `prediction`, `probability`, `truth`, the challenger's `shadow_prediction`,
+    `shadow_probability`."""
     if champion.empty or shadow.empty:
         return pd.DataFrame(columns=[PREDICTION, PROBABILITY, TRUTH, "shadow_prediction", "shadow_probability"])
-    ids = shadow[REQUEST_ID].astype(str)
-    shadow = pd.DataFrame({REQUEST_ID: ids.where(~ids.str.endswith(SHADOW_SUFFIX), ids.str[: -len(SHADOW_SUFFIX)]),
-                           INSTANCE: shadow[INSTANCE].astype("int64"),
-                           "shadow_prediction": shadow[PREDICTION], "shadow_probability": shadow[PROBABILITY]})
-    left = champion[[REQUEST_ID, INSTANCE, PREDICTION, PROBABILITY, TRUTH]].copy()
-    left[REQUEST_ID], left[INSTANCE] = left[REQUEST_ID].astype(str), left[INSTANCE].astype("int64")
-    keys = [REQUEST_ID, INSTANCE]
-    return left.drop_duplicates(keys, keep="last").merge(shadow.drop_duplicates(keys, keep="last"), on=keys)
+    right = _keyed(shadow, [PREDICTION, PROBABILITY]).rename(
+        columns={PREDICTION: "shadow_prediction", PROBABILITY: "shadow_probability"})
+    return _keyed(champion, [PREDICTION, PROBABILITY, TRUTH]).merge(right, on=[REQUEST_ID, INSTANCE])
 
 
 def _truth_codes(truth: pd.Series, labels) -> np.ndarray:

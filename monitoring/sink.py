@@ -48,7 +48,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 
 from monitoring import pending, windows
-from monitoring.events import ACCEPTED, BUSY, KINDS, EventError, Half, Outcome, parse_event
+from monitoring.events import ACCEPTED, BUSY, KINDS, EventError, Half, Outcome, parse_event, trace_id
 from monitoring.rows import Pair
 from monitoring.sink_metrics import SinkMetrics
 from monitoring.sink_writer import WindowWriter
@@ -253,7 +253,8 @@ class PayloadSink(WindowWriter):
         when = request.time or response.time or datetime.now(UTC)
         name = request.model_name or response.model_name or res.model_name or ""
         return Pair(event_id, req, res, when, name, res.model_version or windows.UNKNOWN_VERSION, req.rows,
-                    request.size + response.size)
+                    request.size + response.size,
+                    trace_id(request.headers.get("ce-metadata")) or trace_id(response.headers.get("ce-metadata")))
 
     # -- background work (the flush: `WindowWriter`) --
     def expire(self, now: float | None = None) -> int:

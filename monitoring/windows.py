@@ -41,7 +41,10 @@ REQUEST_ID, INSTANCE, EVENT_TIME = "request_id", "instance", "event_time"
 ENTITY_COLUMN, ENTITY_ID = "entity_column", "entity_id"
 MODEL_NAME, MODEL_VERSION = "model_name", "model_version"
 PROBABILITY, PREDICTION, TRUTH = "probability", "prediction", "truth"
-SINK_COLUMNS = (REQUEST_ID, INSTANCE, EVENT_TIME, MODEL_NAME, MODEL_VERSION, PROBABILITY, PREDICTION, TRUTH)
+# x-request-id of the call (Envoy's, forwarded by KServe's logger): what pairs a champion's row with
+# its mirrored copy's on a cluster, where each pod's logger gives the copy its own request id.
+TRACE_ID = "trace_id"
+SINK_COLUMNS = (REQUEST_ID, INSTANCE, TRACE_ID, EVENT_TIME, MODEL_NAME, MODEL_VERSION, PROBABILITY, PREDICTION, TRUTH)
 UNKNOWN_VERSION = "unknown"
 
 

@@ -170,8 +170,11 @@ def test_payload_logging_goes_on_the_component_that_receives_client_traffic(env,
     overrides = {"serving": {"payload_logging": {"url": "http://flywheel-monitor.flywheel.svc/events", "mode": "all"}}}
     # When the InferenceService is rendered
     obj = rendered(env, overrides)
-    # Then the logger sits on the client-facing component only, and the object is valid
-    assert obj["spec"][receiver]["logger"] == {"url": "http://flywheel-monitor.flywheel.svc/events", "mode": "all"}
+    # Then the logger sits on the client-facing component only, and the object is valid; it forwards
+    # x-request-id by Go's canonical name, the only spelling kserve pkg/logger/handler.go matches
+    # (`slices.Contains(metadataHeaders, name)` over r.Header's canonical keys)
+    assert obj["spec"][receiver]["logger"] == {"url": "http://flywheel-monitor.flywheel.svc/events", "mode": "all",
+                                               "metadataHeaders": ["X-Request-Id"]}
     assert [c for c in ("predictor", "transformer") if (obj["spec"].get(c) or {}).get("logger")] == [receiver]
     validate_inferenceservice(obj)
 
