@@ -11,7 +11,12 @@ predictor checks it again.
 
 Who reaches what (ports and paths exact; `fleet/network.py` `serving_ports` has the ports):
 
-serving pods (`serving.kserve.io/inferenceservice: <isvc>`)
+serving pods (`serving.kserve.io/inferenceservice: <isvc>`), and the same rules again for the shadow
+challenger's (`<isvc>-challenger`, fleet/shadow.py): an AuthorizationPolicy selector has
+`matchLabels` only, so it gets its own RequestAuthentication and policy. A mirrored copy leaves
+the caller's own sidecar (Envoy mirrors where the route is applied: `gateways: [mesh]`) with the
+caller's mTLS identity and every header of the original, its bearer token included (only the
+authority gets `-shadow`), so the token rule below admits exactly the copies of admitted calls;
   - a valid token (any, or one of `auth.principals`): the model's inference, metadata and health
     paths, REST and gRPC, on the entry ports (gateway -> entry) and the hop ports (transformer ->
     separate predictor, token forwarded);
@@ -39,12 +44,14 @@ from fleet.network import (
     QUEUE_AUTOSCALER_METRICS,
     QUEUE_H2C,
     QUEUE_HTTP,
+    challenger_selector,
     knative,
     monitor_selector,
     serving_ports,
     serving_selector,
 )
 from fleet.serving import SERVICE_ACCOUNT
+from fleet.shadow import challenger_name
 
 FEATURE: str | None = "jwt-auth"
 SCOPE = "env"
@@ -152,11 +159,13 @@ def objects(ctx: FleetContext) -> list[dict]:
     """Token validation and the ALLOW policies for the serving and monitor pods; [] without an issuer."""
     if not ctx.fleet.auth.issuer:
         return []
-    serving, monitor = serving_selector(ctx), monitor_selector(ctx)
-    name = isvc_name(ctx.model_name)
+    serving, challenger, monitor = serving_selector(ctx), challenger_selector(ctx), monitor_selector(ctx)
+    name, shadow = isvc_name(ctx.model_name), challenger_name(ctx.model_name)
     return [request_authentication(ctx, f"{name}-jwt", serving),
+            request_authentication(ctx, f"{shadow}-jwt", challenger),
             request_authentication(ctx, "flywheel-monitor-jwt", monitor),
             authorization_policy(ctx, name, serving, serving_rules(ctx)),
+            authorization_policy(ctx, shadow, challenger, serving_rules(ctx)),
             authorization_policy(ctx, "flywheel-monitor", monitor, monitor_rules(ctx))]
 
 

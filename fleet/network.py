@@ -3,9 +3,11 @@
 Complements manifests/base/networkpolicy.yaml (the training pods' policy, not repeated here). The
 pods selected here:
 
-* serving pods: every pod of the InferenceService, by the label KServe puts on predictor and
-  transformer pods in both deployment modes, `serving.kserve.io/inferenceservice: <name>`
-  (kserve pkg/constants `InferenceServicePodLabelKey`);
+* serving pods: every pod of the InferenceService and of its shadow challenger `<name>-challenger`
+  (fleet/shadow.py: it answers mirrored copies of the same callers' requests, so it is held to the
+  same flows), by the label KServe puts on predictor and transformer pods in both deployment modes,
+  `serving.kserve.io/inferenceservice` (kserve pkg/constants `InferenceServicePodLabelKey`), `In`
+  both names;
 * monitor pods: `app.kubernetes.io/name: flywheel-monitor` (fleet/monitor.py).
 
 Each gets a default deny (ingress and egress), then one ingress and one egress policy that list
@@ -44,6 +46,7 @@ from kubernetes import client as k8s
 
 from deployment.inferenceservice import GRPC_PORT, HTTP_PORT, isvc_name, to_dict
 from fleet.context import MONITOR, MONITOR_PORT, Endpoint, FleetContext
+from fleet.shadow import challenger_name
 
 FEATURE: str | None = "network-policies"
 SCOPE = "env"
@@ -91,7 +94,20 @@ def serving_ports(ctx: FleetContext) -> ServingPorts:
 
 
 def serving_selector(ctx: FleetContext) -> dict[str, str]:
+    """The champion's serving pods, as Istio selects them (`matchLabels` only: no `In`)."""
     return {ISVC_LABEL: isvc_name(ctx.model_name)}
+
+
+def challenger_selector(ctx: FleetContext) -> dict[str, str]:
+    """The shadow challenger's serving pods (`flywheel shadow start` serves it; none otherwise)."""
+    return {ISVC_LABEL: challenger_name(ctx.model_name)}
+
+
+def serving_pods(ctx: FleetContext) -> k8s.V1LabelSelector:
+    """The champion's and the challenger's serving pods, as a NetworkPolicy selects them."""
+    names = [isvc_name(ctx.model_name), challenger_name(ctx.model_name)]
+    return k8s.V1LabelSelector(match_expressions=[
+        k8s.V1LabelSelectorRequirement(key=ISVC_LABEL, operator="In", values=names)])
 
 
 def monitor_selector(ctx: FleetContext) -> dict[str, str]:
@@ -109,8 +125,10 @@ def _namespace(name: str, pods: dict[str, str] | None = None) -> k8s.V1NetworkPo
                                    pod_selector=k8s.V1LabelSelector(match_labels=pods) if pods else None)
 
 
-def _local(pods: dict[str, str] | None) -> k8s.V1NetworkPolicyPeer:
+def _local(pods: dict[str, str] | k8s.V1LabelSelector | None) -> k8s.V1NetworkPolicyPeer:
     """Pods of the policy's own namespace (all of them when `pods` is None)."""
+    if isinstance(pods, k8s.V1LabelSelector):
+        return k8s.V1NetworkPolicyPeer(pod_selector=pods)
     return k8s.V1NetworkPolicyPeer(pod_selector=k8s.V1LabelSelector(match_labels=pods or None))
 
 
@@ -158,12 +176,13 @@ def _object_store(ctx: FleetContext) -> k8s.V1NetworkPolicyEgressRule:
 
 # --- policies ------------------------------------------------------------------------------------
 
-def _policy(ctx: FleetContext, name: str, pods: dict[str, str], types: list[str], *, ingress=None,
-            egress=None) -> dict:
+def _policy(ctx: FleetContext, name: str, pods: dict[str, str] | k8s.V1LabelSelector, types: list[str], *,
+            ingress=None, egress=None) -> dict:
+    selector = pods if isinstance(pods, k8s.V1LabelSelector) else k8s.V1LabelSelector(match_labels=pods)
     return to_dict(k8s.V1NetworkPolicy(
         api_version="networking.k8s.io/v1", kind="NetworkPolicy",
         metadata=k8s.V1ObjectMeta(name=name, namespace=ctx.namespace, labels=dict(ctx.labels)),
-        spec=k8s.V1NetworkPolicySpec(pod_selector=k8s.V1LabelSelector(match_labels=pods), policy_types=types,
+        spec=k8s.V1NetworkPolicySpec(pod_selector=selector, policy_types=types,
                                      ingress=ingress, egress=egress)))
 
 
@@ -177,7 +196,7 @@ def _serving_ingress(ctx: FleetContext) -> list[k8s.V1NetworkPolicyIngressRule]:
         rules.append(k8s.V1NetworkPolicyIngressRule(_from=[_namespace(auth.knative_namespace)],
                                                     ports=_ports(*ports.knative)))
     if ports.hop:  # the separate transformer -> the predictor, inside the InferenceService
-        rules.append(k8s.V1NetworkPolicyIngressRule(_from=[_local(serving_selector(ctx))], ports=_ports(*ports.hop)))
+        rules.append(k8s.V1NetworkPolicyIngressRule(_from=[_local(serving_pods(ctx))], ports=_ports(*ports.hop)))
     return rules
 
 
@@ -187,7 +206,7 @@ def _serving_egress(ctx: FleetContext) -> list[k8s.V1NetworkPolicyEgressRule]:
              # KServe's logger agent posts every request and response to the monitor's /events
              k8s.V1NetworkPolicyEgressRule(to=[_local(monitor_selector(ctx))], ports=_ports(MONITOR_PORT))]
     if ports.hop:
-        rules.append(k8s.V1NetworkPolicyEgressRule(to=[_local(serving_selector(ctx))], ports=_ports(*ports.hop)))
+        rules.append(k8s.V1NetworkPolicyEgressRule(to=[_local(serving_pods(ctx))], ports=_ports(*ports.hop)))
     if ports.hop and ports.knative:
         # `<isvc>-predictor.<ns>` is a Knative route: the request may go through the activator
         # (scale from zero, burst capacity) or the knative-local-gateway instead of a pod.
@@ -217,7 +236,7 @@ def _monitor_egress(ctx: FleetContext) -> list[k8s.V1NetworkPolicyEgressRule]:
 
 def objects(ctx: FleetContext) -> list[dict]:
     """Default deny for the serving and monitor pods, then their ingress and egress allow-lists."""
-    serving, monitor, both = serving_selector(ctx), monitor_selector(ctx), ["Ingress", "Egress"]
+    serving, monitor, both = serving_pods(ctx), monitor_selector(ctx), ["Ingress", "Egress"]
     return [_policy(ctx, "flywheel-serving-default-deny", serving, both),
             _policy(ctx, "flywheel-monitor-default-deny", monitor, both),
             _policy(ctx, "flywheel-serving-ingress", serving, ["Ingress"], ingress=_serving_ingress(ctx)),

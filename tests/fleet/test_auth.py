@@ -79,7 +79,8 @@ def test_tokens_are_validated_and_kept_for_the_next_hop(fleet_ctx):
     objs = built(fleet_ctx)
     authn = [o for o in objs.values() if o["kind"] == "RequestAuthentication"]
     selectors = [o["spec"]["selector"]["matchLabels"] for o in authn]
-    assert selectors == [network.serving_selector(fleet_ctx), network.monitor_selector(fleet_ctx)]
+    assert selectors == [network.serving_selector(fleet_ctx), network.challenger_selector(fleet_ctx),
+                         network.monitor_selector(fleet_ctx)]
     for obj in objs.values():
         assert obj["apiVersion"] == "security.istio.io/v1" and obj["metadata"]["namespace"] == fleet_ctx.namespace
         assert fleet_ctx.labels.items() <= obj["metadata"]["labels"].items()
@@ -88,6 +89,21 @@ def test_tokens_are_validated_and_kept_for_the_next_hop(fleet_ctx):
         assert rule == {"issuer": fleet_ctx.fleet.auth.issuer, "jwksUri": fleet_ctx.fleet.auth.jwks_uri,
                         "audiences": ["flywheel"], "forwardOriginalToken": True}
     assert auth.platform_objects(fleet_ctx) == []
+
+
+def test_the_shadow_challenger_gets_the_champions_rules_and_admits_a_mirrored_copy(fleet_ctx):
+    objs, name = built(fleet_ctx), network.serving_selector(fleet_ctx)[network.ISVC_LABEL]
+    champion, challenger = objs[("AuthorizationPolicy", name)], objs[("AuthorizationPolicy", f"{name}-challenger")]
+    # The challenger's pods, by the label KServe puts on them (its InferenceService's name), and no others
+    assert challenger["spec"]["selector"]["matchLabels"] == {network.ISVC_LABEL: f"{name}-challenger"}
+    authn = objs[("RequestAuthentication", f"{name}-challenger-jwt")]
+    assert authn["spec"]["selector"] == challenger["spec"]["selector"]
+    assert challenger["spec"]["rules"] == champion["spec"]["rules"]
+    # A mirrored copy: the caller's sidecar sends it with the caller's identity and the original's token
+    caller, token = sa(fleet_ctx, "some-client"), fleet_ctx.fleet.auth.principals[:1] or [TOKEN]
+    path = f"/v1/models/{fleet_ctx.model_name}:predict"
+    assert allowed(challenger, Request(entry(fleet_ctx), path, principal=caller, token=token[0]))
+    assert not allowed(challenger, Request(entry(fleet_ctx), path, principal=caller))  # a copy of a refused call
 
 
 def test_a_valid_token_calls_the_model_and_nothing_else_does(fleet_ctx):

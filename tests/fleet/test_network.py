@@ -291,3 +291,21 @@ def test_no_policy_repeats_a_rule(fleet_ctx):
         for direction in ("ingress", "egress"):
             rules = [json.dumps(r, sort_keys=True) for r in policy["spec"].get(direction) or []]
             assert len(rules) == len(set(rules)), f"{policy['metadata']['name']}: a {direction} rule twice"
+
+
+def test_the_shadow_challengers_pods_get_exactly_the_champions_flows(world):
+    ctx, policies, w = world
+    # The challenger's pods as KServe labels them: its InferenceService's name (fleet/shadow.py)
+    name = f"{network.serving_selector(ctx)[network.ISVC_LABEL]}-challenger"
+    challenger = pod(ctx.namespace, w.entry.ip.replace(".0.", ".9."), **{network.ISVC_LABEL: name,
+                                                                        "component": w.entry.label_map["component"]})
+    other = pod(ctx.namespace, "10.0.9.99", **{network.ISVC_LABEL: "someone-elses-model", "component": "predictor"})
+    for source, target, port in ((w.gateway, None, entry_port(ctx)), (None, w.monitor, 8080),
+                                 (w.prometheus, None, 15020), (None, w.dns, 53), (w.neighbour, None, entry_port(ctx)),
+                                 (w.intruder, None, entry_port(ctx)), (None, w.internet, 80)):
+        champion_flow = may_reach(policies, source or w.entry, target or w.entry, port)
+        assert may_reach(policies, source or challenger, target or challenger, port) == champion_flow
+    assert may_reach(policies, challenger, w.monitor, 8080)  # its logger posts its own events
+    assert not may_reach(policies, w.intruder, challenger, entry_port(ctx))
+    # Another InferenceService in the namespace is not selected: not isolated, the planted check
+    assert may_reach(policies, w.intruder, other, entry_port(ctx))
