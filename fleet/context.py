@@ -53,6 +53,7 @@ class FleetContext:
     kfp_task_cpu: str = "1"  # kfp.task_cpu: each pipeline task pod's limit (the namespace quota counts them)
     kfp_task_memory: str = "2G"  # kfp.task_memory
     labels: dict[str, str] = field(default_factory=dict)  # common labels: app.kubernetes.io/part-of, flywheel/env
+    shadow: bool = False  # evaluation.shadow set: a challenger InferenceService may serve beside the champion
 
     def runs(self, part: str) -> bool:
         """True when this cluster runs `part` (training, serving or monitoring)."""

@@ -22,6 +22,7 @@ https://kueue.sigs.k8s.io/docs/concepts/ and the CRDs vendored in crds/kueue.x-k
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 from decimal import Decimal
@@ -240,6 +241,9 @@ def quota_parts(ctx: FleetContext) -> list[Part]:
                           tasks * (parse(cpu) + parse(SIDECAR_CPU)), tasks * (parse(memory) + parse(SIDECAR_MEMORY))))
     if ctx.runs("serving"):
         parts.append(_serving(ctx))
+        if ctx.shadow:  # `flywheel shadow start`: the challenger, the champion's builder and spec (Standard mode)
+            champion = _serving(ctx)
+            parts.append(dataclasses.replace(champion, what=f"shadow challenger, as {champion.what}"))
     if ctx.runs("monitoring"):
         count, cpu, memory = monitor.replicas(ctx), monitor.CPU, monitor.memory(ctx)
         parts.append(Part(f"monitor {count} x {cpu}/{memory} + mesh sidecar", count,
@@ -262,6 +266,8 @@ def namespace_quota(ctx: FleetContext) -> dict[str, str] | None:
     - Serving: max(serving.max_replicas, fleet.clusters[].predictor_replicas) replicas, twice during
       a Knative canary; one server container (single) or predictor + transformer at serving.cpu/memory; sidecars per
       pod: Istio's proxy, Knative's queue-proxy, KServe's agent on the logging component.
+    - Shadow (evaluation.shadow): the challenger InferenceService `flywheel shadow start` serves beside
+      the champion, rendered from the same serving spec: the serving part once more.
     - Monitor: fleet/monitor.py's replicas x (its CPU/memory + Istio's proxy).
     - GPUs: the ClusterQueue's nominal + borrowing (the quota never refuses what Kueue admitted);
       every other GPU resource 0. No LoadBalancer or NodePort Services (as manifests/base).

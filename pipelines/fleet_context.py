@@ -39,7 +39,8 @@ def fleet_contexts(settings: Settings) -> list[FleetContext]:
                   model_name=settings.mlflow.registered_model, deploy=deploy, monitor_config=monitor_config(settings),
                   endpoints=endpoints(settings), kfp_task_cpu=settings.kfp.task_cpu,
                   kfp_task_memory=settings.kfp.task_memory,
-                  labels={"app.kubernetes.io/part-of": "flywheel", "flywheel/env": settings.env})
+                  labels={"app.kubernetes.io/part-of": "flywheel", "flywheel/env": settings.env},
+                  shadow=settings.evaluation.shadow is not None)
     return [FleetContext(cluster=cluster, **common) for cluster in settings.fleet.clusters]
 
 

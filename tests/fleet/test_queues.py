@@ -199,3 +199,21 @@ def test_quota_counts_the_task_pods_config_asks_for():
     bigger = dataclasses.replace(ctx, kfp_task_cpu="4", kfp_task_memory="16Gi")
     assert parse(queues.namespace_quota(bigger)["requests.cpu"]) > parse(queues.namespace_quota(ctx)["requests.cpu"])
     assert "4/16Gi" in queues.quota_summary(bigger)
+
+
+def test_a_shadow_challenger_is_counted_as_a_second_serving_part():
+    # Given dev (Standard mode, where a challenger can serve) with and without evaluation.shadow
+    from pipelines.config import load_settings
+    from pipelines.fleet_context import fleet_contexts
+
+    plain = fleet_contexts(load_settings("dev"))[0]
+    shadow = fleet_contexts(load_settings("dev", overrides={"evaluation": {"shadow": {"rows": 100}}}))[0]
+    assert (plain.shadow, shadow.shadow) == (False, True)
+    # Then the quota grows by exactly the champion's serving part: the challenger's pods are admitted
+    (serving,) = [p for p in queues.quota_parts(plain) if p.what.startswith("serving")]
+    before, after = queues.namespace_quota(plain), queues.namespace_quota(shadow)
+    assert parse(after["requests.cpu"]) - parse(before["requests.cpu"]) == serving.cpu
+    assert parse(after["requests.memory"]) - parse(before["requests.memory"]) == serving.memory
+    assert int(after["pods"]) - int(before["pods"]) == serving.pods
+    assert "shadow challenger" in queues.quota_summary(shadow)
+    assert "shadow challenger" not in queues.quota_summary(plain)
