@@ -6,7 +6,12 @@ KServe has no mirror node (kserve/kserve#2978, #2240) and owns the routes of its
 this route is ours: it is bound to the mesh (sidecars of in-mesh clients, `gateways: [mesh]`) on
 the host clients call, the champion's Service `<isvc>-predictor` (or `<isvc>-transformer` when the
 transformer is its own component), port 80, as KServe creates it in Standard (raw Deployment)
-mode. Knative mode routes through Knative's own VirtualServices and is refused here.
+mode. Knative mode routes through Knative's own VirtualServices and is refused here. Requests that
+enter through the ingress gateway are not mirrored: KServe exposes a Standard-mode
+InferenceService there by its own Ingress (or HTTPRoute) for `<isvc>-<ns>.<domain>` (kserve
+reconcilers/ingress/kube_ingress_reconciler.go), and two routes for one host on a gateway are
+merged in no set order (istio.io, "Multiple virtual services and destination rules for the same
+host"); on the mesh only one route per host may exist (IST0109), which KServe does not create.
 
 Envoy sends the mirrored copy fire-and-forget: its answer is discarded and never delays or fails
 the client's request (Istio "Mirroring" task; Envoy `RequestMirrorPolicy`), and the copy's

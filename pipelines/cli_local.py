@@ -174,7 +174,8 @@ def shadow(
 ) -> None:
     """Shadow the challenger behind a running `flywheel serve` on mirrored traffic (start), compare it with
     the champion (report: HTML + JSON), stop and promote it when the report passes (stop). On a cluster
-    env: `start --dry-run` prints the challenger's InferenceService and the Istio mirror route."""
+    env the challenger is its own InferenceService behind an Istio mirror route (`start --dry-run`
+    prints both)."""
     if action not in ("start", "report", "stop"):
         fail(f"unknown action {action!r}: start, report or stop")
     settings = settings_or_exit(env)
@@ -197,20 +198,24 @@ def shadow(
 
 
 def _shadow_cluster(action: str, settings, dry_run: bool, version: str | None, model_uri: str | None) -> int:
-    """On a cluster env only `start --dry-run` is offered (pipelines/shadow_cluster.py NOT_YET says why)."""
+    """start (or its --dry-run), report and stop on a cluster env (pipelines/shadow_cluster.py)."""
     from pipelines import shadow_cluster
 
-    why = shadow_cluster.refusal(settings, dry_run)
+    why = shadow_cluster.refusal(settings)
     if why:
         fail(why)
-    import yaml
-
     try:
-        objects = shadow_cluster.dry_run(settings, version, model_uri)
-    except (LookupError, ValueError, RuntimeError) as err:
+        if dry_run:
+            import yaml
+
+            objects = shadow_cluster.dry_run(settings, version, model_uri)
+            typer.echo(yaml.safe_dump_all(objects, sort_keys=False), nl=False)
+            return 0
+        if action == "report":
+            return 0 if shadow_cluster.report(settings, typer.echo) is not None else 1
+        return getattr(shadow_cluster, action)(settings, typer.echo)
+    except (LookupError, ValueError, RuntimeError) as err:  # KubeApiError and an unreachable host included
         fail(str(err))
-    typer.echo(yaml.safe_dump_all(objects, sort_keys=False), nl=False)
-    return 0
 
 
 @app.command()

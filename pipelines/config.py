@@ -123,10 +123,11 @@ class Settings(Strict):
                              "monitoring tasks and the monitor service run in separate pods: use an object store "
                              "(s3://bucket/monitoring)")
         self._fleet_fits()
-        if self.evaluation.shadow is not None and not self.embedded:
-            raise ValueError("evaluation.shadow runs behind `flywheel serve` on this machine; on a cluster a "
-                             "challenger is not served yet (`flywheel shadow start --dry-run` renders its objects), "
-                             "so the gate would park every winner: remove it here")
+        if (self.evaluation.shadow is not None and not self.embedded
+                and self.serving.deployment_mode != "Standard"):
+            raise ValueError(f"evaluation.shadow needs serving.deployment_mode Standard on a cluster (an Istio route "
+                             f"mirrors to the challenger); in {self.serving.deployment_mode} mode Knative owns the "
+                             "InferenceService's routes: remove it here")
         if (self.serving.deployer == "local") != self.embedded:
             fits = "local (no kfp.host: this machine)" if self.embedded else "inferenceservice (kfp.host: a cluster)"
             raise ValueError(f"serving.deployer {self.serving.deployer!r} does not fit this environment; use {fits}")

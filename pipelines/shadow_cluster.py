@@ -6,9 +6,13 @@
   `<V>-shadow`, so its rows land in a sink partition of their own (monitoring/shadow.py); and the
   Istio VirtualService fleet/shadow.py builds: the champion answers every request, and
   `evaluation.shadow.percent` of them are mirrored to the challenger. Both are validated against the
-  vendored CRDs before anything is applied; the challenger is created or rolled out by
-  deployment/rollout.py (readiness is its check, `serving.ready_timeout_seconds`), then the route is
-  created or patched. The champion's InferenceService is read, never written.
+  vendored CRDs before anything is applied; the challenger takes the live champion's service account,
+  node selector and tolerations (`placed`), is created or rolled out by deployment/rollout.py
+  (readiness is its check, `serving.ready_timeout_seconds`), then the route is created or patched.
+  The champion's InferenceService is read, never written. The env's auth and network policies
+  (fleet/auth.py, fleet/network.py) already hold the challenger's pods to the champion's rules, and
+  its logger forwards x-request-id, on which the report pairs the two versions' rows.
+  One line says which traffic is mirrored (`mirrored`): in-mesh callers', not the ingress gateway's.
 - `report`: the shadow report over the sink root's windows of the registry's champion and challenger.
 - `stop`: the report; the route and the challenger deleted (absent is fine); the challenger promoted
   in the registry when the report passes (then `flywheel deploy` rolls the champion's
@@ -41,23 +45,38 @@ def _spec(settings: Settings):
     return settings.evaluation.shadow or ShadowSpec()
 
 
-# Why `start`, `report` and `stop` are not offered on a cluster yet (review of this path): the
-# challenger would need the champion's RequestAuthentication/AuthorizationPolicy and NetworkPolicies
-# (fleet/auth.py, fleet/network.py select the champion's pods only: it would be an open endpoint, or
-# refuse every mirrored copy under a deny-all mesh); KServe's logger (pkg/logger/handler.go
-# getOrCreateID) gives each pod's events their own ce-id, so the report could not pair the two
-# versions' rows; and a route bound to `mesh` sees no traffic that enters through the ingress gateway.
-NOT_YET = ("on a cluster, shadowing renders its objects only (`flywheel shadow --env {env} start --dry-run`): "
-           "the challenger does not get the champion's auth and network policies yet, and KServe's logger gives "
-           "the two pods' events unrelated ids, so no report could pair them")
-
-
-def refusal(settings: Settings, dry_run: bool = False) -> str | None:
-    """Why ENV cannot shadow on its cluster (or, with `dry_run`, render the shadow), or None."""
+def refusal(settings: Settings) -> str | None:
+    """Why ENV cannot shadow on its cluster, or None."""
     if settings.serving.deployment_mode != "Standard":
         return (f"env {settings.env!r} serves in serving.deployment_mode {settings.serving.deployment_mode}: a shadow "
                 "route needs Standard (in Knative mode Knative owns the InferenceService's routes)")
-    return None if dry_run else NOT_YET.format(env=settings.env)
+    return None
+
+
+def mirrored() -> str:
+    """The one line `start` says about which requests the route mirrors. It is bound to `mesh`: the
+    client-side sidecars of in-mesh callers of the champion's Service. KServe's Standard mode exposes
+    the InferenceService at the ingress gateway through its own Kubernetes Ingress (or HTTPRoute)
+    on `<isvc>-<ns>.<domain>` (kserve reconcilers/ingress/kube_ingress_reconciler.go
+    createRawIngress); a second route for that host on a gateway is merged with it in no set order
+    (istio.io "Multiple virtual services and destination rules for the same host"; IST0109), so
+    those requests are not mirrored."""
+    return "  mirrored: requests of in-mesh callers; not: those via the ingress gateway"
+
+
+def placed(challenger: dict, champion: dict) -> dict:
+    """`challenger` with the live champion's service account, node selector and tolerations: the
+    GitOps tree places the champion (fleet/serving.py), and the monitor takes payload events from
+    that service account alone (fleet/auth.py), so the challenger's logger needs it too. Topology
+    spread is not copied: the champion's selects the champion's own pods."""
+    for component in ("predictor", "transformer"):
+        ours, theirs = challenger["spec"].get(component), (champion.get("spec") or {}).get(component)
+        if ours is None or not theirs:
+            continue
+        for key in ("serviceAccountName", "nodeSelector", "tolerations"):
+            if theirs.get(key) is not None:
+                ours[key] = theirs[key]
+    return challenger
 
 
 def plan(settings: Settings, version: str, model_uri: str) -> tuple[dict, dict]:
@@ -129,10 +148,12 @@ def start(settings: Settings, echo: Echo = print, *, kube: KubeApi | None = None
     kube = kube or KubeApi()
     ns, champion = settings.namespace, isvc_name(settings.mlflow.registered_model)
     with doing(f"reading InferenceService {ns}/{champion}"):
-        if kube.get(INFERENCE_SERVICES, ns, champion) is None:
-            echo(f"no champion to shadow: InferenceService {ns}/{champion} does not exist "
-                 f"(`flywheel deploy --env {settings.env}` serves it)")
-            return 1
+        live = kube.get(INFERENCE_SERVICES, ns, champion)
+    if live is None:
+        echo(f"no champion to shadow: InferenceService {ns}/{champion} does not exist "
+             f"(`flywheel deploy --env {settings.env}` serves it)")
+        return 1
+    isvc = validate_inferenceservice(placed(isvc, live))
     echo(f"challenger v{found.version}: InferenceService {ns}/{isvc['metadata']['name']} as model version "
          f"{shadow_version(found.version)}")
     deployer = InferenceServiceDeployer(ns, kube=kube, timeout=settings.serving.ready_timeout_seconds,
@@ -145,6 +166,7 @@ def start(settings: Settings, echo: Echo = print, *, kube: KubeApi | None = None
     echo(f"shadowing {settings.mlflow.registered_model} v{found.version} behind InferenceService {ns}/{champion}: "
          f"{_spec(settings).percent:g}% of its requests mirrored; `flywheel shadow --env {settings.env} report` "
          "compares them")
+    echo(mirrored())
     return 0
 
 

@@ -63,17 +63,12 @@ def test_auth_issuer_and_keys_go_together(config_dir):
         load_settings("staging", config_dir)
 
 
-def test_shadow_promotion_is_refused_where_nothing_serves_a_challenger(config_dir):
+def test_shadow_promotion_is_offered_where_a_mirror_route_can_serve_a_challenger(config_dir):
+    # dev serves in Standard mode: an Istio route mirrors to the challenger (pipelines/shadow_cluster.py)
+    patch(config_dir, "dev", {"evaluation": {"shadow": {"rows": 100}}})
+    assert load_settings("dev", config_dir).evaluation.shadow.rows == 100
+    # staging serves in Knative mode, whose routes are Knative's: refused, naming the file and the rule
     patch(config_dir, "staging", {"evaluation": {"shadow": {"rows": 100}}})
-    with pytest.raises(ConfigError, match="staging.yaml: .*evaluation.shadow runs behind `flywheel serve`"):
+    with pytest.raises(ConfigError, match="staging.yaml: .*evaluation.shadow needs serving.deployment_mode "
+                                          "Standard"):
         load_settings("staging", config_dir)
-
-
-def test_flywheel_shadow_on_a_cluster_env_is_one_line():
-    from typer.testing import CliRunner
-
-    from pipelines.cli import app
-
-    result = CliRunner().invoke(app, ["shadow", "start", "--env", "dev"])
-    assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1
-    assert "on a cluster, shadowing renders its objects only" in result.output

@@ -182,6 +182,8 @@ def test_cluster_training_backends_fail_in_seconds(backend):
     ("dev", ["monitor"], "http://mlflow.invalid:5000", "reading credit-default@champion"),
     ("dev", ["rollback"], "http://127.0.0.1:{port}", None),
     ("dev", ["shadow", "start", "--dry-run"], "http://127.0.0.1:{port}", "reading credit-default@challenger"),
+    ("dev", ["shadow", "start"], "http://127.0.0.1:{port}", "reading credit-default@challenger"),
+    ("dev", ["shadow", "report"], "http://127.0.0.1:{port}", "reading credit-default@challenger"),
     ("local", ["serve", "--port", "{port}"], "http://127.0.0.1:{port}", "reading credit-default@champion"),
 ])
 def test_cli_answers_in_one_line_within_seconds(env, args, mlflow, doing_, config_dir, tmp_path):

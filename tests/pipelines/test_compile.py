@@ -139,3 +139,20 @@ def test_object_store_endpoint_reaches_tasks_and_training_pods(tmp_path):
     for executor in spec["deploymentSpec"]["executors"].values():
         assert {"name": "AWS_ENDPOINT_URL", "value": "http://minio.flywheel-dev:9000"} in executor["container"]["env"]
     assert pipeline_arguments(settings, "training")["train_spec"]["object_store_endpoint"] == "http://minio.flywheel-dev:9000"
+
+
+def test_a_cluster_env_with_shadow_compiles_and_deploys_only_a_promoted_winner(tmp_path):
+    # Given dev (a cluster env, Standard mode) with evaluation.shadow: config takes it there
+    settings = load_settings("dev", overrides={"evaluation": {"shadow": {"rows": 500, "percent": 20}}})
+    # When the training pipeline compiles, Then the gate gets the shadow spec (a winner against a
+    # champion becomes the `challenger`, registered by the gate itself: components/evaluate.py)
+    spec = load_compiled(compile_pipeline(settings, "training", tmp_path))
+    assert signature_errors(spec, pipeline_arguments(settings, "training")) == []
+    evaluation = spec["root"]["inputDefinitions"]["parameters"]["evaluation_spec"]["defaultValue"]
+    assert evaluation["shadow"]["rows"] == 500 and evaluation["shadow"]["percent"] == 20
+    # ... and register + deploy run only under the gate's "promote": a "challenger" deploys nothing
+    tasks = spec["root"]["dag"]["tasks"]
+    (branch,) = [t for t in tasks.values() if "triggerPolicy" in t]
+    assert branch["triggerPolicy"]["condition"].endswith("== 'promote'")
+    inner = spec["components"][branch["componentRef"]["name"]]["dag"]["tasks"]
+    assert {"register-op", "deploy-op"} <= set(inner) and "deploy-op" not in tasks

@@ -1,8 +1,11 @@
 """`flywheel shadow` on a cluster env (pipelines/shadow_cluster.py) against the fake Kubernetes API
 (every body held to the vendored KServe and Istio CRDs) and a real SQLite MLflow registry: start
-creates the challenger's InferenceService and the mirror route and leaves the champion alone, a
-second start updates them, stop deletes both and promotes only on a passing report; the dry run
-and the CLI's one-line errors need no server."""
+creates the challenger's InferenceService (placed as the live champion is) and the mirror route and
+leaves the champion alone, a second start updates them, stop deletes both and promotes only on a
+passing report over rows paired as a cluster logs them (by x-request-id); the CLI runs all three,
+and the dry run and the CLI's one-line errors need no server."""
+import functools
+import json
 import time
 from datetime import UTC, datetime
 
@@ -18,7 +21,7 @@ import storage
 from deployment.deployers import deploy
 from deployment.inferenceservice import MODEL_VERSION, ServedModel
 from fleet.validate import problems
-from gateways.kube_api import KubeApi
+from gateways.kube_api import INFERENCE_SERVICES, KubeApi
 from monitoring.windows import parquet_bytes, window_file
 from pipelines import cli, cli_app, shadow_cluster
 from pipelines.config import load_settings
@@ -51,22 +54,28 @@ def registry(tmp_path, monkeypatch):
 
 
 def dev(tracking_uri: str, tmp_path, **shadow) -> object:
-    """dev with `evaluation.shadow` set after validation: config refuses it on a cluster env while the
-    cluster path is render-only (pipelines/shadow_cluster.py NOT_YET); these tests hold what is built."""
+    """dev (Standard mode: config takes `evaluation.shadow` there) shadowing 40 rows."""
     settings = load_settings("dev", overrides={
         "mlflow": {"tracking_uri": tracking_uri}, "serving": {"ready_timeout_seconds": 5},
-        "monitoring": {"sink": {"root": f"file://{tmp_path / 'sink'}"}}})
-    spec = ShadowSpec(rows=40, max_regression=0.01, **shadow)
-    return settings.model_copy(update={"evaluation": settings.evaluation.model_copy(update={"shadow": spec})})
+        "monitoring": {"sink": {"root": f"file://{tmp_path / 'sink'}"}},
+        "evaluation": {"shadow": {"rows": 40, "max_regression": 0.01, **shadow}}})
+    assert settings.evaluation.shadow == ShadowSpec(rows=40, max_regression=0.01, **shadow)
+    return settings
 
 
 def aliases(client) -> dict:
     return {alias: str(v) for alias, v in client.get_registered_model(NAME).aliases.items()}
 
 
+PLACED = {"serviceAccountName": "flywheel-serving", "nodeSelector": {"pool": "serving"},
+          "tolerations": [{"key": "serving", "operator": "Exists", "effect": "NoSchedule"}]}
+
+
 def serve_champion(fake, settings) -> dict:
+    """Champion v1 as a cluster holds it: deployed, and placed by the GitOps tree (fleet/serving.py)."""
     deploy(settings, ServedModel(NAME, "1", uri_of(1)), client_configuration=fake.configuration(),
            poll_interval=0.005, timeout=3, log=lambda _: None)
+    KubeApi(fake.configuration()).patch(INFERENCE_SERVICES, NS, NAME, {"spec": {"predictor": PLACED}})
     return fake.isvc(NS, NAME)
 
 
@@ -103,6 +112,9 @@ def test_start_creates_the_challenger_and_the_route_and_leaves_the_champion_alon
     assert isvc["spec"]["predictor"]["logger"]["url"] == settings.serving.payload_logging.url
     ours, theirs = isvc["spec"]["predictor"]["containers"][0], champion["spec"]["predictor"]["containers"][0]
     assert ours["securityContext"] == theirs["securityContext"] and ours["resources"] == theirs["resources"]
+    # ... and placed as the live champion is: its service account is the one the monitor takes events from
+    assert {k: isvc["spec"]["predictor"].get(k) for k in PLACED} == PLACED
+    assert "topologySpreadConstraints" not in isvc["spec"]["predictor"]
     # ... the route answers with the champion and mirrors half of its requests to the challenger
     (http,) = route["spec"]["http"]
     assert http["route"][0]["destination"]["host"] == f"{NAME}-predictor.{NS}.svc.cluster.local"
@@ -113,7 +125,11 @@ def test_start_creates_the_challenger_and_the_route_and_leaves_the_champion_alon
     assert after["metadata"]["generation"] == champion["metadata"]["generation"]
     assert after["spec"] == champion["spec"] and after["metadata"]["annotations"][MODEL_VERSION] == "1"
     assert any(line.startswith(f"  waiting for {CHALLENGER_ISVC}") for line in lines)
-    assert lines[-1].startswith(f"shadowing {NAME} v2 behind InferenceService {NS}/{NAME}: 50% of its requests")
+    assert lines[-2].startswith(f"shadowing {NAME} v2 behind InferenceService {NS}/{NAME}: 50% of its requests")
+    # ... and one line says which traffic is mirrored: the route is bound to the mesh only
+    assert route["spec"]["gateways"] == ["mesh"]
+    assert lines[-1] == "  mirrored: requests of in-mesh callers; not: those via the ingress gateway"
+    assert all(len(line) <= 80 for line in lines[-1:])
 
 
 def test_starting_again_updates_rather_than_duplicates(fake_kserve, registry, tmp_path):
@@ -152,9 +168,9 @@ def test_start_without_a_challenger_or_a_champion_says_so_in_one_line(fake_kserv
     assert writes(fake_kserve) == []
 
 
-def write_rows(root: str, version: str, probabilities, request_ids) -> None:
+def write_rows(root: str, version: str, probabilities, request_ids, traces) -> None:
     n = len(probabilities)
-    frame = pd.DataFrame({"request_id": request_ids, "instance": [i % 10 for i in range(n)],
+    frame = pd.DataFrame({"request_id": request_ids, "instance": [i % 10 for i in range(n)], "trace_id": traces,
                           "event_time": pd.Timestamp.now(tz="UTC"), "model_name": NAME, "model_version": version,
                           "probability": probabilities, "prediction": ["1" if p >= 0.5 else "0" for p in probabilities],
                           "truth": pd.Series([None] * n, dtype=object)})
@@ -166,19 +182,21 @@ def shadowed(fake, registry, tmp_path, rows: int):
     settings = dev(registry[0], tmp_path)
     serve_champion(fake, settings)
     assert start(fake, settings, []) == 0
-    ids = [f"r{i // 10}" for i in range(rows)]
+    # As a cluster logs them: each pod's agent its own ce-id, both the call's x-request-id (Envoy's)
+    traces = [f"t{i // 10}" for i in range(rows)]
     scores = [(i % 17) / 17 for i in range(rows)]
-    write_rows(settings.monitoring.sink.root, "1", scores, ids)
-    write_rows(settings.monitoring.sink.root, "2-shadow", scores, ids)  # Envoy's copy keeps the request id
+    write_rows(settings.monitoring.sink.root, "1", scores, [f"champion-{i // 10}" for i in range(rows)], traces)
+    write_rows(settings.monitoring.sink.root, "2-shadow", scores, [f"copy-{i // 10}" for i in range(rows)], traces)
     return settings
 
 
-def report_exit_code(settings, tmp_path, monkeypatch) -> int:
-    """The report on the settings (what `flywheel shadow report` will run once the CLI offers it on a
-    cluster): 0 when it passes."""
-    result = shadow_cluster.report(settings, lambda line: None, tmp_path / "cli-report")
-    assert (tmp_path / "cli-report" / "report.json").is_file()
-    return 0 if result is not None and result.passed else 1
+def report_verdict(settings, tmp_path, monkeypatch) -> str:
+    """`flywheel shadow --env dev report` (exit 0: a report was written, as on the local path): its verdict."""
+    monkeypatch.setattr(cli_app, "load_settings", lambda env: settings)
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(cli.app, ["shadow", "report", "--env", "dev"])
+    assert result.exit_code == 0 and result.stdout.startswith("shadow v2 vs champion v1"), result.output
+    return json.loads((tmp_path / shadow_cluster.REPORT_DIR / "dev" / "report.json").read_text())["verdict"]
 
 
 def stop(fake, settings, tmp_path, lines: list) -> int:
@@ -189,7 +207,7 @@ def test_stop_after_a_passing_report_deletes_both_and_promotes_the_challenger(fa
                                                                               monkeypatch):
     # Given v2 shadowing v1 with the 40 rows evaluation.shadow asks for: its report passes
     settings, lines = shadowed(fake_kserve, registry, tmp_path, rows=40), []
-    assert report_exit_code(settings, tmp_path, monkeypatch) == 0
+    assert report_verdict(settings, tmp_path, monkeypatch) == "PROMOTE"
     # When the shadow stops
     assert stop(fake_kserve, settings, tmp_path, lines) == 0, lines
     # Then the route and the challenger are gone, the champion serves on, and v2 is the champion in the registry
@@ -205,7 +223,7 @@ def test_stop_after_a_passing_report_deletes_both_and_promotes_the_challenger(fa
 def test_stop_after_a_failing_report_deletes_both_and_promotes_nothing(fake_kserve, registry, tmp_path, monkeypatch):
     # Given v2 shadowing v1 with only 10 of the 40 rows asked for: its report does not pass
     settings, lines = shadowed(fake_kserve, registry, tmp_path, rows=10), []
-    assert report_exit_code(settings, tmp_path, monkeypatch) == 1
+    assert report_verdict(settings, tmp_path, monkeypatch) == "HOLD"
     # When the shadow stops
     assert stop(fake_kserve, settings, tmp_path, lines) == 1
     # Then both objects are gone, and the registry is as it was: v1 the champion, v2 the challenger
@@ -250,14 +268,29 @@ def test_the_dry_run_prints_both_objects_and_needs_no_server(offline):
                            f"(reading {NAME}@challenger): ")
 
 
-@pytest.mark.parametrize("action", ["start", "report", "stop"])
-def test_on_a_cluster_only_the_dry_run_is_offered_and_says_why_in_one_line(offline, action):
-    """Not before the challenger gets the champion's auth and network policies and its events an id
-    the report can pair with the champion's (pipelines/shadow_cluster.py NOT_YET)."""
-    result = CliRunner().invoke(cli.app, ["shadow", action, "--env", "dev"])
-    assert result.exit_code == 1
-    (line,) = result.stderr.strip().splitlines()
-    assert "shadowing renders its objects only" in line and "--dry-run" in line and "policies" in line
+def test_the_cli_starts_reports_and_stops_a_shadow_on_the_cluster(fake_kserve, registry, tmp_path, monkeypatch):
+    # Given dev serving champion v1 and the CLI's kubeconfig pointing at the (fake) cluster
+    settings = dev(registry[0], tmp_path)
+    serve_champion(fake_kserve, settings)
+    monkeypatch.setattr(cli_app, "load_settings", lambda env: settings)
+    monkeypatch.setattr("gateways.kube_api.load_configuration", fake_kserve.configuration)
+    monkeypatch.chdir(tmp_path)
+    # the fake controller answers within milliseconds: poll it that often (the CLI's default is 5 s)
+    monkeypatch.setattr(shadow_cluster, "start", functools.partial(shadow_cluster.start, poll_interval=0.005))
+    invoke = lambda action: CliRunner().invoke(cli.app, ["shadow", action, "--env", "dev"])
+    # When it starts: the challenger and the route are there
+    result = invoke("start")
+    assert result.exit_code == 0, result.output
+    assert fake_kserve.isvc(NS, CHALLENGER_ISVC) and fake_kserve.virtual_service(NS, ROUTE)
+    assert "mirrored: requests of in-mesh callers" in result.stdout
+    # When it reports before any mirrored row arrived: a report of no rows, which does not pass
+    result = invoke("report")
+    assert result.exit_code == 0 and result.stdout.startswith("shadow v2 vs champion v1"), result.output
+    assert "0 rows mirrored" in result.stdout
+    # When it stops: both are gone, nothing promoted
+    result = invoke("stop")
+    assert result.exit_code == 1 and f"deleted VirtualService {NS}/{ROUTE}" in result.stdout
+    assert fake_kserve.isvc(NS, CHALLENGER_ISVC) is None and aliases(registry[1])[CHALLENGER] == "2"
 
 
 def test_an_unreachable_cluster_names_its_host(registry, tmp_path, monkeypatch):
@@ -277,6 +310,15 @@ def test_an_unreachable_cluster_names_its_host(registry, tmp_path, monkeypatch):
     assert time.monotonic() - started < 5
     assert str(err.value).startswith(f"cannot reach the Kubernetes API at https://127.0.0.1:{port} "
                                      f"(reading InferenceService {NS}/{NAME}): ")
+    # ... and the CLI's start and stop say it in one line
+    monkeypatch.setattr(cli_app, "load_settings", lambda env: settings)
+    monkeypatch.chdir(tmp_path)
+    for action, doing_ in (("start", f"reading InferenceService {NS}/{NAME}"),
+                           ("stop", f"deleting VirtualService {NS}/{ROUTE}")):
+        result = CliRunner().invoke(cli.app, ["shadow", action, "--env", "dev"])
+        assert result.exit_code == 1
+        (line,) = result.stderr.strip().splitlines()
+        assert line.startswith(f"error: cannot reach the Kubernetes API at https://127.0.0.1:{port} ({doing_}): ")
 
 
 def test_the_clis_refusals_are_one_line(offline, monkeypatch):
