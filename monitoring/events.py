@@ -232,6 +232,18 @@ def parse_response(data) -> Response:
     raise EventError(UNPROCESSABLE, "not an inference response: no v1 'predictions' or v2 'outputs'")
 
 
+def pair_key(headers: Mapping[str, str]) -> str | None:
+    """What pairs an event with its other half: its InferenceService and its `ce-id`. The ce-id
+    alone is not enough: KServe's agent takes a request's own `Ce-Id` header when the client sends
+    one (kserve pkg/logger/handler.go getOrCreateID), and a mirrored copy carries every header of
+    the original, so a champion's and its shadow challenger's events may share one."""
+    event_id = headers.get("ce-id")
+    if not event_id:
+        return None
+    isvc = headers.get("ce-inferenceservicename")
+    return f"{isvc}/{event_id}" if isvc else event_id
+
+
 def trace_id(metadata: str | None) -> str | None:
     """The `X-Request-Id` KServe's agent put in an event's `ce-metadata` (`{"X-Request-Id": ["id"]}`),
     or None: absent, unreadable or empty metadata never refuses an event, it only cannot be traced."""

@@ -6,11 +6,12 @@
 memory is exhausted (see Bounds), or the sink is closing (with a Retry-After). Every 503 is counted
 in `flywheel_monitor_rejected_events_total{type, reason}` (the `FlywheelMonitorRejectingEvents` alert).
 
-Pairing is by `ce-id`, in either order. An unpaired half waits `pending_seconds`, then expires and is
-counted (a refused request has no response: the agent logs responses of 200s only). A pair becomes
-one row per instance (`monitoring.windows` has the columns), buffered until a flush writes it
-(`monitoring.sink_writer`): when `flush_events` rows are waiting, when buffered pairs reach a quarter
-of a bound, when the oldest has waited `flush_seconds`, and on `close()`. A flush runs in the
+Pairing is by `ce-id` within one InferenceService (`events.pair_key`), in either order. An unpaired
+half waits `pending_seconds`, then expires and is counted (a refused request has no response: the
+agent logs responses of 200s only). A pair becomes one row per instance (`monitoring.windows` has
+the columns), buffered until a flush writes it (`monitoring.sink_writer`): when `flush_events` rows
+are waiting, when buffered pairs reach a quarter of a bound, when the oldest has waited
+`flush_seconds`, and on `close()`. A flush runs in the
 background thread, never on the path that accepts events: it swaps the buffered pairs out under
 the lock, then encodes and writes them without it, while new events keep filling a fresh buffer.
 It writes one Parquet file per (model version, date, hour) partition atomically; a failed write
@@ -48,7 +49,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 
 from monitoring import pending, windows
-from monitoring.events import ACCEPTED, BUSY, KINDS, EventError, Half, Outcome, parse_event, trace_id
+from monitoring.events import ACCEPTED, BUSY, KINDS, EventError, Half, Outcome, pair_key, parse_event, trace_id
 from monitoring.rows import Pair
 from monitoring.sink_metrics import SinkMetrics
 from monitoring.sink_writer import WindowWriter
@@ -159,7 +160,7 @@ class PayloadSink(WindowWriter):
     def _accept(self, kind: str, headers: Mapping[str, str], body: bytes) -> Outcome:
         if self._closing:
             return self._closing_outcome()
-        event_id = headers.get("ce-id")
+        event_id = pair_key(headers)
         if event_id and kind != "other":
             with self._lock:  # refuse early, before parsing
                 refusal = self._refusal(event_id, kind)
@@ -252,9 +253,9 @@ class PayloadSink(WindowWriter):
             return None
         when = request.time or response.time or datetime.now(UTC)
         name = request.model_name or response.model_name or res.model_name or ""
-        return Pair(event_id, req, res, when, name, res.model_version or windows.UNKNOWN_VERSION, req.rows,
-                    request.size + response.size,
-                    trace_id(request.headers.get("ce-metadata")) or trace_id(response.headers.get("ce-metadata")))
+        trace = trace_id(request.headers.get("ce-metadata")) or trace_id(response.headers.get("ce-metadata"))
+        return Pair(request.headers.get("ce-id") or event_id, req, res, when, name,
+                    res.model_version or windows.UNKNOWN_VERSION, req.rows, request.size + response.size, trace)
 
     # -- background work (the flush: `WindowWriter`) --
     def expire(self, now: float | None = None) -> int:
@@ -315,7 +316,8 @@ class PayloadSink(WindowWriter):
         if not halves:
             return True
         try:
-            uri = pending.spill(self.root, halves, self._write)
+            # on disk by ce-id, as the agent sent it; a restart keys it again (`_restore_pending`)
+            uri = pending.spill(self.root, [(h.headers.get("ce-id") or k, h) for k, h in halves], self._write)
         except Exception as err:
             log.error("payload sink: could not keep %d unpaired events: %s", len(halves), err)
             return False
@@ -329,7 +331,7 @@ class PayloadSink(WindowWriter):
 
     def _restore_pending(self) -> None:
         """Take back the halves a previous process spilled (`monitoring.pending`)."""
-        files = pending.restore(self.root, lambda event_id, half: self._take(event_id, half, limit=False))
+        files = pending.restore(self.root, lambda _, half: self._take(pair_key(half.headers), half, limit=False))
         if files:
             log.info("payload sink: restored unpaired events from %d files (%d pending, %d pairs)", files,
                      len(self._pending), len(self._pairs))

@@ -77,3 +77,22 @@ def test_the_agents_rows_of_a_call_and_its_mirrored_copy_pair_on_x_request_id(mo
     rows = shadow.matched(champion, read_window(str(monitor.root),
                                                 model_version=shadow.shadow_version(CHALLENGER)))
     assert sorted(rows["request_id"].unique()) == sorted(f"trace:{t}" for t, _ in mirrored)
+
+
+def test_a_client_sent_ce_id_shared_by_both_pods_still_pairs_each_pods_own_halves(monitor, frame):
+    # Given a client that sends its own Ce-Id: both agents take it (getOrCreateID), as the mirrored
+    # copy carries every header, so the champion's and the challenger's four events share one ce-id
+    traffic, trace, shared = Traffic(frame), uuid.uuid4().hex, str(uuid.uuid4())
+    rows = traffic.records(3, start=20)
+    champion = call(traffic, "credit", CHAMPION, rows, trace)
+    challenger = call(traffic, "credit-challenger", shadow.shadow_version(CHALLENGER), rows, trace)
+    for headers, _ in (*champion, *challenger):
+        headers["Ce-Id"] = shared
+    # When they arrive interleaved (a request of each, then the responses)
+    for event in (champion[0], challenger[0], challenger[1], champion[1]):
+        assert monitor.send(event).status_code == 202
+    # Then each version's rows are its own call's: the request id the client sent, its own answers
+    for version, (_, body) in ((CHAMPION, champion[1]), (shadow.shadow_version(CHALLENGER), challenger[1])):
+        window = wait_for_rows(monitor.root, 3, model_version=version)
+        assert window["request_id"].tolist() == [shared] * 3 and window[TRACE_ID].tolist() == [trace] * 3
+        assert window["probability"].tolist() == pytest.approx(json.loads(body)["probabilities"])
