@@ -85,12 +85,20 @@ def set_aside(settings: Settings) -> Path | None:
     if not uri.startswith("sqlite:///"):
         raise ValueError(f"--fresh starts an empty SQLite registry; env {settings.env!r} tracks to {uri} "
                          "(mlflow.tracking_uri): leave --fresh out")
-    db = Path(uri.removeprefix("sqlite:///"))
+    db = Path(uri.removeprefix("sqlite:///").split("?")[0])
     sink = settings.monitoring.sink.root
-    found = [p for p in (db, db.parent / "artifacts", None if "://" in sink else Path(sink)) if p and p.exists()]
+    # SQLite's rollback journal and WAL files go with the database: a run stopped mid-write left
+    # its undo there, and the next open of the moved database applies it (sqlite.org/tempfiles.html)
+    companions = [db.with_name(db.name + suffix) for suffix in ("-journal", "-wal", "-shm")]
+    candidates = [db, *companions, db.parent / "artifacts", None if "://" in sink else Path(sink)]
+    found = [p for p in candidates if p and p.exists()]
     if not found:
         return None
-    earlier = db.parent / "earlier" / time.strftime("%Y%m%d-%H%M%S")
+    stamp, n = time.strftime("%Y%m%d-%H%M%S"), 1
+    earlier = db.parent / "earlier" / stamp
+    while earlier.exists():  # two runs in one second
+        n += 1
+        earlier = db.parent / "earlier" / f"{stamp}-{n}"
     earlier.mkdir(parents=True)
     for path in found:
         shutil.move(str(path), earlier / path.name)

@@ -3,15 +3,15 @@
 kfp.local's SubprocessRunner starts every task as a fresh `python -m kfp.dsl.executor_main`, and a
 task spends most of its life importing before its first line of work: Great Expectations (~2.7 s),
 torch (~1.3 s), MLflow and its SQL store (~1.5 s), scikit-learn and matplotlib (~1 s) in tasks of
-2-5 s (`python -X importtime`). Here one zygote process imports them once; each task is a child
-forked from it that does what kfp's command does: the component's source in a temp directory,
-`kfp.dsl.executor_main` with the same arguments, the caller's environment and working directory,
-its output streamed back line by line, its exit status returned, atexit handlers run.
+2-5 s (`python -X importtime`). Here one zygote process (pipelines/zygote_process.py) imports them
+once and forks a child per task that runs what kfp's command runs, with the caller's environment,
+working directory and Ctrl-C disposition, its output streamed back line by line and its exit
+status returned (the differences from a fresh process are listed there).
 
-A task falls back to kfp's own subprocess, unchanged, whenever the zygote cannot serve it exactly:
-not started yet or still importing, busy with another task, the caller's environment changed since
-it started (a library may read a variable at import), or a command of another shape.
-`FLYWHEEL_TASK_ZYGOTE=0` turns it off.
+A task runs as kfp starts it, unchanged, whenever the zygote cannot serve it exactly: not started
+or still importing, busy with another task, the caller's environment changed since it started or
+the task sets a variable to another value (a library may read it at import), or a command that is
+not the one kfp 2.17 builds. `FLYWHEEL_TASK_ZYGOTE=0` turns it off; it is Linux only.
 
 Not `multiprocessing`'s forkserver: its first child waits until every preload is imported (no
 "ready" to ask), and each child re-imports the parent's `__main__`. kfp.local has no hook for how a
@@ -20,16 +20,18 @@ task process starts, so `forked_tasks()` swaps `run_local_subprocess` while a pi
 from __future__ import annotations
 
 import atexit
+import functools
 import json
 import os
 import select
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import threading
 from contextlib import contextmanager, suppress
+
+from pipelines.zygote_process import HEADER, READY, exactly
 
 # What the tasks import, in the order tasks first need them; a module missing here is imported
 # by the task itself, with its own error.
@@ -40,141 +42,46 @@ PRELOAD = (
     "torch", "model.loader", "training.backends.torchrun", "stages.registry",
     "sklearn.metrics", "matplotlib.figure", "stages.evaluation_report", "deployment.deployers",
 )
-HEADER = struct.Struct("!Q")
-READY = b"R"
+PROBE_SECONDS = 20.0  # a forked child's torch work takes ~0.1 s; past this the zygote never says ready
 
 
-# -- the zygote process --------------------------------------------------------------------------
-
-def serve(sock: socket.socket, preload: list[str]) -> None:
-    """Import `preload`, say ready, then fork one child per request until the parent hangs up."""
-    import gc
-    import importlib
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the parent and the task, not us
-    for name in preload:
-        with suppress(Exception):  # the task imports it again and reports its own error
-            importlib.import_module(name)
-    gc.freeze()  # the children's collections skip the shared heap: fewer copy-on-write pages
-    sock.sendall(READY)
-    while True:
-        request, fds = _receive(sock)
-        if request is None:
-            return  # the parent closed its end or died
-        pid = os.fork()
-        if pid == 0:
-            sock.close()
-            _child(request, fds[0])  # never returns
-        for fd in fds:
-            os.close(fd)
-        sock.sendall(HEADER.pack(pid))
-        _, status = os.waitpid(pid, 0)
-        sock.sendall(HEADER.pack(os.waitstatus_to_exitcode(status) & 0xFFFFFFFF))
-
-
-def _receive(sock: socket.socket) -> tuple[dict | None, list[int]]:
-    head, fds, _, _ = socket.recv_fds(sock, HEADER.size, 1)
-    if not head:
-        return None, []
-    head += _exactly(sock, HEADER.size - len(head))
-    (size,) = HEADER.unpack(head)
-    return json.loads(_exactly(sock, size)), fds
-
-
-def _exactly(sock: socket.socket, size: int) -> bytes:
-    chunks = []
-    while size:
-        chunk = sock.recv(min(size, 1 << 20))
-        if not chunk:
-            raise EOFError("the other end closed mid-message")
-        chunks.append(chunk)
-        size -= len(chunk)
-    return b"".join(chunks)
-
-
-def _child(request: dict, out_fd: int) -> None:
-    """Become the task: what `sh -c 'python3 -m kfp.dsl.executor_main ...'` would have run."""
-    code = 1
+@functools.cache
+def _kfp_script() -> str | None:
+    """The shell script kfp.local runs for every lightweight component, as it runs it: kfp's own
+    template with `python3` replaced by this interpreter (kfp.local subprocess_task_handler); None
+    when a kfp of another shape cannot say."""
     try:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        null = os.open(os.devnull, os.O_RDONLY)
-        os.dup2(null, 0)
-        os.dup2(out_fd, 1)
-        os.dup2(out_fd, 2)
-        os.close(out_fd)
-        os.close(null)
-        os.chdir(request["cwd"])
-        os.environ.clear()
-        os.environ.update(request["env"])
-        if "numpy.random" in sys.modules:  # a fresh process seeds numpy's global generator from the OS
-            sys.modules["numpy.random"].seed()  # (`random` reseeds itself after a fork)
-        code = _run_executor(request["source"], request["args"])
-    except BaseException:  # a failure here is the task's failure, with its traceback
-        import traceback
+        from kfp.dsl.component_factory import _get_command_and_args_for_lightweight_component
+        from kfp.local.subprocess_task_handler import replace_python_executable
 
-        traceback.print_exc()
-    finally:
-        try:
-            sys.stdout.flush()
-            sys.stderr.flush()
-        finally:
-            os._exit(code)
+        command, _ = _get_command_and_args_for_lightweight_component(_kfp_script.__wrapped__)
+        return replace_python_executable(command[:3], sys.executable)[2]
+    except Exception:  # then every task starts as kfp starts it
+        return None
 
-
-def _run_executor(source: str, args: list[str]) -> int:
-    import runpy
-    import shutil
-    import tempfile
-    import traceback
-
-    directory = tempfile.mkdtemp()
-    module = os.path.join(directory, "ephemeral_component.py")
-    with open(module, "w", encoding="utf-8", newline="") as handle:
-        handle.write(source)  # printf "%s" "$0" > "$program_path/ephemeral_component.py"
-    sys.argv = ["-m", "--component_module_path", module, *args]
-    sys.path[0] = os.getcwd()  # `python -m` puts the working directory first
-    code = 0
-    try:
-        runpy.run_module("kfp.dsl.executor_main", run_name="__main__", alter_sys=True)
-    except SystemExit as exit_:
-        code = _exit_code(exit_.code)
-    except BaseException:  # the interpreter's own: traceback on stderr, status 1
-        traceback.print_exc()
-        code = 1
-    atexit._run_exitfuncs()  # what the interpreter runs at exit (logging.shutdown, MLflow, ours)
-    shutil.rmtree(directory, ignore_errors=True)
-    return code
-
-
-def _exit_code(code) -> int:
-    if code is None:
-        return 0
-    if isinstance(code, int):
-        return code & 0xFF
-    print(code, file=sys.stderr)
-    return 1
-
-
-# -- the caller's side -----------------------------------------------------------------------------
 
 def parse_command(full_command: list[str]) -> tuple[str, list[str]] | None:
-    """(component source, executor arguments) from kfp's lightweight-component command, or None
-    for a command of any other shape (kfp.dsl.component_factory, kfp 2.17.0)."""
-    if (len(full_command) >= 4 and full_command[:2] == ["sh", "-ec"]
-            and "-m kfp.dsl.executor_main" in full_command[2] and "ephemeral_component.py" in full_command[2]):
+    """(component source, executor arguments) from the command kfp.local runs for a lightweight
+    component, or None for any other command (a later kfp's script that does one more thing)."""
+    script = _kfp_script()
+    if script and len(full_command) >= 4 and full_command[:2] == ["sh", "-ec"] and full_command[2] == script:
         return full_command[3], list(full_command[4:])
     return None
+
+
+def _comparable(env) -> dict:
+    # pytest rewrites PYTEST_CURRENT_TEST at every test phase; nothing reads it at import
+    return {k: v for k, v in env.items() if k != "PYTEST_CURRENT_TEST"}
 
 
 class Zygote:
     """One zygote process and the socket to it; tasks go through it one at a time."""
 
-    def __init__(self, preload: tuple[str, ...] = PRELOAD) -> None:
+    def __init__(self, preload: tuple[str, ...] = PRELOAD, probe_seconds: float = PROBE_SECONDS) -> None:
         ours, theirs = socket.socketpair()
         self.env = dict(os.environ)
         self.process = subprocess.Popen(
-            [sys.executable, "-c", "import socket, sys; from pipelines.task_zygote import serve; "
-             "serve(socket.socket(fileno=int(sys.argv[1])), sys.argv[2:])", str(theirs.fileno()), *preload],
+            [sys.executable, "-m", "pipelines.zygote_process", str(theirs.fileno()), str(probe_seconds), *preload],
             pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL, env={**self.env, "_KFP_RUNTIME": "true"})  # kfp imports as in a task
         theirs.close()
@@ -183,9 +90,15 @@ class Zygote:
         self.lock = threading.Lock()
         self.forked = 0
 
-    def usable(self) -> bool:
-        """Ready (checked without waiting), alive, and started with the caller's environment."""
-        if self.process.poll() is not None or not self.same_environment():
+    def same_environment(self, env_vars: dict | None = None) -> bool:
+        """The caller's environment, and the task's own variables, are the zygote's."""
+        if any(self.env.get(k) != v for k, v in (env_vars or {}).items()):
+            return False
+        return _comparable(os.environ) == _comparable(self.env)
+
+    def usable(self, env_vars: dict | None = None) -> bool:
+        """Ready (checked without waiting), alive, and started in the task's environment."""
+        if self.process.poll() is not None or not self.same_environment(env_vars):
             return False
         if not self.ready:
             readable, _, _ = select.select([self.sock], [], [], 0)
@@ -196,12 +109,13 @@ class Zygote:
         """Run one task in a forked child: its output printed here as kfp prints it, its exit
         status returned."""
         env = {**os.environ, **(env_vars or {}), "_KFP_RUNTIME": "true"}
-        request = json.dumps({"source": source, "args": args, "env": env, "cwd": os.getcwd()}).encode()
+        request = json.dumps({"source": source, "args": args, "env": env, "cwd": os.getcwd(),
+                              "sigint_ignored": signal.getsignal(signal.SIGINT) is signal.SIG_IGN}).encode()
         read_fd, write_fd = os.pipe()
         try:
             socket.send_fds(self.sock, [HEADER.pack(len(request))], [write_fd])
             self.sock.sendall(request)
-            (pid,) = HEADER.unpack(_exactly(self.sock, HEADER.size))
+            (pid,) = HEADER.unpack(exactly(self.sock, HEADER.size))
         except (OSError, EOFError) as err:
             os.close(read_fd)
             self.close()
@@ -216,38 +130,29 @@ class Zygote:
                 for line in iter(output.readline, ""):
                     print(line, end="")
             print("\n")  # kfp's separator after a task's log
-            (code,) = HEADER.unpack(_exactly(self.sock, HEADER.size))
-        except BaseException:
-            _kill(pid)
-            self.close()  # the reply stream is mid-message: this zygote is done
+            (code,) = HEADER.unpack(exactly(self.sock, HEADER.size))
+        except (OSError, EOFError) as err:
+            self.close()
+            raise RuntimeError(f"the task zygote died while task process {pid} ran ({err}); "
+                               "FLYWHEEL_TASK_ZYGOTE=0 starts tasks without it") from None
+        except BaseException:  # Ctrl-C: the task goes too; the reply stream is mid-message
+            with suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+            self.close()
             raise
-        return code - (1 << 32) if code >= 1 << 31 else code
-
-    def same_environment(self) -> bool:
-        return _comparable(os.environ) == _comparable(self.env)
+        return code
 
     def close(self) -> None:
+        """Stop the zygote now (it holds no state; a task it forked finishes on its own)."""
         self.ready = False
         self.sock.close()
-        try:
-            self.process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
+        if self.process.poll() is None:
             self.process.kill()
-            self.process.wait()
-
-
-def _kill(pid: int) -> None:
-    with suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGTERM)
-
-
-def _comparable(env) -> dict:
-    # pytest rewrites PYTEST_CURRENT_TEST at every test phase; nothing reads it at import
-    return {k: v for k, v in env.items() if k != "PYTEST_CURRENT_TEST"}
+        self.process.wait()
 
 
 _zygote: Zygote | None = None
-_guard = threading.Lock()
+_guard = threading.RLock()  # forked_tasks() holds it while shared() takes it
 
 
 def shared() -> Zygote | None:
@@ -267,28 +172,46 @@ def shared() -> Zygote | None:
         return _zygote
 
 
+_entered: list[Zygote | None] = []  # forked_tasks() contexts open in this process, innermost last
+
+
 @contextmanager
 def forked_tasks(zygote: Zygote | None = None):
     """While inside, kfp.local's SubprocessRunner tasks are forked from the zygote (this
-    process's shared one by default) when it can serve them, and started by kfp as usual when it cannot."""
+    process's shared one by default) when it can serve them, and started by kfp as usual when it
+    cannot. Nested or overlapping contexts restore kfp's own launcher when the last one closes."""
     from kfp.local import subprocess_task_handler as handler
 
-    original = handler.run_local_subprocess
-    zygote = zygote or shared()
+    with _guard:
+        if not _entered:
+            _install(handler)
+        _entered.append(zygote or shared())
+        mine = _entered[-1]
+    try:
+        yield mine
+    finally:
+        with _guard:
+            _entered.remove(mine)
+            if not _entered:
+                handler.run_local_subprocess = _original
+
+
+_original = None
+
+
+def _install(handler) -> None:
+    global _original
+    _original = original = handler.run_local_subprocess
 
     def run_local_subprocess(full_command, env_vars=None):
-        parsed = parse_command(full_command)
+        zygote, parsed = (_entered[-1] if _entered else None), parse_command(full_command)
         if zygote is None or parsed is None or not zygote.lock.acquire(blocking=False):
             return original(full_command=full_command, env_vars=env_vars)
         try:
-            if not zygote.usable():
+            if not zygote.usable(env_vars):
                 return original(full_command=full_command, env_vars=env_vars)
             return zygote.run(*parsed, env_vars)
         finally:
             zygote.lock.release()
 
     handler.run_local_subprocess = run_local_subprocess
-    try:
-        yield zygote
-    finally:
-        handler.run_local_subprocess = original

@@ -173,14 +173,20 @@ def test_run_fresh_moves_an_earlier_registry_aside_and_loses_nothing(tmp_path):
     (runs / "artifacts" / "credit-default").mkdir(parents=True)
     (runs / "artifacts" / "credit-default" / "model.pt").write_bytes(b"weights")
     (runs / "mlflow.db").write_bytes(b"registry")
+    (runs / "mlflow.db-journal").write_bytes(b"undo of a run stopped mid-write")
     (runs / "monitoring" / "model_version=1").mkdir(parents=True)
     (runs / "local").mkdir()  # pipeline roots stay: each run has its own folder there
     earlier = set_aside(settings)
     assert earlier.parent == runs / "earlier"
     assert sorted(p.name for p in runs.iterdir()) == ["earlier", "local"]
     assert (earlier / "mlflow.db").read_bytes() == b"registry"
+    assert (earlier / "mlflow.db-journal").exists(), "the journal goes with its database"
     assert (earlier / "artifacts" / "credit-default" / "model.pt").read_bytes() == b"weights"
     assert (earlier / "monitoring" / "model_version=1").is_dir()
+    (runs / "mlflow.db").write_bytes(b"the next run's")
+    again = set_aside(settings)  # within the same second, say
+    assert again != earlier and (again / "mlflow.db").read_bytes() == b"the next run's"
+    assert (earlier / "mlflow.db").read_bytes() == b"registry"
 
 
 def test_run_fresh_refuses_a_registry_that_is_not_a_local_file(config_dir, monkeypatch):
