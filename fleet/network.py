@@ -15,7 +15,8 @@ every flow it needs, one rule per flow, each commented with why. Ports are the p
 or sidecar) ports: NetworkPolicy matches after the Service's port -> targetPort translation.
 
 Flows to the serving pods:
-  - the Istio ingress gateway (`auth.ingress_namespace`) -> the entry port. Standard mode: the
+  - the Istio ingress gateway (`auth.ingress_namespace`), and workloads of `auth.caller_namespaces`
+    that call the model over the mesh, -> the entry port. Standard mode: the
     entry component's Service targets KServe's agent (9081) when a payload logger is set, else the
     container port (kserve reconcilers/service/service_reconciler.go, createDefaultSvc). Knative
     mode: queue-proxy, 8012 (http1) and 8013 (h2c).
@@ -190,6 +191,9 @@ def _serving_ingress(ctx: FleetContext) -> list[k8s.V1NetworkPolicyIngressRule]:
     ports, auth = serving_ports(ctx), ctx.fleet.auth
     rules = [  # client requests through the ingress gateway
         k8s.V1NetworkPolicyIngressRule(_from=[_namespace(auth.ingress_namespace)], ports=_ports(*ports.entry)),
+        # ... and from in-mesh callers' namespaces (`auth.caller_namespaces`), with a token all the same
+        *([k8s.V1NetworkPolicyIngressRule(_from=[_namespace(n) for n in auth.caller_namespaces],
+                                          ports=_ports(*ports.entry))] if auth.caller_namespaces else []),
         # Prometheus scrapes
         k8s.V1NetworkPolicyIngressRule(_from=[_namespace(auth.monitoring_namespace)], ports=_ports(*ports.metrics))]
     if ports.knative:  # the activator (requests, probes) and the autoscaler (queue-proxy metrics)

@@ -53,15 +53,20 @@ def refusal(settings: Settings) -> str | None:
     return None
 
 
-def mirrored() -> str:
+def mirrored(settings: Settings) -> str:
     """The one line `start` says about which requests the route mirrors. It is bound to `mesh`: the
     client-side sidecars of in-mesh callers of the champion's Service. KServe's Standard mode exposes
     the InferenceService at the ingress gateway through its own Kubernetes Ingress (or HTTPRoute)
     on `<isvc>-<ns>.<domain>` (kserve reconcilers/ingress/kube_ingress_reconciler.go
     createRawIngress); a second route for that host on a gateway is merged with it in no set order
     (istio.io "Multiple virtual services and destination rules for the same host"; IST0109), so
-    those requests are not mirrored."""
-    return "  mirrored: requests of in-mesh callers; not: those via the ingress gateway"
+    those requests are not mirrored. In-mesh callers reach the model only from the namespaces
+    `fleet.auth.caller_namespaces` admits (fleet/network.py): with none, nothing is mirrored."""
+    callers = settings.fleet.auth.caller_namespaces
+    if not callers:
+        return ("  mirrored: nothing yet: no in-mesh caller may reach the model\n"
+                "  (fleet.auth.caller_namespaces is empty); via the ingress gateway: never")
+    return f"  mirrored: requests of in-mesh callers in {', '.join(callers)}; not the ingress gateway's"
 
 
 def placed(challenger: dict, champion: dict) -> dict:
@@ -166,7 +171,7 @@ def start(settings: Settings, echo: Echo = print, *, kube: KubeApi | None = None
     echo(f"shadowing {settings.mlflow.registered_model} v{found.version} behind InferenceService {ns}/{champion}: "
          f"{_spec(settings).percent:g}% of its requests mirrored; `flywheel shadow --env {settings.env} report` "
          "compares them")
-    echo(mirrored())
+    echo(mirrored(settings))
     return 0
 
 

@@ -67,6 +67,10 @@ class AuthSpec(Strict):
         default_factory=list, description="request principals (`<iss>/<sub>`) allowed to call the model; empty: "
                                           "any valid token")
     ingress_namespace: str = Field("istio-system", description="namespace of the Istio ingress gateway")
+    caller_namespaces: list[str] = Field(
+        default_factory=list, description="namespaces whose workloads call the model over the mesh (with a token) "
+                                          "instead of through the ingress gateway: admitted to its entry port; a "
+                                          "shadow route mirrors their requests")
     knative_namespace: str = Field("knative-serving", description="where the activator runs (Knative mode)")
     prometheus: str = Field("cluster.local/ns/monitoring/sa/prometheus-k8s",
                             description="Prometheus' mTLS identity (scrapes the metrics ports)")

@@ -175,6 +175,22 @@ def test_the_lifecycle_flows_are_allowed(world):
     assert not kfp.in_cluster and reach(w.monitor, Host("198.51.100.7"), kfp.port)  # the KFP API by its URL
 
 
+def test_in_mesh_callers_reach_the_model_only_from_the_namespaces_config_admits(fleet_ctx):
+    """`auth.caller_namespaces`: their workloads call the entry port over the mesh (a shadow route
+    mirrors their requests); nothing else of the model or the monitor, and no other namespace."""
+    ctx = dataclasses.replace(fleet_ctx, fleet=fleet_ctx.fleet.model_copy(update={
+        "auth": fleet_ctx.fleet.auth.model_copy(update={"caller_namespaces": ["payments"]})}))
+    policies, w = network.objects(ctx), World(ctx)
+    caller, stranger = pod("payments", "10.8.0.1", app="checkout"), pod("marketing", "10.8.0.2", app="checkout")
+    port = entry_port(ctx)
+    assert may_reach(policies, caller, w.entry, port, "TCP")
+    assert not may_reach(policies, stranger, w.entry, port, "TCP")
+    assert not may_reach(policies, caller, w.monitor, 8080, "TCP")
+    if port != 8080:
+        assert not may_reach(policies, caller, w.entry, 8080, "TCP"), "the entry port only, not the model's own"
+    assert not may_reach(network.objects(fleet_ctx), caller, w.entry, port, "TCP"), "admitted by config only"
+
+
 def test_everything_else_is_denied(world):
     ctx, policies, w = world
     reach = lambda a, b, port, protocol="TCP": may_reach(policies, a, b, port, protocol)

@@ -53,10 +53,12 @@ def registry(tmp_path, monkeypatch):
     return uri, client
 
 
-def dev(tracking_uri: str, tmp_path, **shadow) -> object:
-    """dev (Standard mode: config takes `evaluation.shadow` there) shadowing 40 rows."""
+def dev(tracking_uri: str, tmp_path, callers: tuple[str, ...] = (), **shadow) -> object:
+    """dev (Standard mode: config takes `evaluation.shadow` there) shadowing 40 rows, the model
+    called over the mesh from `callers` namespaces."""
     settings = load_settings("dev", overrides={
         "mlflow": {"tracking_uri": tracking_uri}, "serving": {"ready_timeout_seconds": 5},
+        "fleet": {"auth": {"caller_namespaces": list(callers)}},
         "monitoring": {"sink": {"root": f"file://{tmp_path / 'sink'}"}},
         "evaluation": {"shadow": {"rows": 40, "max_regression": 0.01, **shadow}}})
     assert settings.evaluation.shadow == ShadowSpec(rows=40, max_regression=0.01, **shadow)
@@ -89,7 +91,7 @@ def start(fake, settings, lines: list) -> int:
 
 def test_start_creates_the_challenger_and_the_route_and_leaves_the_champion_alone(fake_kserve, registry, tmp_path):
     # Given dev (Standard mode) serving champion v1, and v2 the registry's challenger
-    settings, lines = dev(registry[0], tmp_path, percent=50), []
+    settings, lines = dev(registry[0], tmp_path, callers=("payments",), percent=50), []
     champion = serve_champion(fake_kserve, settings)
     before = len(fake_kserve.requests)
     # When the shadow starts
@@ -128,7 +130,7 @@ def test_start_creates_the_challenger_and_the_route_and_leaves_the_champion_alon
     assert lines[-2].startswith(f"shadowing {NAME} v2 behind InferenceService {NS}/{NAME}: 50% of its requests")
     # ... and one line says which traffic is mirrored: the route is bound to the mesh only
     assert route["spec"]["gateways"] == ["mesh"]
-    assert lines[-1] == "  mirrored: requests of in-mesh callers; not: those via the ingress gateway"
+    assert lines[-1] == "  mirrored: requests of in-mesh callers in payments; not the ingress gateway's"
     assert all(len(line) <= 80 for line in lines[-1:])
 
 
@@ -282,7 +284,9 @@ def test_the_cli_starts_reports_and_stops_a_shadow_on_the_cluster(fake_kserve, r
     result = invoke("start")
     assert result.exit_code == 0, result.output
     assert fake_kserve.isvc(NS, CHALLENGER_ISVC) and fake_kserve.virtual_service(NS, ROUTE)
-    assert "mirrored: requests of in-mesh callers" in result.stdout
+    # ... and says that, with no caller namespace admitted to the model, nothing is mirrored yet
+    assert "mirrored: nothing yet: no in-mesh caller may reach the model\n  (fleet.auth.caller_namespaces" \
+        in result.stdout
     # When it reports before any mirrored row arrived: a report of no rows, which does not pass
     result = invoke("report")
     assert result.exit_code == 0 and result.stdout.startswith("shadow v2 vs champion v1"), result.output
