@@ -26,7 +26,13 @@ def run(
         fail(f"env {env!r} runs on a cluster (kfp.host is set); use 'flywheel submit training --env {env}'")
     from pipelines.local_runner import prepare_tasks, set_aside
 
-    if fresh:
+    prepare_tasks()  # first: the task zygote imports while the columns are checked and the pipeline built
+    from pipelines.config import column_problems
+
+    columns, _ = column_problems(settings)  # before minutes of tuning and training, not after
+    if columns:
+        fail("\n".join(columns))
+    if fresh:  # after the checks: a run refused at once leaves the registry where it was
         try:
             earlier = set_aside(settings)
         except ValueError as err:
@@ -34,12 +40,6 @@ def run(
         if earlier:
             where = earlier.relative_to(Path.cwd()) if earlier.is_relative_to(Path.cwd()) else earlier
             typer.echo(f"--fresh: the earlier registry and windows are in {where}")
-    prepare_tasks()  # first: the task zygote imports while the columns are checked and the pipeline built
-    from pipelines.config import column_problems
-
-    columns, _ = column_problems(settings)  # before minutes of tuning and training, not after
-    if columns:
-        fail("\n".join(columns))
     import time
 
     from rich.console import Console
