@@ -66,6 +66,14 @@ def _load_schema(path: str, version: str, kind: str | None = None) -> dict:
     return next(v for v in crd["spec"]["versions"] if v["name"] == version)["schema"]["openAPIV3Schema"]
 
 
+def strict_refusal(warnings: list[str], query: dict) -> dict | None:
+    """The 400 `Status` for unknown fields under `fieldValidation=Strict`, else None (they are pruned)."""
+    if not warnings or query.get("fieldValidation") != "Strict":
+        return None
+    return status_object(400, "BadRequest", "strict decoding error: " + ", ".join(
+        f'unknown field "{w}"' for w in warnings))
+
+
 def schema_errors(validator, body: dict) -> list[tuple[object, str]]:
     """(jsonschema error, the field path as the API server writes it: `spec.a[0].b`), sorted by path."""
     found = []
@@ -218,6 +226,12 @@ class FakeApiServer:
     def start(self):
         self.thread.start()
         return self
+
+    def reply_warned(self, request, code: int, obj: dict, warnings: list[str]) -> None:
+        """Answer with `obj` and the pruned-field `Warning` header, recording the warnings."""
+        with self.lock:
+            self.warnings += warnings
+        request.reply(code, obj, warning_headers(warnings))
 
     def stop(self) -> None:
         self.server.shutdown()

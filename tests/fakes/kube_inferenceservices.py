@@ -32,8 +32,8 @@ from tests.fakes.kube_core import (
     prune,
     schema_errors,
     status_object,
+    strict_refusal,
     unknown_fields,
-    warning_headers,
 )
 from tests.fakes.kube_isvc_controllers import ISVC_COMPONENTS, Isvc, IsvcScript, changed, tick
 
@@ -171,9 +171,9 @@ class InferenceServices(FakeApiServer):
             request.reply(422, INFERENCE_SERVICES.invalid(name, causes))
             return None
         warnings = unknown_fields(self.isvc_schema, body)
-        if warnings and query.get("fieldValidation") == "Strict":
-            request.reply(400, status_object(400, "BadRequest", "strict decoding error: " + ", ".join(
-                f'unknown field "{w}"' for w in warnings)))
+        refusal = strict_refusal(warnings, query)
+        if refusal is not None:
+            request.reply(400, refusal)
             return None
         problems = webhook_problems(body, old)
         if problems:
@@ -182,11 +182,6 @@ class InferenceServices(FakeApiServer):
                                              " ".join(problems)))
             return None
         return prune(self.isvc_schema, body), warnings
-
-    def _warned(self, request, code: int, obj: dict, warnings: list[str]):
-        with self.lock:
-            self.warnings += warnings
-        request.reply(code, obj, warning_headers(warnings))
 
     def _create(self, request, ns: str, body, query: dict):
         refusal = INFERENCE_SERVICES.refusal_of_create(ns, body)
@@ -206,7 +201,7 @@ class InferenceServices(FakeApiServer):
             self.isvcs[(ns, name)] = entry
             changed(entry)
             out = json.loads(json.dumps(obj))
-        self._warned(request, 201, out, warnings)
+        self.reply_warned(request, 201, out, warnings)
 
     def _update(self, request, entry: Isvc, new: dict, query: dict):
         old = entry.obj
@@ -225,11 +220,11 @@ class InferenceServices(FakeApiServer):
         if "status" in old:
             obj["status"] = old["status"]
         if obj == old:
-            return self._warned(request, 200, json.loads(json.dumps(old)), warnings)
+            return self.reply_warned(request, 200, json.loads(json.dumps(old)), warnings)
         obj["metadata"]["resourceVersion"] = str(int(old["metadata"]["resourceVersion"]) + 1)
         if obj.get("spec") != old.get("spec"):
             obj["metadata"]["generation"] = old["metadata"]["generation"] + 1
         entry.obj = obj
         if obj["metadata"]["generation"] != old["metadata"]["generation"]:
             changed(entry)
-        self._warned(request, 200, json.loads(json.dumps(obj)), warnings)
+        self.reply_warned(request, 200, json.loads(json.dumps(obj)), warnings)

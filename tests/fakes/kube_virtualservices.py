@@ -27,8 +27,8 @@ from tests.fakes.kube_core import (
     prune,
     schema_errors,
     status_object,
+    strict_refusal,
     unknown_fields,
-    warning_headers,
 )
 
 VIRTUAL_SERVICES = CustomResource("networking.istio.io", "v1", "virtualservices", "VirtualService")
@@ -89,16 +89,11 @@ class VirtualServices(FakeApiServer):
             request.reply(422, VIRTUAL_SERVICES.invalid(name, causes))
             return None
         warnings = unknown_fields(self.vs_schema, body)
-        if warnings and query.get("fieldValidation") == "Strict":
-            request.reply(400, status_object(400, "BadRequest", "strict decoding error: " + ", ".join(
-                f'unknown field "{w}"' for w in warnings)))
+        refusal = strict_refusal(warnings, query)
+        if refusal is not None:
+            request.reply(400, refusal)
             return None
         return prune(self.vs_schema, body), warnings
-
-    def _reply_vs(self, request, code: int, obj: dict, warnings: list[str]):
-        with self.lock:
-            self.warnings += warnings
-        request.reply(code, json.loads(json.dumps(obj)), warning_headers(warnings))
 
     def _create_vs(self, request, ns: str, body, query: dict):
         refusal = VIRTUAL_SERVICES.refusal_of_create(ns, body)
@@ -114,7 +109,7 @@ class VirtualServices(FakeApiServer):
             obj["metadata"].update({"namespace": ns, "uid": str(uuid.uuid4()), "resourceVersion": "1",
                                     "generation": 1, "creationTimestamp": now()})
             self.virtual_services[(ns, obj["metadata"]["name"])] = obj
-        self._reply_vs(request, 201, obj, warnings)
+        self.reply_warned(request, 201, json.loads(json.dumps(obj)), warnings)
 
     def _patch_vs(self, request, old: dict, body, query: dict):
         content_type = request.headers.get("Content-Type", "").split(";")[0].strip()
@@ -133,4 +128,4 @@ class VirtualServices(FakeApiServer):
             obj["metadata"]["resourceVersion"] = str(int(old["metadata"]["resourceVersion"]) + 1)
             obj["metadata"]["generation"] = old["metadata"]["generation"] + (obj.get("spec") != old.get("spec"))
             self.virtual_services[(old["metadata"]["namespace"], old["metadata"]["name"])] = obj
-        self._reply_vs(request, 200, obj, warnings)
+        self.reply_warned(request, 200, json.loads(json.dumps(obj)), warnings)
